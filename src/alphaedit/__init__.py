@@ -1,0 +1,1 @@
+"""AlphaEdit: null-space constrained knowledge editing for Hugging Face causal LMs."""

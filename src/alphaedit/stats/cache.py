@@ -1,0 +1,89 @@
+"""On-disk cache of second moments, keyed and checked by model identity, layer and corpus.
+
+A cached file carries its own description in the safetensors metadata; loading compares that
+description with what the caller asks for and refuses a mismatch, saying what differs, so a
+statistic can never silently belong to another model or corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..layouts import Layout, mlp_out_weight
+
+FORMAT_VERSION = "1"
+
+
+def alphaedit_home() -> Path:
+    return Path(os.environ.get("ALPHAEDIT_HOME", Path.home() / ".cache" / "alphaedit")).expanduser()
+
+
+def config_digest(model: nn.Module) -> str:
+    config = model.config.to_dict()
+    # Fields that name or place the model but do not change its function.
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_attn_implementation_autoset"):
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_digest(model: nn.Module, layout: Layout, layers: list[int]) -> str:
+    digest = hashlib.sha256()
+    for layer in layers:
+        weight = mlp_out_weight(model, layout, layer).detach().to("cpu", torch.float32).contiguous()
+        digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model: nn.Module, layout: Layout, layers: list[int]) -> dict[str, str]:
+    """What makes statistics of these layers belong to this model: its config and edited weights."""
+    return {"config": config_digest(model), "weights": weights_digest(model, layout, layers)}
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write next to the destination, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class StatsCache:
+    """Second moments under `<home>/stats/<config digest>/`, one file per layer and corpus."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = (root or alphaedit_home()) / "stats"
+
+    def path(self, description: dict[str, str]) -> Path:
+        key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / description["config"] / f"layer{description['layer']}-{key}.safetensors"
+
+    def load(self, description: dict[str, str]) -> tuple[torch.Tensor, int] | None:
+        path = self.path(description)
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata() or {}
+            differs = {k: (stored.get(k), v) for k, v in description.items() if stored.get(k) != v}
+            if differs:
+                detail = "; ".join(f"{k}: file has {a!r}, wanted {b!r}" for k, (a, b) in differs.items())
+                raise ValueError(f"statistics file {path} does not match this model/corpus ({detail}); delete it to recompute")
+            return f.get_tensor("moment"), int(stored["count"])
+
+    def save(self, description: dict[str, str], moment: torch.Tensor, count: int) -> Path:
+        path = self.path(description)
+        atomic_save({"moment": moment}, path, {**description, "count": str(count)})
+        return path

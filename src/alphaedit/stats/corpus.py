@@ -1,0 +1,137 @@
+"""Text for the preserved-knowledge statistics, as fixed-length token windows.
+
+A corpus spec is either a local path (a text file, or a folder of .txt/.raw/.jsonl/.json files)
+or "self": text sampled from the model itself with a fixed seed, which needs no data and no
+network. The same spec, tokenizer and budget always give the same windows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..prompts import bos_prefix, pad_id
+
+SELF = "self"
+TEXT_SUFFIXES = (".txt", ".raw", ".md")
+JSON_SUFFIXES = (".jsonl", ".json")
+SELF_SEED_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "When", "After", "There", "One")
+
+
+def describe(spec: str) -> str:
+    """A canonical form of the spec for cache keys: absolute path, or "self"."""
+    return SELF if spec == SELF else str(Path(spec).expanduser().resolve())
+
+
+def corpus_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
+        if files:
+            return files
+        raise ValueError(f"corpus folder {spec} has no .txt/.raw/.md/.jsonl/.json files")
+    raise ValueError(f"--corpus {spec!r} is neither 'self' nor an existing file or folder")
+
+
+def _json_texts(path: Path) -> Iterator[str]:
+    def text_of(record: object) -> str | None:
+        if isinstance(record, str):
+            return record
+        if isinstance(record, dict):
+            for key in ("text", "content", "document", "article"):
+                if isinstance(record.get(key), str):
+                    return record[key]
+        return None
+
+    raw = path.read_text(encoding="utf-8")
+    records = [json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(raw)
+    for record in records if isinstance(records, list) else [records]:
+        text = text_of(record)
+        if text:
+            yield text
+
+
+def documents(spec: str) -> Iterator[str]:
+    """Paragraph-sized documents from the files of a local corpus, in a fixed order."""
+    for path in corpus_files(spec):
+        if path.suffix in JSON_SUFFIXES:
+            yield from _json_texts(path)
+            continue
+        block: list[str] = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip():
+                block.append(line.strip())
+            elif block:
+                yield " ".join(block)
+                block = []
+        if block:
+            yield " ".join(block)
+
+
+def file_windows(spec: str, tokenizer: PreTrainedTokenizerBase, tokens: int, max_length: int) -> list[list[int]]:
+    """Documents tokenised and cut into windows of at most `max_length` tokens, `tokens` in all."""
+    windows: list[list[int]] = []
+    total = 0
+    prefix = bos_prefix(tokenizer)
+    stream: list[int] = []
+    for doc in documents(spec):
+        stream += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        while len(stream) >= max_length - len(prefix):
+            take = min(max_length - len(prefix), tokens - total)
+            windows.append(prefix + stream[:take])
+            stream = stream[take:]
+            total += take
+            if total >= tokens:
+                return windows
+    if stream and total < tokens:
+        windows.append(prefix + stream[: tokens - total])
+    return windows
+
+
+def self_windows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: int,
+    max_length: int,
+    seed: int,
+    batch: int = 16,
+) -> Iterator[list[list[int]]]:
+    """Windows sampled from the model (nucleus 0.95), one seed word per batch, until `tokens`."""
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    produced, step = 0, 0
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        while produced < tokens:
+            word = SELF_SEED_WORDS[step % len(SELF_SEED_WORDS)]
+            start = bos_prefix(tokenizer) + tokenizer(word, add_special_tokens=False)["input_ids"]
+            rows = min(batch, -(-(tokens - produced) // max_length))
+            prompt = torch.tensor([start] * rows, device=device)
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_p=0.95,
+                top_k=0,
+                temperature=1.0,
+                max_new_tokens=max_length - len(start),
+                pad_token_id=pad_id(tokenizer),
+            )
+            # Cut each sample at its first end-of-text so padding after it is never counted.
+            sampled = [_until_eos(row.tolist(), tokenizer.eos_token_id, len(start)) for row in out]
+            sampled = [s[: len(start) + max(0, tokens - produced)] for s in sampled]
+            produced += sum(len(s) for s in sampled)
+            step += 1
+            yield sampled
+
+
+def _until_eos(ids: list[int], eos: int | None, skip: int) -> list[int]:
+    if eos is not None and eos in ids[skip:]:
+        return ids[: ids.index(eos, skip)]
+    return ids

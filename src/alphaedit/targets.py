@@ -1,0 +1,205 @@
+"""Target values z (v*): what the residual stream at the z layer should carry for each request.
+
+For request i, δ_i is added to the output of block l_m at the subject's last token of all its
+prompts, and minimised (ALGORITHM.md §1.4):
+
+    loss_i = mean_prompts NLL(target | template + prompt)
+           + kl_factor · KL(p_δ ‖ p_0)  at the last subject token of "{subject} is a"
+           + weight_decay · ‖δ_i‖ / ‖h0_i‖²               (unsquared numerator, as the code)
+
+with Adam, at most N iterations, stopping once loss_i < early_stop_loss, never stepping on the
+last iteration, and clamping ‖δ_i‖ ≤ clamp·‖h0_i‖ after each step. z_i = h0_i + δ_i.
+
+All requests of a batch are optimised together: their rows share each forward/backward pass.
+Each request has its own δ_i, loss and early stop, and Adam is elementwise, so the result is
+the same as optimising each request alone (tests/test_targets.py checks this). Requests that
+have stopped leave the pass, so later iterations only pay for the ones still moving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import EditConfig
+from .hooks import trace
+from .layouts import Layout, output_logits
+from .prompts import batch_rows, encode, fill, kl_prompt, target_ids
+from .requests import EditRequest
+
+
+@dataclass
+class TargetRows:
+    """The rows of one request: len(templates) rewriting prompts followed by the KL prompt."""
+
+    ids: list[list[int]]
+    lookup: list[int]
+    target: list[int]  # the new object's token ids
+    target_start: list[int]  # per rewriting row: position whose logits predict target[0]
+
+
+@dataclass
+class TargetResult:
+    z: torch.Tensor  # [u, d] float32
+    loss: list[float] = field(default_factory=list)  # final loss of each request
+    steps: list[int] = field(default_factory=list)  # Adam steps taken per request
+    target_prob: list[float] = field(default_factory=list)  # mean target-token probability at the end
+
+
+def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str]) -> TargetRows:
+    target = target_ids(tokenizer, request.target_new)
+    ids, lookup, starts = [], [], []
+    for template in templates:
+        prompt_ids, idx = encode(tokenizer, fill(template, request))
+        ids.append(prompt_ids + target[:-1])  # teacher forcing: the last target token is only predicted
+        lookup.append(idx)
+        starts.append(len(prompt_ids) - 1)
+    kl_ids, kl_idx = encode(tokenizer, kl_prompt(request))
+    ids.append(kl_ids)
+    lookup.append(kl_idx)
+    return TargetRows(ids, lookup, target, starts)
+
+
+@dataclass
+class _AdamState:
+    """torch.optim.Adam's update (default betas/eps), per row so finished requests can leave."""
+
+    lr: float
+    m: torch.Tensor
+    v: torch.Tensor
+    step: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def update(self, delta: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.step += 1
+        self.m[rows] = b1 * self.m[rows] + (1 - b1) * grad[rows]
+        self.v[rows] = b2 * self.v[rows] + (1 - b2) * grad[rows] ** 2
+        denom = (self.v[rows] / (1 - b2**self.step)).sqrt() + self.eps
+        delta[rows] -= self.lr / (1 - b1**self.step) * self.m[rows] / denom
+
+
+class _Losses:
+    """Per-request NLL, KL and weight decay for one forward over a subset of requests."""
+
+    def __init__(self, rows: list[TargetRows], model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase):
+        self.model, self.layout = model, layout
+        device = next(model.parameters()).device
+        flat_ids = [r for req in rows for r in req.ids]
+        flat_lookup = [i for req in rows for i in req.lookup]
+        self.batch = batch_rows(tokenizer, flat_ids, flat_lookup).to(device)
+        self.per_request = len(rows[0].ids)
+        self.num_requests = len(rows)
+        owner, pos, tok, weight = [], [], [], []
+        for r, req in enumerate(rows):
+            for j, start in enumerate(req.target_start):
+                row = r * self.per_request + j
+                for t, token in enumerate(req.target):
+                    owner.append(row)
+                    pos.append(start + t)
+                    tok.append(token)
+                    # mean over target tokens, then over the rewriting prompts
+                    weight.append(1.0 / (len(req.target) * len(req.target_start)))
+        self.nll_rows = torch.tensor(owner, device=device)
+        self.nll_pos = torch.tensor(pos, device=device)
+        self.nll_tok = torch.tensor(tok, device=device)
+        self.nll_weight = torch.tensor(weight, device=device)
+        self.nll_request = self.nll_rows // self.per_request
+        self.kl_rows = torch.arange(self.num_requests, device=device) * self.per_request + self.per_request - 1
+        self.plain_rows = torch.arange(self.num_requests, device=device) * self.per_request
+
+    def forward(self, delta: torch.Tensor, z_layer_path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (h0 [u, d], token log-probs of the targets [n_tokens], KL-prompt log-probs [u, V])."""
+        owner = torch.arange(self.batch.input_ids.shape[0], device=delta.device) // self.per_request
+        captured: dict[str, torch.Tensor] = {}
+
+        def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+            captured["h0"] = hidden[self.plain_rows, self.batch.lookup[self.plain_rows]].detach().float()
+            shift = delta[owner].to(hidden.dtype)
+            return hidden.index_put((self.batch.rows, self.batch.lookup), shift, accumulate=True)
+
+        with trace(self.model, edit_outputs={z_layer_path: add_delta}):
+            hidden = self.model.base_model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask)[0]
+        # Logits only where the loss reads them: target positions and the KL position.
+        target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).float()
+        token_logp = target_logits.log_softmax(-1).gather(1, self.nll_tok[:, None])[:, 0]
+        kl_hidden = hidden[self.kl_rows, self.batch.lookup[self.kl_rows]]
+        kl_logp = output_logits(self.model, self.layout, kl_hidden).float().log_softmax(-1)
+        return captured["h0"], token_logp, kl_logp
+
+    def nll(self, token_logp: torch.Tensor) -> torch.Tensor:
+        per_request = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
+        return per_request.index_add(0, self.nll_request, -token_logp * self.nll_weight)
+
+    def target_prob(self, token_logp: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(self.num_requests, device=token_logp.device).index_add(0, self.nll_request, token_logp.exp() * self.nll_weight)
+        return total
+
+
+def compute_targets(
+    model: PreTrainedModel,
+    layout: Layout,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    config: EditConfig,
+    requests_per_pass: int = 16,
+) -> TargetResult:
+    """Optimise z for every request of a batch, `requests_per_pass` requests per forward/backward."""
+    rows = [request_rows(tokenizer, r, templates) for r in requests]
+    device = next(model.parameters()).device
+    z_path = layout.block(config.z_layer)
+    u, d = len(requests), layout.hidden_size
+
+    delta = torch.zeros(u, d, device=device)
+    adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
+    h0 = torch.zeros(u, d, device=device)
+    kl_init: dict[int, torch.Tensor] = {}
+    active = list(range(u))
+    final_loss, final_prob = torch.zeros(u), torch.zeros(u)
+    steps = torch.zeros(u, dtype=torch.long)
+
+    for it in range(config.v_num_grad_steps):
+        grad = torch.zeros_like(delta)
+        still_active = []
+        for start in range(0, len(active), requests_per_pass):
+            chunk = active[start : start + requests_per_pass]
+            idx = torch.tensor(chunk, device=device)
+            loss_fn = _Losses([rows[i] for i in chunk], model, layout, tokenizer)
+            chunk_delta = delta[idx].clone().requires_grad_(True)
+            chunk_h0, token_logp, kl_logp = loss_fn.forward(chunk_delta, z_path)
+            if it == 0:
+                h0[idx] = chunk_h0
+                kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(chunk)})
+            init = torch.stack([kl_init[i] for i in chunk])
+            kl = config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1)
+            wd = config.v_weight_decay * chunk_delta.norm(dim=-1) / h0[idx].norm(dim=-1) ** 2
+            loss = loss_fn.nll(token_logp) + kl + wd
+            final_loss[chunk] = loss.detach().cpu()
+            final_prob[chunk] = loss_fn.target_prob(token_logp.detach()).cpu()
+            keep = (loss.detach() >= config.early_stop_loss) & (it < config.v_num_grad_steps - 1)
+            if keep.any():
+                (loss * keep).sum().backward()
+                grad[idx] = chunk_delta.grad
+            still_active += [i for k, i in enumerate(chunk) if keep[k]]
+        active = still_active
+        if not active:
+            break
+        moving = torch.tensor(active, device=device)
+        with torch.no_grad():
+            adam.update(delta, grad, moving)
+            steps[active] += 1
+            _clamp(delta, h0, config.clamp_norm_factor, moving)
+
+    return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist())
+
+
+def _clamp(delta: torch.Tensor, h0: torch.Tensor, factor: float, rows: torch.Tensor) -> None:
+    max_norm = factor * h0[rows].norm(dim=-1, keepdim=True)
+    norm = delta[rows].norm(dim=-1, keepdim=True)
+    delta[rows] = torch.where(norm > max_norm, delta[rows] * max_norm / norm, delta[rows])

@@ -1,0 +1,80 @@
+"""The closed-form weight updates: the only part of the pipeline that differs between methods.
+
+Shapes (math orientation): keys K ∈ R^{d0×u}, residuals R ∈ R^{d×u}, update Δ ∈ R^{d×d0},
+so that (W + Δ) k ≈ W k + r for the batch's keys.
+
+AlphaEdit (ALGORITHM.md §1.8), as the authors' code solves it:
+    X = solve(P (K Kᵀ + C_p) + α I,  P K Rᵀ),   Δ = Xᵀ
+which is the paper's Eq. 14, Δ = R Kᵀ P (C_p P + K Kᵀ P + α I)⁻¹, with α = 10.
+MEMIT (§1.9):      Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹            (float64)
+MEMIT-seq:         Δ = R Kᵀ (λ C0 + C_p + K Kᵀ)⁻¹
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import EditConfig
+
+
+@dataclass
+class LayerStatistics:
+    """What the update of one layer needs to know about preserved knowledge."""
+
+    second_moment: torch.Tensor | None  # C0 = E[k kᵀ] over a corpus, [d0, d0] (MEMIT)
+    projector: torch.Tensor | None  # P onto C0's near-null space, [d0, d0] (AlphaEdit)
+    preserved: torch.Tensor  # C_p = Σ over earlier batches of K Kᵀ, [d0, d0], float32 as the reference
+
+
+def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """P = U Uᵀ over the eigenvectors of C0 whose eigenvalue is below `threshold` (absolute, §1.7).
+
+    Returns P (float32) and its rank, the number of directions an edit may still use.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())
+    kept = eigenvectors[:, eigenvalues < threshold]
+    return (kept @ kept.T).float(), kept.shape[1]
+
+
+def alphaedit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> torch.Tensor:
+    if stats.projector is None:
+        raise ValueError("AlphaEdit needs the null-space projector of this layer")
+    dtype = getattr(torch, config.solve_dtype)
+    P = stats.projector.to(dtype)
+    K, R = keys.to(dtype), resid.to(dtype)
+    eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
+    lhs = P @ (K @ K.T + stats.preserved.to(dtype)) + config.l2_alpha * eye
+    X = torch.linalg.solve(lhs, P @ K @ R.T)
+    return X.T.float()
+
+
+def memit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> torch.Tensor:
+    if stats.second_moment is None:
+        raise ValueError("MEMIT needs the second moment C0 of this layer")
+    K, R = keys.double(), resid.double()
+    lhs = config.mom2_update_weight * stats.second_moment.double() + K @ K.T
+    if config.method == "memit-seq":
+        lhs = lhs + stats.preserved.double()
+    # Δ = R Kᵀ A⁻¹ with A symmetric, computed as (A⁻¹ K Rᵀ)ᵀ
+    return torch.linalg.solve(lhs, K @ R.T).T.float()
+
+
+UpdateRule = Callable[[torch.Tensor, torch.Tensor, LayerStatistics, EditConfig], torch.Tensor]
+
+UPDATE_RULES: dict[str, UpdateRule] = {
+    "alphaedit": alphaedit_delta,
+    "memit": memit_delta,
+    "memit-seq": memit_delta,
+}
+
+
+def uses_projector(method: str) -> bool:
+    return method == "alphaedit"
+
+
+def uses_preserved(method: str) -> bool:
+    """Whether the method reads C_p, so the editor must accumulate it after each batch."""
+    return method in ("alphaedit", "memit-seq")
