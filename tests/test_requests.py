@@ -9,7 +9,7 @@ import pytest
 
 from alphaedit.requests import EditRequest, RequestError, check_conflicts, load_requests, parse_requests
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COUNTERFACT = DATA / "counterfact" / "counterfact_test.json"
 EASYEDIT = DATA / "counterfact_easyedit" / "counterfact-edit.json"
 ZSRE = DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json"
@@ -334,10 +334,8 @@ def test_missing_file_and_bom(tmp_path):
 # ---------------------------------------------------------------- real datasets
 
 
-needs = pytest.mark.skipif
 
 
-@needs(not COUNTERFACT.exists(), reason="CounterFact test split not available")
 def test_real_counterfact_all_records_parse():
     requests = load_requests(COUNTERFACT, allow_conflicts=True)
     assert len(requests) == 2191
@@ -349,7 +347,6 @@ def test_real_counterfact_all_records_parse():
         load_requests(COUNTERFACT)
 
 
-@needs(not EASYEDIT.exists(), reason="EasyEdit CounterFact split not available")
 def test_real_easyedit_counterfact_all_records_parse():
     requests = load_requests(EASYEDIT, allow_conflicts=True)
     assert len(requests) == 9514
@@ -361,7 +358,6 @@ def test_real_easyedit_counterfact_all_records_parse():
         load_requests(EASYEDIT)
 
 
-@needs(not ZSRE.exists(), reason="zsRE portability split not available")
 def test_real_zsre_all_records_parse():
     requests = load_requests(ZSRE, allow_conflicts=True)
     assert len(requests) == 1037

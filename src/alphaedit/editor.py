@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,8 +134,17 @@ class Editor:
 
     # -- editing -----------------------------------------------------------------------------
 
-    def edit(self, requests: Sequence[EditRequest], batch_size: int | None = None) -> list[BatchReport]:
-        """Apply the requests in sequential batches of `batch_size` (all at once by default)."""
+    def edit(
+        self,
+        requests: Sequence[EditRequest],
+        batch_size: int | None = None,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> list[BatchReport]:
+        """Apply the requests in sequential batches of `batch_size` (all at once by default).
+
+        `on_batch` runs after each batch (the CLI saves the state there, so an interrupted run
+        keeps every finished batch).
+        """
         if not requests:
             return []
         size = batch_size or len(requests)
@@ -148,6 +157,8 @@ class Editor:
         with progress_bar(f"editing ({self.config.method})", total=len(requests), enabled=self.show_progress) as advance:
             for batch in batches:
                 reports.append(self._edit_batch(batch))
+                if on_batch is not None:
+                    on_batch(reports[-1])
                 advance(len(batch))
         return reports
 

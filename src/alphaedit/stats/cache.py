@@ -43,6 +43,13 @@ def weights_digest(model: nn.Module, layout: Layout, layers: list[int]) -> str:
     return digest.hexdigest()[:16]
 
 
+def tokenizer_digest(tokenizer: object) -> str:
+    """The tokenizer decides the token windows (and whether a BOS starts each), so it keys the cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def model_identity(model: nn.Module, layout: Layout, layers: list[int]) -> dict[str, str]:
     """What makes statistics of these layers belong to this model: its config and edited weights."""
     return {"config": config_digest(model), "weights": weights_digest(model, layout, layers)}

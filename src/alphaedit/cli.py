@@ -1,0 +1,196 @@
+"""The `alphaedit` command line: edit, ask, demo."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import METHODS, config_for_model
+from .requests import RequestError, load_requests
+
+app = typer.Typer(
+    help="AlphaEdit: change facts inside a Hugging Face causal LM without breaking what it already knows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hugging Face id, local folder, or 'smollm2-135m' (the bundled SmolLM2-135M-Instruct)."),
+]
+DtypeOption = Annotated[str, typer.Option(help="auto (float32, the paper's setting), fp32, bf16 or fp16.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'balanced' to spread the model over all GPUs.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _parse_layers(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    if "-" in spec:
+        first, last = spec.split("-", 1)
+        return list(range(int(first), int(last) + 1))
+    return [int(x) for x in spec.split(",")]
+
+
+@app.command()
+def edit(
+    requests: Annotated[Path, typer.Option("--requests", "-r", help="JSON or JSONL file of edit requests (CounterFact, MEMIT or EasyEdit records).")],
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder: created, or continued when it exists.")],
+    model: ModelOption = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Update rule: {', '.join(METHODS)} (default alphaedit; a continued state keeps its own).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Requests per sequential batch (default: all in one batch).")] = None,
+    corpus: Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, or 'self' (sampled from the model).")] = "self",
+    tokens: Annotated[int, typer.Option(help="Token budget of the statistics corpus.")] = 20_000,
+    layers: Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")] = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Apply edit requests in sequential batches; the state folder keeps everything needed to continue."""
+    from .editor import Editor
+    from .models import load_model
+    from .stats import CorpusSpec
+
+    try:
+        parsed = load_requests(requests)  # validate before loading anything heavy: a bad file changes nothing
+    except RequestError as e:
+        _fail(str(e))
+    manifest = Editor.read_manifest(state) if (state / "editor.json").exists() else None
+    spec = model or (manifest or {}).get("model")
+    if spec is None:
+        _fail("--model is required for a new state")
+    with console.status(f"loading {spec}"):
+        lm, tokenizer = load_model(spec, dtype, device, trust_remote_code)
+    if manifest is not None:
+        if method and method != manifest["config"]["method"]:
+            _fail(f"{state} was edited with {manifest['config']['method']}; it cannot continue with {method}")
+        editor = Editor.load_state(state, lm, tokenizer)
+    else:
+        config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
+        editor = Editor(lm, tokenizer, config, corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
+    started = time.perf_counter()
+    reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
+    summary = {
+        "state": str(state),
+        "method": editor.config.method,
+        "layers": editor.config.layers,
+        "requests": len(parsed),
+        "seconds": time.perf_counter() - started,
+        "projector_rank": editor.projector_rank,
+        "batches": [asdict(r) for r in reports],
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"{len(parsed)} edits into {spec} ({editor.config.method}, layers {editor.config.layers[0]}-{editor.config.layers[-1]})")
+    for column in ("batch", "requests", "seconds", "z steps", "target p", "efficacy"):
+        table.add_column(column, justify="right")
+    for r in reports:
+        efficacy = "-" if r.efficacy is None else f"{100 * r.efficacy:.0f}%"
+        table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
+    out.print(table)
+    out.print(f"state saved in {state}")
+
+
+@app.command()
+def ask(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to complete.")],
+    state: Annotated[Optional[Path], typer.Option("--state", "-s", help="State folder of an edited model.")] = None,
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 20,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the greedy completion of each prompt by the edited model (or by --model unedited)."""
+    from .editor import Editor
+    from .generate import greedy_completions
+    from .models import load_model
+
+    if state is None and model is None:
+        _fail("give --state DIR (an edited model) or --model M (an unedited one)")
+    manifest = Editor.read_manifest(state) if state is not None else None
+    spec = model or manifest["model"]
+    with console.status(f"loading {spec}"):
+        saved_dtype = manifest["dtype"] if manifest is not None and dtype == "auto" else dtype
+        lm, tokenizer = load_model(spec, saved_dtype, device, trust_remote_code)
+        if state is not None:
+            Editor.load_state(state, lm, tokenizer, show_progress=False)
+    completions = greedy_completions(lm, tokenizer, prompts, max_new_tokens)
+    if as_json:
+        out.print_json(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]))
+        return
+    for prompt, completion in zip(prompts, completions):
+        out.print(f"[bold]{prompt}[/]{completion}", highlight=False)
+
+
+@app.command()
+def demo(
+    tokens: Annotated[int, typer.Option(help="Tokens sampled from the model for its statistics.")] = 20_000,
+    as_json: JsonOption = False,
+) -> None:
+    """Ten counterfactual edits to the bundled SmolLM2-135M, with a before/after table."""
+    from .demo import demo_prompts, demo_requests
+    from .editor import Editor
+    from .generate import greedy_completions
+    from .models import SMOLLM2_ALIAS, load_model
+    from .stats import CorpusSpec
+
+    started = time.perf_counter()
+    with console.status("loading SmolLM2-135M-Instruct (converted from its GGUF on first use)"):
+        lm, tokenizer = load_model(SMOLLM2_ALIAS)
+    rows = demo_prompts()
+    prompts = [prompt for _, prompt, _ in rows]
+    with console.status("completing the prompts before editing"):
+        before = greedy_completions(lm, tokenizer, prompts, max_new_tokens=6)
+    editor = Editor(lm, tokenizer, corpus=CorpusSpec("self", tokens=tokens), model_spec=SMOLLM2_ALIAS)
+    reports = editor.edit(demo_requests())
+    with console.status("completing the prompts after editing"):
+        after = greedy_completions(lm, tokenizer, prompts, max_new_tokens=6)
+    seconds = time.perf_counter() - started
+    result = [
+        {"kind": kind, "prompt": prompt, "expected": expected, "before": b, "after": a}
+        for (kind, prompt, expected), b, a in zip(rows, before, after)
+    ]
+    if as_json:
+        out.print_json(json.dumps({"seconds": seconds, "rows": result, "batches": [asdict(r) for r in reports]}))
+        return
+    table = Table(title=f"AlphaEdit on SmolLM2-135M: {len(demo_requests())} edits in one batch")
+    for column in ("kind", "prompt", "before", "after"):
+        table.add_column(column)
+    for row in result:
+        table.add_row(row["kind"], row["prompt"], _one_line(row["before"]), _one_line(row["after"]))
+    out.print(table)
+    out.print(f"done in {seconds:.0f} s (layers {editor.config.layers}, null-space rank kept: {editor.projector_rank})")
+
+
+def _one_line(text: str) -> str:
+    return text.split("\n")[0].strip()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

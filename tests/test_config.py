@@ -1,0 +1,96 @@
+"""Edit configuration: paper presets by config shape (ALGORITHM.md §2), defaults, overrides, validation."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import GPT2Config, GPTJConfig, LlamaConfig, MistralConfig
+
+from alphaedit.config import EditConfig, config_for_model, default_layers, preset_for
+
+
+def _llama3_8b(**kwargs) -> LlamaConfig:
+    return LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("model_config", "name", "layers", "steps", "lr", "lam"),
+    [
+        (GPT2Config(n_layer=48, n_embd=1600), "gpt2-xl", [13, 14, 15, 16, 17], 20, 0.5, 20000.0),
+        (GPTJConfig(n_layer=28, n_embd=4096), "gpt-j-6b", [3, 4, 5, 6, 7, 8], 25, 0.5, 15000.0),
+        (_llama3_8b(), "llama3-8b", [4, 5, 6, 7, 8], 25, 0.1, 15000.0),
+    ],
+    ids=["gpt2-xl", "gpt-j", "llama3-8b"],
+)
+def test_paper_presets_are_recognised_by_config_shape(model_config, name, layers, steps, lr, lam):
+    config = config_for_model(model_config)
+    assert config.preset == name
+    assert config.method == "alphaedit"
+    assert config.layers == layers and config.z_layer == layers[-1]
+    assert (config.v_num_grad_steps, config.v_lr, config.mom2_update_weight) == (steps, lr, lam)
+    # Shared by all three hparams files.
+    assert (config.nullspace_threshold, config.l2_alpha) == (2e-2, 10.0)
+    assert (config.v_weight_decay, config.clamp_norm_factor, config.kl_factor) == (0.5, 0.75, 0.0625)
+
+
+def test_preset_ignores_the_models_name_or_path():
+    assert preset_for(_llama3_8b(name_or_path="/models/my-local-copy")).name == "llama3-8b"
+
+
+def test_same_depth_and_width_of_another_family_is_not_a_preset():
+    mistral = MistralConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336)
+    assert preset_for(mistral) is None
+    config = config_for_model(mistral)
+    assert config.preset == "default" and config.v_lr == 0.5  # not LLaMA3's 0.1
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "expected"),
+    [(48, [6, 7, 8, 9, 10]), (12, [2, 3, 4, 5, 6]), (6, [1, 2, 3, 4, 5]), (4, [1, 2, 3]), (2, [1]), (1, [0])],
+)
+def test_default_layers_are_five_consecutive_from_an_eighth_of_the_depth(num_layers, expected):
+    assert default_layers(num_layers) == expected
+
+
+def test_unknown_shape_gets_default_layers():
+    config = config_for_model(LlamaConfig(num_hidden_layers=12, hidden_size=256, intermediate_size=512))
+    assert config.preset == "default"
+    assert config.layers == [2, 3, 4, 5, 6]
+    assert config.v_lr == EditConfig().v_lr
+
+
+def test_overrides_apply_on_top_of_the_preset_and_none_is_ignored():
+    config = config_for_model(
+        GPT2Config(n_layer=48, n_embd=1600), method="memit", layers=[20, 21], v_lr=0.3, nullspace_threshold=None
+    )
+    assert config.method == "memit" and config.preset == "gpt2-xl"
+    assert config.layers == [20, 21] and config.v_lr == 0.3
+    assert config.v_num_grad_steps == 20 and config.mom2_update_weight == 20000.0  # untouched preset values
+    assert config.nullspace_threshold == 2e-2
+
+
+def test_invalid_override_through_config_for_model_is_refused():
+    with pytest.raises(ValueError, match="contiguous"):
+        config_for_model(_llama3_8b(), layers=[4, 6])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(layers=[3, 5, 6]), "contiguous"),
+        (dict(layers=[5, 4]), "ascending"),
+        (dict(layers=[4, 4, 5]), "ascending"),
+        (dict(layers=[]), "non-empty"),
+        (dict(method="rome"), "method must be one of alphaedit, memit, memit-seq"),
+        (dict(solve_dtype="float16"), "solve_dtype"),
+    ],
+)
+def test_invalid_configs_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EditConfig(**kwargs)
+
+
+def test_dict_round_trip_and_unknown_fields():
+    config = EditConfig(method="memit-seq", layers=[2, 3], seed=7, solve_dtype="float64")
+    assert EditConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown edit config fields: bogus"):
+        EditConfig.from_dict({**config.to_dict(), "bogus": 1})
