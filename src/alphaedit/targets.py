@@ -119,17 +119,18 @@ class _Losses:
         captured: dict[str, torch.Tensor] = {}
 
         def add_delta(hidden: torch.Tensor) -> torch.Tensor:
-            captured["h0"] = hidden[self.plain_rows, self.batch.lookup[self.plain_rows]].detach().float()
+            captured["h0"] = hidden[self.plain_rows, self.batch.lookup[self.plain_rows]].detach().to(delta.dtype)
             shift = delta[owner].to(hidden.dtype)
             return hidden.index_put((self.batch.rows, self.batch.lookup), shift, accumulate=True)
 
         with trace(self.model, edit_outputs={z_layer_path: add_delta}):
             hidden = self.model.base_model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask)[0]
         # Logits only where the loss reads them: target positions and the KL position.
-        target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).float()
+        precision = torch.promote_types(hidden.dtype, torch.float32)
+        target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).to(precision)
         token_logp = target_logits.log_softmax(-1).gather(1, self.nll_tok[:, None])[:, 0]
         kl_hidden = hidden[self.kl_rows, self.batch.lookup[self.kl_rows]]
-        kl_logp = output_logits(self.model, self.layout, kl_hidden).float().log_softmax(-1)
+        kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1)
         return captured["h0"], token_logp, kl_logp
 
     def nll(self, token_logp: torch.Tensor) -> torch.Tensor:
@@ -137,8 +138,8 @@ class _Losses:
         return per_request.index_add(0, self.nll_request, -token_logp * self.nll_weight)
 
     def target_prob(self, token_logp: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(self.num_requests, device=token_logp.device).index_add(0, self.nll_request, token_logp.exp() * self.nll_weight)
-        return total
+        total = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
+        return total.index_add(0, self.nll_request, token_logp.exp() * self.nll_weight)
 
 
 def compute_targets(
@@ -156,12 +157,14 @@ def compute_targets(
     z_path = layout.block(config.z_layer)
     u, d = len(requests), layout.hidden_size
 
-    delta = torch.zeros(u, d, device=device)
+    # δ and the optimiser stay float32 under a half-precision model (float64 stays float64).
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+    delta = torch.zeros(u, d, device=device, dtype=dtype)
     adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
-    h0 = torch.zeros(u, d, device=device)
+    h0 = torch.zeros_like(delta)
     kl_init: dict[int, torch.Tensor] = {}
     active = list(range(u))
-    final_loss, final_prob = torch.zeros(u), torch.zeros(u)
+    final_loss, final_prob = torch.zeros(u, dtype=torch.float64), torch.zeros(u, dtype=torch.float64)
     steps = torch.zeros(u, dtype=torch.long)
 
     for it in range(config.v_num_grad_steps):
@@ -180,8 +183,8 @@ def compute_targets(
             kl = config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1)
             wd = config.v_weight_decay * chunk_delta.norm(dim=-1) / h0[idx].norm(dim=-1) ** 2
             loss = loss_fn.nll(token_logp) + kl + wd
-            final_loss[chunk] = loss.detach().cpu()
-            final_prob[chunk] = loss_fn.target_prob(token_logp.detach()).cpu()
+            final_loss[chunk] = loss.detach().cpu().double()
+            final_prob[chunk] = loss_fn.target_prob(token_logp.detach()).cpu().double()
             keep = (loss.detach() >= config.early_stop_loss) & (it < config.v_num_grad_steps - 1)
             if keep.any():
                 (loss * keep).sum().backward()

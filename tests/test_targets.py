@@ -1,0 +1,148 @@
+"""z optimisation: batched equals one request at a time, and both equal a plain reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from alphaedit.config import EditConfig
+from alphaedit.layouts import detect_layout
+from alphaedit.requests import EditRequest
+from alphaedit.targets import compute_targets
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEMPLATES = ["{}", "The river flows north. {}", "Because of this. {}"]
+REQUESTS = [
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    EditRequest("The valley near {} is", "the river", "green and wide", None),
+]
+
+
+def _config(**overrides) -> EditConfig:
+    settings = dict(layers=[1, 2], v_num_grad_steps=10, v_lr=0.5, early_stop_loss=-1.0)
+    return EditConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def steerable(vocab_size):
+    """A tiny Llama whose δ can steer it: initialised with std 0.3 instead of 0.02.
+
+    At std 0.02, ‖h‖ ≈ 0.1 (the weight decay ‖δ‖/‖h0‖² dwarfs the NLL), logits are nearly
+    uniform and attention barely carries the subject position to the last one, so no δ moves
+    the prediction; real models have ‖h‖ of tens, peaked logits and working attention.
+    """
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0, initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return model, detect_layout(model)
+
+
+@pytest.fixture(scope="module")
+def llama64(steerable):
+    model, layout = steerable
+    return copy.deepcopy(model).double(), layout
+
+
+def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConfig) -> torch.Tensor:
+    """ALGORITHM.md §1.4 written plainly: full logits, torch.optim.Adam, one request."""
+    target = tokenizer(" " + request.target_new, add_special_tokens=False)["input_ids"]
+    texts = [t.format(request.prompt).format(request.subject) for t in TEMPLATES] + [f"{request.subject} is a"]
+    ends = [t.format(request.prompt).index("{}") + len(request.subject) for t in TEMPLATES] + [len(request.subject)]
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    lookups = [len(tokenizer(text[:end])["input_ids"]) - 1 for text, end in zip(texts, ends)]
+    prompt_lengths = [len(r) for r in rows]
+    rows = [r + target[:-1] for r in rows[:-1]] + [rows[-1]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+
+    block = model.get_submodule(layout.block(config.z_layer))
+    delta = torch.zeros(layout.hidden_size, dtype=torch.float64, requires_grad=True)
+    h0 = None
+
+    def hook(_module, _args, output):
+        nonlocal h0
+        hidden = output[0] if isinstance(output, tuple) else output
+        if h0 is None:
+            h0 = hidden[0, lookups[0]].detach().clone()
+        hidden = hidden.clone()
+        for i, idx in enumerate(lookups):
+            hidden[i, idx] = hidden[i, idx] + delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = block.register_forward_hook(hook)
+    optimiser = torch.optim.Adam([delta], lr=config.v_lr)
+    kl_init = None
+    try:
+        for it in range(config.v_num_grad_steps):
+            optimiser.zero_grad()
+            logp = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+            nll = 0.0
+            for i in range(len(TEMPLATES)):
+                start = prompt_lengths[i] - 1
+                nll = nll - sum(logp[i, start + t, tok] for t, tok in enumerate(target)) / len(target)
+            nll = nll / len(TEMPLATES)
+            kl_logp = logp[-1, lookups[-1]]
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = config.kl_factor * F.kl_div(kl_init[None], kl_logp[None], log_target=True, reduction="batchmean")
+            wd = config.v_weight_decay * delta.norm() / h0.norm() ** 2
+            loss = nll + kl + wd
+            if loss < config.early_stop_loss or it == config.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                max_norm = config.clamp_norm_factor * h0.norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    return (h0 + delta).detach()
+
+
+def test_z_matches_the_plain_reference_in_float64(llama64, tokenizer):
+    model, layout = llama64
+    config = _config()
+    result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    for i, request in enumerate(REQUESTS):
+        expected = reference_z(model, layout, tokenizer, request, config)
+        torch.testing.assert_close(result.z[i], expected, rtol=1e-6, atol=1e-7)
+    assert result.steps == [config.v_num_grad_steps - 1] * len(REQUESTS)  # no step on the last iteration
+
+
+def test_the_clamp_binds_and_still_matches_the_reference(llama64, tokenizer):
+    model, layout = llama64
+    config = _config(clamp_norm_factor=0.05, v_num_grad_steps=4)
+    result = compute_targets(model, layout, tokenizer, REQUESTS[:1], TEMPLATES, config)
+    expected = reference_z(model, layout, tokenizer, REQUESTS[0], config)
+    torch.testing.assert_close(result.z[0], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("requests_per_pass", [1, 2, 16])
+def test_batched_z_equals_each_request_alone_with_early_stops(llama64, tokenizer, requests_per_pass):
+    # float64: in float32, padding to another batch width changes matmul rounding (~1e-6),
+    # which Adam's sign-like first steps amplify; the algorithm is the same either way.
+    model, layout = llama64
+    # An early-stop threshold that the easiest request reaches after a few steps and the others
+    # never do, so requests leave the batch at different iterations.
+    probe = compute_targets(model, layout, tokenizer, [REQUESTS[2]], TEMPLATES, _config(v_num_grad_steps=5))
+    config = _config(early_stop_loss=probe.loss[0] + 1e-4)
+    alone = [compute_targets(model, layout, tokenizer, [r], TEMPLATES, config) for r in REQUESTS]
+    batched = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config, requests_per_pass=requests_per_pass)
+    assert len({a.steps[0] for a in alone}) > 1  # the case is meaningful: requests stopped at different steps
+    assert batched.steps == [a.steps[0] for a in alone]
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(batched.z[i], a.z[0], rtol=1e-9, atol=1e-9)
+        assert batched.loss[i] == pytest.approx(a.loss[0], rel=1e-9)
