@@ -1,0 +1,149 @@
+"""The Editor on tiny models: the batch loop, state save/load, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alphaedit.config import EditConfig
+from alphaedit.editor import Editor
+from alphaedit.keys import compute_keys
+from alphaedit.layouts import mlp_out_weight
+from alphaedit.requests import EditRequest, RequestError
+from alphaedit.stats import CorpusSpec, StatsCache
+from alphaedit.targets import compute_targets
+from conftest import WIKITEXT
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REQUESTS = [
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    EditRequest("The valley near {} is", "the river", "green", None),
+    EditRequest("{} flows through the city of", "The Seine", "Berlin", "Paris"),
+]
+
+
+def _config(method: str = "alphaedit", **overrides) -> EditConfig:
+    # A threshold that keeps a real null space for the tiny model's flat spectrum.
+    settings = dict(layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+    return EditConfig(method=method, **{**settings, **overrides})
+
+
+def _editor(model_and_layout, tokenizer, tmp_path, method="alphaedit", **overrides) -> Editor:
+    model, layout = model_and_layout
+    corpus = CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64)
+    return Editor(model, tokenizer, _config(method, **overrides), layout=layout, corpus=corpus,
+                  cache=StatsCache(tmp_path / "home"), show_progress=False)
+
+
+@pytest.fixture
+def fresh_llama(llama):
+    model, layout = llama
+    return copy.deepcopy(model), layout
+
+
+@pytest.fixture
+def fresh_gpt2(gpt2):
+    model, layout = gpt2
+    return copy.deepcopy(model), layout
+
+
+def _weights(editor: Editor) -> dict[int, torch.Tensor]:
+    return {l: mlp_out_weight(editor.model, editor.layout, l).detach().clone() for l in editor.config.layers}
+
+
+@pytest.mark.parametrize("family", ["fresh_llama", "fresh_gpt2"])
+def test_one_layer_edit_moves_the_residual_towards_z(family, tokenizer, tmp_path, request):
+    """With a single edited layer the whole residual is written there: z_current approaches z."""
+    model_and_layout = request.getfixturevalue(family)
+    editor = _editor(model_and_layout, tokenizer, tmp_path, method="memit", layers=[2], mom2_update_weight=1e-3)
+    model, layout = model_and_layout
+    templates = editor.context_templates()
+    z = compute_targets(model, layout, tokenizer, REQUESTS[:2], templates, editor.config).z
+    before = compute_keys(model, layout, tokenizer, REQUESTS[:2], templates, [2], z_layer=2).z_current
+    editor._edit_batch(REQUESTS[:2])
+    after = compute_keys(model, layout, tokenizer, REQUESTS[:2], templates, [2], z_layer=2).z_current
+    assert (z - after).norm() < 0.2 * (z - before).norm()
+
+
+def test_alphaedit_keeps_each_update_in_the_null_space(fresh_llama, tokenizer, tmp_path):
+    probe = _editor(fresh_llama, tokenizer, tmp_path, method="memit")
+    # the tiny model's spectrum is its own: put the threshold at the median eigenvalue
+    threshold = min(torch.linalg.eigvalsh(s.second_moment.double()).median().item() for s in probe.statistics().values())
+    editor = _editor(fresh_llama, tokenizer, tmp_path, nullspace_threshold=threshold)
+    before = _weights(editor)
+    editor.edit(REQUESTS[:2])
+    for layer, weight in _weights(editor).items():
+        delta = weight - before[layer]
+        projector = editor.statistics()[layer].projector
+        assert delta.norm() > 0
+        torch.testing.assert_close(delta @ projector, delta, atol=1e-5, rtol=1e-4)
+        assert 0 < editor.projector_rank[layer] < editor.layout.key_size
+
+
+def test_preserved_keys_accumulate_only_for_methods_that_use_them(tokenizer, tmp_path, llama):
+    for method, accumulates in (("alphaedit", True), ("memit-seq", True), ("memit", False)):
+        model, layout = llama
+        editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, method=method)
+        editor.edit(REQUESTS[:2])
+        assert all((c.abs().sum() > 0) == accumulates for c in editor.preserved.values()), method
+
+
+def test_a_conflicting_batch_changes_nothing(fresh_llama, tokenizer, tmp_path):
+    editor = _editor(fresh_llama, tokenizer, tmp_path)
+    before = _weights(editor)
+    clash = EditRequest(REQUESTS[0].prompt, REQUESTS[0].subject, "German", "French")
+    with pytest.raises(RequestError, match="target"):
+        editor.edit([REQUESTS[1], REQUESTS[2], REQUESTS[0], clash], batch_size=2)  # the clash is in batch 2
+    assert all(torch.equal(before[l], w) for l, w in _weights(editor).items())
+    assert editor.history == []
+
+
+def test_layers_outside_the_model_are_refused(fresh_llama, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="do not exist"):
+        _editor(fresh_llama, tokenizer, tmp_path, layers=[3, 4])
+
+
+def test_saved_state_continues_exactly_like_an_uninterrupted_sequence(llama, tokenizer, tmp_path):
+    model, layout = llama
+    straight = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path)
+    straight.edit(REQUESTS, batch_size=2)
+
+    first = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path)
+    first.edit(REQUESTS[:2])
+    first.save_state(tmp_path / "state")
+    resumed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
+    assert resumed.templates == first.templates and len(resumed.history) == 1
+    resumed.edit(REQUESTS[2:])
+
+    for layer, weight in _weights(straight).items():
+        torch.testing.assert_close(_weights(resumed)[layer], weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed.preserved[layer], straight.preserved[layer], rtol=1e-6, atol=1e-6)
+    assert [r.index for r in resumed.history] == [0, 1]
+
+
+def test_a_state_from_another_base_model_is_refused(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path)
+    editor.edit(REQUESTS[:1])
+    editor.save_state(tmp_path / "state")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        mlp_out_weight(other, layout, 1).add_(0.01)
+    with pytest.raises(ValueError, match="another base model"):
+        Editor.load_state(tmp_path / "state", other, tokenizer, show_progress=False)
+
+
+def test_a_corrupted_state_is_refused(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path)
+    editor.edit(REQUESTS[:1])
+    state = editor.save_state(tmp_path / "state")
+    data = bytearray((state / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (state / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match editor.json"):
+        Editor.load_state(state, copy.deepcopy(model), tokenizer, show_progress=False)
