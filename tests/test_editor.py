@@ -9,6 +9,7 @@ import torch
 
 from alphaedit.config import EditConfig
 from alphaedit.editor import Editor
+from alphaedit.journal import JournalError
 from alphaedit.keys import compute_keys
 from alphaedit.layouts import mlp_out_weight
 from alphaedit.requests import EditRequest, RequestError
@@ -141,9 +142,10 @@ def test_a_corrupted_state_is_refused(llama, tokenizer, tmp_path):
     model, layout = llama
     editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path)
     editor.edit(REQUESTS[:1])
-    state = editor.save_state(tmp_path / "state")
-    data = bytearray((state / "weights.safetensors").read_bytes())
+    editor.save_state(tmp_path / "state")
+    update = tmp_path / "state" / "batches" / "000000" / "update.safetensors"
+    data = bytearray(update.read_bytes())
     data[-1] ^= 0xFF
-    (state / "weights.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="does not match editor.json"):
-        Editor.load_state(state, copy.deepcopy(model), tokenizer, show_progress=False)
+    update.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match="checksum"):
+        Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, show_progress=False)

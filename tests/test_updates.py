@@ -61,7 +61,7 @@ def test_alphaedit_delta_equals_paper_eq14_in_float64(problem, alpha):
     K, R, _, Cp, P = problem
     stats = LayerStatistics(second_moment=None, projector=P.float(), preserved=Cp.float())
     config = EditConfig(l2_alpha=alpha, solve_dtype="float64")
-    delta = alphaedit_delta(K.float(), R.float(), stats, config)
+    delta = alphaedit_delta(K.float(), R.float(), stats, config).dense()
     expected = _eq14(K.float().double(), R.float().double(), P.float().double(), Cp.float().double(), alpha)
     assert delta.shape == (D, D0) and delta.dtype == torch.float32
     torch.testing.assert_close(delta.double(), expected, rtol=1e-6, atol=1e-7)
@@ -70,14 +70,14 @@ def test_alphaedit_delta_equals_paper_eq14_in_float64(problem, alpha):
 def test_alphaedit_delta_float32_solve_matches_eq14(problem):
     K, R, _, Cp, P = problem
     stats = LayerStatistics(None, P.float(), Cp.float())
-    delta = alphaedit_delta(K.float(), R.float(), stats, EditConfig())  # float32, α = 10
+    delta = alphaedit_delta(K.float(), R.float(), stats, EditConfig()).dense()  # float32, α = 10
     torch.testing.assert_close(delta.double(), _eq14(K, R, P, Cp, 10.0), rtol=1e-4, atol=1e-6)
 
 
 def test_alphaedit_delta_lies_in_the_projector_row_space(problem):
     # (P A + αI) X = P B  =>  X = P (B − A X) / α, so Δ = Xᵀ = Δ P exactly.
     K, R, _, Cp, P = problem
-    delta = alphaedit_delta(K.float(), R.float(), LayerStatistics(None, P.float(), Cp.float()), EditConfig(solve_dtype="float64"))
+    delta = alphaedit_delta(K.float(), R.float(), LayerStatistics(None, P.float(), Cp.float()), EditConfig(solve_dtype="float64")).dense()
     eye = torch.eye(D0, dtype=torch.float64)
     assert (delta.double() @ (eye - P)).norm() < 1e-6 * delta.norm()
 
@@ -85,14 +85,14 @@ def test_alphaedit_delta_lies_in_the_projector_row_space(problem):
 def test_alphaedit_without_projector_is_refused(problem):
     K, R, C0, Cp, _ = problem
     with pytest.raises(ValueError, match="projector"):
-        alphaedit_delta(K.float(), R.float(), LayerStatistics(C0.float(), None, Cp.float()), EditConfig())
+        alphaedit_delta(K.float(), R.float(), LayerStatistics(C0.float(), None, Cp.float()), EditConfig()).dense()
 
 
 def test_memit_delta_equals_closed_form_and_ignores_preserved(problem):
     K, R, C0, Cp, _ = problem
     lam = 7.0
     config = EditConfig(method="memit", mom2_update_weight=lam)
-    delta = memit_delta(K.float(), R.float(), LayerStatistics(C0.float(), None, Cp.float()), config)
+    delta = memit_delta(K.float(), R.float(), LayerStatistics(C0.float(), None, Cp.float()), config).dense()
     Kf, Rf, C0f = K.float().double(), R.float().double(), C0.float().double()
     expected = Rf @ Kf.T @ torch.linalg.inv(lam * C0f + Kf @ Kf.T)
     torch.testing.assert_close(delta.double(), expected, rtol=1e-6, atol=1e-7)
@@ -102,8 +102,8 @@ def test_memit_seq_delta_adds_preserved_keys(problem):
     K, R, C0, Cp, _ = problem
     lam = 7.0
     stats = LayerStatistics(C0.float(), None, Cp.float())
-    seq = memit_delta(K.float(), R.float(), stats, EditConfig(method="memit-seq", mom2_update_weight=lam))
-    plain = memit_delta(K.float(), R.float(), stats, EditConfig(method="memit", mom2_update_weight=lam))
+    seq = memit_delta(K.float(), R.float(), stats, EditConfig(method="memit-seq", mom2_update_weight=lam)).dense()
+    plain = memit_delta(K.float(), R.float(), stats, EditConfig(method="memit", mom2_update_weight=lam)).dense()
     Kf, Rf, C0f, Cpf = K.float().double(), R.float().double(), C0.float().double(), Cp.float().double()
     expected = Rf @ Kf.T @ torch.linalg.inv(lam * C0f + Cpf + Kf @ Kf.T)
     torch.testing.assert_close(seq.double(), expected, rtol=1e-6, atol=1e-7)
@@ -113,7 +113,7 @@ def test_memit_seq_delta_adds_preserved_keys(problem):
 def test_memit_without_second_moment_is_refused(problem):
     K, R, _, Cp, P = problem
     with pytest.raises(ValueError, match="second moment"):
-        memit_delta(K.float(), R.float(), LayerStatistics(None, P.float(), Cp.float()), EditConfig(method="memit"))
+        memit_delta(K.float(), R.float(), LayerStatistics(None, P.float(), Cp.float()), EditConfig(method="memit")).dense()
 
 
 def test_update_rules_and_what_each_method_reads():
@@ -203,8 +203,8 @@ def test_alphaedit_update_leaves_real_preserved_keys_almost_unchanged(real_stats
 
     empty = torch.zeros(d0, d0)
     config = EditConfig(l2_alpha=1e-3)  # keys have norm ~0.5 here: a small α lets the edit actually land
-    delta = alphaedit_delta(K1.float(), R.float(), LayerStatistics(None, P, empty), config)
-    ridge = alphaedit_delta(K1.float(), R.float(), LayerStatistics(None, torch.eye(d0), empty), config)
+    delta = alphaedit_delta(K1.float(), R.float(), LayerStatistics(None, P, empty), config).dense()
+    ridge = alphaedit_delta(K1.float(), R.float(), LayerStatistics(None, torch.eye(d0), empty), config).dense()
 
     # Since Δ = ΔP and P C0 P has eigenvalues < threshold:
     #   ‖Δ K0‖² = N tr(Δ P C0 P Δᵀ) < N threshold ‖Δ‖²  and  ‖K0‖² = N tr C0.
@@ -229,8 +229,8 @@ def test_alphaedit_update_has_no_component_along_preserved_directions_unlike_mem
     preserved_dirs = eigenvectors[:, eigenvalues >= threshold]
     empty = torch.zeros(d0, d0)
 
-    alpha = alphaedit_delta(K1.float(), R.float(), LayerStatistics(None, P, empty), EditConfig())
-    memit = memit_delta(K1.float(), R.float(), LayerStatistics(C0.float(), None, empty), EditConfig(method="memit"))
+    alpha = alphaedit_delta(K1.float(), R.float(), LayerStatistics(None, P, empty), EditConfig()).dense()
+    memit = memit_delta(K1.float(), R.float(), LayerStatistics(C0.float(), None, empty), EditConfig(method="memit")).dense()
 
     def outside(delta: torch.Tensor) -> float:
         return ((delta.double() @ preserved_dirs).norm() / delta.double().norm()).item()
@@ -245,6 +245,6 @@ def test_alphaedit_float64_solve_agrees_with_float32_on_real_statistics(real_sta
     A = K1[:, :4].float()
     stats = LayerStatistics(None, P, A @ A.T)  # some preserved keys from an earlier batch
     for alpha in (10.0, 1e-3):
-        d32 = alphaedit_delta(K1.float(), R.float(), stats, EditConfig(l2_alpha=alpha))
-        d64 = alphaedit_delta(K1.float(), R.float(), stats, EditConfig(l2_alpha=alpha, solve_dtype="float64"))
+        d32 = alphaedit_delta(K1.float(), R.float(), stats, EditConfig(l2_alpha=alpha)).dense()
+        d64 = alphaedit_delta(K1.float(), R.float(), stats, EditConfig(l2_alpha=alpha, solve_dtype="float64")).dense()
         assert (d32 - d64).norm() < 1e-4 * d64.norm()

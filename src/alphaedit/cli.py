@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import METHODS, config_for_model
+from .journal import Journal, JournalError
 from .requests import RequestError, load_requests
 
 app = typer.Typer(
@@ -37,6 +39,27 @@ TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python co
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
+
+
+def _open_journal(state: Path) -> Journal:
+    try:
+        return Journal.open(state)
+    except JournalError as e:
+        _fail(str(e))
+
+
+def _dtype_for(header: dict | None, dtype: str) -> str:
+    """A state is replayed in the dtype it was edited in unless the user says otherwise."""
+    return header["dtype"] if header is not None and dtype == "auto" else dtype
+
+
+def _replay(state: Path, lm, tokenizer):
+    from .editor import Editor
+
+    try:
+        return Editor.load_state(state, lm, tokenizer, show_progress=False)
+    except JournalError as e:
+        _fail(str(e))
 
 
 def _parse_layers(spec: str | None) -> list[int] | None:
@@ -74,16 +97,16 @@ def edit(
         parsed = load_requests(requests)  # validate before loading anything heavy: a bad file changes nothing
     except RequestError as e:
         _fail(str(e))
-    manifest = Editor.read_manifest(state) if (state / "editor.json").exists() else None
-    spec = model or (manifest or {}).get("model")
+    header = _open_journal(state).header if Journal.exists(state) else None
+    spec = model or (header or {}).get("model")
     if spec is None:
         _fail("--model is required for a new state")
     with console.status(f"loading {spec}"):
-        lm, tokenizer = load_model(spec, dtype, device, trust_remote_code)
-    if manifest is not None:
-        if method and method != manifest["config"]["method"]:
-            _fail(f"{state} was edited with {manifest['config']['method']}; it cannot continue with {method}")
-        editor = Editor.load_state(state, lm, tokenizer)
+        lm, tokenizer = load_model(spec, _dtype_for(header, dtype), device, trust_remote_code)
+    if header is not None:
+        if method and method != header["config"]["method"]:
+            _fail(f"{state} was edited with {header['config']['method']}; it cannot continue with {method}")
+        editor = _replay(state, lm, tokenizer)
     else:
         config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
         editor = Editor(lm, tokenizer, config, corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
@@ -129,19 +152,104 @@ def ask(
 
     if state is None and model is None:
         _fail("give --state DIR (an edited model) or --model M (an unedited one)")
-    manifest = Editor.read_manifest(state) if state is not None else None
-    spec = model or manifest["model"]
+    header = _open_journal(state).header if state is not None else None
+    spec = model or header["model"]
     with console.status(f"loading {spec}"):
-        saved_dtype = manifest["dtype"] if manifest is not None and dtype == "auto" else dtype
-        lm, tokenizer = load_model(spec, saved_dtype, device, trust_remote_code)
+        lm, tokenizer = load_model(spec, _dtype_for(header, dtype), device, trust_remote_code)
         if state is not None:
-            Editor.load_state(state, lm, tokenizer, show_progress=False)
+            _replay(state, lm, tokenizer)
     completions = greedy_completions(lm, tokenizer, prompts, max_new_tokens)
     if as_json:
         out.print_json(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]))
         return
     for prompt, completion in zip(prompts, completions):
         out.print(f"[bold]{prompt}[/]{completion}", highlight=False)
+
+
+@app.command()
+def log(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to list.")],
+    as_json: JsonOption = False,
+) -> None:
+    """List the journal's batches: id, time, requests, efficacy, norm of each layer's update."""
+    journal = _open_journal(state)
+    reverted = journal.reverted()
+    batches = []
+    for batch_id in journal.batch_ids():
+        files = journal.batch(batch_id)
+        batches.append({"id": batch_id, **{k: v for k, v in files.report.items() if k != "index"}, "reverted": batch_id in reverted})
+    if as_json:
+        out.print_json(json.dumps({"state": str(state), "model": journal.header["model"], "method": journal.header["config"]["method"], "batches": batches}))
+        return
+    layers = journal.header["config"]["layers"]
+    table = Table(title=f"{state}: {journal.header['config']['method']} edits of {journal.header['model']}")
+    for column in ("id", "started (UTC)", "requests", "efficacy", *[f"‖Δ{l}‖" for l in layers], "status"):
+        table.add_column(column, justify="right")
+    for b in batches:
+        efficacy = "-" if b["efficacy"] is None else f"{100 * b['efficacy']:.0f}%"
+        norms = [f"{b['delta_norms'][str(l)]:.2f}" for l in layers]
+        table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), str(b["requests"]), efficacy, *norms, "reverted" if b["reverted"] else "applied")
+    out.print(table)
+
+
+@app.command()
+def revert(
+    batch: Annotated[int, typer.Argument(help="Id of the batch to remove (see `alphaedit log`).")],
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal).")],
+) -> None:
+    """Remove one batch's update and its keys from C_p (appended to the journal as a revert).
+
+    Reverting the latest batch restores the weights before it. Reverting an older batch
+    subtracts its update from the sum: later batches stay as they were computed, on a model
+    that contained it, so they usually still hold but are not what a sequence without that
+    batch would have produced.
+    """
+    journal = _open_journal(state)
+    try:
+        journal.append_revert(batch, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    except JournalError as e:
+        _fail(str(e))
+    later = [b for b in journal.batch_ids() if b > batch and b not in journal.reverted()]
+    note = f"; batches {later} were computed with it applied and stay as they are" if later else ""
+    out.print(f"batch {batch} reverted{note}")
+
+
+@app.command()
+def export(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder (or file, with --deltas-only) to write.")],
+    deltas_only: Annotated[bool, typer.Option(help="Write only the updates: low-rank factors per layer, one small safetensors file.")] = False,
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Write the edited model (save_pretrained: plain transformers loads it) or just its updates."""
+    from .models import load_model
+
+    header = _open_journal(state).header
+    with console.status(f"loading {header['model']}"):
+        lm, tokenizer = load_model(header["model"], header["dtype"], device, trust_remote_code)
+        editor = _replay(state, lm, tokenizer)
+    written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir)
+    out.print(f"wrote {written}")
+
+
+@app.command()
+def apply(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to replay.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A fresh copy of the base model (id or folder); refused if its identity differs.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder for the edited model.")],
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Replay the journal onto a fresh copy of the base model and save the result."""
+    from .models import load_model
+
+    header = _open_journal(state).header
+    with console.status(f"loading {model}"):
+        lm, tokenizer = load_model(model, _dtype_for(header, dtype), device, trust_remote_code)
+        editor = _replay(state, lm, tokenizer)
+    out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir)}")
 
 
 @app.command()

@@ -9,37 +9,42 @@ One batch (ALGORITHM.md §1.10):
     C_p += K Kᵀ with keys recomputed on the edited model
 
 Nothing lives in module globals: two editors on two models never see each other's state.
+Every applied batch is kept as low-rank factors of its update and the keys it added to C_p,
+so it can be saved to a journal, replayed onto a fresh base model, or reverted.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EditConfig, config_for_model
+from .files import atomic_save_tensors
+from .journal import Journal, JournalError
 from .keys import compute_keys
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
 from .progress import progress_bar
 from .prompts import generate_context_templates
-from .requests import EditRequest, check_conflicts
+from .requests import EditRequest, check_conflicts, parse_requests
 from .scoring import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments
-from .stats.cache import atomic_save, model_identity
+from .stats.cache import model_identity
 from .targets import compute_targets
-from .updates import UPDATE_RULES, LayerStatistics, null_space_projector, uses_preserved, uses_projector
+from .updates import UPDATE_RULES, LayerStatistics, LowRankDelta, null_space_projector, uses_preserved, uses_projector
 
-STATE_FORMAT = 1
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -48,12 +53,38 @@ class BatchReport:
 
     index: int
     requests: int
+    started: str  # ISO 8601, UTC
     seconds: float
     z_loss: float  # mean final loss of the z optimisation
     z_steps: float  # mean Adam steps per request
     target_prob: float  # mean target-token probability reached at the z layer
     efficacy: float | None  # fraction of requests whose new object beats the true one after the edit
     delta_norms: dict[str, float] = field(default_factory=dict)  # layer -> ‖Δ‖_F
+
+
+@dataclass
+class AppliedBatch:
+    """One batch as applied: enough to save, replay or revert it."""
+
+    report: BatchReport
+    requests: list[EditRequest]
+    deltas: dict[int, LowRankDelta]  # layer -> Δ = left @ rightᵀ (math orientation)
+    keys: dict[int, torch.Tensor]  # layer -> [u, d0] keys added to C_p (empty if the method keeps none)
+    reverted: bool = False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for layer, delta in self.deltas.items():
+            tensors[f"layer.{layer}.left"] = delta.left
+            tensors[f"layer.{layer}.right"] = delta.right
+        tensors.update({f"layer.{layer}.keys": k for layer, k in self.keys.items()})
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, report: BatchReport, requests: list[EditRequest], tensors: dict[str, torch.Tensor], layers: Sequence[int]) -> AppliedBatch:
+        deltas = {l: LowRankDelta(tensors[f"layer.{l}.left"], tensors[f"layer.{l}.right"]) for l in layers}
+        keys = {l: tensors[f"layer.{l}.keys"] for l in layers if f"layer.{l}.keys" in tensors}
+        return cls(report, requests, deltas, keys)
 
 
 class Editor:
@@ -88,7 +119,8 @@ class Editor:
         self.model_spec = model_spec
         self.show_progress = show_progress
         self.templates: list[str] | None = None
-        self.history: list[BatchReport] = []
+        self.batches: list[AppliedBatch] = []
+        self.events: list[tuple[str, int]] = []  # ("batch" | "revert", batch id), in order
         layers = self.config.layers
         self.base_identity = model_identity(model, self.layout, layers)
         # The unedited W_out of each edited layer, on the CPU: statistics always describe the base
@@ -134,6 +166,10 @@ class Editor:
 
     # -- editing -----------------------------------------------------------------------------
 
+    @property
+    def history(self) -> list[BatchReport]:
+        return [b.report for b in self.batches]
+
     def edit(
         self,
         requests: Sequence[EditRequest],
@@ -142,8 +178,8 @@ class Editor:
     ) -> list[BatchReport]:
         """Apply the requests in sequential batches of `batch_size` (all at once by default).
 
-        `on_batch` runs after each batch (the CLI saves the state there, so an interrupted run
-        keeps every finished batch).
+        `on_batch` runs after each batch (the CLI commits it to the journal there, so an
+        interrupted run keeps every finished batch).
         """
         if not requests:
             return []
@@ -163,39 +199,48 @@ class Editor:
         return reports
 
     def _edit_batch(self, requests: list[EditRequest]) -> BatchReport:
-        start = time.perf_counter()
+        started, start = _now(), time.perf_counter()
         config, layers = self.config, self.config.layers
         templates, statistics = self.context_templates(), self.statistics()
         targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config)
         z = targets.z.cpu()
-        norms = {}
+        deltas = {}
         for i, layer in enumerate(layers):
             current = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, [layer], z_layer=config.z_layer)
             resid = (z - current.z_current) / (len(layers) - i)
-            delta = UPDATE_RULES[config.method](current.keys[layer].T, resid.T, statistics[layer], config)
-            self._add_to_weight(layer, delta)
-            norms[str(layer)] = float(delta.norm())
+            deltas[layer] = UPDATE_RULES[config.method](current.keys[layer].T, resid.T, statistics[layer], config)
+            self._add_to_weight(layer, deltas[layer], sign=1)
+        keys = {}
         if uses_preserved(config.method):
-            final = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, layers)
+            keys = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, layers).keys
             for layer in layers:
-                self.preserved[layer] += final.keys[layer].T @ final.keys[layer]
+                self.preserved[layer] += keys[layer].T @ keys[layer]
         report = BatchReport(
-            index=len(self.history),
+            index=self._next_id(),
             requests=len(requests),
+            started=started,
             seconds=time.perf_counter() - start,
             z_loss=sum(targets.loss) / len(requests),
             z_steps=sum(targets.steps) / len(requests),
             target_prob=sum(targets.target_prob) / len(requests),
             efficacy=self._efficacy(requests),
-            delta_norms=norms,
+            delta_norms={str(l): float(d.dense().norm()) for l, d in deltas.items()},
         )
-        self.history.append(report)
+        self._record(AppliedBatch(report, list(requests), deltas, keys))
         return report
 
-    def _add_to_weight(self, layer: int, delta: torch.Tensor) -> None:
+    def _next_id(self) -> int:
+        return self.batches[-1].report.index + 1 if self.batches else 0
+
+    def _record(self, batch: AppliedBatch) -> None:
+        self.batches.append(batch)
+        self.events.append(("batch", batch.report.index))
+
+    def _add_to_weight(self, layer: int, delta: LowRankDelta, sign: int) -> None:
         weight = mlp_out_weight(self.model, self.layout, layer)
+        dense = weight_delta_as_stored(self.layout, delta.dense())
         with torch.no_grad():
-            weight += weight_delta_as_stored(self.layout, delta).to(weight.device, weight.dtype)
+            weight.add_(dense.to(weight.device, weight.dtype), alpha=sign)
 
     def _efficacy(self, requests: list[EditRequest]) -> float | None:
         known = [r for r in requests if r.target_true]
@@ -204,50 +249,63 @@ class Editor:
         wins = prefers_new(self.model, self.tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known])
         return float(wins.float().mean())
 
-    # -- persistence ---------------------------------------------------------------------------
+    def revert(self, batch_id: int) -> None:
+        """Remove a batch's update from the weights and its keys from C_p.
 
-    def save_state(self, directory: str | os.PathLike) -> Path:
-        """Write the edited weights, C_p and everything needed to continue, each file atomically.
-
-        editor.json is written last and carries digests of the tensor files, so a state whose
-        writing was interrupted is refused on load instead of silently mixing two states.
+        Reverting the latest batch restores the weights before it (to float rounding).
+        Reverting an older one subtracts its Δ from the sum: the later batches stay as they
+        were computed, on a model that still contained it, so their edits usually hold but
+        are no longer exactly what a sequence without that batch would have produced.
         """
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        weights = {f"layer.{l}": mlp_out_weight(self.model, self.layout, l).detach().cpu() for l in self.config.layers}
-        preserved = {f"layer.{l}": c for l, c in self.preserved.items()}
-        digests = {}
-        for name, tensors in (("weights.safetensors", weights), ("preserved.safetensors", preserved)):
-            atomic_save(tensors, root / name, {"format": str(STATE_FORMAT)})
-            digests[name] = _file_digest(root / name)
-        manifest = {
-            "format": STATE_FORMAT,
+        batch = self._batch(batch_id)
+        if batch.reverted:
+            raise ValueError(f"batch {batch_id} is already reverted")
+        for layer, delta in batch.deltas.items():
+            self._add_to_weight(layer, delta, sign=-1)
+        for layer, keys in batch.keys.items():
+            self.preserved[layer] -= keys.T @ keys
+        batch.reverted = True
+        self.events.append(("revert", batch_id))
+
+    def _batch(self, batch_id: int) -> AppliedBatch:
+        for batch in self.batches:
+            if batch.report.index == batch_id:
+                return batch
+        raise ValueError(f"no batch {batch_id}: the batches are {[b.report.index for b in self.batches]}")
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def header(self) -> dict:
+        """What a journal records once: the base model, layout, config and statistics reference."""
+        return {
             "model": self.model_spec,
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "layout": self.layout.to_dict(),
             "config": self.config.to_dict(),
             "corpus": asdict(self.corpus),
-            "templates": self.templates,
+            "templates": self.context_templates(),
             "base_identity": self.base_identity,
             "projector_rank": {str(k): v for k, v in self.projector_rank.items()},
-            "history": [asdict(r) for r in self.history],
-            "files": digests,
         }
-        _atomic_write_text(root / "editor.json", json.dumps(manifest, indent=2))
-        return root
 
-    @staticmethod
-    def read_manifest(directory: str | os.PathLike) -> dict:
-        path = Path(directory) / "editor.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{directory} is not an alphaedit state (no editor.json)")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path}: unsupported state format {manifest.get('format')!r} (expected {STATE_FORMAT})")
-        for name, digest in manifest["files"].items():
-            if _file_digest(Path(directory) / name) != digest:
-                raise ValueError(f"{Path(directory) / name} does not match editor.json (interrupted write or corruption)")
-        return manifest
+    def save_state(self, directory: str | os.PathLike) -> Journal:
+        """Append to the journal in `directory` every event it does not have yet (creating it).
+
+        Each batch is committed atomically; an interrupted save leaves a valid shorter journal.
+        """
+        journal = Journal.open(directory) if Journal.exists(directory) else Journal.create(directory, self.header())
+        if journal.header["base_identity"] != self.base_identity:
+            raise JournalError(f"{directory} belongs to another base model; save to a new folder")
+        written = len(journal.entries)
+        if [(e["kind"], e.get("id", e.get("batch"))) for e in journal.entries] != self.events[:written]:
+            raise JournalError(f"{directory} holds a different edit history than this editor; save to a new folder")
+        for kind, batch_id in self.events[written:]:
+            if kind == "batch":
+                batch = self._batch(batch_id)
+                journal.append_batch(batch_id, [r.to_dict() for r in batch.requests], asdict(batch.report), batch.tensors())
+            else:
+                journal.append_revert(batch_id, _now())
+        return journal
 
     @classmethod
     def load_state(
@@ -259,50 +317,75 @@ class Editor:
         cache: StatsCache | None = None,
         show_progress: bool = True,
     ) -> Editor:
-        """Continue a sequence of edits: `model` must be the same base model the state started from."""
-        manifest = cls.read_manifest(directory)
+        """Replay a journal onto `model`, which must be the unedited base model it started from."""
+        journal = Journal.open(directory)
+        header = journal.header
         editor = cls(
             model,
             tokenizer,
-            EditConfig.from_dict(manifest["config"]),
-            layout=Layout.from_dict(manifest["layout"]),
-            corpus=CorpusSpec(**manifest["corpus"]),
+            EditConfig.from_dict(header["config"]),
+            layout=Layout.from_dict(header["layout"]),
+            corpus=CorpusSpec(**header["corpus"]),
             cache=cache,
-            model_spec=manifest["model"],
+            model_spec=header["model"],
             show_progress=show_progress,
         )
-        if editor.base_identity != manifest["base_identity"]:
-            raise ValueError(
-                f"{directory} was made on another base model (identity {manifest['base_identity']}, "
+        if editor.base_identity != header["base_identity"]:
+            raise JournalError(
+                f"{directory} was made on another base model (identity {header['base_identity']}, "
                 f"this model has {editor.base_identity}); load the unedited model it started from"
             )
-        weights = load_file(str(Path(directory) / "weights.safetensors"))
-        with torch.no_grad():
-            for layer in editor.config.layers:
-                target = mlp_out_weight(model, editor.layout, layer)
-                target.copy_(weights[f"layer.{layer}"].to(target.device, target.dtype))
-        preserved = load_file(str(Path(directory) / "preserved.safetensors"))
-        for layer in editor.config.layers:
-            editor.preserved[layer].copy_(preserved[f"layer.{layer}"])
-        editor.templates = manifest["templates"]
-        editor.history = [BatchReport(**r) for r in manifest["history"]]
+        editor.templates = header["templates"]
+        editor.apply_journal(journal)
         return editor
 
+    def apply_journal(self, journal: Journal) -> None:
+        """Replay every entry of the journal, in order, onto this editor's model."""
+        for entry in journal.entries:
+            if entry["kind"] == "revert":
+                self.revert(entry["batch"])
+                continue
+            files = journal.batch(entry["id"])
+            report = BatchReport(**files.report)
+            requests = parse_requests(files.requests, source=str(files.path / "requests.json"))
+            batch = AppliedBatch.from_tensors(report, requests, files.tensors(), self.config.layers)
+            for layer, delta in batch.deltas.items():
+                self._add_to_weight(layer, delta, sign=1)
+            for layer, keys in batch.keys.items():
+                self.preserved[layer] += keys.T @ keys
+            self._record(batch)
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write the edited model with save_pretrained (plain transformers loads it), atomically."""
+        target = Path(directory)
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"{target} exists and is not empty; choose a new folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            if target.exists():
+                target.rmdir()
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
 
+    def export_deltas(self, path: str | os.PathLike) -> Path:
+        """Just the updates: per layer, the concatenated factors of every batch still applied.
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Δ_l = left @ rightᵀ in math orientation ([d, d0]); add it (transposed for Conv1D
+        weights, see the metadata) to the W_out named in the metadata.
+        """
+        applied = [b for b in self.batches if not b.reverted]
+        tensors = {}
+        for layer in self.config.layers:
+            tensors[f"layer.{layer}.left"] = torch.cat([b.deltas[layer].left for b in applied], dim=1) if applied else torch.zeros(self.layout.hidden_size, 0)
+            tensors[f"layer.{layer}.right"] = torch.cat([b.deltas[layer].right for b in applied], dim=1) if applied else torch.zeros(self.layout.key_size, 0)
+        metadata = {f"layer.{l}.module": self.layout.mlp_out_path(l) for l in self.config.layers}
+        metadata["weight_transposed"] = str(self.layout.weight_transposed)
+        metadata["base_identity"] = str(self.base_identity)
+        path = Path(path)
+        atomic_save_tensors(tensors, path, metadata)
+        return path

@@ -1,12 +1,15 @@
 """The closed-form weight updates: the only part of the pipeline that differs between methods.
 
 Shapes (math orientation): keys K ∈ R^{d0×u}, residuals R ∈ R^{d×u}, update Δ ∈ R^{d×d0},
-so that (W + Δ) k ≈ W k + r for the batch's keys.
+so that (W + Δ) k ≈ W k + r for the batch's keys. Every rule's Δ has rank ≤ u and is returned
+as factors Δ = R Vᵀ with V ∈ R^{d0×u}: a batch's update is stored and reverted as two thin
+matrices instead of a d×d0 one.
 
 AlphaEdit (ALGORITHM.md §1.8), as the authors' code solves it:
     X = solve(P (K Kᵀ + C_p) + α I,  P K Rᵀ),   Δ = Xᵀ
 which is the paper's Eq. 14, Δ = R Kᵀ P (C_p P + K Kᵀ P + α I)⁻¹, with α = 10.
-MEMIT (§1.9):      Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹            (float64)
+Factored: V = solve(P (K Kᵀ + C_p) + α I, P K).
+MEMIT (§1.9):      Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹,        V = solve(λ C0 + K Kᵀ, K)      (float64)
 MEMIT-seq:         Δ = R Kᵀ (λ C0 + C_p + K Kᵀ)⁻¹
 """
 
@@ -29,6 +32,17 @@ class LayerStatistics:
     preserved: torch.Tensor  # C_p = Σ over earlier batches of K Kᵀ, [d0, d0], float32 as the reference
 
 
+@dataclass
+class LowRankDelta:
+    """Δ = left @ rightᵀ: left = R ∈ R^{d×u}, right = V ∈ R^{d0×u} (float32)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right.T
+
+
 def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
     """P = U Uᵀ over the eigenvectors of C0 whose eigenvalue is below `threshold` (absolute, §1.7).
 
@@ -39,7 +53,7 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple
     return (kept @ kept.T).float(), kept.shape[1]
 
 
-def alphaedit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> torch.Tensor:
+def alphaedit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> LowRankDelta:
     if stats.projector is None:
         raise ValueError("AlphaEdit needs the null-space projector of this layer")
     dtype = getattr(torch, config.solve_dtype)
@@ -47,22 +61,22 @@ def alphaedit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatist
     K, R = keys.to(dtype), resid.to(dtype)
     eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
     lhs = P @ (K @ K.T + stats.preserved.to(dtype)) + config.l2_alpha * eye
-    X = torch.linalg.solve(lhs, P @ K @ R.T)
-    return X.T.float()
+    right = torch.linalg.solve(lhs, P @ K)
+    return LowRankDelta(R.float(), right.float())
 
 
-def memit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> torch.Tensor:
+def memit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> LowRankDelta:
     if stats.second_moment is None:
         raise ValueError("MEMIT needs the second moment C0 of this layer")
     K, R = keys.double(), resid.double()
     lhs = config.mom2_update_weight * stats.second_moment.double() + K @ K.T
     if config.method == "memit-seq":
         lhs = lhs + stats.preserved.double()
-    # Δ = R Kᵀ A⁻¹ with A symmetric, computed as (A⁻¹ K Rᵀ)ᵀ
-    return torch.linalg.solve(lhs, K @ R.T).T.float()
+    # Δ = R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ since A is symmetric
+    return LowRankDelta(R.float(), torch.linalg.solve(lhs, K).float())
 
 
-UpdateRule = Callable[[torch.Tensor, torch.Tensor, LayerStatistics, EditConfig], torch.Tensor]
+UpdateRule = Callable[[torch.Tensor, torch.Tensor, LayerStatistics, EditConfig], LowRankDelta]
 
 UPDATE_RULES: dict[str, UpdateRule] = {
     "alphaedit": alphaedit_delta,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ..files import atomic_save_tensors
 from ..layouts import Layout, mlp_out_weight
 
 FORMAT_VERSION = "1"
@@ -55,19 +54,6 @@ def model_identity(model: nn.Module, layout: Layout, layers: list[int]) -> dict[
     return {"config": config_digest(model), "weights": weights_digest(model, layout, layers)}
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write next to the destination, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class StatsCache:
     """Second moments under `<home>/stats/<config digest>/`, one file per layer and corpus."""
 
@@ -92,5 +78,5 @@ class StatsCache:
 
     def save(self, description: dict[str, str], moment: torch.Tensor, count: int) -> Path:
         path = self.path(description)
-        atomic_save({"moment": moment}, path, {**description, "count": str(count)})
+        atomic_save_tensors({"moment": moment}, path, {**description, "count": str(count)})
         return path
