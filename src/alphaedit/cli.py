@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import METHODS, config_for_model
+from .progress import progress_bar
 from .journal import Journal, JournalError
 from .requests import RequestError, load_requests
 
@@ -250,6 +251,82 @@ def apply(
         lm, tokenizer = load_model(model, _dtype_for(header, dtype), device, trust_remote_code)
         editor = _replay(state, lm, tokenizer)
     out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir)}")
+
+
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[str, typer.Option(help="counterfact:PATH, zsre:PATH or knowedit:PATH (CounterFact in ROME or EasyEdit format, zsRE in MEND format).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for records.jsonl, summary.json, summary.md and plots.")],
+    model: ModelOption = "smollm2-135m",
+    n: Annotated[int, typer.Option("--n", help="Number of records to edit and evaluate.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Requests per sequential batch.")] = 100,
+    method: Annotated[str, typer.Option(help=f"Update rule: {', '.join(METHODS)}.")] = "alphaedit",
+    every: Annotated[Optional[int], typer.Option(help="Also evaluate every K batches (curves).")] = None,
+    select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
+    generation_every: Annotated[int, typer.Option(help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
+    corpus: Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, or 'self'.")] = "self",
+    tokens: Annotated[int, typer.Option(help="Token budget of the statistics corpus.")] = 20_000,
+    perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
+    idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for consistency (default: the perplexity corpus).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: preset).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")] = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """The paper's protocol: N records edited in sequential batches, evaluated before and after."""
+    from .editor import Editor
+    from .eval.datasets import load_dataset, select
+    from .eval.protocol import EvalSettings, Evaluator, run_protocol
+    from .eval.report import write_report
+    from .models import load_model
+    from .stats import CorpusSpec
+
+    try:
+        records = select(load_dataset(dataset), n, select_seed)
+    except (ValueError, RequestError) as e:
+        _fail(str(e))
+    with console.status(f"loading {model}"):
+        lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
+    config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
+    editor = Editor(lm, tokenizer, config, corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
+    settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus, idf_corpus=idf_corpus or perplexity_corpus)
+    evaluator = Evaluator(lm, tokenizer, records, settings)
+    editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
+    with progress_bar("protocol (edits)", total=n) as advance:
+        done = [0]
+
+        def step(total: int) -> None:
+            advance(total - done[0])
+            done[0] = total
+
+        result = run_protocol(editor, evaluator, batch_size, every, on_batch=step)
+    result.notes += _eval_notes(records, settings)
+    meta = {"model": model, "dataset": dataset, "n": n, "batch_size": batch_size, "method": method,
+            "layers": editor.config.layers, "selection": "first N" if select_seed is None else f"seed {select_seed}",
+            "generation_every": generation_every, "corpus": corpus, "tokens": tokens, "projector_rank": editor.projector_rank}
+    summary = write_report(result, out_dir, meta)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print((out_dir / "summary.md").read_text())
+    out.print(f"report in {out_dir}")
+
+
+def _eval_notes(records, settings) -> list[str]:
+    notes = []
+    if settings.idf_corpus:
+        notes.append(f"consistency: TF-IDF idf built from {settings.idf_corpus} (ROME's idf.npy/tfidf_vocab.json are not available offline); "
+                     "reference texts are the record's attribute prompts completed with the new object (attribute_snippets.json is not available offline)")
+    else:
+        notes.append("consistency and fluency not computed: pass --perplexity-corpus or --idf-corpus")
+    if settings.generation_every > 1:
+        notes.append(f"fluency/consistency on every {settings.generation_every}th record only")
+    if records and records[0].kind == "zsre":
+        notes.append("zsRE metrics are teacher-forced token accuracies; specificity is against the gold answer")
+    return notes
 
 
 @app.command()

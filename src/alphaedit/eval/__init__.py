@@ -1,0 +1,1 @@
+"""Evaluation: datasets, metric formulas, the paper's sequential protocol, and reports."""

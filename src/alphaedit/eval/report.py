@@ -1,0 +1,93 @@
+"""Evaluation reports: per-record JSONL, summary JSON, a Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..files import atomic_write_text
+from .protocol import SUCCESS_METRICS, ProtocolResult
+
+TABLE_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "generative_success", "perplexity")
+
+
+def write_report(result: ProtocolResult, out: Path, meta: dict) -> dict:
+    """Write every report file into `out`; returns the summary (also summary.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"case_id": pre["case_id"], "pre": _without_id(pre), "post": _without_id(post)})
+        for pre, post in zip(result.pre.records, result.post.records)
+    ]
+    atomic_write_text(out / "records.jsonl", "\n".join(lines) + "\n")
+    summary = {
+        **meta,
+        "pre": result.pre.summary,
+        "post": result.post.summary,
+        "seconds_editing": result.seconds_editing,
+        "seconds_per_edit": result.seconds_editing / max(1, meta.get("n", 1)),
+        "curve": result.curve,
+        "norms": result.norms,
+        "notes": result.notes,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.md", markdown_table(summary))
+    plot_curves(result, out / "metrics_vs_edits.png")
+    plot_norms(result, out / "weight_norms.png")
+    return summary
+
+
+def _without_id(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "case_id"}
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown_table(summary: dict) -> str:
+    head = f"| | {' | '.join(TABLE_METRICS)} |\n|---|{'---|' * len(TABLE_METRICS)}\n"
+    rows = "".join(
+        f"| {label} | {' | '.join(_cell(summary[block].get(m)) for m in TABLE_METRICS)} |\n"
+        for label, block in (("pre-edit", "pre"), (summary.get("method", "post-edit"), "post"))
+    )
+    setting = (
+        f"{summary.get('model')} on {summary.get('dataset')}: {summary.get('n')} edits in sequential batches of "
+        f"{summary.get('batch_size')} ({summary.get('method')}).\n\n"
+    )
+    notes = "".join(f"\n- {note}" for note in summary.get("notes", []))
+    return setting + head + rows + ("\nNotes:" + notes + "\n" if notes else "")
+
+
+def plot_curves(result: ProtocolResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    edits = [p["edits"] for p in result.curve]
+    for metric in SUCCESS_METRICS:
+        ax.plot(edits, [p[metric] for p in result.curve], marker="o", label=metric)
+    ax.set(xlabel="number of edits", ylabel="score (%)", ylim=(0, 100), title="metrics against number of edits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_norms(result: ProtocolResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    edits = [p["edits"] for p in result.norms]
+    for layer in [k for k in result.norms[0] if k != "edits"]:
+        ax.plot(edits, [p[layer] for p in result.norms], marker=".", label=f"layer {layer}")
+    ax.set(xlabel="number of edits", ylabel="‖W_out‖_F", title="norm of each edited matrix")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
