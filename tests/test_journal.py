@@ -211,3 +211,41 @@ def test_sigkill_at_random_moments_never_leaves_a_half_written_journal(tiny_mode
     model, layout = llama
     replayed = Editor.load_state(state, copy.deepcopy(model), tokenizer, show_progress=False)
     assert len(replayed.history) == final
+
+
+def _cli_state(tiny_model_folder: Path, tmp_path: Path) -> Path:
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    state = tmp_path / "state"
+    result = runner.invoke(app, ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--state", str(state),
+                                 "--batch-size", "1", "--steps", "3", "--corpus", str(WIKITEXT), "--tokens", "2000"])
+    assert result.exit_code == 0, result.output
+    return state
+
+
+def test_export_and_apply_commands(tiny_model_folder, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    state = _cli_state(tiny_model_folder, tmp_path)
+
+    assert runner.invoke(app, ["export", "--state", str(state), "--out", str(tmp_path / "exported")]).exit_code == 0
+    assert runner.invoke(app, ["apply", "--state", str(state), "--model", str(tiny_model_folder), "--out", str(tmp_path / "applied")]).exit_code == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    for name, weight in exported.state_dict().items():
+        assert torch.equal(weight, applied.state_dict()[name]), name
+    assert not torch.equal(exported.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)
+
+    result = runner.invoke(app, ["export", "--state", str(state), "--out", str(tmp_path / "deltas.safetensors"), "--deltas-only"])
+    assert result.exit_code == 0, result.output
+    deltas = load_file(str(tmp_path / "deltas.safetensors"))
+    assert deltas["layer.1.left"].shape[1] == 2  # two batches of one request: rank 2 in all
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.add_(1e-3)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    refused = runner.invoke(app, ["apply", "--state", str(state), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "nope")])
+    assert refused.exit_code == 2 and "another base model" in refused.output
+    assert not (tmp_path / "nope").exists()

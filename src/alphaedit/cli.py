@@ -267,6 +267,7 @@ def evaluate(
     corpus: Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, or 'self'.")] = "self",
     tokens: Annotated[int, typer.Option(help="Token budget of the statistics corpus.")] = 20_000,
     perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
+    perplexity_tokens: Annotated[int, typer.Option(help="Tokens of the perplexity corpus to score.")] = 4096,
     idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for consistency (default: the perplexity corpus).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: preset).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")] = None,
@@ -292,7 +293,8 @@ def evaluate(
         lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
     config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
     editor = Editor(lm, tokenizer, config, corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
-    settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus, idf_corpus=idf_corpus or perplexity_corpus)
+    settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
+                            perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
     evaluator = Evaluator(lm, tokenizer, records, settings)
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
     with progress_bar("protocol (edits)", total=n) as advance:

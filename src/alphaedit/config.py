@@ -27,6 +27,7 @@ class EditConfig:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    z_requests_per_pass: int = 16  # requests sharing one forward/backward (1 = one at a time)
     # closed-form update, §1.7-1.9
     nullspace_threshold: float = 2e-2
     l2_alpha: float = 10.0  # AlphaEdit's α (hparams "L2")

@@ -202,7 +202,7 @@ class Editor:
         started, start = _now(), time.perf_counter()
         config, layers = self.config, self.config.layers
         templates, statistics = self.context_templates(), self.statistics()
-        targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config)
+        targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass)
         z = targets.z.cpu()
         deltas = {}
         for i, layer in enumerate(layers):
