@@ -14,6 +14,7 @@ from alphaedit.updates import (
     LayerStatistics,
     alphaedit_delta,
     memit_delta,
+    null_space_mask,
     null_space_projector,
     uses_preserved,
     uses_projector,
@@ -248,3 +249,15 @@ def test_alphaedit_float64_solve_agrees_with_float32_on_real_statistics(real_sta
         d32 = alphaedit_delta(K1.float(), R.float(), stats, EditConfig(l2_alpha=alpha)).dense()
         d64 = alphaedit_delta(K1.float(), R.float(), stats, EditConfig(l2_alpha=alpha, solve_dtype="float64")).dense()
         assert (d32 - d64).norm() < 1e-4 * d64.norm()
+
+
+def test_projector_rules_pick_the_documented_directions():
+    eigenvalues = torch.tensor([0.001, 0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
+    assert null_space_mask(eigenvalues, 0.05, "absolute").tolist() == [True, True, False, False, False]
+    assert null_space_mask(eigenvalues, 0.005, "relative").tolist() == [True, True, False, False, False]  # < 0.05
+    # the top direction carries 10/11.111 = 90%: preserving 0.95 of the energy needs the top two
+    assert null_space_mask(eigenvalues, 0.95, "energy").tolist() == [True, True, True, False, False]
+    assert null_space_mask(eigenvalues, 0.5, "energy").tolist() == [True, True, True, True, False]
+    assert null_space_mask(eigenvalues, 3, "rank").tolist() == [True, True, True, False, False]
+    with pytest.raises(ValueError, match="projector rule"):
+        null_space_mask(eigenvalues, 1, "fancy")

@@ -29,7 +29,8 @@ class EditConfig:
     early_stop_loss: float = 5e-2
     z_requests_per_pass: int = 16  # requests sharing one forward/backward (1 = one at a time)
     # closed-form update, §1.7-1.9
-    nullspace_threshold: float = 2e-2
+    nullspace_threshold: float = 2e-2  # the value of projector_rule (updates.null_space_mask)
+    projector_rule: str = "absolute"
     l2_alpha: float = 10.0  # AlphaEdit's α (hparams "L2")
     mom2_update_weight: float = 15000.0  # MEMIT's λ
     solve_dtype: str = "float32"  # "float64" for extra stability
@@ -48,6 +49,8 @@ class EditConfig:
             raise ValueError(f"layers must be a non-empty ascending list without repeats, got {self.layers}")
         if list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
             raise ValueError(f"layers must be contiguous (MEMIT spreads the residual over a block), got {self.layers}")
+        if self.projector_rule not in ("absolute", "relative", "energy", "rank"):
+            raise ValueError(f"projector_rule must be absolute, relative, energy or rank, not {self.projector_rule!r}")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
 

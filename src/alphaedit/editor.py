@@ -37,7 +37,7 @@ from .progress import progress_bar
 from .prompts import generate_context_templates
 from .requests import EditRequest, check_conflicts, parse_requests
 from .scoring import prefers_new
-from .stats import CorpusSpec, StatsCache, second_moments
+from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
 from .targets import compute_targets
 from .updates import UPDATE_RULES, LayerStatistics, LowRankDelta, null_space_projector, uses_preserved, uses_projector
@@ -142,14 +142,34 @@ class Editor:
         """C0 (and, for AlphaEdit, P) per edited layer, measured on the base model."""
         if self._statistics is None:
             with self._base_weights_in_place():
-                moments = second_moments(self.model, self.layout, self.tokenizer, self.config.layers, self.corpus, self.cache, self.show_progress)
-            self._statistics = {}
-            for layer, moment in moments.items():
-                projector = None
-                if uses_projector(self.config.method):
-                    projector, self.projector_rank[layer] = null_space_projector(moment.moment, self.config.nullspace_threshold)
-                self._statistics[layer] = LayerStatistics(moment.moment, projector, self.preserved[layer])
+                self._statistics = self._imported_projectors() or self._measured_statistics()
         return self._statistics
+
+    def _measured_statistics(self) -> dict[int, LayerStatistics]:
+        moments = second_moments(self.model, self.layout, self.tokenizer, self.config.layers, self.corpus, self.cache, self.show_progress)
+        statistics = {}
+        for layer, moment in moments.items():
+            projector = None
+            if uses_projector(self.config.method):
+                projector, self.projector_rank[layer] = null_space_projector(moment.moment, self.config.nullspace_threshold, self.config.projector_rule)
+            statistics[layer] = LayerStatistics(moment.moment, projector, self.preserved[layer])
+        return statistics
+
+    def _imported_projectors(self) -> dict[int, LayerStatistics]:
+        """Projectors imported from AlphaEdit's null_space_project.pt (`--corpus import:FILE.pt`)."""
+        source = self.corpus.corpus
+        if not (source.startswith("import:") and source.endswith((".pt", ".pth"))):
+            return {}
+        if not uses_projector(self.config.method):
+            raise ValueError(f"{self.config.method} needs second moments; {source} holds only projectors")
+        statistics = {}
+        for layer in self.config.layers:
+            projector = self.cache.load_projector(statistic_description(self.model, self.layout, self.tokenizer, layer, self.corpus))
+            if projector is None:
+                raise ValueError(f"no projector imported from {source[7:]} for layer {layer}: run `alphaedit stats --import FILE --layers ...`")
+            self.projector_rank[layer] = round(float(projector.trace()))
+            statistics[layer] = LayerStatistics(None, projector, self.preserved[layer])
+        return statistics
 
     @contextmanager
     def _base_weights_in_place(self) -> Iterator[None]:

@@ -43,13 +43,40 @@ class LowRankDelta:
         return self.left @ self.right.T
 
 
-def null_space_projector(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
-    """P = U Uᵀ over the eigenvectors of C0 whose eigenvalue is below `threshold` (absolute, §1.7).
+PROJECTOR_RULES = ("absolute", "relative", "energy", "rank")
+
+
+def null_space_mask(eigenvalues: torch.Tensor, value: float, rule: str = "absolute") -> torch.Tensor:
+    """Which eigen-directions of C0 (eigenvalues ascending, as eigh returns them) P keeps.
+
+    absolute: eigenvalue < value (the paper's code, value 2e-2)
+    relative: eigenvalue < value · largest eigenvalue
+    energy:   drop the largest directions that together carry `value` of the trace (e.g. 0.99)
+    rank:     keep exactly int(value) directions, the smallest ones
+    """
+    if rule == "absolute":
+        return eigenvalues < value
+    if rule == "relative":
+        return eigenvalues < value * eigenvalues.max()
+    if rule == "energy":
+        # cumulative energy from the top; a direction is preserved until `value` is covered
+        from_top = eigenvalues.flip(0).clamp_min(0).cumsum(0) / eigenvalues.clamp_min(0).sum()
+        preserved_from_top = torch.cat([torch.ones(1, dtype=torch.bool), from_top[:-1] < value])
+        return ~preserved_from_top.flip(0)
+    if rule == "rank":
+        mask = torch.zeros_like(eigenvalues, dtype=torch.bool)
+        mask[: int(value)] = True
+        return mask
+    raise ValueError(f"projector rule must be one of {', '.join(PROJECTOR_RULES)}, not {rule!r}")
+
+
+def null_space_projector(second_moment: torch.Tensor, threshold: float, rule: str = "absolute") -> tuple[torch.Tensor, int]:
+    """P = U Uᵀ over the eigenvectors of C0 that `null_space_mask` keeps (§1.7).
 
     Returns P (float32) and its rank, the number of directions an edit may still use.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())
-    kept = eigenvectors[:, eigenvalues < threshold]
+    kept = eigenvectors[:, null_space_mask(eigenvalues, threshold, rule)]
     return (kept @ kept.T).float(), kept.shape[1]
 
 

@@ -1,19 +1,29 @@
-"""Preserved-knowledge statistics: corpus → one forward pass → cached second moments."""
+"""Preserved-knowledge statistics: corpus → one forward pass → cached second moments.
+
+The pass is resumable (an atomic checkpoint every N tokens; a killed run continues where the
+last checkpoint left off and ends with the same sums) and can be split over the processes of
+a `torchrun` job, each taking every K-th batch, with the sums all-reduced at the end.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..files import sha256
 from ..layouts import Layout
 from ..progress import progress_bar
-from .cache import FORMAT_VERSION, StatsCache, model_identity, tokenizer_digest
+from .cache import FORMAT_VERSION, StatsCache, config_digest, model_identity, tokenizer_digest
 from .corpus import SELF, describe, file_windows, self_windows
 from .moments import MomentAccumulator, SecondMoment, accumulate_batch, token_batches
 
-__all__ = ["CorpusSpec", "SecondMoment", "StatsCache", "second_moments"]
+__all__ = ["CorpusSpec", "SecondMoment", "StatsCache", "second_moments", "Workers"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,9 @@ class CorpusSpec:
     batch_tokens: int = 4096
 
     def description(self) -> dict[str, str]:
+        if self.corpus.startswith("import:"):
+            # the file's contents decide; budget and windowing were the other tool's
+            return {"corpus": "import:" + sha256(Path(self.corpus[len("import:") :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
         return {
             "corpus": describe(self.corpus),
             "tokens": str(self.tokens),
@@ -35,12 +48,47 @@ class CorpusSpec:
         }
 
 
-def _windows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec) -> Iterable[list[list[int]]]:
-    if spec.corpus == SELF:
-        for sampled in self_windows(model, tokenizer, spec.tokens, spec.max_length, spec.seed):
-            yield from token_batches(sampled, spec.batch_tokens)
-    else:
-        yield from token_batches(file_windows(spec.corpus, tokenizer, spec.tokens, spec.max_length), spec.batch_tokens)
+@dataclass(frozen=True)
+class Workers:
+    """This process's share of a multi-process pass: it takes batches rank, rank + size, ..."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_torch_distributed(cls) -> Workers:
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return cls()
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+    def takes(self, batch_index: int) -> bool:
+        return batch_index % self.size == self.rank
+
+    def all_reduce(self, acc: MomentAccumulator) -> None:
+        if self.size == 1:
+            return
+        for total in acc.sums.values():
+            torch.distributed.all_reduce(total)
+        count = torch.tensor([acc.count], dtype=torch.float64, device=next(iter(acc.sums.values())).device)
+        torch.distributed.all_reduce(count)
+        acc.count = int(count.item())
+
+
+def _windows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec, cache: StatsCache | None) -> list[list[int]]:
+    if spec.corpus != SELF:
+        return file_windows(spec.corpus, tokenizer, spec.tokens, spec.max_length)
+    key = {"config": config_digest(model), "tokenizer": tokenizer_digest(tokenizer), **spec.description()}
+    if cache is not None and (stored := cache.load_corpus(key)) is not None:
+        return stored
+    windows = [w for sampled in self_windows(model, tokenizer, spec.tokens, spec.max_length, spec.seed) for w in sampled]
+    if cache is not None:
+        cache.save_corpus(key, windows)
+    return windows
+
+
+def _pass_key(descriptions: dict[int, dict[str, str]], workers: Workers) -> str:
+    text = json.dumps({"layers": descriptions, "rank": workers.rank, "size": workers.size}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def second_moments(
@@ -51,11 +99,12 @@ def second_moments(
     spec: CorpusSpec,
     cache: StatsCache | None = None,
     show_progress: bool = True,
+    checkpoint_every: int = 1_000_000,
+    workers: Workers | None = None,
 ) -> dict[int, SecondMoment]:
     """C0 for each layer, from the cache where present; the missing layers share one pass."""
-    identity = model_identity(model, layout, list(layers))
-    base = {**identity, "tokenizer": tokenizer_digest(tokenizer), **spec.description(), "dtype": "float64", "version": FORMAT_VERSION}
-    descriptions = {layer: {**base, "layer": str(layer)} for layer in layers}
+    workers = workers or Workers.from_torch_distributed()
+    descriptions = {layer: statistic_description(model, layout, tokenizer, layer, spec) for layer in layers}
     found: dict[int, SecondMoment] = {}
     if cache is not None:
         for layer, description in descriptions.items():
@@ -65,12 +114,48 @@ def second_moments(
     missing = [layer for layer in layers if layer not in found]
     if not missing:
         return found
-    acc = MomentAccumulator(missing, layout.key_size, next(model.parameters()).device)
-    with progress_bar(f"statistics ({spec.corpus})", total=spec.tokens, enabled=show_progress) as advance:
-        for batch in _windows(model, tokenizer, spec):
-            advance(accumulate_batch(model, layout, tokenizer, acc, batch))
+    if spec.corpus.startswith("import:"):
+        raise ValueError(f"no statistics imported from {spec.corpus[7:]} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
+    pass_key = _pass_key({l: descriptions[l] for l in missing}, workers)
+    acc = _accumulate(model, layout, tokenizer, missing, spec, cache, show_progress, checkpoint_every, workers, pass_key)
+    workers.all_reduce(acc)
     computed = acc.result()
     if cache is not None:
-        for layer, stat in computed.items():
-            cache.save(descriptions[layer], stat.moment, stat.count)
+        if workers.rank == 0:
+            for layer, stat in computed.items():
+                cache.save(descriptions[layer], stat.moment, stat.count)
+        cache.drop_checkpoint(pass_key)  # only once the result is safely stored
     return {**found, **computed}
+
+
+def statistic_description(model, layout: Layout, tokenizer, layer: int, spec: CorpusSpec) -> dict[str, str]:
+    """Everything a cached statistic must match: model (config + this layer's W_out), tokenizer, corpus."""
+    return {
+        **model_identity(model, layout, [layer]),
+        "tokenizer": tokenizer_digest(tokenizer),
+        **spec.description(),
+        "dtype": "float64",
+        "version": FORMAT_VERSION,
+        "layer": str(layer),
+    }
+
+
+def _accumulate(model, layout, tokenizer, layers, spec, cache, show_progress, checkpoint_every, workers, pass_key) -> MomentAccumulator:
+    acc = MomentAccumulator(layers, layout.key_size, next(model.parameters()).device)
+    done_batches, since_checkpoint = 0, 0
+    if cache is not None and (saved := cache.load_checkpoint(pass_key)) is not None:
+        done_batches = acc.restore(saved)
+    windows = _windows(model, tokenizer, spec, cache)
+    batches = list(token_batches(windows, spec.batch_tokens))
+    total = sum(len(w) for i, b in enumerate(batches) if workers.takes(i) for w in b)
+    with progress_bar(f"statistics ({spec.corpus})", total=total, enabled=show_progress) as advance:
+        advance(sum(len(w) for i, b in enumerate(batches[:done_batches]) if workers.takes(i) for w in b))
+        for index in range(done_batches, len(batches)):
+            if workers.takes(index):
+                counted = accumulate_batch(model, layout, tokenizer, acc, batches[index])
+                advance(counted)
+                since_checkpoint += counted
+            if cache is not None and since_checkpoint >= checkpoint_every and index + 1 < len(batches):
+                cache.save_checkpoint(pass_key, acc.snapshot(index + 1))
+                since_checkpoint = 0
+    return acc

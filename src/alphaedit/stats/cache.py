@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..files import atomic_save_tensors
@@ -75,6 +76,52 @@ class StatsCache:
                 detail = "; ".join(f"{k}: file has {a!r}, wanted {b!r}" for k, (a, b) in differs.items())
                 raise ValueError(f"statistics file {path} does not match this model/corpus ({detail}); delete it to recompute")
             return f.get_tensor("moment"), int(stored["count"])
+
+    def _projector_path(self, description: dict[str, str]) -> Path:
+        return self.path(description).with_name(self.path(description).stem + "-projector.safetensors")
+
+    def load_projector(self, description: dict[str, str]) -> torch.Tensor | None:
+        path = self._projector_path(description)
+        return load_file(str(path))["projector"] if path.exists() else None
+
+    def save_projector(self, description: dict[str, str], projector: torch.Tensor) -> None:
+        atomic_save_tensors({"projector": projector}, self._projector_path(description), description)
+
+    def drop_all_checkpoints(self) -> None:
+        for path in (self.root / "checkpoints").glob("pass-*.safetensors"):
+            path.unlink(missing_ok=True)
+
+    # -- sampled "self" corpora and pass checkpoints live beside the statistics --------------
+
+    def _corpus_path(self, key: dict[str, str]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / key["config"] / f"corpus-self-{digest}.safetensors"
+
+    def load_corpus(self, key: dict[str, str]) -> list[list[int]] | None:
+        path = self._corpus_path(key)
+        if not path.exists():
+            return None
+        tensors = load_file(str(path))
+        lengths = tensors["lengths"].tolist()
+        return [chunk.tolist() for chunk in torch.split(tensors["tokens"], lengths)]
+
+    def save_corpus(self, key: dict[str, str], windows: list[list[int]]) -> None:
+        tokens = torch.tensor([t for w in windows for t in w], dtype=torch.int64)
+        lengths = torch.tensor([len(w) for w in windows], dtype=torch.int64)
+        atomic_save_tensors({"tokens": tokens, "lengths": lengths}, self._corpus_path(key), key)
+
+    def _checkpoint_path(self, pass_key: str) -> Path:
+        return self.root / "checkpoints" / f"pass-{pass_key}.safetensors"
+
+    def load_checkpoint(self, pass_key: str) -> dict[str, torch.Tensor] | None:
+        path = self._checkpoint_path(pass_key)
+        return load_file(str(path)) if path.exists() else None
+
+    def save_checkpoint(self, pass_key: str, state: dict[str, torch.Tensor]) -> None:
+        atomic_save_tensors(state, self._checkpoint_path(pass_key))
+
+    def drop_checkpoint(self, pass_key: str) -> None:
+        self._checkpoint_path(pass_key).unlink(missing_ok=True)
 
     def save(self, description: dict[str, str], moment: torch.Tensor, count: int) -> Path:
         path = self.path(description)

@@ -35,6 +35,20 @@ class MomentAccumulator:
         keys = keys.float()
         self.sums[layer] += (keys.T @ keys).double()
 
+    def snapshot(self, batches_done: int) -> dict[str, torch.Tensor]:
+        """The running sums and position, for a checkpoint."""
+        state = {f"sum.{layer}": total for layer, total in self.sums.items()}
+        state["count"] = torch.tensor([self.count], dtype=torch.int64)
+        state["batches_done"] = torch.tensor([batches_done], dtype=torch.int64)
+        return state
+
+    def restore(self, state: dict[str, torch.Tensor]) -> int:
+        """Continue from a checkpoint; returns the number of batches it had consumed."""
+        for layer, total in self.sums.items():
+            total.copy_(state[f"sum.{layer}"])
+        self.count = int(state["count"].item())
+        return int(state["batches_done"].item())
+
     def result(self) -> dict[int, SecondMoment]:
         if self.count == 0:
             raise ValueError("the corpus gave no tokens; check --corpus and --tokens")
