@@ -267,3 +267,18 @@ def test_a_different_tokenizer_is_a_different_cache_entry(llama, tokenizer, bos_
     fresh = second_moments(model, layout, bos_tokenizer, [1], spec, show_progress=False)[1]
     assert torch.equal(with_bos.moment, fresh.moment) and with_bos.count == fresh.count
     assert not torch.equal(plain.moment, with_bos.moment)
+
+
+def test_hf_corpus_without_the_datasets_package_says_how_to_get_it(monkeypatch, tokenizer):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ValueError, match=r"alphaedit\[hf\]"):
+        file_windows("hf:wikitext:wikitext-103-raw-v1:train", tokenizer, 100, 32)

@@ -210,19 +210,27 @@ class Editor:
         self.statistics()
         self.context_templates()
         reports = []
-        with progress_bar(f"editing ({self.config.method})", total=len(requests), enabled=self.show_progress) as advance:
+        # one unit per z iteration and per layer update: an ETA that moves within a batch
+        units = self.config.v_num_grad_steps + len(self.config.layers)
+        with progress_bar(f"editing ({self.config.method})", total=len(batches) * units, enabled=self.show_progress) as advance:
             for batch in batches:
-                reports.append(self._edit_batch(batch))
+                done = [0]
+
+                def step() -> None:
+                    done[0] += 1
+                    advance(1)
+
+                reports.append(self._edit_batch(batch, step))
+                advance(units - done[0])  # iterations skipped by early stopping
                 if on_batch is not None:
                     on_batch(reports[-1])
-                advance(len(batch))
         return reports
 
-    def _edit_batch(self, requests: list[EditRequest]) -> BatchReport:
+    def _edit_batch(self, requests: list[EditRequest], step: Callable[[], None] | None = None) -> BatchReport:
         started, start = _now(), time.perf_counter()
         config, layers = self.config, self.config.layers
         templates, statistics = self.context_templates(), self.statistics()
-        targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass)
+        targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
         z = targets.z.cpu()
         deltas = {}
         for i, layer in enumerate(layers):
@@ -230,6 +238,8 @@ class Editor:
             resid = (z - current.z_current) / (len(layers) - i)
             deltas[layer] = UPDATE_RULES[config.method](current.keys[layer].T, resid.T, statistics[layer], config)
             self._add_to_weight(layer, deltas[layer], sign=1)
+            if step is not None:
+                step()
         keys = {}
         if uses_preserved(config.method):
             keys = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, layers).keys

@@ -18,7 +18,7 @@ have stopped leave the pass, so later iterations only pay for the ones still mov
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -150,8 +150,12 @@ def compute_targets(
     templates: Sequence[str],
     config: EditConfig,
     requests_per_pass: int = 16,
+    on_iteration: Callable[[], None] | None = None,
 ) -> TargetResult:
-    """Optimise z for every request of a batch, `requests_per_pass` requests per forward/backward."""
+    """Optimise z for every request of a batch, `requests_per_pass` requests per forward/backward.
+
+    `on_iteration` is called after each iteration (progress reporting).
+    """
     rows = [request_rows(tokenizer, r, templates) for r in requests]
     device = next(model.parameters()).device
     z_path = layout.block(config.z_layer)
@@ -191,6 +195,8 @@ def compute_targets(
                 grad[idx] = chunk_delta.grad
             still_active += [i for k, i in enumerate(chunk) if keep[k]]
         active = still_active
+        if on_iteration is not None:
+            on_iteration()
         if not active:
             break
         moving = torch.tensor(active, device=device)

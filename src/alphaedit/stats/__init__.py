@@ -74,13 +74,19 @@ class Workers:
         acc.count = int(count.item())
 
 
-def _windows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec, cache: StatsCache | None) -> list[list[int]]:
+def _windows(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec, cache: StatsCache | None, show_progress: bool
+) -> list[list[int]]:
     if spec.corpus != SELF:
         return file_windows(spec.corpus, tokenizer, spec.tokens, spec.max_length)
     key = {"config": config_digest(model), "tokenizer": tokenizer_digest(tokenizer), **spec.description()}
     if cache is not None and (stored := cache.load_corpus(key)) is not None:
         return stored
-    windows = [w for sampled in self_windows(model, tokenizer, spec.tokens, spec.max_length, spec.seed) for w in sampled]
+    windows: list[list[int]] = []
+    with progress_bar("sampling the 'self' corpus", total=spec.tokens, enabled=show_progress) as advance:
+        for sampled in self_windows(model, tokenizer, spec.tokens, spec.max_length, spec.seed):
+            windows += sampled
+            advance(sum(map(len, sampled)))
     if cache is not None:
         cache.save_corpus(key, windows)
     return windows
@@ -145,7 +151,7 @@ def _accumulate(model, layout, tokenizer, layers, spec, cache, show_progress, ch
     done_batches, since_checkpoint = 0, 0
     if cache is not None and (saved := cache.load_checkpoint(pass_key)) is not None:
         done_batches = acc.restore(saved)
-    windows = _windows(model, tokenizer, spec, cache)
+    windows = _windows(model, tokenizer, spec, cache, show_progress)
     batches = list(token_batches(windows, spec.batch_tokens))
     total = sum(len(w) for i, b in enumerate(batches) if workers.takes(i) for w in b)
     with progress_bar(f"statistics ({spec.corpus})", total=total, enabled=show_progress) as advance:

@@ -1,8 +1,10 @@
 """Text for the preserved-knowledge statistics, as fixed-length token windows.
 
-A corpus spec is either a local path (a text file, or a folder of .txt/.raw/.jsonl/.json files)
-or "self": text sampled from the model itself with a fixed seed, which needs no data and no
-network. The same spec, tokenizer and budget always give the same windows.
+A corpus spec is a local path (a text file, or a folder of .txt/.raw/.jsonl/.json files),
+"self" (text sampled from the model itself with a fixed seed: no data, no network), or
+`hf:NAME[:CONFIG[:SPLIT]]`, a Hugging Face dataset streamed in order (needs a network and the
+`datasets` package: `pip install alphaedit[hf]`). The same spec, tokenizer and budget always
+give the same windows.
 """
 
 from __future__ import annotations
@@ -22,9 +24,28 @@ JSON_SUFFIXES = (".jsonl", ".json")
 SELF_SEED_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "When", "After", "There", "One")
 
 
+HF = "hf:"
+
+
 def describe(spec: str) -> str:
-    """A canonical form of the spec for cache keys: absolute path, or "self"."""
-    return SELF if spec == SELF else str(Path(spec).expanduser().resolve())
+    """A canonical form of the spec for cache keys: absolute path, "self", or the hf: spec."""
+    if spec == SELF or spec.startswith(HF):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def hf_documents(spec: str) -> Iterator[str]:
+    """Texts of a streamed Hugging Face dataset: hf:NAME[:CONFIG[:SPLIT]] (split defaults to train)."""
+    name, config, split = (spec[len(HF) :].split(":") + [None, None])[:3]
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"--corpus {spec} needs the `datasets` package: pip install 'alphaedit[hf]'") from e
+    stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    for record in stream:
+        text = record.get("text") if isinstance(record, dict) else None
+        if text and text.strip():
+            yield text
 
 
 def corpus_files(spec: str) -> list[Path]:
@@ -58,7 +79,10 @@ def _json_texts(path: Path) -> Iterator[str]:
 
 
 def documents(spec: str) -> Iterator[str]:
-    """Paragraph-sized documents from the files of a local corpus, in a fixed order."""
+    """Paragraph-sized documents from the files of a local corpus (or a streamed hf: one), in order."""
+    if spec.startswith(HF):
+        yield from hf_documents(spec)
+        return
     for path in corpus_files(spec):
         if path.suffix in JSON_SUFFIXES:
             yield from _json_texts(path)
