@@ -176,3 +176,26 @@ def test_unknown_module_path_fails_and_leaves_no_hooks(llama):
         with trace(model, inputs_of=[layout.mlp_out_path(0), "model.nope"]):
             pass
     assert _hook_count(model) == before
+
+
+def test_replay_blocks_skips_the_lower_blocks_and_restores_them(llama):
+    from alphaedit.hooks import replay_blocks
+
+    model, layout = llama
+    ids = torch.tensor([[5, 17, 42, 7]])
+    blocks = [get_module(model, layout.block(i)) for i in range(2)]
+    with torch.no_grad(), trace(model, outputs_of=[layout.block(1)]) as rec:
+        expected = model(ids).logits
+    inner_calls = []  # the replayed blocks' own modules must not run
+    handles = [get_module(model, layout.mlp_out_path(i)).register_forward_hook(lambda *a: inner_calls.append(1)) for i in range(3)]
+    try:
+        with torch.no_grad(), replay_blocks(blocks, rec.outputs[layout.block(1)]):
+            replayed = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(replayed, expected)
+    assert len(inner_calls) == 1  # only block 2's W_out ran
+    assert "forward" not in blocks[0].__dict__ and "forward" not in blocks[1].__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)

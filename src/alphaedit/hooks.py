@@ -101,3 +101,35 @@ def run_forward(module: nn.Module, **inputs: torch.Tensor) -> object | None:
         return module(**inputs)
     except StopForward:
         return None
+
+
+@contextmanager
+def replay_blocks(blocks: Sequence[nn.Module], output: torch.Tensor) -> Iterator[None]:
+    """Run a forward pass as if `blocks` (the first blocks of the model, in order) had
+    produced `output`, without computing them: all but the last pass their input through,
+    the last returns `output`. Hooks on the blocks still fire.
+
+    For passes whose change starts above these blocks (the z optimisation adds δ to the last
+    one's output), their result is the same every time and is read from a cache instead.
+    Blocks must return their hidden state as a plain tensor (transformers ≥ 5 layers do).
+    """
+
+    def passthrough(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+    def replay(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return output
+
+    # accelerate (device_map="auto") keeps its own wrapped forward on the instance: put it back
+    saved = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for block in blocks[:-1]:
+            block.forward = passthrough  # an instance attribute shadows the class's forward
+        blocks[-1].forward = replay
+        yield
+    finally:
+        for block, previous in zip(blocks, saved):
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous

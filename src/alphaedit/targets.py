@@ -13,12 +13,14 @@ last iteration, and clamping ‖δ_i‖ ≤ clamp·‖h0_i‖ after each step. z
 All requests of a batch are optimised together: their rows share each forward/backward pass.
 Each request has its own δ_i, loss and early stop, and Adam is elementwise, so the result is
 the same as optimising each request alone (tests/test_targets.py checks this). Requests that
-have stopped leave the pass, so later iterations only pay for the ones still moving.
+have stopped leave the pass, so later iterations only pay for the ones still moving, and the
+blocks up to l_m run once: after the first iteration their output is replayed from a cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EditConfig
-from .hooks import trace
-from .layouts import Layout, output_logits
+from .hooks import replay_blocks, trace
+from .layouts import Layout, get_module, output_logits
 from .prompts import batch_rows, encode, fill, kl_prompt, target_ids
 from .requests import EditRequest
 
@@ -113,25 +115,52 @@ class _Losses:
         self.kl_rows = torch.arange(self.num_requests, device=device) * self.per_request + self.per_request - 1
         self.plain_rows = torch.arange(self.num_requests, device=device) * self.per_request
 
-    def forward(self, delta: torch.Tensor, z_layer_path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (h0 [u, d], token log-probs of the targets [n_tokens], KL-prompt log-probs [u, V])."""
+    def forward(
+        self, delta: torch.Tensor, z_layer: int, below: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass with δ added at block `z_layer`'s output.
+
+        `below` is that block's output without δ for these rows, from an earlier pass: when
+        given, the blocks up to z_layer are not run again (they never see δ).
+        Returns (block output without δ [rows, T, d], h0 [u, d], token log-probs of the
+        targets [n_tokens], KL-prompt log-probs [u, V]).
+        """
         owner = torch.arange(self.batch.input_ids.shape[0], device=delta.device) // self.per_request
         captured: dict[str, torch.Tensor] = {}
 
         def add_delta(hidden: torch.Tensor) -> torch.Tensor:
-            captured["h0"] = hidden[self.plain_rows, self.batch.lookup[self.plain_rows]].detach().to(delta.dtype)
+            captured["below"] = hidden.detach()
             shift = delta[owner].to(hidden.dtype)
             return hidden.index_put((self.batch.rows, self.batch.lookup), shift, accumulate=True)
 
-        with trace(self.model, edit_outputs={z_layer_path: add_delta}):
+        blocks = [get_module(self.model, self.layout.block(i)) for i in range(z_layer + 1)]
+        skip = replay_blocks(blocks, below) if below is not None else nullcontext()
+        with trace(self.model, edit_outputs={self.layout.block(z_layer): add_delta}), skip:
             hidden = self.model.base_model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask)[0]
+        below = captured["below"]
+        h0 = below[self.plain_rows, self.batch.lookup[self.plain_rows]].to(delta.dtype)
         # Logits only where the loss reads them: target positions and the KL position.
         precision = torch.promote_types(hidden.dtype, torch.float32)
         target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).to(precision)
         token_logp = target_logits.log_softmax(-1).gather(1, self.nll_tok[:, None])[:, 0]
         kl_hidden = hidden[self.kl_rows, self.batch.lookup[self.kl_rows]]
         kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1)
-        return captured["h0"], token_logp, kl_logp
+        return below, h0, token_logp, kl_logp
+
+    def scatter(self, below: torch.Tensor, chunk: list[int]) -> dict[int, torch.Tensor]:
+        """Split a pass's block output into each request's rows (trimmed to their own length)."""
+        lengths = self.batch.attention_mask.sum(-1)
+        out = {}
+        for k, request in enumerate(chunk):
+            rows = slice(k * self.per_request, (k + 1) * self.per_request)
+            out[request] = below[rows, : int(lengths[rows].max())]
+        return out
+
+    def gather(self, below: dict[int, torch.Tensor], chunk: list[int]) -> torch.Tensor:
+        """This chunk's block output, padded to its width (pad positions are never read)."""
+        width = self.batch.input_ids.shape[1]
+        parts = [torch.nn.functional.pad(below[r], (0, 0, 0, width - below[r].shape[1])) for r in chunk]
+        return torch.cat(parts)
 
     def nll(self, token_logp: torch.Tensor) -> torch.Tensor:
         per_request = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
@@ -158,7 +187,6 @@ def compute_targets(
     """
     rows = [request_rows(tokenizer, r, templates) for r in requests]
     device = next(model.parameters()).device
-    z_path = layout.block(config.z_layer)
     u, d = len(requests), layout.hidden_size
 
     # δ and the optimiser stay float32 under a half-precision model (float64 stays float64).
@@ -167,6 +195,7 @@ def compute_targets(
     adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
     h0 = torch.zeros_like(delta)
     kl_init: dict[int, torch.Tensor] = {}
+    below: dict[int, torch.Tensor] = {}  # request -> block z_layer output of its rows, without δ
     active = list(range(u))
     final_loss, final_prob = torch.zeros(u, dtype=torch.float64), torch.zeros(u, dtype=torch.float64)
     steps = torch.zeros(u, dtype=torch.long)
@@ -179,10 +208,12 @@ def compute_targets(
             idx = torch.tensor(chunk, device=device)
             loss_fn = _Losses([rows[i] for i in chunk], model, layout, tokenizer)
             chunk_delta = delta[idx].clone().requires_grad_(True)
-            chunk_h0, token_logp, kl_logp = loss_fn.forward(chunk_delta, z_path)
+            cached = loss_fn.gather(below, chunk) if it > 0 else None
+            chunk_below, chunk_h0, token_logp, kl_logp = loss_fn.forward(chunk_delta, config.z_layer, cached)
             if it == 0:
                 h0[idx] = chunk_h0
                 kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(chunk)})
+                below.update(loss_fn.scatter(chunk_below, chunk))
             init = torch.stack([kl_init[i] for i in chunk])
             kl = config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1)
             wd = config.v_weight_decay * chunk_delta.norm(dim=-1) / h0[idx].norm(dim=-1) ** 2
