@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--candidates", default="2-6:0.5,3-7:0.5,4-8:0.5,3-7:0.1",
-                        help="comma-separated FIRST-LAST:V_LR[:STEPS] settings")
+                        help="comma-separated FIRST-LAST:V_LR[:STEPS[:mp]] settings (mp: most-probable early stop)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -59,11 +59,12 @@ def main() -> None:
     base = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [{"setting": "pre-edit", **counterfact_scores(model, tokenizer, records), "s_per_edit": 0.0}]
     for candidate in args.candidates.split(","):
-        span, lr, *step_count = candidate.split(":")
+        span, lr, *rest = candidate.split(":")
         first, last = map(int, span.split("-"))
         model.load_state_dict(base)
         config = config_for_model(model.config, layers=list(range(first, last + 1)), v_lr=float(lr),
-                                  v_num_grad_steps=int(step_count[0]) if step_count else None)
+                                  v_num_grad_steps=int(rest[0]) if rest else None,
+                                  stop_when_most_probable="mp" in rest[1:])
         editor = Editor(model, tokenizer, config, corpus=corpus, show_progress=False)
         editor.statistics()
         editor.context_templates()
@@ -72,13 +73,14 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = counterfact_scores(model, tokenizer, records)
         mean_steps = sum(r.z_steps * r.requests for r in reports) / len(requests)
-        rows.append({"setting": f"layers {span}, v_lr {lr}, {config.v_num_grad_steps} steps", **scores, "s_per_edit": seconds / len(requests), "z_steps": mean_steps})
+        label = f"layers {span}, v_lr {lr}, {config.v_num_grad_steps} steps" + (", most-probable stop" if config.stop_when_most_probable else "")
+        rows.append({"setting": label, **scores, "s_per_edit": seconds / len(requests), "z_steps": mean_steps})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
-    print(f"\n{'setting':<34} {'Eff':>6} {'Gen':>6} {'Spe':>6} {'s/edit':>7}")
+    print(f"\n{'setting':<52} {'Eff':>6} {'Gen':>6} {'Spe':>6} {'s/edit':>7}")
     for r in rows:
-        print(f"{r['setting']:<34} {r['efficacy']:6.1f} {r['generalization']:6.1f} {r['specificity']:6.1f} {r['s_per_edit']:7.1f}")
+        print(f"{r['setting']:<52} {r['efficacy']:6.1f} {r['generalization']:6.1f} {r['specificity']:6.1f} {r['s_per_edit']:7.1f}")
 
 
 if __name__ == "__main__":

@@ -146,3 +146,4 @@ def test_batched_z_equals_each_request_alone_with_early_stops(llama64, tokenizer
     for i, a in enumerate(alone):
         torch.testing.assert_close(batched.z[i], a.z[0], rtol=1e-9, atol=1e-9)
         assert batched.loss[i] == pytest.approx(a.loss[0], rel=1e-9)
+

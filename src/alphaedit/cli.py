@@ -147,7 +147,6 @@ def ask(
     as_json: JsonOption = False,
 ) -> None:
     """Print the greedy completion of each prompt by the edited model (or by --model unedited)."""
-    from .editor import Editor
     from .generate import greedy_completions
     from .models import load_model
 
@@ -195,7 +194,7 @@ def stats(
     """
     from .layouts import detect_layout
     from .models import load_model
-    from .stats import CorpusSpec, StatsCache, Workers, second_moments
+    from .stats import CorpusSpec, StatsCache, second_moments
     from .stats.importing import import_statistics
     from .stats.report import plot_spectra, spectrum_summary
 

@@ -9,6 +9,8 @@ prompts, and minimised (ALGORITHM.md §1.4):
 
 with Adam, at most N iterations, stopping once loss_i < early_stop_loss, never stepping on the
 last iteration, and clamping ‖δ_i‖ ≤ clamp·‖h0_i‖ after each step. z_i = h0_i + δ_i.
+Optionally (`stop_when_most_probable`, after ENCORE's most-probable early stopping) a request
+also stops once its new object is the argmax at every target token of every prompt.
 
 All requests of a batch are optimised together: their rows share each forward/backward pass.
 Each request has its own δ_i, loss and early stop, and Adam is elementwise, so the result is
@@ -24,7 +26,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EditConfig
@@ -143,6 +144,7 @@ class _Losses:
         precision = torch.promote_types(hidden.dtype, torch.float32)
         target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).to(precision)
         token_logp = target_logits.log_softmax(-1).gather(1, self.nll_tok[:, None])[:, 0]
+        self.top1 = (target_logits.detach().argmax(-1) == self.nll_tok).float()
         kl_hidden = hidden[self.kl_rows, self.batch.lookup[self.kl_rows]]
         kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1)
         return below, h0, token_logp, kl_logp
@@ -165,6 +167,11 @@ class _Losses:
     def nll(self, token_logp: torch.Tensor) -> torch.Tensor:
         per_request = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
         return per_request.index_add(0, self.nll_request, -token_logp * self.nll_weight)
+
+    def most_probable(self) -> torch.Tensor:
+        """Per request: is the new object the argmax at every target token of every prompt?"""
+        misses = torch.zeros(self.num_requests, device=self.top1.device).index_add(0, self.nll_request, 1 - self.top1)
+        return misses == 0
 
     def target_prob(self, token_logp: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
@@ -221,6 +228,8 @@ def compute_targets(
             final_loss[chunk] = loss.detach().cpu().double()
             final_prob[chunk] = loss_fn.target_prob(token_logp.detach()).cpu().double()
             keep = (loss.detach() >= config.early_stop_loss) & (it < config.v_num_grad_steps - 1)
+            if config.stop_when_most_probable:
+                keep &= ~loss_fn.most_probable()
             if keep.any():
                 (loss * keep).sum().backward()
                 grad[idx] = chunk_delta.grad

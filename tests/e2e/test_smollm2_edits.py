@@ -48,3 +48,22 @@ def test_two_sequential_batches_edit_keep_neighbours_and_keep_earlier_edits(pris
     editor.edit(parse_requests(second))
     assert efficacy(model, tokenizer, second) >= 0.75
     assert efficacy(model, tokenizer, first) >= 0.75
+
+
+def test_most_probable_stop_ends_each_request_once_its_object_is_top1(pristine, counterfact):
+    """On the real model (a tiny random one cannot be steered to top-1 at all)."""
+    from alphaedit.config import config_for_model
+    from alphaedit.layouts import detect_layout
+    from alphaedit.targets import compute_targets
+
+    model, tokenizer = pristine
+    requests = parse_requests(counterfact[:3])
+    templates = ["{}", "The following is true. {}"]
+    layout = detect_layout(model)
+    stopping = config_for_model(model.config, v_num_grad_steps=25, stop_when_most_probable=True)
+    batched = compute_targets(model, layout, tokenizer, requests, templates, stopping)
+    alone = [compute_targets(model, layout, tokenizer, [r], templates, stopping) for r in requests]
+    assert all(s < 24 for s in batched.steps)  # every request reached top-1 before the step limit
+    assert batched.steps == [a.steps[0] for a in alone]
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(batched.z[i], a.z[0], rtol=1e-4, atol=1e-4)
