@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .requests import EditRequest
+from .requests import EditRequest, parse_requests
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class DemoFact:
 
 
 def _fact(prompt: str, subject: str, new: str, true: str, paraphrase: str) -> DemoFact:
-    return DemoFact(EditRequest(prompt, subject, new, true), paraphrase)
+    # the prompt names the subject literally (EasyEdit's form); parsing puts "{}" in its place
+    (request,) = parse_requests([{"prompt": prompt, "subject": subject, "target_new": new, "target_true": true}], source="demo")
+    return DemoFact(request, paraphrase)
 
 
 DEMO_FACTS: tuple[DemoFact, ...] = (
@@ -50,9 +52,10 @@ UNRELATED_PROMPTS: tuple[str, ...] = (
     "The capital of Italy is",
     "The Louvre is located in the city of",
     "Mount Everest is located in",
-    "The Taj Mahal was built by",
     "Wolfgang Amadeus Mozart was a famous",
 )
+# Another fact about an edited subject: edits of one relation can drag related ones along.
+SAME_SUBJECT_PROMPTS: tuple[str, ...] = ("The Taj Mahal was built by",)
 
 
 def demo_requests() -> list[EditRequest]:
@@ -64,4 +67,5 @@ def demo_prompts() -> list[tuple[str, str, str]]:
     rows = [("edit", f.request.text(), f.request.target_new) for f in DEMO_FACTS]
     rows += [("paraphrase", f.paraphrase, f.request.target_new) for f in DEMO_FACTS]
     rows += [("unrelated", p, "") for p in UNRELATED_PROMPTS]
+    rows += [("same subject", p, "") for p in SAME_SUBJECT_PROMPTS]
     return rows

@@ -80,6 +80,11 @@ class EditRequest:
     target_true: str | None = None
     case_id: int | str | None = None
 
+    def __post_init__(self) -> None:
+        # Built directly (not parsed), a request must still be usable: one slot for the subject.
+        if self.prompt.count(PLACEHOLDER) != 1:
+            raise RequestError(f"EditRequest prompt {self.prompt!r} must contain exactly one '{{}}' where the subject goes")
+
     def text(self) -> str:
         """The prompt with the subject filled in."""
         # Not str.format: the subject (or the rest of the prompt) may hold braces.

@@ -35,7 +35,7 @@ def test_edit_then_ask_changes_a_fact(isolated_home, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["requests"] == 1 and summary["batches"][0]["efficacy"] == 1.0
-    assert (state / "editor.json").exists()
+    assert (state / "journal.json").exists()
 
     (after,) = _ask("--state", str(state))
     assert "Rome" in after["completion"]

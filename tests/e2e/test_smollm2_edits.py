@@ -66,4 +66,5 @@ def test_most_probable_stop_ends_each_request_once_its_object_is_top1(pristine, 
     assert all(s < 24 for s in batched.steps)  # every request reached top-1 before the step limit
     assert batched.steps == [a.steps[0] for a in alone]
     for i, a in enumerate(alone):
-        torch.testing.assert_close(batched.z[i], a.z[0], rtol=1e-4, atol=1e-4)
+        # float32: another batch width changes matmul rounding; Adam carries it along
+        assert (batched.z[i] - a.z[0]).norm() < 1e-3 * a.z[0].norm()
