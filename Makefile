@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/alphaedit demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -35,6 +35,11 @@ DtypeOption = Annotated[str, typer.Option(help="auto (float32, the paper's setti
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'balanced' to spread the model over all GPUs.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
+CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model), hf:NAME[:CONFIG[:SPLIT]], or import:FILE.")]
+TokensOption = Annotated[int, typer.Option(help="Token budget of the statistics corpus.")]
+LayersOption = Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")]
+StepsOption = Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")]
+LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
 
 
 def _fail(message: str) -> None:
@@ -79,11 +84,11 @@ def edit(
     model: ModelOption = None,
     method: Annotated[Optional[str], typer.Option(help=f"Update rule: {', '.join(METHODS)} (default alphaedit; a continued state keeps its own).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Requests per sequential batch (default: all in one batch).")] = None,
-    corpus: Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, or 'self' (sampled from the model).")] = "self",
-    tokens: Annotated[int, typer.Option(help="Token budget of the statistics corpus.")] = 20_000,
-    layers: Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")] = None,
+    corpus: CorpusOption = "self",
+    tokens: TokensOption = 20_000,
+    layers: LayersOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -392,14 +397,14 @@ def evaluate(
     every: Annotated[Optional[int], typer.Option(help="Also evaluate every K batches (curves).")] = None,
     select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
     generation_every: Annotated[int, typer.Option(help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
-    corpus: Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, or 'self'.")] = "self",
-    tokens: Annotated[int, typer.Option(help="Token budget of the statistics corpus.")] = 20_000,
+    corpus: CorpusOption = "self",
+    tokens: TokensOption = 20_000,
     perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
     perplexity_tokens: Annotated[int, typer.Option(help="Tokens of the perplexity corpus to score.")] = 4096,
     idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for consistency (default: the perplexity corpus).")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: preset).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")] = None,
+    layers: LayersOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,

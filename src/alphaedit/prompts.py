@@ -115,24 +115,13 @@ def generate_context_templates(
     Seeded (the reference is not) and decoded without special tokens, so no "<|begin_of_text|>"
     text leaks into the templates.
     """
+    from .generate import TOP5, generate_rows, prompt_ids, seeded
+
     templates = [PLAIN_TEMPLATE]
-    device = next(model.parameters()).device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(model, seed):
         for word in words:
-            ids = bos_prefix(tokenizer) + tokenizer(word, add_special_tokens=False)["input_ids"]
-            prompt = torch.tensor([ids], device=device)
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                top_k=5,
-                top_p=1.0,
-                temperature=1.0,
-                max_new_tokens=max(1, length - len(ids)),
-                pad_token_id=pad_id(tokenizer),
-            )
-            text = tokenizer.decode(out[0], skip_special_tokens=True)
+            ids = prompt_ids(tokenizer, word)
+            (new,) = generate_rows(model, tokenizer, [ids], max(1, length - len(ids)), TOP5)
+            text = tokenizer.decode(ids + new, skip_special_tokens=True)
             templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return templates

@@ -7,31 +7,11 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..prompts import batch_rows, bos_prefix, pad_id, target_ids
-from ..scoring import continuation_nll
+from ..generate import TOP5, generate_rows, greedy_completions, prompt_ids, seeded
+from ..prompts import target_ids
+from ..scoring import continuation_accuracy, continuation_nll
 from .datasets import EvalRecord
 from .metrics import TfIdf, mean, ngram_entropy, perplexity
-
-
-def _token_accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], rows_per_pass: int = 64) -> list[float]:
-    """Teacher-forced top-1 accuracy over each answer's tokens (zsRE's metric, §3.4)."""
-    device = next(model.parameters()).device
-    prefix = bos_prefix(tokenizer)
-    scores = []
-    for start in range(0, len(prompts), rows_per_pass):
-        rows, spans = [], []
-        for prompt, answer in zip(prompts[start : start + rows_per_pass], answers[start : start + rows_per_pass]):
-            prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            ids = target_ids(tokenizer, answer)
-            rows.append(prompt_ids + ids[:-1])
-            spans.append((len(prompt_ids) - 1, ids))
-        batch = batch_rows(tokenizer, rows, [0] * len(rows)).to(device)
-        with torch.no_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        for i, (begin, ids) in enumerate(spans):
-            predicted = logits[i, begin : begin + len(ids)].argmax(-1).cpu()
-            scores.append((predicted == torch.tensor(ids)).float().mean().item())
-    return scores
 
 
 ROLES = ("rewrite", "paraphrase", "neighbourhood")
@@ -79,41 +59,24 @@ def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 def zsre_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord]) -> list[dict]:
     """Per record: teacher-forced token accuracy of each prompt's expected answer (§3.4)."""
     probes = _probes(records)
-    accuracy = _token_accuracy(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes])
+    accuracy = continuation_accuracy(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes])
     return _per_record(records, probes, accuracy)
 
 
 def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[bool]:
     """Does the greedy continuation of the rewrite prompt begin with the new object?"""
-    from ..generate import greedy_completions
-
     prompts = [r.request.text() for r in records]
     lengths = max(len(target_ids(tokenizer, r.request.target_new)) for r in records)
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=lengths + 1)
     return [c.strip().startswith(r.request.target_new.strip()) for c, r in zip(completions, records)]
 
 
-def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100, seed: int = 0, rows_per_pass: int = 16) -> list[str]:
+def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100, seed: int = 0) -> list[str]:
     """Prompt + top-5 sampled continuation, `max_length` tokens in all (ROME's generate_fast), seeded."""
-    device = next(model.parameters()).device
-    prefix = bos_prefix(tokenizer)
-    texts: list[str] = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), rows_per_pass):
-            chunk = prompts[start : start + rows_per_pass]
-            rows = [prefix + tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(rows):  # left padding
-                ids[i, width - len(row) :] = torch.tensor(row)
-                mask[i, width - len(row) :] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=5,
-                                 top_p=1.0, temperature=1.0, max_new_tokens=max(1, max_length - width), pad_token_id=pad_id(tokenizer))
-            texts += [p + tokenizer.decode(row[width:], skip_special_tokens=True) for p, row in zip(chunk, out)]
-    return texts
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    with seeded(model, seed):
+        new = generate_rows(model, tokenizer, rows, max(1, max_length - max(map(len, rows))), TOP5, rows_per_pass=16)
+    return [p + tokenizer.decode(t, skip_special_tokens=True) for p, t in zip(prompts, new)]
 
 
 def generation_scores(model, tokenizer, records: Sequence[EvalRecord], tfidf: TfIdf, seed: int = 0) -> list[dict]:

@@ -13,10 +13,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..prompts import bos_prefix, pad_id
+from ..prompts import bos_prefix
 
 SELF = "self"
 TEXT_SUFFIXES = (".txt", ".raw", ".md")
@@ -127,35 +126,21 @@ def self_windows(
     batch: int = 16,
 ) -> Iterator[list[list[int]]]:
     """Windows sampled from the model (nucleus 0.95), one seed word per batch, until `tokens`."""
-    device = next(model.parameters()).device
-    devices = [device] if device.type == "cuda" else []
+    from ..generate import Sampling, generate_rows, prompt_ids, seeded
+
     produced, step = 0, 0
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(model, seed):
         while produced < tokens:
-            word = SELF_SEED_WORDS[step % len(SELF_SEED_WORDS)]
-            start = bos_prefix(tokenizer) + tokenizer(word, add_special_tokens=False)["input_ids"]
+            start = prompt_ids(tokenizer, SELF_SEED_WORDS[step % len(SELF_SEED_WORDS)])
             rows = min(batch, -(-(tokens - produced) // max_length))
-            prompt = torch.tensor([start] * rows, device=device)
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                top_p=0.95,
-                top_k=0,
-                temperature=1.0,
-                max_new_tokens=max_length - len(start),
-                pad_token_id=pad_id(tokenizer),
-            )
+            new = generate_rows(model, tokenizer, [start] * rows, max_length - len(start), Sampling(top_p=0.95), rows_per_pass=rows)
             # Cut each sample at its first end-of-text so padding after it is never counted.
-            sampled = [_until_eos(row.tolist(), tokenizer.eos_token_id, len(start)) for row in out]
+            sampled = [start + _until_eos(row, tokenizer.eos_token_id) for row in new]
             sampled = [s[: len(start) + max(0, tokens - produced)] for s in sampled]
             produced += sum(len(s) for s in sampled)
             step += 1
             yield sampled
 
 
-def _until_eos(ids: list[int], eos: int | None, skip: int) -> list[int]:
-    if eos is not None and eos in ids[skip:]:
-        return ids[: ids.index(eos, skip)]
-    return ids
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
