@@ -147,3 +147,14 @@ def test_stats_report_dry_run_and_json(tiny_folder, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "spectra.png").read_bytes()[:4] == b"\x89PNG"
     dry = runner.invoke(app, ["stats", "--model", str(tiny_folder), "--layers", "1-2", "--dry-run", "--json"])
     assert dry.exit_code == 0 and json.loads(dry.stdout)["total_gib"] > 0
+
+
+def test_edit_accepts_an_explicit_layout_and_refuses_a_bad_one(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}))
+    common = ["edit", "--model", str(tiny_folder), "--requests", str(requests), "--steps", "2", "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    bad = runner.invoke(app, [*common, "--state", str(tmp_path / "s1"), "--layout", '{"mlp_out": "mlp.nowhere"}'])
+    assert bad.exit_code == 2 and "--layout" in bad.output and "nowhere" in bad.output
+    good = runner.invoke(app, [*common, "--state", str(tmp_path / "s2"), "--layout", '{"mlp_out": "mlp.down_proj", "final_norm": "model.norm"}'])
+    assert good.exit_code == 0, good.output

@@ -39,6 +39,7 @@ CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledg
 TokensOption = Annotated[int, typer.Option(help="Token budget of the statistics corpus.")]
 LayersOption = Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")]
 StepsOption = Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")]
+LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules live, as JSON overriding detection, e.g. \'{"mlp_out": "mlp.down_proj"}\' (keys: blocks, mlp_out, final_norm, lm_head).')]
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
 
 
@@ -68,6 +69,15 @@ def _replay(state: Path, lm, tokenizer):
         _fail(str(e))
 
 
+def _layout(lm, override: str | None):
+    from .layouts import UnsupportedModelError, detect_layout
+
+    try:
+        return detect_layout(lm, json.loads(override) if override else None)
+    except (UnsupportedModelError, json.JSONDecodeError) as e:
+        _fail(f"--layout: {e}")
+
+
 def _parse_layers(spec: str | None) -> list[int] | None:
     if not spec:
         return None
@@ -89,6 +99,7 @@ def edit(
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    layout: LayoutOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -115,7 +126,7 @@ def edit(
         editor = _replay(state, lm, tokenizer)
     else:
         config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
-        editor = Editor(lm, tokenizer, config, corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
+        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
     started = time.perf_counter()
     reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
     summary = {
@@ -187,6 +198,7 @@ def stats(
     threshold: Annotated[float, typer.Option(help="The rule's value: 2e-2 absolute (the paper's code), e.g. 1e-3 relative, 0.99 energy, or a rank.")] = 2e-2,
     import_file: Annotated[Optional[Path], typer.Option("--import", help="Bring in MEMIT/EasyEdit .npz statistics (mom2.mom2, mom2.count) for --layers.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory and time estimate and stop.")] = False,
+    layout_override: Annotated[Optional[str], typer.Option("--layout", help="Module paths as JSON, overriding detection (see `edit --help`).")] = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -197,7 +209,6 @@ def stats(
     Run under `torchrun --nproc-per-node K -m alphaedit stats ...` to split the corpus across
     processes; the sums are all-reduced and rank 0 writes the cache.
     """
-    from .layouts import detect_layout
     from .models import load_model
     from .stats import CorpusSpec, StatsCache, second_moments
     from .stats.importing import import_statistics
@@ -206,7 +217,7 @@ def stats(
     workers = _start_workers()
     with console.status(f"loading {model}"):
         lm, tokenizer = load_model(model, dtype, _worker_device(device, workers), trust_remote_code)
-    layout = detect_layout(lm)
+    layout = _layout(lm, layout_override)
     chosen = _parse_layers(layers) or config_for_model(lm.config).layers
     spec = CorpusSpec(corpus, tokens=tokens, max_length=max_length, seed=seed)
     cache = StatsCache()
@@ -405,6 +416,7 @@ def evaluate(
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    layout: LayoutOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -425,7 +437,7 @@ def evaluate(
     with console.status(f"loading {model}"):
         lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
     config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
-    editor = Editor(lm, tokenizer, config, corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
+    editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
     evaluator = Evaluator(lm, tokenizer, records, settings)

@@ -140,7 +140,8 @@ def statistic_description(model, layout: Layout, tokenizer, layer: int, spec: Co
         **model_identity(model, layout, [layer]),
         "tokenizer": tokenizer_digest(tokenizer),
         **spec.description(),
-        "dtype": "float64",
+        "dtype": "float64",  # of the stored moment
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "version": FORMAT_VERSION,
         "layer": str(layer),
     }
