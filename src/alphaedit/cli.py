@@ -430,8 +430,9 @@ def evaluate(
     from .models import load_model
     from .stats import CorpusSpec
 
+    skipped: list[str] = []
     try:
-        records = select(load_dataset(dataset), n, select_seed)
+        records = select(load_dataset(dataset, skipped), n, select_seed)
     except (ValueError, RequestError) as e:
         _fail(str(e))
     with console.status(f"loading {model}"):
@@ -451,6 +452,8 @@ def evaluate(
 
         result = run_protocol(editor, evaluator, batch_size, every, on_batch=step)
     result.notes += _eval_notes(records, settings)
+    if skipped:
+        result.notes.append(f"{len(skipped)} dataset records left out: they do not make valid edit requests (first: {skipped[0]})")
     meta = {"model": model, "dataset": dataset, "n": n, "batch_size": batch_size, "method": method,
             "layers": editor.config.layers, "selection": "first N" if select_seed is None else f"seed {select_seed}",
             "generation_every": generation_every, "corpus": corpus, "tokens": tokens, "projector_rank": editor.projector_rank}

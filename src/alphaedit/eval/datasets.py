@@ -1,6 +1,8 @@
 """Evaluation records from CounterFact, zsRE and KnowEdit files, in one common shape.
 
-`--dataset NAME:PATH` names the benchmark and a local file. The record format is detected from
+`--dataset NAME:PATH` names the benchmark and a local file; `--dataset NAME` alone downloads the
+public file once (ROME/MEMIT's data host, or $ALPHAEDIT_DATA_URL) into $ALPHAEDIT_HOME/data.
+The record format is detected from
 its fields: CounterFact in ROME's format (`requested_rewrite`) or EasyEdit's flat format
 (`prompt`, `subject`, `target_new`, `ground_truth`, `rephrase_prompt`, `locality_prompt`),
 zsRE in MEND's format (`src`, `answers`, `rephrase`, `loc`, `loc_ans`), KnowEdit
@@ -10,13 +12,19 @@ zsRE in MEND's format (`src`, `answers`, `rephrase`, `loc`, `loc_ans`), KnowEdit
 from __future__ import annotations
 
 import json
+import os
 import random
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..requests import EditRequest, parse_requests
+from ..files import atomic_write_text
+from ..requests import EditRequest, RequestError, parse_requests
+from ..stats.cache import alphaedit_home
 
 KINDS = ("counterfact", "zsre")
+DATA_URL = "https://memit.baulab.info/data/dsets"
+PUBLIC_FILES = {"counterfact": "multi_counterfact.json", "zsre": "zsre_mend_eval.json"}  # what the paper's runs use
 
 
 @dataclass
@@ -91,12 +99,50 @@ def _knowedit(rec: dict, request: EditRequest, index: int) -> EvalRecord:
     )
 
 
-def load_dataset(spec: str) -> list[EvalRecord]:
-    """`counterfact:PATH`, `zsre:PATH` or `knowedit:PATH` (format detected per file)."""
+def download(name: str) -> Path:
+    """The public file for `name`, fetched once into $ALPHAEDIT_HOME/data (atomically)."""
+    target = alphaedit_home() / "data" / PUBLIC_FILES[name]
+    if target.exists():
+        return target
+    url = f"{os.environ.get('ALPHAEDIT_DATA_URL', DATA_URL).rstrip('/')}/{PUBLIC_FILES[name]}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            text = response.read().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"--dataset {name}: could not download {url} ({e}); give a local file as {name}:PATH") from e
+    json.loads(text)  # never cache a truncated or non-JSON answer
+    atomic_write_text(target, text)
+    return target
+
+
+def _valid_records(raw: list, source: str, skipped: list[str] | None) -> tuple[list, list[EditRequest]]:
+    """Records that make valid edit requests; the others are reported in `skipped` (or raise)."""
+    kept, requests = [], []
+    for i, record in enumerate(raw):
+        try:
+            (request,) = parse_requests([record], source=f"{source}, record {i + 1}")
+        except RequestError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            continue
+        kept.append(record)
+        requests.append(request)
+    if not kept:
+        raise ValueError(f"{source}: no record makes a valid edit request")
+    return kept, requests
+
+
+def load_dataset(spec: str, skipped: list[str] | None = None) -> list[EvalRecord]:
+    """`counterfact[:PATH]`, `zsre[:PATH]` or `knowedit:PATH` (format detected per file).
+
+    Records that cannot be edited (e.g. a KnowEdit question that never names its subject) are
+    left out and described in `skipped` when a list is given; otherwise they raise.
+    """
     name, sep, path = spec.partition(":")
-    if not sep or name not in ("counterfact", "zsre", "knowedit"):
-        raise ValueError(f"--dataset must be counterfact:PATH, zsre:PATH or knowedit:PATH, got {spec!r}")
-    file = Path(path).expanduser()
+    if name not in ("counterfact", "zsre", "knowedit") or (not sep and name not in PUBLIC_FILES):
+        raise ValueError(f"--dataset must be counterfact[:PATH], zsre[:PATH] or knowedit:PATH, got {spec!r}")
+    file = Path(path).expanduser() if sep else download(name)
     if not file.is_file():
         raise ValueError(f"--dataset {spec}: {file} is not a file")
     raw = json.loads(file.read_text(encoding="utf-8"))
@@ -105,7 +151,7 @@ def load_dataset(spec: str) -> list[EvalRecord]:
     first = raw[0]
     if "src" in first and "answers" in first:
         return [_zsre_mend(rec, i) for i, rec in enumerate(raw)]
-    requests = parse_requests(raw, source=str(file), allow_conflicts=True)
+    raw, requests = _valid_records(raw, str(file), skipped)
     if "requested_rewrite" in first:
         return [_cf_rome(rec, req) for rec, req in zip(raw, requests)]
     if "locality" in first or "portability" in first:

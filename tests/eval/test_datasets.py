@@ -1,0 +1,83 @@
+"""Evaluation datasets: every local format, selection, and the one-time download."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from alphaedit.eval.datasets import load_dataset, select
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def test_counterfact_rome_format():
+    records = load_dataset(f"counterfact:{DATA / 'counterfact' / 'counterfact_test.json'}")
+    first = records[0]
+    assert len(records) == 2191 and first.kind == "counterfact"
+    assert first.request.text() == "Angola is located in" and first.request.target_new == "Antarctica"
+    assert len(first.paraphrases) == 2 and len(first.neighbourhood) == 10 and len(first.generation_prompts) == 10
+    assert all(t.endswith(" Antarctica.") for t in first.reference_texts)
+
+
+def test_counterfact_easyedit_flat_format():
+    records = load_dataset(f"counterfact:{DATA / 'counterfact_easyedit' / 'counterfact-val.json'}")
+    assert records[0].request.prompt.count("{}") == 1 and records[0].paraphrases and records[0].neighbourhood_answers
+
+
+def test_zsre_mend_format_follows_the_reference_loader():
+    raw = json.loads((DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json").read_text())
+    records = load_dataset(f"zsre:{DATA / 'zsre' / 'zsre_mend_eval_portability_gpt4.json'}")
+    assert records[0].kind == "zsre" and records[0].request.target_new == raw[0]["answers"][0]
+    assert records[0].neighbourhood == [raw[0]["loc"] + "?"] and records[0].neighbourhood_answers == [raw[0]["loc_ans"]]
+
+
+def test_knowedit_format_skips_records_whose_prompt_lacks_the_subject():
+    skipped: list[str] = []
+    records = load_dataset(f"knowedit:{DATA / 'knowedit' / 'ZsRE-test-all.json'}", skipped)
+    assert records[0].request.target_new == "Noctuidae" and records[0].neighbourhood_answers == ["genus", "genus"]
+    assert skipped and all("record" in message and "subject" in message for message in skipped)
+    assert len(records) + len(skipped) == 1304
+
+
+def test_selection_is_first_n_or_seeded():
+    records = load_dataset(f"zsre:{DATA / 'zsre' / 'zsre_mend_eval_portability_gpt4.json'}")
+    assert [r.case_id for r in select(records, 3, None)] == [0, 1, 2]
+    assert [r.case_id for r in select(records, 5, 7)] == [r.case_id for r in select(records, 5, 7)]
+    assert [r.case_id for r in select(records, 5, 7)] != [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="has 1037"):
+        select(records, 5000, None)
+
+
+def test_bad_specs_are_clear():
+    with pytest.raises(ValueError, match="counterfact"):
+        load_dataset("wikidata:x.json")
+    with pytest.raises(ValueError, match="not a file"):
+        load_dataset("zsre:/nonexistent.json")
+
+
+def test_a_public_dataset_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    source = json.loads((DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json").read_text())[:3]
+    (served / "zsre_mend_eval.json").write_text(json.dumps(source))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ALPHAEDIT_DATA_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        assert len(load_dataset("zsre")) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / "home" / "data" / "zsre_mend_eval.json").exists()
+    assert len(load_dataset("zsre")) == 3  # from the cache: the server is gone
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "other-home"))
+    with pytest.raises(ValueError, match="could not download"):
+        load_dataset("zsre")
