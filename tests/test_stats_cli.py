@@ -149,12 +149,15 @@ def test_stats_report_dry_run_and_json(tiny_folder, tmp_path, monkeypatch):
     assert dry.exit_code == 0 and json.loads(dry.stdout)["total_gib"] > 0
 
 
-def test_edit_accepts_an_explicit_layout_and_refuses_a_bad_one(tiny_folder, tmp_path, monkeypatch):
+def test_edit_takes_a_layout_override_and_a_projector_rule(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
     requests = tmp_path / "r.jsonl"
     requests.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}))
     common = ["edit", "--model", str(tiny_folder), "--requests", str(requests), "--steps", "2", "--corpus", str(WIKITEXT), "--tokens", "2000"]
     bad = runner.invoke(app, [*common, "--state", str(tmp_path / "s1"), "--layout", '{"mlp_out": "mlp.nowhere"}'])
     assert bad.exit_code == 2 and "--layout" in bad.output and "nowhere" in bad.output
-    good = runner.invoke(app, [*common, "--state", str(tmp_path / "s2"), "--layout", '{"mlp_out": "mlp.down_proj", "final_norm": "model.norm"}'])
+    good = runner.invoke(app, [*common, "--state", str(tmp_path / "s2"), "--layout", '{"mlp_out": "mlp.down_proj", "final_norm": "model.norm"}',
+                               "--projector-rule", "rank", "--threshold", "20"])
     assert good.exit_code == 0, good.output
+    header = json.loads((tmp_path / "s2" / "journal.json").read_text())["header"]
+    assert header["config"]["projector_rule"] == "rank" and set(header["projector_rank"].values()) == {20}

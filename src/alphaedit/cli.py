@@ -40,6 +40,8 @@ TokensOption = Annotated[int, typer.Option(help="Token budget of the statistics 
 LayersOption = Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")]
 StepsOption = Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")]
 LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules live, as JSON overriding detection, e.g. \'{"mlp_out": "mlp.down_proj"}\' (keys: blocks, mlp_out, final_norm, lm_head).')]
+RuleOption = Annotated[Optional[str], typer.Option(help="Null-space projector rule: absolute (the paper's code), relative, energy or rank.")]
+ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value (default 2e-2, the paper's absolute eigenvalue threshold).")]
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
 
 
@@ -99,6 +101,8 @@ def edit(
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    projector_rule: RuleOption = None,
+    threshold: ThresholdOption = None,
     layout: LayoutOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
@@ -125,7 +129,8 @@ def edit(
             _fail(f"{state} was edited with {header['config']['method']}; it cannot continue with {method}")
         editor = _replay(state, lm, tokenizer)
     else:
-        config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
+        config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
+                                  projector_rule=projector_rule, nullspace_threshold=threshold)
         editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
     started = time.perf_counter()
     reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
@@ -416,6 +421,8 @@ def evaluate(
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    projector_rule: RuleOption = None,
+    threshold: ThresholdOption = None,
     layout: LayoutOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
@@ -437,7 +444,8 @@ def evaluate(
         _fail(str(e))
     with console.status(f"loading {model}"):
         lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
-    config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr)
+    config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
+                              projector_rule=projector_rule, nullspace_threshold=threshold)
     editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
