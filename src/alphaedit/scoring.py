@@ -6,37 +6,61 @@ CounterFact's metric does (ALGORITHM.md §3.3).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .layouts import detect_layout, output_logits
 from .prompts import batch_rows, bos_prefix, target_ids
 
 
-def teacher_forced_logits(
+def teacher_forced(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     continuations: Sequence[str],
-    rows_per_pass: int = 64,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """For each (prompt, continuation): the logits that predict each continuation token
-    ([|c|, V]) and the continuation's token ids, from batched teacher-forced passes."""
+    tokens_per_pass: int = 2048,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (prompt, continuation): the log-probability of each continuation token and
+    whether it is the top-1 prediction, from batched teacher-forced passes.
+
+    Rows are sorted by length so that a pass wastes little on padding, and the output head
+    runs only at the continuation positions.
+    """
+    layout = detect_layout(model)
     device = next(model.parameters()).device
     prefix = bos_prefix(tokenizer)
-    for start in range(0, len(prompts), rows_per_pass):
-        rows, spans = [], []
-        for prompt, cont in zip(prompts[start : start + rows_per_pass], continuations[start : start + rows_per_pass]):
-            prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            cont_ids = target_ids(tokenizer, cont)
-            rows.append(prompt_ids + cont_ids)
-            spans.append((len(prompt_ids), cont_ids))
-        batch = batch_rows(tokenizer, rows, [0] * len(rows)).to(device)
+    rows, spans = [], []
+    for prompt, cont in zip(prompts, continuations):
+        prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        cont_ids = target_ids(tokenizer, cont)
+        rows.append(prompt_ids + cont_ids)
+        spans.append((len(prompt_ids), cont_ids))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rows)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(rows[order[end]]) <= tokens_per_pass:
+            end += 1
+        chunk = order[start:end]
+        batch = batch_rows(tokenizer, [rows[i] for i in chunk], [0] * len(chunk)).to(device)
         with torch.no_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        for i, (begin, ids) in enumerate(spans):
-            yield logits[i, begin - 1 : begin - 1 + len(ids)].float(), torch.tensor(ids, device=device)
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+            row_index = torch.tensor([k for k, i in enumerate(chunk) for _ in spans[i][1]], device=device)
+            positions = torch.tensor([spans[i][0] - 1 + t for i in chunk for t in range(len(spans[i][1]))], device=device)
+            logits = output_logits(model, layout, hidden[row_index, positions]).float()
+        targets = torch.tensor([tok for i in chunk for tok in spans[i][1]], device=logits.device)
+        token_logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()
+        top1 = (logits.argmax(-1) == targets).cpu()
+        offset = 0
+        for i in chunk:
+            n = len(spans[i][1])
+            results[i] = (token_logp[offset : offset + n], top1[offset : offset + n])
+            offset += n
+        start = end
+    return results  # type: ignore[return-value]
 
 
 def continuation_nll(
@@ -46,11 +70,7 @@ def continuation_nll(
     continuations: Sequence[str],
 ) -> torch.Tensor:
     """Mean token NLL of each continuation after its prompt, [len(prompts)] float32."""
-    nll = [
-        -logits.log_softmax(-1).gather(1, ids[:, None]).mean()
-        for logits, ids in teacher_forced_logits(model, tokenizer, prompts, continuations)
-    ]
-    return torch.stack(nll).cpu()
+    return torch.stack([-logp.mean() for logp, _ in teacher_forced(model, tokenizer, prompts, continuations)])
 
 
 def continuation_accuracy(
@@ -60,10 +80,7 @@ def continuation_accuracy(
     continuations: Sequence[str],
 ) -> list[float]:
     """Teacher-forced top-1 accuracy over each continuation's tokens (zsRE's metric, §3.4)."""
-    return [
-        (logits.argmax(-1) == ids).float().mean().item()
-        for logits, ids in teacher_forced_logits(model, tokenizer, prompts, continuations)
-    ]
+    return [top1.float().mean().item() for _, top1 in teacher_forced(model, tokenizer, prompts, continuations)]
 
 
 def prefers_new(
