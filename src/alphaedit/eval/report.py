@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..files import atomic_write_text
+from ..plots import figure
 from .protocol import SUCCESS_METRICS, ProtocolResult
 
 TABLE_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "generative_success", "perplexity")
@@ -59,35 +60,15 @@ def markdown_table(summary: dict) -> str:
 
 
 def plot_curves(result: ProtocolResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     edits = [p["edits"] for p in result.curve]
-    for metric in SUCCESS_METRICS:
-        ax.plot(edits, [p[metric] for p in result.curve], marker="o", label=metric)
-    ax.set(xlabel="number of edits", ylabel="score (%)", ylim=(0, 100), title="metrics against number of edits")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, "metrics against number of edits", "number of edits", "score (%)") as ax:
+        for metric in SUCCESS_METRICS:
+            ax.plot(edits, [p[metric] for p in result.curve], marker="o", label=metric)
+        ax.set_ylim(0, 100)
 
 
 def plot_norms(result: ProtocolResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     edits = [p["edits"] for p in result.norms]
-    for layer in [k for k in result.norms[0] if k != "edits"]:
-        ax.plot(edits, [p[layer] for p in result.norms], marker=".", label=f"layer {layer}")
-    ax.set(xlabel="number of edits", ylabel="‖W_out‖_F", title="norm of each edited matrix")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
+    with figure(path, "norm of each edited matrix", "number of edits", "‖W_out‖_F") as ax:
+        for layer in [k for k in result.norms[0] if k != "edits"]:
+            ax.plot(edits, [p[layer] for p in result.norms], marker=".", label=f"layer {layer}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..plots import figure
 from ..updates import null_space_mask
 from .moments import SecondMoment
 
@@ -26,21 +27,10 @@ def spectrum_summary(moment: SecondMoment, value: float, rule: str) -> dict[str,
 
 
 def plot_spectra(moments: dict[int, SecondMoment], value: float, rule: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for layer, moment in sorted(moments.items()):
-        eigenvalues = torch.linalg.eigvalsh(moment.moment.double()).flip(0).clamp_min(1e-12)
-        ax.semilogy(eigenvalues.numpy(), label=f"layer {layer}")
-    if rule == "absolute":
-        ax.axhline(value, color="black", linestyle="--", label=f"threshold {value:g}")
-    ax.set(xlabel="eigenvalue index (descending)", ylabel="eigenvalue of C0", title="spectra of the key second moments")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, "spectra of the key second moments", "eigenvalue index (descending)", "eigenvalue of C0") as ax:
+        for layer, moment in sorted(moments.items()):
+            eigenvalues = torch.linalg.eigvalsh(moment.moment.double()).flip(0).clamp_min(1e-12)
+            ax.semilogy(eigenvalues.numpy(), label=f"layer {layer}")
+        if rule == "absolute":
+            ax.axhline(value, color="black", linestyle="--", label=f"threshold {value:g}")
     return path
