@@ -130,16 +130,19 @@ class _Losses:
         captured: dict[str, torch.Tensor] = {}
 
         def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+            # with device_map="auto" block l_m may sit on another device than δ
             captured["below"] = hidden.detach()
-            shift = delta[owner].to(hidden.dtype)
-            return hidden.index_put((self.batch.rows, self.batch.lookup), shift, accumulate=True)
+            shift = delta[owner].to(hidden.device, hidden.dtype)
+            where = (self.batch.rows.to(hidden.device), self.batch.lookup.to(hidden.device))
+            return hidden.index_put(where, shift, accumulate=True)
 
         blocks = [get_module(self.model, self.layout.block(i)) for i in range(z_layer + 1)]
         skip = replay_blocks(blocks, below) if below is not None else nullcontext()
         with trace(self.model, edit_outputs={self.layout.block(z_layer): add_delta}), skip:
             hidden = self.model.base_model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask)[0]
         below = captured["below"]
-        h0 = below[self.plain_rows, self.batch.lookup[self.plain_rows]].to(delta.dtype)
+        h0 = below[self.plain_rows.to(below.device), self.batch.lookup[self.plain_rows].to(below.device)].to(delta.device, delta.dtype)
+        hidden = hidden.to(delta.device)
         # Logits only where the loss reads them: target positions and the KL position.
         precision = torch.promote_types(hidden.dtype, torch.float32)
         target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).to(precision)
