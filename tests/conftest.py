@@ -121,3 +121,13 @@ def gpt2(vocab_size):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     return model, detect_layout(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(llama, tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama and its tokenizer saved as a Hugging Face folder, for command-line tests."""
+    model, _ = llama
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

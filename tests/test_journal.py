@@ -155,15 +155,6 @@ def test_log_and_revert_commands(edited, tmp_path):
 # -- crash safety --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model_folder(llama, tokenizer, tmp_path_factory) -> Path:
-    model, _ = llama
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _edit_command(model: Path, requests: Path, state: Path) -> list[str]:
     """`alphaedit edit` in a subprocess: batches of one request, few steps, so writes are frequent."""
     return [sys.executable, "-m", "alphaedit", "edit", "--model", str(model), "--requests", str(requests), "--state", str(state),

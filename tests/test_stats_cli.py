@@ -25,15 +25,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(llama, tokenizer, tmp_path_factory) -> Path:
-    model, _ = llama
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _stats_command(folder: Path, out: Path, tokens: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "alphaedit", "stats", "--model", str(folder), "--corpus", str(WIKITEXT),
             "--tokens", str(tokens), "--layers", "1-2", "--out", str(out), "--json", *extra]
@@ -47,13 +38,13 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "ALPHAEDIT_HOME": str(home), "OMP_NUM_THREADS": "1"}
 
 
-def test_a_pass_killed_with_sigkill_resumes_and_equals_an_uninterrupted_run(tiny_folder, tmp_path):
+def test_a_pass_killed_with_sigkill_resumes_and_equals_an_uninterrupted_run(tiny_model_folder, tmp_path):
     tokens = 150_000
-    reference = subprocess.run(_stats_command(tiny_folder, tmp_path / "reference", tokens), env=_env(tmp_path / "home-a"), capture_output=True, text=True)
+    reference = subprocess.run(_stats_command(tiny_model_folder, tmp_path / "reference", tokens), env=_env(tmp_path / "home-a"), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
 
     home = tmp_path / "home-b"
-    command = _stats_command(tiny_folder, tmp_path / "resumed", tokens, "--checkpoint-every", "4000")
+    command = _stats_command(tiny_model_folder, tmp_path / "resumed", tokens, "--checkpoint-every", "4000")
     checkpoints = home / "stats" / "checkpoints"
     process = subprocess.Popen(command, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -73,11 +64,11 @@ def test_a_pass_killed_with_sigkill_resumes_and_equals_an_uninterrupted_run(tiny
     assert json.loads(resumed.stdout)["layers"]["1"]["tokens"] == json.loads(reference.stdout)["layers"]["1"]["tokens"]
 
 
-def test_two_processes_give_the_result_of_one(tiny_folder, tmp_path):
-    single = subprocess.run(_stats_command(tiny_folder, tmp_path / "one", 20_000), env=_env(tmp_path / "home-1"), capture_output=True, text=True)
+def test_two_processes_give_the_result_of_one(tiny_model_folder, tmp_path):
+    single = subprocess.run(_stats_command(tiny_model_folder, tmp_path / "one", 20_000), env=_env(tmp_path / "home-1"), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
-    double = subprocess.run([*launcher, *_stats_command(tiny_folder, tmp_path / "two", 20_000)[1:]],
+    double = subprocess.run([*launcher, *_stats_command(tiny_model_folder, tmp_path / "two", 20_000)[1:]],
                             env=_env(tmp_path / "home-2"), capture_output=True, text=True)
     assert double.returncode == 0, double.stderr
     for layer, moment in _moments(tmp_path / "one").items():
@@ -135,9 +126,9 @@ def test_alphaedit_projector_import_is_checked_and_used_by_the_editor(llama, tok
         import_statistics(tmp_path / "dict.pt", model, layout, tokenizer, [1, 2], cache)
 
 
-def test_stats_report_dry_run_and_json(tiny_folder, tmp_path, monkeypatch):
+def test_stats_report_dry_run_and_json(tiny_model_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
-    result = runner.invoke(app, ["stats", "--model", str(tiny_folder), "--corpus", str(WIKITEXT), "--tokens", "3000",
+    result = runner.invoke(app, ["stats", "--model", str(tiny_model_folder), "--corpus", str(WIKITEXT), "--tokens", "3000",
                                  "--layers", "1-2", "--report", "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -145,15 +136,15 @@ def test_stats_report_dry_run_and_json(tiny_folder, tmp_path, monkeypatch):
     assert layer["tokens"] == 3000 and 0 <= layer["null_space_rank"] <= layer["dimension"] == 64
     assert layer["max"] >= layer["median"] >= layer["min"]
     assert (tmp_path / "out" / "spectra.png").read_bytes()[:4] == b"\x89PNG"
-    dry = runner.invoke(app, ["stats", "--model", str(tiny_folder), "--layers", "1-2", "--dry-run", "--json"])
+    dry = runner.invoke(app, ["stats", "--model", str(tiny_model_folder), "--layers", "1-2", "--dry-run", "--json"])
     assert dry.exit_code == 0 and json.loads(dry.stdout)["total_gib"] > 0
 
 
-def test_edit_takes_a_layout_override_and_a_projector_rule(tiny_folder, tmp_path, monkeypatch):
+def test_edit_takes_a_layout_override_and_a_projector_rule(tiny_model_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
     requests = tmp_path / "r.jsonl"
     requests.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}))
-    common = ["edit", "--model", str(tiny_folder), "--requests", str(requests), "--steps", "2", "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--steps", "2", "--corpus", str(WIKITEXT), "--tokens", "2000"]
     bad = runner.invoke(app, [*common, "--state", str(tmp_path / "s1"), "--layout", '{"mlp_out": "mlp.nowhere"}'])
     assert bad.exit_code == 2 and "--layout" in bad.output and "nowhere" in bad.output
     good = runner.invoke(app, [*common, "--state", str(tmp_path / "s2"), "--layout", '{"mlp_out": "mlp.down_proj", "final_norm": "model.norm"}',
