@@ -240,3 +240,11 @@ def test_export_and_apply_commands(tiny_model_folder, tokenizer, tmp_path, monke
     refused = runner.invoke(app, ["apply", "--state", str(state), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "nope")])
     assert refused.exit_code == 2 and "another base model" in refused.output
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_revert_made_elsewhere_is_seen_before_the_next_save(edited, tmp_path):
+    state = tmp_path / "state"
+    assert runner.invoke(app, ["revert", "0", "--state", str(state)]).exit_code == 0  # another process
+    with pytest.raises(JournalError, match="different edit history"):
+        edited.save_state(state)  # the editor's history lacks that revert: refuse, never overwrite
+    assert Journal.open(state).reverted() == {0}

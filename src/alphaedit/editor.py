@@ -121,6 +121,7 @@ class Editor:
         self.templates: list[str] | None = None
         self.batches: list[AppliedBatch] = []
         self.events: list[tuple[str, int]] = []  # ("batch" | "revert", batch id), in order
+        self._journal: Journal | None = None  # the journal save_state last wrote to
         layers = self.config.layers
         self.base_identity = model_identity(model, self.layout, layers)
         # The unedited W_out of each edited layer, on the CPU: statistics always describe the base
@@ -323,7 +324,14 @@ class Editor:
 
         Each batch is committed atomically; an interrupted save leaves a valid shorter journal.
         """
-        journal = Journal.open(directory) if Journal.exists(directory) else Journal.create(directory, self.header())
+        # Reuse the journal this editor last wrote to: reopening verifies every file's checksum,
+        # which would make a long sequence of per-batch saves quadratic.
+        root = Path(directory).resolve()
+        if self._journal is not None and self._journal.root.resolve() == root and self._journal.unchanged_on_disk():
+            journal = self._journal
+        else:
+            journal = Journal.open(root) if Journal.exists(root) else Journal.create(root, self.header())
+        self._journal = journal
         if journal.header["base_identity"] != self.base_identity:
             raise JournalError(f"{directory} belongs to another base model; save to a new folder")
         written = len(journal.entries)
@@ -367,6 +375,7 @@ class Editor:
             )
         editor.templates = header["templates"]
         editor.apply_journal(journal)
+        editor._journal = journal
         return editor
 
     def apply_journal(self, journal: Journal) -> None:

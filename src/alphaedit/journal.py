@@ -59,6 +59,7 @@ class Journal:
     def __init__(self, root: Path, index: dict[str, Any]):
         self.root = root
         self.index = index
+        self._stamp: tuple[int, int] | None = self._index_stamp() if (root / INDEX).exists() else None
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -174,7 +175,16 @@ class Journal:
 
     def _write_index(self) -> None:
         atomic_write_text(self.root / INDEX, json.dumps(self.index, indent=1))
+        self._stamp = self._index_stamp()
         self._remove_leftovers()
+
+    def _index_stamp(self) -> tuple[int, int]:
+        stat = (self.root / INDEX).stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def unchanged_on_disk(self) -> bool:
+        """True while nobody else has rewritten the index since this object last read or wrote it."""
+        return (self.root / INDEX).exists() and self._index_stamp() == self._stamp
 
     def _remove_leftovers(self) -> None:
         """Staging folders and uncommitted batch folders from an interrupted run."""
