@@ -10,6 +10,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from families import FAMILIES, VOCAB, build_family
+
 from alphaedit.layouts import (
     Layout,
     UnsupportedModelError,
@@ -20,48 +22,6 @@ from alphaedit.layouts import (
     weight_delta_as_stored,
 )
 
-VOCAB = 128
-_DECODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-
-# model_type -> (config kwargs, expected (blocks, mlp_out, final_norm, lm_head, weight_transposed), key_size).
-# The expected paths are written out by hand as the independent reference for detection.
-FAMILIES = {
-    "llama": (_DECODER, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
-    "qwen2": (_DECODER, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
-    "qwen3": ({**_DECODER, "head_dim": 8}, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
-    "mistral": (_DECODER, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
-    # head_dim*heads = 64 = intermediate_size: o_proj has W_out's shape, only its parent name tells them apart.
-    "gemma": (
-        {**_DECODER, "intermediate_size": 64, "head_dim": 16},
-        ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False),
-        64,
-    ),
-    # Random logits are ~0.3, far below the default cap of 30; a small cap makes the soft cap visible.
-    "gemma2": (
-        {**_DECODER, "intermediate_size": 64, "head_dim": 16, "final_logit_softcapping": 0.2},
-        ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False),
-        64,
-    ),
-    "phi3": ({**_DECODER, "pad_token_id": 0}, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
-    "gpt2": (
-        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
-        ("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", True),
-        128,  # n_inner=None: 4 * hidden
-    ),
-    "gptj": (
-        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0),
-        ("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head", False),
-        128,
-    ),
-    # transformers 5 calls the GPT-NeoX head "lm_head" (formerly "embed_out").
-    "gpt_neox": (
-        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4),
-        ("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head", False),
-        48,
-    ),
-}
-
-
 def _build(model_type: str, **kwargs) -> nn.Module:
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **kwargs)
     torch.manual_seed(0)
@@ -71,7 +31,7 @@ def _build(model_type: str, **kwargs) -> nn.Module:
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request) -> tuple[str, nn.Module, Layout]:
     model_type = request.param
-    model = _build(model_type, **FAMILIES[model_type][0])
+    model = build_family(model_type)
     return model_type, model, detect_layout(model)
 
 
@@ -155,7 +115,7 @@ def test_delta_in_math_orientation(family):
 
 @pytest.fixture(scope="module")
 def llama() -> nn.Module:
-    return _build("llama", **FAMILIES["llama"][0])
+    return build_family("llama")
 
 
 def test_override_valid_path(llama):
@@ -295,14 +255,14 @@ def test_moe_refused_from_structure_alone():
 
 
 def test_quantizer_refused():
-    model = _build("llama", **FAMILIES["llama"][0])
+    model = build_family("llama")
     model.hf_quantizer = object()
     with pytest.raises(UnsupportedModelError, match=r"quantized.*hf_quantizer.*unquantized"):
         detect_layout(model)
 
 
 def test_quantization_config_refused():
-    model = _build("llama", **FAMILIES["llama"][0])
+    model = build_family("llama")
     model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     with pytest.raises(UnsupportedModelError, match=r"quantization_config.*dtype=torch.float32"):
         detect_layout(model)
@@ -311,10 +271,10 @@ def test_quantization_config_refused():
 def test_dequantized_gguf_accepted():
     # transformers loads a GGUF file dequantized to float yet keeps its quantizer and config;
     # the project's bundled SmolLM2 is loaded this way.
-    model = _build("llama", **FAMILIES["llama"][0])
+    model = build_family("llama")
     model.config.quantization_config = {"quant_method": "gguf"}
     model.hf_quantizer = type("GgufHfQuantizer", (), {"quantization_config": model.config.quantization_config})()
-    assert detect_layout(model) == detect_layout(_build("llama", **FAMILIES["llama"][0]))
+    assert detect_layout(model) == detect_layout(build_family("llama"))
 
 
 def test_packed_gguf_still_refused():
