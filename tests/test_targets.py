@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -10,10 +12,12 @@ import torch.nn.functional as F
 
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from families import FAMILIES, build_family
+
 from alphaedit.config import EditConfig
 from alphaedit.layouts import detect_layout
 from alphaedit.requests import EditRequest
-from alphaedit.targets import compute_targets
+from alphaedit.targets import compute_targets, request_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -147,3 +151,70 @@ def test_batched_z_equals_each_request_alone_with_early_stops(llama64, tokenizer
         torch.testing.assert_close(batched.z[i], a.z[0], rtol=1e-9, atol=1e-9)
         assert batched.loss[i] == pytest.approx(a.loss[0], rel=1e-9)
 
+
+
+# --- the cached prefix: passes start at δ's position and reuse the earlier tokens' keys/values ---
+
+
+def _z(model, layout, tokenizer, requests, config, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cache must be used, not silently abandoned
+        return compute_targets(model, layout, tokenizer, requests, TEMPLATES, config, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_cached_prefix_equals_plain_passes_on_every_family(model_type, tokenizer):
+    model = build_family(model_type, vocab_size=len(tokenizer), num_hidden_layers=3, n_layer=3)
+    layout = detect_layout(model)
+    config = _config(layers=[0, 1], v_num_grad_steps=4)
+    cached = _z(model, layout, tokenizer, REQUESTS, config)
+    plain = _z(model, layout, tokenizer, REQUESTS, dataclasses.replace(config, z_prefix_cache=False))
+    # float32: the two passes multiply differently shaped matrices (rounding ~1e-6, which
+    # Adam's sign-like steps can amplify a little)
+    torch.testing.assert_close(cached.z, plain.z, rtol=1e-4, atol=1e-4)
+    assert cached.loss == pytest.approx(plain.loss, rel=1e-4, abs=1e-5)
+
+
+def _single_token_word(tokenizer) -> str:
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2)
+    return next(w for w in words if len(tokenizer(w)["input_ids"]) == 1)
+
+
+@pytest.mark.parametrize("templates", [TEMPLATES, ["{}"]], ids=["context", "plain"])
+@pytest.mark.parametrize("requests_per_pass", [1, 2, 16])
+def test_rows_without_a_prefix_mix_with_cached_ones(llama64, tokenizer, requests_per_pass, templates):
+    # A one-token subject at the very start puts δ at position 0: that request's plain-template
+    # and KL rows have nothing before δ, and with the plain template only, none of its rows has.
+    # Two per pass, it sits alone in its first chunk (no prefix to cache at all with the plain
+    # template) and shares one with a cached request once an early stop reshuffles the chunks.
+    model, layout = llama64
+    first = EditRequest("{} is a city in", _single_token_word(tokenizer), "Spain", None)
+    assert min(request_rows(tokenizer, first, templates).lookup) == 0
+    requests = [REQUESTS[1], REQUESTS[0], first]
+    config = _config(early_stop_loss=-1.0)
+    plain = compute_targets(model, layout, tokenizer, requests, templates, dataclasses.replace(config, z_prefix_cache=False))
+    config.early_stop_loss = sorted(plain.loss)[1] + 1e-3  # some requests stop early, another runs on
+    plain = compute_targets(model, layout, tokenizer, requests, templates, dataclasses.replace(config, z_prefix_cache=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = compute_targets(model, layout, tokenizer, requests, templates, config, requests_per_pass=requests_per_pass)
+    assert len(set(plain.steps)) > 1
+    assert cached.steps == plain.steps
+    torch.testing.assert_close(cached.z, plain.z, rtol=1e-9, atol=1e-9)
+
+
+def test_a_model_that_ignores_positions_falls_back_to_plain_passes(llama64, tokenizer, monkeypatch):
+    # Dropping position_ids makes rotary positions follow the cache index instead of each row's
+    # own length: the δ = 0 probe sees the difference and the optimisation runs plain passes.
+    model, layout = llama64
+    config = _config(v_num_grad_steps=3)
+    plain = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, dataclasses.replace(config, z_prefix_cache=False))
+    forward = model.base_model.forward
+
+    def without_positions(*args, position_ids=None, **kwargs):
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.base_model, "forward", without_positions)
+    with pytest.warns(UserWarning, match="runs full passes.*does not honour the cache or the positions"):
+        result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    torch.testing.assert_close(result.z, plain.z, rtol=1e-9, atol=1e-9)

@@ -31,6 +31,9 @@ class EditConfig:
     # reference code; ENCORE's "most-probable early stopping", arXiv 2502.01636)
     stop_when_most_probable: bool = False
     z_requests_per_pass: int = 16  # requests sharing one forward/backward (1 = one at a time)
+    # compute the tokens before δ's position once and cache their attention keys/values (exact;
+    # checked against a plain pass on each batch, falling back to plain passes if it differs)
+    z_prefix_cache: bool = True
     # closed-form update, §1.7-1.9
     nullspace_threshold: float = 2e-2  # the value of projector_rule (updates.null_space_mask)
     projector_rule: str = "absolute"

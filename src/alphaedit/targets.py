@@ -15,24 +15,38 @@ also stops once its new object is the argmax at every target token of every prom
 All requests of a batch are optimised together: their rows share each forward/backward pass.
 Each request has its own δ_i, loss and early stop, and Adam is elementwise, so the result is
 the same as optimising each request alone (tests/test_targets.py checks this). Requests that
-have stopped leave the pass, so later iterations only pay for the ones still moving, and the
-blocks up to l_m run once: after the first iteration their output is replayed from a cache.
+have stopped leave the pass, so later iterations only pay for the ones still moving.
+
+Two caches make an iteration cheaper without changing what it computes:
+- δ enters at block l_m, so the blocks up to l_m give the same output every iteration: it is
+  recorded on the first and replayed after.
+- δ enters at the subject's last token, so under causal attention the tokens before it (the
+  context template and the start of the subject, about half of each row) are the same at every
+  layer and iteration: their attention keys and values are computed once, and each pass runs
+  only the rest of the row, from δ's position on, against them. Whether the model honours a
+  cache and explicit positions is checked on each batch (δ = 0 against a plain pass); if not,
+  the passes run whole rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import inspect
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EditConfig
 from .hooks import replay_blocks, trace
 from .layouts import Layout, get_module, output_logits
 from .prompts import batch_rows, encode, fill, kl_prompt, target_ids
 from .requests import EditRequest
+
+
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: attention keys and values
 
 
 @dataclass
@@ -88,14 +102,26 @@ class _AdamState:
 
 
 class _Losses:
-    """Per-request NLL, KL and weight decay for one forward over a subset of requests."""
+    """Per-request NLL, KL and weight decay for one forward over a subset of requests.
 
-    def __init__(self, rows: list[TargetRows], model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase):
+    Each row is cut at its δ position: the tokens before it (the prefix) never see δ, at any
+    layer, so with `split` their attention keys and values come from a cache filled once
+    (`prefix_pass`) and every pass computes only the suffix, from δ's position on. Without
+    `split` the cut is at 0 and each pass is a plain forward over the whole row.
+    """
+
+    def __init__(
+        self, rows: list[TargetRows], model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, split: bool
+    ):
         self.model, self.layout = model, layout
         device = next(model.parameters()).device
         flat_ids = [r for req in rows for r in req.ids]
         flat_lookup = [i for req in rows for i in req.lookup]
-        self.batch = batch_rows(tokenizer, flat_ids, flat_lookup).to(device)
+        self.cuts = [lookup if split else 0 for lookup in flat_lookup]
+        self.prefix = batch_rows(tokenizer, [ids[:cut] for ids, cut in zip(flat_ids, self.cuts)], self.cuts).to(device)
+        self.suffix = batch_rows(tokenizer, [ids[cut:] for ids, cut in zip(flat_ids, self.cuts)], [0] * len(flat_ids)).to(device)
+        self.suffix.lookup = torch.tensor([lk - cut for lk, cut in zip(flat_lookup, self.cuts)], device=device)
+        self.positions = self._positions(flat_ids).to(device)
         self.per_request = len(rows[0].ids)
         self.num_requests = len(rows)
         owner, pos, tok, weight = [], [], [], []
@@ -104,7 +130,7 @@ class _Losses:
                 row = r * self.per_request + j
                 for t, token in enumerate(req.target):
                     owner.append(row)
-                    pos.append(start + t)
+                    pos.append(start + t - self.cuts[row])
                     tok.append(token)
                     # mean over target tokens, then over the rewriting prompts
                     weight.append(1.0 / (len(req.target) * len(req.target_start)))
@@ -116,45 +142,91 @@ class _Losses:
         self.kl_rows = torch.arange(self.num_requests, device=device) * self.per_request + self.per_request - 1
         self.plain_rows = torch.arange(self.num_requests, device=device) * self.per_request
 
-    def forward(
-        self, delta: torch.Tensor, z_layer: int, below: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass with δ added at block `z_layer`'s output.
+    def _positions(self, flat_ids: list[list[int]]) -> torch.Tensor:
+        """Each suffix token's position in its whole row (pads repeat the row's last position,
+        so they never index past what the model's positions cover)."""
+        width = self.suffix.input_ids.shape[1]
+        steps = torch.arange(width)
+        return torch.stack([cut + steps.clamp(max=len(ids) - cut - 1) for ids, cut in zip(flat_ids, self.cuts)])
 
-        `below` is that block's output without δ for these rows, from an earlier pass: when
-        given, the blocks up to z_layer are not run again (they never see δ).
-        Returns (block output without δ [rows, T, d], h0 [u, d], token log-probs of the
+    @property
+    def prefix_width(self) -> int:
+        return max(self.cuts)
+
+    def prefix_pass(self) -> PrefixKV:
+        """The prefix's attention keys and values at every layer ([rows, heads, width, head_dim]).
+
+        Pad positions are zeroed: a row whose prefix is empty is all padding, and its fully
+        masked attention may leave NaN there, which a 0 attention weight would still spread.
+        """
+        cache = DynamicCache()
+        with torch.no_grad():
+            self.model.base_model(
+                input_ids=self.prefix.input_ids, attention_mask=self.prefix.attention_mask,
+                **{_cache_argument(self.model): cache}, use_cache=True,
+            )
+        layers = []
+        for layer in cache.layers:
+            real = self.prefix.attention_mask.to(layer.keys.device)[:, None, :, None].bool()
+            layers.append((layer.keys.where(real, 0.0), layer.values.where(real, 0.0)))
+        return layers
+
+    def forward(
+        self,
+        delta: torch.Tensor,
+        z_layer: int,
+        below: torch.Tensor | None,
+        prefix_kv: PrefixKV | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over the suffixes with δ added at block `z_layer`'s output.
+
+        `below` is that block's output without δ for these suffixes, from an earlier pass: when
+        given, the blocks up to z_layer are not run again (they never see δ). `prefix_kv` is
+        `prefix_pass()`'s result for these rows (None when nothing was cut).
+        Returns (block output without δ [rows, S, d], h0 [u, d], token log-probs of the
         targets [n_tokens], KL-prompt log-probs [u, V]).
         """
-        owner = torch.arange(self.batch.input_ids.shape[0], device=delta.device) // self.per_request
+        owner = torch.arange(self.suffix.input_ids.shape[0], device=delta.device) // self.per_request
         captured: dict[str, torch.Tensor] = {}
 
         def add_delta(hidden: torch.Tensor) -> torch.Tensor:
             # with device_map="auto" block l_m may sit on another device than δ
             captured["below"] = hidden.detach()
             shift = delta[owner].to(hidden.device, hidden.dtype)
-            where = (self.batch.rows.to(hidden.device), self.batch.lookup.to(hidden.device))
+            where = (self.suffix.rows.to(hidden.device), self.suffix.lookup.to(hidden.device))
             return hidden.index_put(where, shift, accumulate=True)
 
+        inputs = dict(input_ids=self.suffix.input_ids, attention_mask=self.suffix.attention_mask, position_ids=self.positions)
+        if prefix_kv is not None:
+            # A fresh cache per pass: the pass appends the suffix's keys and values to it.
+            inputs.update(
+                attention_mask=torch.cat([self.prefix.attention_mask, self.suffix.attention_mask], dim=1),
+                **{_cache_argument(self.model): DynamicCache(prefix_kv)}, use_cache=True,
+            )
         blocks = [get_module(self.model, self.layout.block(i)) for i in range(z_layer + 1)]
         skip = replay_blocks(blocks, below) if below is not None else nullcontext()
         with trace(self.model, edit_outputs={self.layout.block(z_layer): add_delta}), skip:
-            hidden = self.model.base_model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask)[0]
+            hidden = self.model.base_model(**inputs)[0]
         below = captured["below"]
-        h0 = below[self.plain_rows.to(below.device), self.batch.lookup[self.plain_rows].to(below.device)].to(delta.device, delta.dtype)
-        hidden = hidden.to(delta.device)
-        # Logits only where the loss reads them: target positions and the KL position.
+        h0 = below[self.plain_rows.to(below.device), self.suffix.lookup[self.plain_rows].to(below.device)]
+        h0 = h0.to(delta.device, delta.dtype)
+        # Logits only where the loss reads them: target positions and the KL position. They are
+        # computed on the head's device (the last one under device_map="auto"); the per-token
+        # results come back to δ's.
+        on = hidden.device
         precision = torch.promote_types(hidden.dtype, torch.float32)
-        target_logits = output_logits(self.model, self.layout, hidden[self.nll_rows, self.nll_pos]).to(precision)
-        token_logp = target_logits.log_softmax(-1).gather(1, self.nll_tok[:, None])[:, 0]
-        self.top1 = (target_logits.detach().argmax(-1) == self.nll_tok).float()
-        kl_hidden = hidden[self.kl_rows, self.batch.lookup[self.kl_rows]]
-        kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1)
+        target_hidden = hidden[self.nll_rows.to(on), self.nll_pos.to(on)]
+        target_logits = output_logits(self.model, self.layout, target_hidden).to(precision)
+        tokens = self.nll_tok.to(target_logits.device)
+        token_logp = target_logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0].to(delta.device)
+        self.top1 = (target_logits.detach().argmax(-1) == tokens).float().to(delta.device)
+        kl_hidden = hidden[self.kl_rows.to(on), self.suffix.lookup[self.kl_rows].to(on)]
+        kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1).to(delta.device)
         return below, h0, token_logp, kl_logp
 
     def scatter(self, below: torch.Tensor, chunk: list[int]) -> dict[int, torch.Tensor]:
         """Split a pass's block output into each request's rows (trimmed to their own length)."""
-        lengths = self.batch.attention_mask.sum(-1)
+        lengths = self.suffix.attention_mask.sum(-1)
         out = {}
         for k, request in enumerate(chunk):
             rows = slice(k * self.per_request, (k + 1) * self.per_request)
@@ -163,9 +235,32 @@ class _Losses:
 
     def gather(self, below: dict[int, torch.Tensor], chunk: list[int]) -> torch.Tensor:
         """This chunk's block output, padded to its width (pad positions are never read)."""
-        width = self.batch.input_ids.shape[1]
-        parts = [torch.nn.functional.pad(below[r], (0, 0, 0, width - below[r].shape[1])) for r in chunk]
-        return torch.cat(parts)
+        return _pad_cat([below[r] for r in chunk], self.suffix.input_ids.shape[1], dim=1)
+
+    def scatter_prefix(self, layers: PrefixKV, chunk: list[int]) -> dict[int, PrefixKV]:
+        """Split the prefix keys and values into each request's rows (trimmed to their own width)."""
+        out = {}
+        for k, request in enumerate(chunk):
+            rows = slice(k * self.per_request, (k + 1) * self.per_request)
+            width = max(self.cuts[rows])
+            out[request] = [(keys[rows, :, :width], values[rows, :, :width]) for keys, values in layers]
+        return out
+
+    def gather_prefix(self, prefix_kv: dict[int, PrefixKV | None], chunk: list[int]) -> PrefixKV | None:
+        """This chunk's prefix keys and values, padded to its prefix width (pads are masked).
+
+        None when no row of the chunk has a prefix. A request stored as None (its rows had no
+        prefix when it was first seen) contributes width-0 rows.
+        """
+        if self.prefix_width == 0:
+            return None
+        shape = next(prefix_kv[r] for r in chunk if prefix_kv[r] is not None)
+        empty = [(k[: self.per_request, :, :0], v[: self.per_request, :, :0]) for k, v in shape]
+        layers = zip(*(prefix_kv[r] or empty for r in chunk))
+        return [
+            (_pad_cat([k for k, _ in per_request], self.prefix_width, dim=2), _pad_cat([v for _, v in per_request], self.prefix_width, dim=2))
+            for per_request in layers
+        ]
 
     def nll(self, token_logp: torch.Tensor) -> torch.Tensor:
         per_request = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
@@ -179,6 +274,20 @@ class _Losses:
     def target_prob(self, token_logp: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(self.num_requests, device=token_logp.device, dtype=token_logp.dtype)
         return total.index_add(0, self.nll_request, token_logp.exp() * self.nll_weight)
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    # transformers 5.2x renamed `past_key_values` to `cache`; older models still take the old name
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int, dim: int) -> torch.Tensor:
+    """Concatenate along rows after zero-padding dimension `dim` of each part to `width`."""
+    padded = []
+    for part in parts:
+        pad = [0, 0] * (part.dim() - dim - 1) + [0, width - part.shape[dim]]
+        padded.append(torch.nn.functional.pad(part, pad))
+    return torch.cat(padded)
 
 
 def compute_targets(
@@ -196,6 +305,7 @@ def compute_targets(
     `on_iteration` is called after each iteration (progress reporting).
     """
     rows = [request_rows(tokenizer, r, templates) for r in requests]
+    split = config.z_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
     device = next(model.parameters()).device
     u, d = len(requests), layout.hidden_size
 
@@ -206,6 +316,7 @@ def compute_targets(
     h0 = torch.zeros_like(delta)
     kl_init: dict[int, torch.Tensor] = {}
     below: dict[int, torch.Tensor] = {}  # request -> block z_layer output of its rows, without δ
+    prefix_kv: dict[int, PrefixKV | None] = {}  # request -> attention keys/values of its prefixes
     active = list(range(u))
     final_loss, final_prob = torch.zeros(u, dtype=torch.float64), torch.zeros(u, dtype=torch.float64)
     steps = torch.zeros(u, dtype=torch.long)
@@ -216,10 +327,14 @@ def compute_targets(
         for start in range(0, len(active), requests_per_pass):
             chunk = active[start : start + requests_per_pass]
             idx = torch.tensor(chunk, device=device)
-            loss_fn = _Losses([rows[i] for i in chunk], model, layout, tokenizer)
+            loss_fn = _Losses([rows[i] for i in chunk], model, layout, tokenizer, split)
+            if it == 0:
+                layers = loss_fn.prefix_pass() if loss_fn.prefix_width else None
+                prefix_kv.update(loss_fn.scatter_prefix(layers, chunk) if layers else dict.fromkeys(chunk))
             chunk_delta = delta[idx].clone().requires_grad_(True)
             cached = loss_fn.gather(below, chunk) if it > 0 else None
-            chunk_below, chunk_h0, token_logp, kl_logp = loss_fn.forward(chunk_delta, config.z_layer, cached)
+            kv = loss_fn.gather_prefix(prefix_kv, chunk)
+            chunk_below, chunk_h0, token_logp, kl_logp = loss_fn.forward(chunk_delta, config.z_layer, cached, kv)
             if it == 0:
                 h0[idx] = chunk_h0
                 kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(chunk)})
@@ -249,6 +364,40 @@ def compute_targets(
             _clamp(delta, h0, config.clamp_norm_factor, moving)
 
     return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist())
+
+
+def _prefix_cache_is_exact(
+    model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: list[TargetRows], z_layer: int
+) -> bool:
+    """Do passes over cut rows, with the prefixes' keys and values cached, reproduce plain passes?
+
+    Checked once per batch on the request with the longest prefix, at δ = 0, so an architecture
+    whose attention ignores the cache or the explicit positions falls back to plain passes
+    instead of optimising against a wrong model.
+    """
+    probe = [max(rows, key=lambda r: max(r.lookup))]
+    cut, plain = (_Losses(probe, model, layout, tokenizer, split) for split in (True, False))
+    if cut.prefix_width == 0:
+        return True  # no row has a prefix: both are the same pass
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+    zero = torch.zeros(1, layout.hidden_size, device=next(model.parameters()).device, dtype=dtype)
+    with torch.no_grad():
+        try:
+            _, _, cut_logp, cut_kl = cut.forward(zero, z_layer, None, cut.prefix_pass())
+        except (TypeError, ValueError) as error:
+            warnings.warn(f"the z optimisation runs full passes: this model cannot take cached prefixes ({error})", stacklevel=3)
+            return False
+        _, _, plain_logp, plain_kl = plain.forward(zero, z_layer, None, None)
+    gap = max((cut_logp - plain_logp).abs().max().item(), (cut_kl - plain_kl).abs().max().item())
+    tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(model.dtype, 0.1)
+    if not gap <= tolerance:
+        warnings.warn(
+            f"the z optimisation runs full passes: with cached prefixes this model's log-probabilities moved by "
+            f"{gap:.2g} (> {tolerance:g}), so its attention does not honour the cache or the positions",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _clamp(delta: torch.Tensor, h0: torch.Tensor, factor: float, rows: torch.Tensor) -> None:
