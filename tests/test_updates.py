@@ -12,6 +12,7 @@ from alphaedit.stats.corpus import file_windows
 from alphaedit.updates import (
     UPDATE_RULES,
     LayerStatistics,
+    LowRankDelta,
     alphaedit_delta,
     memit_delta,
     null_space_mask,
@@ -261,3 +262,10 @@ def test_projector_rules_pick_the_documented_directions():
     assert null_space_mask(eigenvalues, 3, "rank").tolist() == [True, True, True, False, False]
     with pytest.raises(ValueError, match="projector rule"):
         null_space_mask(eigenvalues, 1, "fancy")
+
+
+def test_low_rank_norm_equals_the_dense_frobenius_norm():
+    generator = torch.Generator().manual_seed(0)
+    delta = LowRankDelta(torch.randn(7, 3, generator=generator), torch.randn(11, 3, generator=generator))
+    assert delta.norm() == pytest.approx(float(delta.dense().double().norm()), rel=1e-6)
+    assert LowRankDelta(torch.zeros(7, 0), torch.zeros(11, 0)).norm() == 0.0

@@ -43,6 +43,29 @@ from .targets import compute_targets
 from .updates import UPDATE_RULES, LayerStatistics, LowRankDelta, null_space_projector, uses_preserved, uses_projector
 
 
+class _PhaseClock:
+    """Wall-clock seconds per named phase (waiting for the GPU, so its work is not misattributed)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.cuda = any(p.device.type == "cuda" for p in model.parameters())
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.cuda:  # every GPU: with device_map="auto" the model spans several
+            for device in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(device)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -60,6 +83,9 @@ class BatchReport:
     target_prob: float  # mean target-token probability reached at the z layer
     efficacy: float | None  # fraction of requests whose new object beats the true one after the edit
     delta_norms: dict[str, float] = field(default_factory=dict)  # layer -> ‖Δ‖_F
+    # wall-clock split of `seconds`: "z" (target values), "keys" (key passes), "solve" (closed
+    # forms and weight writes), "check" (the efficacy probe)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,7 +154,8 @@ class Editor:
         # model, whenever they are first needed.
         self._base_weights = {l: mlp_out_weight(model, self.layout, l).detach().to("cpu", copy=True) for l in layers}
         self._statistics: dict[int, LayerStatistics] | None = None
-        self.preserved = {l: torch.zeros(self.layout.key_size, self.layout.key_size) for l in layers}
+        # Each layer's statistics live where its W_out does, so its solve runs on that device.
+        self.preserved = {l: torch.zeros(self.layout.key_size, self.layout.key_size, device=self._device(l)) for l in layers}
         self.projector_rank: dict[int, int] = {}
 
     # -- lazily prepared state -------------------------------------------------------------
@@ -150,10 +177,10 @@ class Editor:
         moments = second_moments(self.model, self.layout, self.tokenizer, self.config.layers, self.corpus, self.cache, self.show_progress)
         statistics = {}
         for layer, moment in moments.items():
-            projector = None
+            second_moment, projector = moment.moment.to(self._device(layer)), None
             if uses_projector(self.config.method):
-                projector, self.projector_rank[layer] = null_space_projector(moment.moment, self.config.nullspace_threshold, self.config.projector_rule)
-            statistics[layer] = LayerStatistics(moment.moment, projector, self.preserved[layer])
+                projector, self.projector_rank[layer] = null_space_projector(second_moment, self.config.nullspace_threshold, self.config.projector_rule)
+            statistics[layer] = LayerStatistics(second_moment, projector, self.preserved[layer])
         return statistics
 
     def _imported_projectors(self) -> dict[int, LayerStatistics]:
@@ -169,7 +196,7 @@ class Editor:
             if projector is None:
                 raise ValueError(f"no projector imported from {source[7:]} for layer {layer}: run `alphaedit stats --import FILE --layers ...`")
             self.projector_rank[layer] = round(float(projector.trace()))
-            statistics[layer] = LayerStatistics(None, projector, self.preserved[layer])
+            statistics[layer] = LayerStatistics(None, projector.to(self._device(layer)), self.preserved[layer])
         return statistics
 
     @contextmanager
@@ -231,21 +258,31 @@ class Editor:
         started, start = _now(), time.perf_counter()
         config, layers = self.config, self.config.layers
         templates, statistics = self.context_templates(), self.statistics()
-        targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
-        z = targets.z.cpu()
+        clock = _PhaseClock(self.model)
+        with clock("z"):
+            targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
+            z = targets.z.cpu()
         deltas = {}
         for i, layer in enumerate(layers):
-            current = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, [layer], z_layer=config.z_layer)
-            resid = (z - current.z_current) / (len(layers) - i)
-            deltas[layer] = UPDATE_RULES[config.method](current.keys[layer].T, resid.T, statistics[layer], config)
-            self._add_to_weight(layer, deltas[layer], sign=1)
+            with clock("keys"):
+                current = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, [layer], z_layer=config.z_layer)
+            with clock("solve"):
+                resid = (z - current.z_current) / (len(layers) - i)
+                device = self._device(layer)
+                rule = UPDATE_RULES[config.method]
+                deltas[layer] = rule(current.keys[layer].to(device).T, resid.to(device).T, statistics[layer], config).to("cpu")
+                self._add_to_weight(layer, deltas[layer], sign=1)
             if step is not None:
                 step()
         keys = {}
         if uses_preserved(config.method):
-            keys = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, layers).keys
-            for layer in layers:
-                self.preserved[layer] += keys[layer].T @ keys[layer]
+            with clock("keys"):
+                keys = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, layers).keys
+            with clock("solve"):
+                for layer in layers:
+                    self._add_to_preserved(layer, keys[layer], sign=1)
+        with clock("check"):
+            efficacy = self._efficacy(requests)
         report = BatchReport(
             index=self._next_id(),
             requests=len(requests),
@@ -254,8 +291,9 @@ class Editor:
             z_loss=sum(targets.loss) / len(requests),
             z_steps=sum(targets.steps) / len(requests),
             target_prob=sum(targets.target_prob) / len(requests),
-            efficacy=self._efficacy(requests),
-            delta_norms={str(l): float(d.dense().norm()) for l, d in deltas.items()},
+            efficacy=efficacy,
+            delta_norms={str(l): d.norm() for l, d in deltas.items()},
+            phase_seconds=clock.seconds,
         )
         self._record(AppliedBatch(report, list(requests), deltas, keys))
         return report
@@ -267,11 +305,18 @@ class Editor:
         self.batches.append(batch)
         self.events.append(("batch", batch.report.index))
 
+    def _device(self, layer: int) -> torch.device:
+        return mlp_out_weight(self.model, self.layout, layer).device
+
     def _add_to_weight(self, layer: int, delta: LowRankDelta, sign: int) -> None:
         weight = mlp_out_weight(self.model, self.layout, layer)
-        dense = weight_delta_as_stored(self.layout, delta.dense())
+        dense = weight_delta_as_stored(self.layout, delta.to(weight.device).dense())  # the thin factors travel
         with torch.no_grad():
-            weight.add_(dense.to(weight.device, weight.dtype), alpha=sign)
+            weight.add_(dense.to(weight.dtype), alpha=sign)
+
+    def _add_to_preserved(self, layer: int, keys: torch.Tensor, sign: int) -> None:
+        keys = keys.to(self.preserved[layer].device)
+        self.preserved[layer].add_(keys.T @ keys, alpha=sign)
 
     def _efficacy(self, requests: list[EditRequest]) -> float | None:
         known = [r for r in requests if r.target_true]
@@ -294,7 +339,7 @@ class Editor:
         for layer, delta in batch.deltas.items():
             self._add_to_weight(layer, delta, sign=-1)
         for layer, keys in batch.keys.items():
-            self.preserved[layer] -= keys.T @ keys
+            self._add_to_preserved(layer, keys, sign=-1)
         batch.reverted = True
         self.events.append(("revert", batch_id))
 
@@ -391,7 +436,7 @@ class Editor:
             for layer, delta in batch.deltas.items():
                 self._add_to_weight(layer, delta, sign=1)
             for layer, keys in batch.keys.items():
-                self.preserved[layer] += keys.T @ keys
+                self._add_to_preserved(layer, keys, sign=1)
             self._record(batch)
 
     def export(self, directory: str | os.PathLike) -> Path:

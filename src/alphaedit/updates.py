@@ -42,6 +42,14 @@ class LowRankDelta:
     def dense(self) -> torch.Tensor:
         return self.left @ self.right.T
 
+    def to(self, device: torch.device | str) -> LowRankDelta:
+        return LowRankDelta(self.left.to(device), self.right.to(device))
+
+    def norm(self) -> float:
+        """‖left rightᵀ‖_F without forming the d×d0 matrix: ‖·‖² = Σ (leftᵀleft) ⊙ (rightᵀright)."""
+        left, right = self.left.double(), self.right.double()
+        return float(((left.T @ left) * (right.T @ right)).sum().clamp_min(0).sqrt())
+
 
 PROJECTOR_RULES = ("absolute", "relative", "energy", "rank")
 
