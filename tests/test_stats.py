@@ -80,9 +80,9 @@ def test_padding_is_never_counted(tiny, tokenizer):
     windows = file_windows(str(WIKITEXT), tokenizer, 256, 64)
     ragged = [windows[0][:17], windows[1], windows[2][:5], windows[3][:40]]
     assert [len(w) for w in ragged] == [17, 64, 5, 40]
-    together = MomentAccumulator([1], layout.key_size, torch.device("cpu"))
+    together = MomentAccumulator({1: torch.device("cpu")}, layout.key_size)
     counted = accumulate_batch(model, layout, tokenizer, together, ragged)
-    alone = MomentAccumulator([1], layout.key_size, torch.device("cpu"))
+    alone = MomentAccumulator({1: torch.device("cpu")}, layout.key_size)
     for window in ragged:
         accumulate_batch(model, layout, tokenizer, alone, [window])
     assert counted == together.count == alone.count == 17 + 64 + 5 + 40
@@ -110,7 +110,7 @@ def test_token_batches_bound_padded_size_and_keep_order():
 
 
 def test_an_empty_corpus_is_an_error(tmp_path):
-    acc = MomentAccumulator([0], 4, torch.device("cpu"))
+    acc = MomentAccumulator({0: torch.device("cpu")}, 4)
     with pytest.raises(ValueError, match="no tokens"):
         acc.result()
 

@@ -40,7 +40,8 @@ def _rows_for(requests: Sequence[EditRequest], templates: Sequence[str]) -> list
 
 
 def _gather(values: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-    return values[batch.rows, batch.lookup].float()
+    # values sit on their layer's device, which under device_map="auto" need not be the batch's
+    return values[batch.rows.to(values.device), batch.lookup.to(values.device)].float()
 
 
 def compute_keys(

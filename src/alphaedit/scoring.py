@@ -48,8 +48,9 @@ def teacher_forced(
         batch = batch_rows(tokenizer, [rows[i] for i in chunk], [0] * len(chunk)).to(device)
         with torch.no_grad():
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-            row_index = torch.tensor([k for k, i in enumerate(chunk) for _ in spans[i][1]], device=device)
-            positions = torch.tensor([spans[i][0] - 1 + t for i in chunk for t in range(len(spans[i][1]))], device=device)
+            # the last block's output: on the last device when the model is spread over several
+            row_index = torch.tensor([k for k, i in enumerate(chunk) for _ in spans[i][1]], device=hidden.device)
+            positions = torch.tensor([spans[i][0] - 1 + t for i in chunk for t in range(len(spans[i][1]))], device=hidden.device)
             logits = output_logits(model, layout, hidden[row_index, positions]).float()
         targets = torch.tensor([tok for i in chunk for tok in spans[i][1]], device=logits.device)
         token_logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()

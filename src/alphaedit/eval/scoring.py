@@ -101,7 +101,7 @@ def wikitext_perplexity(model, tokenizer, windows: Sequence[list[int]]) -> float
     with torch.no_grad():
         for window in windows:
             ids = torch.tensor([window], device=device)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            logits = model(input_ids=ids).logits[0, :-1].float()  # on the head's device
+            total += torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="sum").item()
             count += len(window) - 1
     return perplexity(total, count)

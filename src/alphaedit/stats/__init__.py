@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..files import sha256
-from ..layouts import Layout
+from ..layouts import Layout, mlp_out_weight
 from ..progress import progress_bar
 from .cache import FORMAT_VERSION, StatsCache, config_digest, model_identity, tokenizer_digest
 from .corpus import SELF, describe, file_windows, self_windows
@@ -148,7 +148,7 @@ def statistic_description(model, layout: Layout, tokenizer, layer: int, spec: Co
 
 
 def _accumulate(model, layout, tokenizer, layers, spec, cache, show_progress, checkpoint_every, workers, pass_key) -> MomentAccumulator:
-    acc = MomentAccumulator(layers, layout.key_size, next(model.parameters()).device)
+    acc = MomentAccumulator({l: mlp_out_weight(model, layout, l).device for l in layers}, layout.key_size)
     done_batches, since_checkpoint = 0, 0
     if cache is not None and (saved := cache.load_checkpoint(pass_key)) is not None:
         done_batches = acc.restore(saved)

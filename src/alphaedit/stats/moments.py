@@ -7,7 +7,7 @@ padding positions are never counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +27,15 @@ class SecondMoment:
 
 
 class MomentAccumulator:
-    def __init__(self, layers: Sequence[int], key_size: int, device: torch.device):
-        self.sums = {layer: torch.zeros(key_size, key_size, dtype=torch.float64, device=device) for layer in layers}
+    """Running Σ k kᵀ per layer, each on its layer's device (`devices`: layer -> device)."""
+
+    def __init__(self, devices: Mapping[int, torch.device], key_size: int):
+        self.sums = {layer: torch.zeros(key_size, key_size, dtype=torch.float64, device=d) for layer, d in devices.items()}
         self.count = 0
 
     def add(self, layer: int, keys: torch.Tensor) -> None:
         keys = keys.float()
-        self.sums[layer] += (keys.T @ keys).double()
+        self.sums[layer] += (keys.T @ keys).double().to(self.sums[layer].device)
 
     def snapshot(self, batches_done: int) -> dict[str, torch.Tensor]:
         """The running sums and position, for a checkpoint."""
@@ -88,7 +90,8 @@ def accumulate_batch(
         run_forward(model.base_model, input_ids=ids, attention_mask=mask)
     real = mask.bool()
     for path, layer in paths.items():
-        acc.add(layer, rec.inputs[path][real])
+        keys = rec.inputs[path]
+        acc.add(layer, keys[real.to(keys.device)])
     counted = int(real.sum())
     acc.count += counted
     return counted
