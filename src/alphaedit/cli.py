@@ -272,6 +272,7 @@ def stats(
 
 def _start_workers():
     """Join the torchrun job when launched by one (gloo on CPU, nccl on GPUs)."""
+    import atexit
     import os
 
     import torch
@@ -281,6 +282,9 @@ def _start_workers():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
+        # Left to interpreter teardown, gloo's threads can abort the process ("terminate called
+        # without an active exception") when the other rank has already gone.
+        atexit.register(torch.distributed.destroy_process_group)
     return Workers.from_torch_distributed()
 
 
