@@ -218,3 +218,25 @@ def test_a_model_that_ignores_positions_falls_back_to_plain_passes(llama64, toke
     with pytest.warns(UserWarning, match="runs full passes.*does not honour the cache or the positions"):
         result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
     torch.testing.assert_close(result.z, plain.z, rtol=1e-9, atol=1e-9)
+
+
+def test_a_bf16_model_keeps_delta_in_float32_and_its_prefix_cache(steerable, tokenizer):
+    # bf16 rounding differs between cut and whole rows; the probe's half-precision tolerance
+    # must accept it (no fallback warning), and z must stay close to the float32 model's.
+    model, layout = steerable
+    config = _config(v_num_grad_steps=4)
+    half = _z(copy.deepcopy(model).to(torch.bfloat16), layout, tokenizer, REQUESTS, config)
+    full = _z(model, layout, tokenizer, REQUESTS, config)
+    assert half.z.dtype == torch.float32
+    assert ((half.z - full.z).norm(dim=-1) / full.z.norm(dim=-1)).max() < 0.05
+
+
+def test_the_optimisation_leaves_no_weight_gradients_and_restores_flags(steerable, tokenizer):
+    # Only δ is optimised: weight gradients would double the backward pass and stay on the
+    # user's model as a full-size copy.
+    model, layout = steerable
+    model = copy.deepcopy(model)
+    model.lm_head.weight.requires_grad_(False)  # a flag the caller chose survives
+    compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, _config(v_num_grad_steps=3))
+    assert all(p.grad is None for p in model.parameters())
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["lm_head.weight"]

@@ -133,3 +133,20 @@ def replay_blocks(blocks: Sequence[nn.Module], output: torch.Tensor) -> Iterator
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = previous
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn off requires_grad on every parameter for the duration, restoring each flag after.
+
+    Passes that differentiate only with respect to an activation (δ) would otherwise also
+    compute, and leave behind, a gradient for every weight they pass through.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)

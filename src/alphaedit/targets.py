@@ -21,7 +21,7 @@ Two caches make an iteration cheaper without changing what it computes:
 - δ enters at block l_m, so the blocks up to l_m give the same output every iteration: it is
   recorded on the first and replayed after.
 - δ enters at the subject's last token, so under causal attention the tokens before it (the
-  context template and the start of the subject, about half of each row) are the same at every
+  context template and the start of the subject, most of each row) are the same at every
   layer and iteration: their attention keys and values are computed once, and each pass runs
   only the rest of the row, from δ's position on, against them. Whether the model honours a
   cache and explicit positions is checked on each batch (δ = 0 against a plain pass); if not,
@@ -40,7 +40,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EditConfig
-from .hooks import replay_blocks, trace
+from .hooks import frozen_parameters, replay_blocks, trace
 from .layouts import Layout, get_module, output_logits
 from .prompts import batch_rows, encode, fill, kl_prompt, target_ids
 from .requests import EditRequest
@@ -304,6 +304,20 @@ def compute_targets(
 
     `on_iteration` is called after each iteration (progress reporting).
     """
+    with frozen_parameters(model):
+        return _optimise(model, layout, tokenizer, requests, templates, config, requests_per_pass, on_iteration)
+
+
+def _optimise(
+    model: PreTrainedModel,
+    layout: Layout,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    config: EditConfig,
+    requests_per_pass: int,
+    on_iteration: Callable[[], None] | None,
+) -> TargetResult:
     rows = [request_rows(tokenizer, r, templates) for r in requests]
     split = config.z_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
     device = next(model.parameters()).device
@@ -389,7 +403,9 @@ def _prefix_cache_is_exact(
             return False
         _, _, plain_logp, plain_kl = plain.forward(zero, z_layer, None, None)
     gap = max((cut_logp - plain_logp).abs().max().item(), (cut_kl - plain_kl).abs().max().item())
-    tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(model.dtype, 0.1)
+    # Measured on SmolLM2 (log-prob units): cut vs whole rows differ by ≤ 6e-5 in float32 and
+    # ≤ 0.36 in bf16 from rounding alone; ignoring the positions moves them by 5-12.
+    tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(model.dtype, 1.0)
     if not gap <= tolerance:
         warnings.warn(
             f"the z optimisation runs full passes: with cached prefixes this model's log-probabilities moved by "
