@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -134,7 +135,7 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_folder())
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         model = random_model(shape, max(len(tokenizer), 128256 if shape == "llama3-8b" else 0), args.device)
-        cache = StatsCache(Path("/tmp/alphaedit-bench-stats"))  # random weights: never the user's cache
+        cache = StatsCache(Path(tempfile.mkdtemp(prefix="alphaedit-bench-")))  # random weights: not the user's cache
         paths = [
             Variant("batched, bf16", edits, True, torch.bfloat16, edits),
             Variant("batched, bf16, plain passes", edits, False, torch.bfloat16, edits),

@@ -3,9 +3,10 @@
 CPU (default): SmolLM2-135M in fp32 over WikiText-2, layers 3–7.
 GPU (--device cuda): a Llama-3-8B-shaped model with random weights, layers 4–8; the one-pass
 path in bf16 beside the reference structure (one fp32 pass per layer) in the same run.
+`--shape tiny` runs the random-model path at a size a CPU does in seconds (a smoke test).
 Prints tokens/s and the implied time for 44M tokens (the authors' 100k Wikipedia articles).
 
-    python benchmarks/stats_speed.py [--device cpu|cuda] [--tokens N] [--json]
+    python benchmarks/stats_speed.py [--device cpu|cuda] [--shape smollm2|llama3-8b|tiny] [--tokens N] [--json]
 """
 
 from __future__ import annotations
@@ -19,27 +20,34 @@ from pathlib import Path
 
 import torch
 
-from alphaedit.layouts import detect_layout
+from alphaedit.layouts import detect_layout, mlp_out_weight
 from alphaedit.stats import CorpusSpec, second_moments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER_TOKENS = 44_000_000
 
 
-def _model(device: str, dtype: torch.dtype):
-    if device == "cpu":
+SHAPES = {
+    "llama3-8b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256), [4, 5, 6, 7, 8]),
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128256), [4, 5, 6, 7, 8]),
+}
+
+
+def _model(shape: str, device: str, dtype: torch.dtype):
+    if shape == "smollm2":
         from alphaedit.models import load_model
 
-        model, tokenizer = load_model("smollm2-135m", dtype="fp32" if dtype == torch.float32 else "bf16", device="cpu")
+        model, tokenizer = load_model("smollm2-135m", dtype="fp32" if dtype == torch.float32 else "bf16", device=device)
         return model, tokenizer, [3, 4, 5, 6, 7], CorpusSpec(str(DATA / "wikitext2_raw"), tokens=0)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256)
+    config, layers = SHAPES[shape]
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    return model, None, [4, 5, 6, 7, 8], None
+    with torch.device(device):  # initialise on the device: 8B random weights on a CPU take minutes
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype).eval()
+    return model, None, layers, None
 
 
 class _RandomTokens:
@@ -69,7 +77,7 @@ def _run(model, tokenizer, layers, spec, tokens: int, device: str, per_layer: bo
 def _random_pass(model, layout, layers, tokens: int, window: int = 2048, batch_tokens: int = 65536) -> None:
     from alphaedit.stats.moments import MomentAccumulator, accumulate_batch
 
-    acc = MomentAccumulator(layers, layout.key_size, next(model.parameters()).device)
+    acc = MomentAccumulator({l: mlp_out_weight(model, layout, l).device for l in layers}, layout.key_size)
     generator = torch.Generator().manual_seed(0)
     done = 0
     while done < tokens:
@@ -81,13 +89,15 @@ def _random_pass(model, layout, layers, tokens: int, window: int = 2048, batch_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", choices=["smollm2", *SHAPES], default=None, help="smollm2 on cpu, llama3-8b on cuda")
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tokens = args.tokens or (20_000 if args.device == "cpu" else 2_000_000)
 
+    shape = args.shape or ("smollm2" if args.device == "cpu" else "llama3-8b")
     fast_dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    model, tokenizer, layers, spec = _model(args.device, fast_dtype)
+    model, tokenizer, layers, spec = _model(shape, args.device, fast_dtype)
     one_pass = _run(model, tokenizer, layers, spec, tokens, args.device, per_layer=False)
     if args.device != "cpu":
         model = model.float()
@@ -95,7 +105,7 @@ def main() -> None:
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(),
-        "model": "SmolLM2-135M fp32" if args.device == "cpu" else "Llama-3-8B shape, random weights",
+        "model": "SmolLM2-135M fp32" if shape == "smollm2" else f"{shape}-shaped Llama, random weights",
         "layers": layers,
         "tokens": tokens,
         "one_pass_tokens_per_s": one_pass,
