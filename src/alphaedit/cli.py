@@ -43,6 +43,10 @@ LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules liv
 RuleOption = Annotated[Optional[str], typer.Option(help="Null-space projector rule: absolute (the paper's code), relative, energy or rank.")]
 ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value (default 2e-2, the paper's absolute eigenvalue threshold).")]
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
+PrefixCacheOption = Annotated[bool, typer.Option(
+    "--prefix-cache/--no-prefix-cache",
+    help="Run the tokens before each edited position once per batch and reuse their attention keys/values (exact; off: whole rows every z step).",
+)]
 
 
 def _fail(message: str) -> None:
@@ -101,6 +105,7 @@ def edit(
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
     layout: LayoutOption = None,
@@ -130,7 +135,7 @@ def edit(
         editor = _replay(state, lm, tokenizer)
     else:
         config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
-                                  projector_rule=projector_rule, nullspace_threshold=threshold)
+                                  projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache)
         editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
     started = time.perf_counter()
     reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
@@ -425,6 +430,7 @@ def evaluate(
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
     layout: LayoutOption = None,
@@ -449,7 +455,7 @@ def evaluate(
     with console.status(f"loading {model}"):
         lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
     config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
-                              projector_rule=projector_rule, nullspace_threshold=threshold)
+                              projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache)
     editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
