@@ -1,0 +1,224 @@
+"""The forward passes of the z optimisation: rows of many requests, δ added at block l_m.
+
+A row is one prompt of one request (a rewriting prompt with the target teacher-forced, or the
+KL prompt). Rows are independent of each other, so a pass may hold any rows of any requests:
+`plan_passes` packs the active ones by length, so little of a pass is padding.
+
+Each row is cut at δ's position (the subject's last token). Under causal attention nothing
+before the cut ever sees δ, so those tokens' attention keys and values are computed once
+(`Pass.prefix_pass`) and kept in a `RowCache`; every later pass runs only the suffix, from the
+cut on, against them, with explicit positions. The cache also keeps block l_m's output of each
+suffix, so after the first iteration the blocks up to l_m are replayed instead of run.
+`prefix_cache_is_exact` checks that a model honours both (δ = 0 against a plain pass).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .hooks import replay_blocks, trace
+from .layouts import Layout, get_module, output_logits
+from .prompts import batch_rows
+
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: attention keys and values
+
+
+@dataclass
+class Row:
+    """One prompt of one request, and what the loss reads from it."""
+
+    request: int
+    ids: list[int]
+    lookup: int  # δ's position: the subject's last token
+    reads: list[tuple[int, int, float]]  # NLL terms: (position whose logits predict, token, weight)
+    is_kl: bool = False  # the "{subject} is a" row: KL at `lookup`
+    is_plain: bool = False  # the plain-template row: h0 is block l_m's output at `lookup`
+
+    def cut(self, split: bool) -> int:
+        return self.lookup if split else 0
+
+    def suffix_length(self, split: bool) -> int:
+        return len(self.ids) - self.cut(split)
+
+
+def plan_passes(rows: Sequence[Row], active: Sequence[int], requests_per_pass: int, split: bool) -> list[list[int]]:
+    """Indices of the active requests' rows, grouped into passes.
+
+    One request per pass: its own rows, as the authors' loop. More: all active rows sorted by
+    suffix length and cut into passes of `requests_per_pass` requests' worth of rows, so each
+    pass pads its rows to a similar length.
+    """
+    wanted = set(active)
+    chosen = [i for i, row in enumerate(rows) if row.request in wanted]
+    if requests_per_pass == 1:
+        by_request: dict[int, list[int]] = {}
+        for i in chosen:
+            by_request.setdefault(rows[i].request, []).append(i)
+        return list(by_request.values())
+    per_request = len(chosen) // len(wanted)
+    size = max(1, requests_per_pass * per_request)
+    ordered = sorted(chosen, key=lambda i: rows[i].suffix_length(split))
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+
+class RowCache:
+    """What the first iteration computed that later ones reuse, per row: block l_m's output
+    over the suffix, and the prefix's attention keys and values at every layer. Each is one
+    tensor over all rows, padded to the longest suffix / prefix, allocated on first store."""
+
+    def __init__(self, num_rows: int, suffix_width: int, prefix_width: int):
+        self.num_rows, self.suffix_width, self.prefix_width = num_rows, suffix_width, prefix_width
+        self.below: torch.Tensor | None = None  # [rows, suffix width, d]
+        self.prefix: PrefixKV | None = None  # per layer: keys, values [rows, heads, prefix width, head_dim]
+
+    def store_below(self, rows: list[int], below: torch.Tensor) -> None:
+        if self.below is None:
+            self.below = below.new_zeros(self.num_rows, self.suffix_width, below.shape[-1])
+        self.below[torch.tensor(rows, device=below.device), : below.shape[1]] = below
+
+    def store_prefix(self, rows: list[int], layers: PrefixKV) -> None:
+        if self.prefix is None:
+            n, width = self.num_rows, self.prefix_width
+            self.prefix = [
+                (k.new_zeros(n, k.shape[1], width, k.shape[3]), v.new_zeros(n, v.shape[1], width, v.shape[3])) for k, v in layers
+            ]
+        for (keys, values), (k, v) in zip(self.prefix, layers):
+            index = torch.tensor(rows, device=keys.device)
+            keys[index, :, : k.shape[2]] = k
+            values[index, :, : v.shape[2]] = v
+
+    def gather_below(self, rows: list[int], width: int) -> torch.Tensor:
+        return self.below[torch.tensor(rows, device=self.below.device), :width]
+
+    def gather_prefix(self, rows: list[int], width: int) -> PrefixKV | None:
+        if width == 0 or self.prefix is None:
+            return None
+        gathered = []
+        for keys, values in self.prefix:
+            index = torch.tensor(rows, device=keys.device)
+            gathered.append((keys[index, :, :width], values[index, :, :width]))
+        return gathered
+
+
+class Pass:
+    """One forward over some rows, cut at δ's position when `split` (else whole rows)."""
+
+    def __init__(self, rows: Sequence[Row], model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, split: bool):
+        self.model, self.layout = model, layout
+        device = next(model.parameters()).device
+        self.cuts = [row.cut(split) for row in rows]
+        self.prefix = batch_rows(tokenizer, [row.ids[:cut] for row, cut in zip(rows, self.cuts)], self.cuts).to(device)
+        self.suffix = batch_rows(tokenizer, [row.ids[cut:] for row, cut in zip(rows, self.cuts)], [0] * len(rows)).to(device)
+        self.suffix.lookup = torch.tensor([row.lookup - cut for row, cut in zip(rows, self.cuts)], device=device)
+        self.widths = [len(row.ids) - cut for row, cut in zip(rows, self.cuts)]
+        steps = torch.arange(self.suffix.input_ids.shape[1])
+        # each suffix token's position in its whole row; pads repeat the row's last position
+        self.positions = torch.stack([cut + steps.clamp(max=w - 1) for cut, w in zip(self.cuts, self.widths)]).to(device)
+        self.row_request = torch.tensor([row.request for row in rows], device=device)
+        # the NLL terms of these rows (a pass of short rows may hold only KL rows, and none)
+        reads = [(k, pos - cut, token, row.request) for k, (row, cut) in enumerate(zip(rows, self.cuts)) for pos, token, _ in row.reads]
+        columns = list(zip(*reads)) or [(), (), (), ()]
+        self.read_row, self.read_pos, self.read_token, self.read_request = (torch.tensor(c, dtype=torch.long, device=device) for c in columns)
+        weight_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+        self.read_weight = torch.tensor([w for row in rows for _, _, w in row.reads], dtype=weight_dtype, device=device)
+        self.kl_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_kl], dtype=torch.long, device=device)
+        self.kl_request = self.row_request[self.kl_rows]
+        self.plain_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_plain], dtype=torch.long, device=device)
+        self.plain_request = self.row_request[self.plain_rows]
+
+    @property
+    def prefix_width(self) -> int:
+        return max(self.cuts)
+
+    @property
+    def suffix_width(self) -> int:
+        return self.suffix.input_ids.shape[1]
+
+    def prefix_pass(self) -> PrefixKV:
+        """The prefix's attention keys and values at every layer ([rows, heads, width, head_dim]).
+
+        Pad positions are zeroed: a row whose prefix is empty is all padding, and its fully
+        masked attention may leave NaN there, which a 0 attention weight would still spread.
+        """
+        cache = DynamicCache()
+        with torch.no_grad():
+            self.model.base_model(
+                input_ids=self.prefix.input_ids, attention_mask=self.prefix.attention_mask,
+                **{cache_argument(self.model): cache}, use_cache=True,
+            )
+        layers = []
+        for layer in cache.layers:
+            real = self.prefix.attention_mask.to(layer.keys.device)[:, None, :, None].bool()
+            layers.append((layer.keys.where(real, 0.0), layer.values.where(real, 0.0)))
+        return layers
+
+    def forward(
+        self, delta: torch.Tensor, z_layer: int, below: torch.Tensor | None, prefix_kv: PrefixKV | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """δ[request] added at block `z_layer`'s output at each row's δ position.
+
+        `below`: that block's output without δ over these suffixes, from an earlier pass; when
+        given, the blocks up to z_layer are replayed, not run. `prefix_kv`: the prefixes' keys
+        and values (None when nothing was cut). Returns (block output without δ [rows, S, d],
+        log-probs of the read tokens [reads], log-probs at the KL rows' δ position [kl rows, V]).
+        """
+        captured: dict[str, torch.Tensor] = {}
+
+        def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+            # with device_map="auto" block l_m may sit on another device than δ
+            captured["below"] = hidden.detach()
+            shift = delta[self.row_request.to(delta.device)].to(hidden.device, hidden.dtype)
+            where = (self.suffix.rows.to(hidden.device), self.suffix.lookup.to(hidden.device))
+            return hidden.index_put(where, shift, accumulate=True)
+
+        inputs = dict(input_ids=self.suffix.input_ids, attention_mask=self.suffix.attention_mask, position_ids=self.positions)
+        if prefix_kv is not None:
+            # a fresh cache per pass: the pass appends the suffix's keys and values to it
+            inputs.update(
+                attention_mask=torch.cat([self.prefix.attention_mask, self.suffix.attention_mask], dim=1),
+                **{cache_argument(self.model): DynamicCache(prefix_kv)}, use_cache=True,
+            )
+        blocks = [get_module(self.model, self.layout.block(i)) for i in range(z_layer + 1)]
+        skip = replay_blocks(blocks, below) if below is not None else nullcontext()
+        with trace(self.model, edit_outputs={self.layout.block(z_layer): add_delta}), skip:
+            hidden = self.model.base_model(**inputs)[0]
+        # Logits only where the loss reads them, on the head's device (the last one under
+        # device_map="auto"); the per-token results come back to δ's.
+        on = hidden.device
+        precision = torch.promote_types(hidden.dtype, torch.float32)
+        read_logits = output_logits(self.model, self.layout, hidden[self.read_row.to(on), self.read_pos.to(on)]).to(precision)
+        tokens = self.read_token.to(read_logits.device)
+        token_logp = read_logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0].to(delta.device)
+        self.top1 = (read_logits.detach().argmax(-1) == tokens).to(delta.device)
+        kl_hidden = hidden[self.kl_rows.to(on), self.suffix.lookup[self.kl_rows].to(on)]
+        kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1).to(delta.device)
+        return captured["below"], token_logp, kl_logp
+
+    def plain_outputs(self, below: torch.Tensor) -> torch.Tensor:
+        """h0 of the requests whose plain-template row is in this pass (in `plain_request` order)."""
+        rows = self.plain_rows.to(below.device)
+        return below[rows, self.suffix.lookup[self.plain_rows].to(below.device)]
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    # transformers 5.2x renamed `past_key_values` to `cache`; older models still take the old name
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def prefix_cache_gap(model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Row], z_layer: int) -> float:
+    """Largest log-prob difference between cut rows with cached prefixes and whole rows, at δ = 0."""
+    cut, plain = (Pass(rows, model, layout, tokenizer, split) for split in (True, False))
+    if cut.prefix_width == 0:
+        return 0.0  # nothing is cut: both are the same pass
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+    zero = torch.zeros(max(r.request for r in rows) + 1, layout.hidden_size, device=next(model.parameters()).device, dtype=dtype)
+    with torch.no_grad():
+        _, cut_logp, cut_kl = cut.forward(zero, z_layer, None, cut.prefix_pass())
+        _, plain_logp, plain_kl = plain.forward(zero, z_layer, None, None)
+    return max((cut_logp - plain_logp).abs().max().item(), (cut_kl - plain_kl).abs().max().item())
