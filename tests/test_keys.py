@@ -8,8 +8,8 @@ import torch
 from alphaedit.keys import compute_keys, template_weights
 from alphaedit.layouts import get_module
 from alphaedit.prompts import (
+    batch_rows,
     encode,
-    encode_prompts,
     fill,
     generate_context_templates,
     kl_prompt,
@@ -75,11 +75,11 @@ def test_encode_counts_the_bos_token(tokenizer, bos_tokenizer):
     assert bos_index == index + 1 == _reference_index(bos_tokenizer, filled.text, filled.subject_end)
 
 
-def test_encode_prompts_right_pads_with_the_pad_token(tokenizer):
+def test_batch_rows_right_pads_with_the_pad_token(tokenizer):
     prompts = [fill("{}", REQUESTS[2]), fill(TEMPLATES[1], REQUESTS[0])]
-    batch = encode_prompts(tokenizer, prompts)
-    short, _ = encode(tokenizer, prompts[0])
+    short, short_index = encode(tokenizer, prompts[0])
     long_, long_index = encode(tokenizer, prompts[1])
+    batch = batch_rows(tokenizer, [short, long_], [len(short) - 1, long_index])
     assert batch.input_ids.shape == (2, len(long_))
     assert batch.input_ids[0, : len(short)].tolist() == short
     assert set(batch.input_ids[0, len(short) :].tolist()) == {tokenizer.pad_token_id}

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .hooks import run_forward, trace
 from .layouts import Layout
-from .prompts import PromptBatch, encode_prompts, fill
+from .prompts import PromptBatch, batch_rows, encode, fill
 from .requests import EditRequest
 
 
@@ -54,7 +54,12 @@ def compute_keys(
     z_layer: int | None = None,
     rows_per_pass: int = 64,
 ) -> KeyPass:
-    """Template-averaged keys at `layers` and, if `z_layer` is given, the current z at that layer."""
+    """Template-averaged keys at `layers` and, if `z_layer` is given, the current z at that layer.
+
+    Everything is read at the subject's last token, so each row is run only up to it (causal
+    attention: later tokens cannot change it), and rows are sorted by length into passes so
+    that little of a pass is padding.
+    """
     num_templates = len(templates)
     weights = template_weights(num_templates)
     mlp_paths = {layout.mlp_out_path(layer): layer for layer in layers}
@@ -62,13 +67,15 @@ def compute_keys(
     deepest = max(layers) if z_layer is None else max(max(layers), z_layer)
     stop = layout.block(deepest) if z_layer is not None and z_layer >= max(layers) else layout.mlp_out_path(deepest)
 
-    rows = _rows_for(requests, templates)
+    encoded = [encode(tokenizer, prompt) for prompt in _rows_for(requests, templates)]
+    rows = [ids[: lookup + 1] for ids, lookup in encoded]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     z_rows: list[torch.Tensor] = []
     device = next(model.parameters()).device
-    per_pass = max(num_templates, rows_per_pass - rows_per_pass % num_templates)
-    for start in range(0, len(rows), per_pass):
-        batch = encode_prompts(tokenizer, rows[start : start + per_pass]).to(device)
+    for start in range(0, len(order), rows_per_pass):
+        chosen = order[start : start + rows_per_pass]
+        batch = batch_rows(tokenizer, [rows[i] for i in chosen], [len(rows[i]) - 1 for i in chosen]).to(device)
         with torch.no_grad(), trace(model, inputs_of=list(mlp_paths), outputs_of=[z_path] if z_path else [], stop_after=stop) as rec:
             run_forward(model.base_model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         for path, layer in mlp_paths.items():
@@ -76,11 +83,12 @@ def compute_keys(
         if z_path:
             z_rows.append(_gather(rec.outputs[z_path], batch).cpu())
 
+    restore = torch.argsort(torch.tensor(order))  # back to request-major, template-minor rows
     keys = {}
     for layer, chunks in collected.items():
-        per_template = torch.cat(chunks).view(len(requests), num_templates, -1)
+        per_template = torch.cat(chunks)[restore].view(len(requests), num_templates, -1)
         keys[layer] = torch.einsum("utd,t->ud", per_template, weights)
     z_current = None
     if z_path:
-        z_current = torch.cat(z_rows).view(len(requests), num_templates, -1)[:, 0]
+        z_current = torch.cat(z_rows)[restore].view(len(requests), num_templates, -1)[:, 0]
     return KeyPass(keys, z_current)

@@ -2,7 +2,7 @@
 
 Every pass over edit prompts needs the same three things: the text (a context template wrapped
 around the request's prompt, the subject filled in), its token ids, and the index of the
-subject's last token. `encode_prompts` computes all three in one place, from character offsets,
+subject's last token. `encode` computes all three in one place, from character offsets,
 so the index is exact for any tokenizer (with or without a BOS token).
 """
 
@@ -87,11 +87,6 @@ def batch_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], lo
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return PromptBatch(ids, mask, torch.tensor(list(lookup), dtype=torch.long))
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[FilledPrompt]) -> PromptBatch:
-    encoded = [encode(tokenizer, p) for p in prompts]
-    return batch_rows(tokenizer, [ids for ids, _ in encoded], [idx for _, idx in encoded])
 
 
 def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
