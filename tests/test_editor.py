@@ -93,6 +93,17 @@ def test_preserved_keys_accumulate_only_for_methods_that_use_them(tokenizer, tmp
         assert all((c.abs().sum() > 0) == accumulates for c in editor.preserved.values()), method
 
 
+def test_preserved_keys_are_the_keys_of_the_edited_model(llama, tokenizer, tmp_path):
+    # C_p must hold Σ k kᵀ of the batch's keys read on the model after the edit (the reference
+    # recomputes them in a final pass; the editor reuses the per-layer keys, which are the same).
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path)
+    editor.edit(REQUESTS)
+    after = compute_keys(editor.model, layout, tokenizer, REQUESTS, editor.context_templates(), editor.config.layers).keys
+    for layer, keys in after.items():
+        torch.testing.assert_close(editor.preserved[layer], keys.T @ keys, rtol=1e-4, atol=1e-6)
+
+
 def test_a_conflicting_batch_changes_nothing(fresh_llama, tokenizer, tmp_path):
     editor = _editor(fresh_llama, tokenizer, tmp_path)
     before = _weights(editor)

@@ -262,25 +262,28 @@ class Editor:
         with clock("z"):
             targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
             z = targets.z.cpu()
-        deltas = {}
+        deltas, keys = {}, {}
         for i, layer in enumerate(layers):
             with clock("keys"):
                 current = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, [layer], z_layer=config.z_layer)
+            keys[layer] = current.keys[layer]
             with clock("solve"):
                 resid = (z - current.z_current) / (len(layers) - i)
                 device = self._device(layer)
                 rule = UPDATE_RULES[config.method]
-                deltas[layer] = rule(current.keys[layer].to(device).T, resid.to(device).T, statistics[layer], config).to("cpu")
+                deltas[layer] = rule(keys[layer].to(device).T, resid.to(device).T, statistics[layer], config).to("cpu")
                 self._add_to_weight(layer, deltas[layer], sign=1)
             if step is not None:
                 step()
-        keys = {}
+        # C_p takes the batch's keys on the edited model. A layer's key (the input of its W_out)
+        # depends only on the layers below it, all updated by the time it was computed above,
+        # so those keys are already the post-edit ones: no further pass is needed.
         if uses_preserved(config.method):
-            with clock("keys"):
-                keys = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, layers).keys
             with clock("solve"):
                 for layer in layers:
                     self._add_to_preserved(layer, keys[layer], sign=1)
+        else:
+            keys = {}
         with clock("check"):
             efficacy = self._efficacy(requests)
         report = BatchReport(
