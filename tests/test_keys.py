@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from alphaedit.keys import compute_keys, template_weights
-from alphaedit.layouts import get_module
+from alphaedit.keys import KeyReader, compute_keys, template_weights
+from alphaedit.layouts import get_module, mlp_out_weight
 from alphaedit.prompts import (
     batch_rows,
     encode,
@@ -195,3 +197,27 @@ def test_z_layer_below_the_keys_layers_is_read_in_the_same_pass(llama, tokenizer
     result = compute_keys(model, layout, tokenizer, REQUESTS, TEMPLATES, [2, 3], z_layer=1)
     _, expected_z = _reference_keys(model, layout, tokenizer, [2], z_layer=1)
     torch.testing.assert_close(result.z_current, expected_z, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reader_replays_unchanged_blocks_and_reads_what_a_fresh_pass_reads(llama, tokenizer):
+    # As the editor does: read layer 1, change W_out of layer 1, read layer 2 saying that blocks
+    # below 1 did not change. Block 0 must not run again, and the keys and z must be those of a
+    # fresh pass on the changed model.
+    model, layout = llama
+    model = copy.deepcopy(model)
+    reader = KeyReader(model, layout, tokenizer, REQUESTS, TEMPLATES, rows_per_pass=4)
+    reader.read([1], z_layer=3)
+    with torch.no_grad():
+        mlp_out_weight(model, layout, 1).mul_(1.5)
+    calls = []
+    handle = get_module(model, layout.mlp_out_path(0)).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        replayed = reader.read([2], z_layer=3, unchanged_below=1)
+    finally:
+        handle.remove()
+    fresh = compute_keys(model, layout, tokenizer, REQUESTS, TEMPLATES, [2], z_layer=3)
+    assert calls == []  # block 0 was replayed, not run
+    torch.testing.assert_close(replayed.keys[2], fresh.keys[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(replayed.z_current, fresh.z_current, rtol=1e-5, atol=1e-6)
+    stale = reader.read([2], z_layer=3, unchanged_below=0)  # nothing promised: runs every block
+    torch.testing.assert_close(stale.keys[2], fresh.keys[2], rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import EditConfig, config_for_model
 from .files import atomic_save_tensors
 from .journal import Journal, JournalError
-from .keys import compute_keys
+from .keys import KeyReader
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
 from .progress import progress_bar
 from .prompts import generate_context_templates
@@ -263,9 +263,12 @@ class Editor:
             targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
             z = targets.z.cpu()
         deltas, keys = {}, {}
+        reader = KeyReader(self.model, self.layout, self.tokenizer, requests, templates)
         for i, layer in enumerate(layers):
             with clock("keys"):
-                current = compute_keys(self.model, self.layout, self.tokenizer, requests, templates, [layer], z_layer=config.z_layer)
+                # only W_out of the layers already done has changed: the blocks below the last
+                # one are replayed from the previous read
+                current = reader.read([layer], z_layer=config.z_layer, unchanged_below=layers[i - 1] if i else 0)
             keys[layer] = current.keys[layer]
             with clock("solve"):
                 resid = (z - current.z_current) / (len(layers) - i)

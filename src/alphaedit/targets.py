@@ -84,7 +84,9 @@ def _flatten(request: int, rows: TargetRows) -> list[Row]:
         Row(request, ids, lookup, [(start + t, token, weight) for t, token in enumerate(rows.target)], is_plain=j == 0)
         for j, (ids, lookup, start) in enumerate(zip(rows.ids, rows.lookup, rows.target_start))
     ]
-    return flat + [Row(request, rows.ids[-1], rows.lookup[-1], [], is_kl=True)]
+    # The KL is read at the subject's last token: under causal attention " is a" after it
+    # cannot change it, so the row ends there.
+    return flat + [Row(request, rows.ids[-1][: rows.lookup[-1] + 1], rows.lookup[-1], [], is_kl=True)]
 
 
 @dataclass
