@@ -27,6 +27,9 @@ from .layouts import Layout, get_module, output_logits
 from .prompts import batch_rows
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: attention keys and values
+# Of a pass's token budget: a longer row that would pad the rows already in the pass by more
+# than this starts a new pass. An eighth was fastest on SmolLM2 over a quarter and a sixteenth.
+PADDING_ALLOWANCE = 0.125
 
 
 @dataclass
@@ -51,8 +54,10 @@ def plan_passes(rows: Sequence[Row], active: Sequence[int], requests_per_pass: i
     """Indices of the active requests' rows, grouped into passes.
 
     One request per pass: its own rows, as the authors' loop. More: all active rows sorted by
-    suffix length and cut into passes of `requests_per_pass` requests' worth of rows, so each
-    pass pads its rows to a similar length.
+    suffix length and cut greedily into passes of at most `requests_per_pass` requests' worth
+    of tokens (padding included); a pass also ends where the next, longer row would add more
+    than PADDING_ALLOWANCE of that budget in padding to the rows already in it, since a
+    separate pass then costs less than the padding.
     """
     wanted = set(active)
     chosen = [i for i, row in enumerate(rows) if row.request in wanted]
@@ -61,10 +66,18 @@ def plan_passes(rows: Sequence[Row], active: Sequence[int], requests_per_pass: i
         for i in chosen:
             by_request.setdefault(rows[i].request, []).append(i)
         return list(by_request.values())
-    per_request = len(chosen) // len(wanted)
-    size = max(1, requests_per_pass * per_request)
-    ordered = sorted(chosen, key=lambda i: rows[i].suffix_length(split))
-    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+    width = {i: rows[i].suffix_length(split) for i in chosen}
+    budget = requests_per_pass * sum(width.values()) / len(wanted)
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(chosen, key=width.__getitem__):
+        padded = (len(current) + 1) * width[i]
+        added_padding = len(current) * (width[i] - (width[current[-1]] if current else 0))
+        if current and (padded > budget or added_padding > budget * PADDING_ALLOWANCE):
+            passes.append(current)
+            current = []
+        current.append(i)
+    return passes + [current]
 
 
 class RowCache:
