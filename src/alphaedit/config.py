@@ -30,7 +30,9 @@ class EditConfig:
     # also stop a request once its new object is the top-1 prediction everywhere (not in the
     # reference code; ENCORE's "most-probable early stopping", arXiv 2502.01636)
     stop_when_most_probable: bool = False
-    z_requests_per_pass: int = 16  # requests sharing one forward/backward (1 = one at a time)
+    # a z pass holds up to this many requests' worth of tokens, rows of all requests packed by
+    # length (1 = each request's rows alone, the authors' loop); lower it if a pass runs out of memory
+    z_requests_per_pass: int = 16
     # compute the tokens before δ's position once and cache their attention keys/values (exact;
     # checked against a plain pass on each batch, falling back to plain passes if it differs)
     z_prefix_cache: bool = True
