@@ -109,6 +109,26 @@ class _AdamState:
         delta[rows] -= self.lr / (1 - b1**self.step) * self.m[rows] / denom
 
 
+@dataclass
+class _Totals:
+    """One iteration's per-request sums over the passes (detached)."""
+
+    nll: torch.Tensor
+    kl: torch.Tensor
+    prob: torch.Tensor  # mean target-token probability
+    misses: torch.Tensor  # target tokens that are not the top-1 prediction
+
+    def add(self, batch: Pass, token_logp: torch.Tensor, row_kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one pass; returns its per-request NLL and KL, still differentiable."""
+        nll = torch.zeros_like(self.nll).index_add(0, batch.read_request, -token_logp * batch.read_weight)
+        kl = torch.zeros_like(self.kl).index_add(0, batch.kl_request, row_kl)
+        self.nll += nll.detach()
+        self.kl += kl.detach()
+        self.prob.index_add_(0, batch.read_request, token_logp.detach().exp() * batch.read_weight)
+        self.misses.index_add_(0, batch.read_request, (~batch.top1).to(self.misses.dtype))
+        return nll, kl
+
+
 def compute_targets(
     model: PreTrainedModel,
     layout: Layout,
@@ -156,7 +176,7 @@ def _optimise(
     for it in range(config.v_num_grad_steps):
         last = it == config.v_num_grad_steps - 1  # the reference never steps on its last iteration
         leaf = delta.clone().requires_grad_(not last)
-        nll, kl, prob, misses = (torch.zeros(u, device=device, dtype=dtype) for _ in range(4))
+        totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(4)))
         for chosen in plan_passes(rows, active, requests_per_pass, split):
             batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
             if it == 0 and batch.prefix_width:
@@ -170,24 +190,19 @@ def _optimise(
                 h0[batch.plain_request] = batch.plain_outputs(below).to(device, dtype)
                 kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(kl_rows)})
             init = torch.stack([kl_init[i] for i in kl_rows]) if kl_rows else kl_logp.detach()
-            pass_nll = torch.zeros_like(nll).index_add(0, batch.read_request, -token_logp * batch.read_weight)
-            pass_kl = torch.zeros_like(kl).index_add(0, batch.kl_request, config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1))
+            nll, kl = totals.add(batch, token_logp, config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1))
             if not last:
-                (pass_nll.sum() + pass_kl.sum()).backward()
-            nll += pass_nll.detach()
-            kl += pass_kl.detach()
-            prob += torch.zeros_like(prob).index_add(0, batch.read_request, token_logp.detach().exp() * batch.read_weight)
-            misses += torch.zeros_like(misses).index_add(0, batch.read_request, (~batch.top1).to(dtype))
+                (nll.sum() + kl.sum()).backward()
         moving = torch.tensor(active, device=device)
         wd = config.v_weight_decay * leaf[moving].norm(dim=-1) / h0[moving].norm(dim=-1) ** 2
         if not last:
             wd.sum().backward()
-        loss = nll[moving] + kl[moving] + wd.detach()
+        loss = totals.nll[moving] + totals.kl[moving] + wd.detach()
         final_loss[active] = loss.cpu().double()
-        final_prob[active] = prob[moving].cpu().double()
+        final_prob[active] = totals.prob[moving].cpu().double()
         keep = (loss >= config.early_stop_loss) & (not last)
         if config.stop_when_most_probable:
-            keep &= misses[moving] > 0
+            keep &= totals.misses[moving] > 0
         active = [i for k, i in enumerate(active) if keep[k]]
         if on_iteration is not None:
             on_iteration()
