@@ -144,77 +144,64 @@ def compute_targets(
     `on_iteration` is called after each iteration (progress reporting).
     """
     with frozen_parameters(model):
-        return _optimise(model, layout, tokenizer, requests, templates, config, requests_per_pass, on_iteration)
+        rows = [row for i, r in enumerate(requests) for row in _flatten(i, request_rows(tokenizer, r, templates))]
+        split = config.z_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
+        cache = RowCache(len(rows), max(r.suffix_length(split) for r in rows), max(r.cut(split) for r in rows))
+        device = next(model.parameters()).device
+        u, d = len(requests), layout.hidden_size
 
+        # δ and the optimiser stay float32 under a half-precision model (float64 stays float64).
+        dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+        delta = torch.zeros(u, d, device=device, dtype=dtype)
+        adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
+        h0 = torch.zeros_like(delta)
+        kl_init: dict[int, torch.Tensor] = {}  # KL row -> its log-probs before any δ
+        active = list(range(u))
+        final_loss, final_prob = torch.zeros(u, dtype=torch.float64), torch.zeros(u, dtype=torch.float64)
+        steps = torch.zeros(u, dtype=torch.long)
 
-def _optimise(
-    model: PreTrainedModel,
-    layout: Layout,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[EditRequest],
-    templates: Sequence[str],
-    config: EditConfig,
-    requests_per_pass: int,
-    on_iteration: Callable[[], None] | None,
-) -> TargetResult:
-    rows = [row for i, r in enumerate(requests) for row in _flatten(i, request_rows(tokenizer, r, templates))]
-    split = config.z_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
-    cache = RowCache(len(rows), max(r.suffix_length(split) for r in rows), max(r.cut(split) for r in rows))
-    device = next(model.parameters()).device
-    u, d = len(requests), layout.hidden_size
-
-    # δ and the optimiser stay float32 under a half-precision model (float64 stays float64).
-    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
-    delta = torch.zeros(u, d, device=device, dtype=dtype)
-    adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
-    h0 = torch.zeros_like(delta)
-    kl_init: dict[int, torch.Tensor] = {}  # KL row -> its log-probs before any δ
-    active = list(range(u))
-    final_loss, final_prob = torch.zeros(u, dtype=torch.float64), torch.zeros(u, dtype=torch.float64)
-    steps = torch.zeros(u, dtype=torch.long)
-
-    for it in range(config.v_num_grad_steps):
-        last = it == config.v_num_grad_steps - 1  # the reference never steps on its last iteration
-        leaf = delta.clone().requires_grad_(not last)
-        totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(4)))
-        for chosen in plan_passes(rows, active, requests_per_pass, split):
-            batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
-            if it == 0 and batch.prefix_width:
-                cache.store_prefix(chosen, batch.prefix_pass())
-            below = cache.gather_below(chosen, batch.suffix_width) if it > 0 else None
-            with torch.set_grad_enabled(not last):
-                below, token_logp, kl_logp = batch.forward(leaf, config.z_layer, below, cache.gather_prefix(chosen, batch.prefix_width))
-            kl_rows = [i for i in chosen if rows[i].is_kl]
-            if it == 0:
-                cache.store_below(chosen, below)
-                h0[batch.plain_request] = batch.plain_outputs(below).to(device, dtype)
-                kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(kl_rows)})
-            init = torch.stack([kl_init[i] for i in kl_rows]) if kl_rows else kl_logp.detach()
-            nll, kl = totals.add(batch, token_logp, config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1))
+        for it in range(config.v_num_grad_steps):
+            last = it == config.v_num_grad_steps - 1  # the reference never steps on its last iteration
+            leaf = delta.clone().requires_grad_(not last)
+            totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(4)))
+            for chosen in plan_passes(rows, active, requests_per_pass, split):
+                batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
+                if it == 0 and batch.prefix_width:
+                    cache.store_prefix(chosen, batch.prefix_pass())
+                below = cache.gather_below(chosen, batch.suffix_width) if it > 0 else None
+                with torch.set_grad_enabled(not last):
+                    below, token_logp, kl_logp = batch.forward(leaf, config.z_layer, below, cache.gather_prefix(chosen, batch.prefix_width))
+                kl_rows = [i for i in chosen if rows[i].is_kl]
+                if it == 0:
+                    cache.store_below(chosen, below)
+                    h0[batch.plain_request] = batch.plain_outputs(below).to(device, dtype)
+                    kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(kl_rows)})
+                init = torch.stack([kl_init[i] for i in kl_rows]) if kl_rows else kl_logp.detach()
+                nll, kl = totals.add(batch, token_logp, config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1))
+                if not last:
+                    (nll.sum() + kl.sum()).backward()
+            moving = torch.tensor(active, device=device)
+            wd = config.v_weight_decay * leaf[moving].norm(dim=-1) / h0[moving].norm(dim=-1) ** 2
             if not last:
-                (nll.sum() + kl.sum()).backward()
-        moving = torch.tensor(active, device=device)
-        wd = config.v_weight_decay * leaf[moving].norm(dim=-1) / h0[moving].norm(dim=-1) ** 2
-        if not last:
-            wd.sum().backward()
-        loss = totals.nll[moving] + totals.kl[moving] + wd.detach()
-        final_loss[active] = loss.cpu().double()
-        final_prob[active] = totals.prob[moving].cpu().double()
-        keep = (loss >= config.early_stop_loss) & (not last)
-        if config.stop_when_most_probable:
-            keep &= totals.misses[moving] > 0
-        active = [i for k, i in enumerate(active) if keep[k]]
-        if on_iteration is not None:
-            on_iteration()
-        if not active:
-            break
-        moving = torch.tensor(active, device=device)
-        with torch.no_grad():
-            adam.update(delta, leaf.grad, moving)
-            steps[active] += 1
-            _clamp(delta, h0, config.clamp_norm_factor, moving)
+                wd.sum().backward()
+            loss = totals.nll[moving] + totals.kl[moving] + wd.detach()
+            final_loss[active] = loss.cpu().double()
+            final_prob[active] = totals.prob[moving].cpu().double()
+            keep = (loss >= config.early_stop_loss) & (not last)
+            if config.stop_when_most_probable:
+                keep &= totals.misses[moving] > 0
+            active = [i for k, i in enumerate(active) if keep[k]]
+            if on_iteration is not None:
+                on_iteration()
+            if not active:
+                break
+            moving = torch.tensor(active, device=device)
+            with torch.no_grad():
+                adam.update(delta, leaf.grad, moving)
+                steps[active] += 1
+                _clamp(delta, h0, config.clamp_norm_factor, moving)
 
-    return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist())
+        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist())
 
 
 def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: list[Row], z_layer: int) -> bool:
@@ -228,7 +215,7 @@ def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: Pr
     try:
         gap = prefix_cache_gap(model, layout, tokenizer, [r for r in rows if r.request == longest], z_layer)
     except (TypeError, ValueError) as error:
-        warnings.warn(f"the z optimisation runs full passes: this model cannot take cached prefixes ({error})", stacklevel=4)
+        warnings.warn(f"the z optimisation runs full passes: this model cannot take cached prefixes ({error})", stacklevel=3)
         return False
     # Measured on SmolLM2 (log-prob units): cut vs whole rows differ by ≤ 6e-5 in float32 and
     # ≤ 0.36 in bf16 from rounding alone; ignoring the positions moves them by 5-12.
@@ -237,7 +224,7 @@ def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: Pr
         warnings.warn(
             f"the z optimisation runs full passes: with cached prefixes this model's log-probabilities moved by "
             f"{gap:.2g} (> {tolerance:g}), so its attention does not honour the cache or the positions",
-            stacklevel=4,
+            stacklevel=3,
         )
         return False
     return True
