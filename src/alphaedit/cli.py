@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import METHODS, config_for_model
+from .config import METHODS, EditConfig, config_for_model
 from .progress import progress_bar
 from .journal import Journal, JournalError
 from .requests import RequestError, load_requests
@@ -134,8 +134,7 @@ def edit(
             _fail(f"{state} was edited with {header['config']['method']}; it cannot continue with {method}")
         editor = _replay(state, lm, tokenizer)
     else:
-        config = config_for_model(lm.config, method or "alphaedit", layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
-                                  projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache)
+        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold)
         editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
     started = time.perf_counter()
     reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
@@ -273,6 +272,13 @@ def stats(
     out.print(table)
     if report:
         out.print(f"spectra plotted in {summary['plot']}")
+
+
+def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: float | None, prefix_cache: bool,
+                 projector_rule: str | None, threshold: float | None) -> EditConfig:
+    """The preset for this model's shape with the options `edit` and `eval` share on top."""
+    return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
+                            projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache)
 
 
 def _start_workers():
@@ -454,8 +460,7 @@ def evaluate(
         _fail(str(e))
     with console.status(f"loading {model}"):
         lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
-    config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
-                              projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache)
+    config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold)
     editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
