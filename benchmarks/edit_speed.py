@@ -33,7 +33,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from random_models import LLAMA3_VOCAB, SHAPES, random_llama
+from transformers import AutoTokenizer
 
 from alphaedit.config import config_for_model
 from alphaedit.editor import Editor
@@ -43,28 +44,15 @@ from alphaedit.requests import parse_requests
 from alphaedit.stats import CorpusSpec, StatsCache
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    # the same code path at a size the CPU can run in seconds (a smoke test of the GPU mode)
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=2),
-}
 
 
 @dataclass
 class Variant:
     name: str
-    per_pass: int  # requests per forward/backward (1 = one at a time)
+    per_pass: int  # z_requests_per_pass (1 = each request alone)
     prefix_cache: bool
     dtype: torch.dtype
     edits: int
-
-
-def random_model(shape: str, vocab_size: int, device: str) -> PreTrainedModel:
-    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, **SHAPES[shape])
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: 8B random weights on a CPU take minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return model.eval()
 
 
 def run_variant(model, tokenizer, requests, corpus, cache, base, variant: Variant, steps: int) -> dict:
@@ -134,7 +122,8 @@ def main() -> None:
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_folder())
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        model = random_model(shape, max(len(tokenizer), 128256 if shape == "llama3-8b" else 0), args.device)
+        vocab_size = max(len(tokenizer), LLAMA3_VOCAB) if shape == "llama3-8b" else len(tokenizer)
+        model = random_llama(shape, args.device, torch.bfloat16, vocab_size)
         cache = StatsCache(Path(tempfile.mkdtemp(prefix="alphaedit-bench-")))  # random weights: not the user's cache
         paths = [
             Variant("batched, bf16", edits, True, torch.bfloat16, edits),

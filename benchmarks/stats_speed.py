@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from random_models import SHAPES, random_llama
 
 from alphaedit.layouts import detect_layout, mlp_out_weight
 from alphaedit.stats import CorpusSpec, second_moments
@@ -27,12 +28,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER_TOKENS = 44_000_000
 
 
-SHAPES = {
-    "llama3-8b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256), [4, 5, 6, 7, 8]),
-    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128256), [4, 5, 6, 7, 8]),
-}
+LAYERS = [4, 5, 6, 7, 8]  # Llama-3-8B's preset, also for the tiny shape
 
 
 def _model(shape: str, device: str, dtype: torch.dtype):
@@ -41,13 +37,7 @@ def _model(shape: str, device: str, dtype: torch.dtype):
 
         model, tokenizer = load_model("smollm2-135m", dtype="fp32" if dtype == torch.float32 else "bf16", device=device)
         return model, tokenizer, [3, 4, 5, 6, 7], CorpusSpec(str(DATA / "wikitext2_raw"), tokens=0)
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config, layers = SHAPES[shape]
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: 8B random weights on a CPU take minutes
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype).eval()
-    return model, None, layers, None
+    return random_llama(shape, device, dtype), None, LAYERS, None
 
 
 class _RandomTokens:
