@@ -15,7 +15,7 @@ suffix, so after the first iteration the blocks up to l_m are replayed instead o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -101,10 +101,10 @@ class RowCache:
             self.prefix = [
                 (k.new_zeros(n, k.shape[1], width, k.shape[3]), v.new_zeros(n, v.shape[1], width, v.shape[3])) for k, v in layers
             ]
+        index = _row_index(rows)
         for (keys, values), (k, v) in zip(self.prefix, layers):
-            index = torch.tensor(rows, device=keys.device)
-            keys[index, :, : k.shape[2]] = k
-            values[index, :, : v.shape[2]] = v
+            keys[index(keys.device), :, : k.shape[2]] = k
+            values[index(keys.device), :, : v.shape[2]] = v
 
     def gather_below(self, rows: list[int], width: int) -> torch.Tensor:
         return self.below[torch.tensor(rows, device=self.below.device), :width]
@@ -112,11 +112,21 @@ class RowCache:
     def gather_prefix(self, rows: list[int], width: int) -> PrefixKV | None:
         if width == 0 or self.prefix is None:
             return None
-        gathered = []
-        for keys, values in self.prefix:
-            index = torch.tensor(rows, device=keys.device)
-            gathered.append((keys[index, :, :width], values[index, :, :width]))
-        return gathered
+        index = _row_index(rows)
+        return [(keys[index(keys.device), :, :width], values[index(keys.device), :, :width]) for keys, values in self.prefix]
+
+
+def _row_index(rows: list[int]) -> Callable[[torch.device], torch.Tensor]:
+    """`rows` as an index tensor on a given device, made once per device (every layer asks;
+    under device_map="auto" the layers sit on a few devices)."""
+    made: dict[torch.device, torch.Tensor] = {}
+
+    def on(device: torch.device) -> torch.Tensor:
+        if device not in made:
+            made[device] = torch.tensor(rows, device=device)
+        return made[device]
+
+    return on
 
 
 class Pass:
