@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import METHODS, EditConfig, config_for_model
@@ -50,7 +51,8 @@ PrefixCacheOption = Annotated[bool, typer.Option(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # one line, never wrapped at the terminal's width: it names the input and the fix
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -124,6 +126,11 @@ def edit(
     except RequestError as e:
         _fail(str(e))
     header = _open_journal(state).header if Journal.exists(state) else None
+    if header is None:
+        try:
+            Journal.check_new(state)  # batches without a journal: a damaged state, never overwritten
+        except JournalError as e:
+            _fail(str(e))
     spec = model or (header or {}).get("model")
     if spec is None:
         _fail("--model is required for a new state")
@@ -200,7 +207,7 @@ def stats(
     seed: Annotated[int, typer.Option(help="Seed of the 'self' corpus.")] = 0,
     layers: Annotated[Optional[str], typer.Option(help="Layers, e.g. '3-7' (default: the preset's edited layers).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write each layer's C0 (safetensors) and the report here.")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue an interrupted pass from its last checkpoint (default), or start over.")] = True,
+    resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue an interrupted pass from its last checkpoint (default), or start this pass over (other passes keep their checkpoints).")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints.")] = 1_000_000,
     report: Annotated[bool, typer.Option("--report", help="Print each layer's spectrum summary and kept rank; plot the spectra (PNG).")] = False,
     projector_rule: Annotated[str, typer.Option(help="absolute, relative, energy or rank (see the docs of updates.null_space_mask).")] = "absolute",
@@ -238,10 +245,8 @@ def stats(
         if import_file is not None:
             moments = import_statistics(import_file, lm, layout, tokenizer, chosen, cache)
         else:
-            if not resume:
-                cache.drop_all_checkpoints()
             moments = second_moments(lm, layout, tokenizer, chosen, spec, cache, show_progress=workers.rank == 0,
-                                     checkpoint_every=checkpoint_every, workers=workers)
+                                     checkpoint_every=checkpoint_every, workers=workers, restart=not resume)
     except ValueError as e:
         _fail(str(e))
     if workers.rank != 0:
@@ -384,6 +389,7 @@ def export(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder (or file, with --deltas-only) to write.")],
     deltas_only: Annotated[bool, typer.Option(help="Write only the updates: low-rank factors per layer, one small safetensors file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out (a deltas file, or a folder holding a saved model).")] = False,
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
 ) -> None:
@@ -391,11 +397,43 @@ def export(
     from .models import load_model
 
     header = _open_journal(state).header
+    _check_export_target(out_dir, deltas_only, force)  # before the model loads: a refusal costs nothing
     with console.status(f"loading {header['model']}"):
         lm, tokenizer = load_model(header["model"], header["dtype"], device, trust_remote_code)
         editor = _replay(state, lm, tokenizer)
-    written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir)
+    written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir, overwrite=force)
     out.print(f"wrote {written}")
+
+
+def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
+    """An export never overwrites what is there unless --force says so, and never deletes a
+    folder that does not hold a saved model (a mistyped --out must not cost the user a folder)."""
+    if deltas_only:
+        if target.is_dir():
+            _fail(f"--out {target} is a folder; --deltas-only writes one file (e.g. {target / 'deltas.safetensors'})")
+        if target.exists() and not force:
+            _fail(f"--out {target} exists; choose a new file name or pass --force to replace it")
+        return
+    if target.exists() and not target.is_dir():
+        _fail(f"--out {target} is a file; the edited model is written to a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not force:
+            _fail(f"--out {target} exists and is not empty; choose a new folder or pass --force to replace the model in it")
+        if not (target / "config.json").is_file():
+            _fail(f"--out {target} is not empty and holds no saved model (no config.json); it will not be replaced, even with --force")
+
+
+@app.command()
+def recover(
+    state: Annotated[Path, typer.Option("--state", "-s", help="A state folder whose journal.json was lost.")],
+) -> None:
+    """Rebuild a lost journal.json from the state's header.json, batch manifests and revert files."""
+    try:
+        journal = Journal.recover(state)
+    except JournalError as e:
+        _fail(str(e))
+    batches, reverts = journal.batch_ids(), sorted(journal.reverted())
+    out.print(f"rebuilt {state / 'journal.json'}: {len(batches)} batches, {len(reverts)} reverted {reverts if reverts else ''}".rstrip())
 
 
 @app.command()

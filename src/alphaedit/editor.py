@@ -445,19 +445,35 @@ class Editor:
                 self._add_to_preserved(layer, keys, sign=1)
             self._record(batch)
 
-    def export(self, directory: str | os.PathLike) -> Path:
-        """Write the edited model with save_pretrained (plain transformers loads it), atomically."""
+    def export(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the edited model with save_pretrained (plain transformers loads it), atomically.
+
+        `overwrite` replaces a folder that holds a saved model (config.json); the old one is
+        moved aside and deleted only once the new one is in place.
+        """
         target = Path(directory)
-        if target.exists() and any(target.iterdir()):
+        occupied = target.exists() and (not target.is_dir() or any(target.iterdir()))
+        if occupied and not (overwrite and (target / "config.json").is_file()):
             raise FileExistsError(f"{target} exists and is not empty; choose a new folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        aside = None
         try:
             self.model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
-            if target.exists():
+            if occupied:
+                aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-")) / "model"
+                os.replace(target, aside)
+            elif target.exists():
                 target.rmdir()
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if aside is not None:
+                    os.replace(aside, target)  # put the old model back
+                raise
+            if aside is not None:
+                shutil.rmtree(aside.parent, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target

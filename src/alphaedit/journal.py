@@ -1,17 +1,25 @@
 """The edit journal: an append-only record of every batch, on disk, that survives any crash.
 
     STATE/journal.json              the index, rewritten atomically: it is the commit point
+    STATE/header.json               a copy of the index's header (model, layout, config, ...)
     STATE/batches/000000/           one folder per applied batch
         requests.json               the batch's requests (MEMIT form)
         report.json                 timings and edit-time metrics
         update.safetensors          per layer: Δ = left @ rightᵀ (rank ≤ batch size) and the
                                     keys the batch added to C_p
+        manifest.json               the batch id and the sha256 of the three files above
+    STATE/reverts/000003.json       one per revert: when, and where it sits among the entries
 
 A batch folder is written under a temporary name, renamed into place, and only then listed in
 the index, so a kill at any moment leaves the journal with or without the whole batch. Every
 file's sha256 is in the index and checked on open. The index is JSON, tensors are safetensors:
 nothing is unpickled, and entry paths are validated so none can point outside the journal.
 Reverting a batch appends a "revert" entry; nothing already written is ever changed.
+
+The header copy, the manifests and the revert files make the state self-describing: if
+journal.json is lost, `Journal.recover` (`alphaedit recover`) rebuilds it from them, checking
+every file against its manifest. A folder that holds batches but no journal.json is never
+taken for a new state.
 """
 
 from __future__ import annotations
@@ -32,7 +40,11 @@ from .files import atomic_write_text, fsync_file, sha256
 
 JOURNAL_FORMAT = 1
 INDEX = "journal.json"
+HEADER = "header.json"
+MANIFEST = "manifest.json"
 BATCH_DIR = re.compile(r"^batches/\d{6}$")
+BATCH_NAME = re.compile(r"^\d{6}$")
+REVERT_NAME = re.compile(r"^(\d{6})\.json$")
 BATCH_FILES = ("requests.json", "report.json", "update.safetensors")
 
 
@@ -68,13 +80,79 @@ class Journal:
         return (Path(root) / INDEX).exists()
 
     @classmethod
+    def check_new(cls, root: str | os.PathLike) -> None:
+        """Refuse to start a journal where one was lost: batch folders without journal.json."""
+        path = Path(root)
+        if path.exists() and not path.is_dir():
+            raise JournalError(f"--state {path} is a file; a state is a folder (give a new or existing folder)")
+        batches = path / "batches"
+        found = sorted(c.name for c in batches.iterdir() if BATCH_NAME.match(c.name)) if batches.is_dir() else []
+        if found and not cls.exists(path):
+            raise JournalError(
+                f"{path} holds {len(found)} batch folder(s) ({found[0]}..{found[-1]}) but no {INDEX}: the state is damaged. "
+                f"Nothing was changed. Rebuild the journal from the batch folders with `alphaedit recover --state {path}`, "
+                "or give a new folder"
+            )
+
+    @classmethod
     def create(cls, root: str | os.PathLike, header: dict[str, Any]) -> Journal:
         path = Path(root)
         if cls.exists(path):
             raise JournalError(f"{path} already holds a journal; open it to continue")
+        cls.check_new(path)
         path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / HEADER, json.dumps(header, indent=1))
         journal = cls(path, {"format": JOURNAL_FORMAT, "header": header, "entries": []})
         journal._write_index()
+        return journal
+
+    @classmethod
+    def recover(cls, root: str | os.PathLike) -> Journal:
+        """Rebuild a lost journal.json from header.json, the batch manifests and the revert files.
+
+        Every batch file is checked against its manifest and the batch ids must run 0, 1, 2, ...
+        without a gap; anything else is refused with the reason, and nothing is written.
+        """
+        path = Path(root)
+        if cls.exists(path):
+            raise JournalError(f"{path} already has a {INDEX}; nothing to recover (`alphaedit log` reads it)")
+        if not (path / HEADER).is_file():
+            raise JournalError(f"{path} has no {HEADER} (written by alphaedit since 2026-12-02): the journal cannot be rebuilt")
+        try:
+            header = json.loads((path / HEADER).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise JournalError(f"{path / HEADER} is not valid JSON ({e.msg}); the journal cannot be rebuilt") from e
+        batches_dir = path / "batches"
+        names = sorted(c.name for c in batches_dir.iterdir() if BATCH_NAME.match(c.name)) if batches_dir.is_dir() else []
+        batches = []
+        for expected, name in enumerate(names):
+            if int(name) != expected:
+                raise JournalError(f"{batches_dir}: batch {expected} is missing (the next folder is {name}); the journal cannot be rebuilt")
+            folder = batches_dir / name
+            try:
+                manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise JournalError(f"batch {expected}: {folder / MANIFEST} is missing or unreadable ({e}); the journal cannot be rebuilt") from e
+            for file in BATCH_FILES:
+                if not (folder / file).is_file() or sha256(folder / file) != manifest["files"].get(file):
+                    raise JournalError(f"batch {expected}: {folder / file} is missing or does not match its manifest; the journal cannot be rebuilt")
+            batches.append({"kind": "batch", "id": expected, "path": f"batches/{name}", "files": manifest["files"]})
+        reverts = []
+        for child in sorted((path / "reverts").iterdir()) if (path / "reverts").is_dir() else []:
+            if REVERT_NAME.match(child.name):
+                record = json.loads(child.read_text(encoding="utf-8"))
+                reverts.append({"kind": "revert", "batch": record["batch"], "time": record["time"], "position": record["position"]})
+        entries: list[dict[str, Any]] = []
+        pending = sorted(reverts, key=lambda r: r["position"])
+        for batch in batches:
+            while pending and pending[0]["position"] <= len(entries):
+                entries.append({k: v for k, v in pending.pop(0).items() if k != "position"})
+            entries.append(batch)
+        entries += [{k: v for k, v in r.items() if k != "position"} for r in pending]
+        journal = cls(path, {"format": JOURNAL_FORMAT, "header": header, "entries": entries})
+        journal._verify()
+        atomic_write_text(path / INDEX, json.dumps(journal.index, indent=1))
+        journal._stamp = journal._index_stamp()
         return journal
 
     @classmethod
@@ -159,6 +237,9 @@ class Journal:
             for name in BATCH_FILES:
                 fsync_file(staging / name)
             files = {name: sha256(staging / name) for name in BATCH_FILES}
+            # the batch describes itself, so a lost index can be rebuilt (Journal.recover)
+            (staging / MANIFEST).write_text(json.dumps({"id": batch_id, "files": files}, indent=1), encoding="utf-8")
+            fsync_file(staging / MANIFEST)
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -170,10 +251,14 @@ class Journal:
             raise JournalError(f"{self.root} has no batch {batch_id}; `alphaedit log` lists the batches")
         if batch_id in self.reverted():
             raise JournalError(f"batch {batch_id} is already reverted")
+        record = {"batch": batch_id, "time": time, "position": len(self.entries)}
+        atomic_write_text(self.root / "reverts" / f"{batch_id:06d}.json", json.dumps(record))
         self.entries.append({"kind": "revert", "batch": batch_id, "time": time})
         self._write_index()
 
     def _write_index(self) -> None:
+        if not (self.root / HEADER).exists():  # a state written before header.json existed
+            atomic_write_text(self.root / HEADER, json.dumps(self.header, indent=1))
         atomic_write_text(self.root / INDEX, json.dumps(self.index, indent=1))
         self._stamp = self._index_stamp()
         self._remove_leftovers()
@@ -187,12 +272,21 @@ class Journal:
         return (self.root / INDEX).exists() and self._index_stamp() == self._stamp
 
     def _remove_leftovers(self) -> None:
-        """Staging folders and uncommitted batch folders from an interrupted run."""
+        """Staging folders, uncommitted batch folders and revert files, and temporary index files
+        from an interrupted run (only ever called right after this index was committed)."""
+        for stale in self.root.glob(f".{INDEX}*.tmp"):
+            stale.unlink(missing_ok=True)
         batches = self.root / "batches"
-        if not batches.is_dir():
-            return
-        committed = {e["path"] for e in self.entries if e["kind"] == "batch"}
-        for child in batches.iterdir():
-            if f"batches/{child.name}" not in committed:
-                shutil.rmtree(child, ignore_errors=True)
+        if batches.is_dir():
+            committed = {e["path"] for e in self.entries if e["kind"] == "batch"}
+            for child in batches.iterdir():
+                if f"batches/{child.name}" not in committed:
+                    shutil.rmtree(child, ignore_errors=True)
+        reverts = self.root / "reverts"
+        if reverts.is_dir():
+            reverted = self.reverted()
+            for child in reverts.iterdir():
+                match = REVERT_NAME.match(child.name)
+                if not match or int(match.group(1)) not in reverted:
+                    child.unlink(missing_ok=True)
 

@@ -107,8 +107,13 @@ def second_moments(
     show_progress: bool = True,
     checkpoint_every: int = 1_000_000,
     workers: Workers | None = None,
+    restart: bool = False,
 ) -> dict[int, SecondMoment]:
-    """C0 for each layer, from the cache where present; the missing layers share one pass."""
+    """C0 for each layer, from the cache where present; the missing layers share one pass.
+
+    `restart` discards this pass's checkpoint (and only this pass's: other corpora, layers or
+    workers keep theirs) instead of resuming from it.
+    """
     workers = workers or Workers.from_torch_distributed()
     descriptions = {layer: statistic_description(model, layout, tokenizer, layer, spec) for layer in layers}
     found: dict[int, SecondMoment] = {}
@@ -123,6 +128,8 @@ def second_moments(
     if spec.corpus.startswith("import:"):
         raise ValueError(f"no statistics imported from {spec.corpus[7:]} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
     pass_key = _pass_key({l: descriptions[l] for l in missing}, workers)
+    if restart and cache is not None:
+        cache.drop_checkpoint(pass_key)
     acc = _accumulate(model, layout, tokenizer, missing, spec, cache, show_progress, checkpoint_every, workers, pass_key)
     workers.all_reduce(acc)
     computed = acc.result()

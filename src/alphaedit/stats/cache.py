@@ -87,10 +87,6 @@ class StatsCache:
     def save_projector(self, description: dict[str, str], projector: torch.Tensor) -> None:
         atomic_save_tensors({"projector": projector}, self._projector_path(description), description)
 
-    def drop_all_checkpoints(self) -> None:
-        for path in (self.root / "checkpoints").glob("pass-*.safetensors"):
-            path.unlink(missing_ok=True)
-
     # -- sampled "self" corpora and pass checkpoints live beside the statistics --------------
 
     def _corpus_path(self, key: dict[str, str]) -> Path:
