@@ -1,11 +1,17 @@
-"""Choose SmolLM2-135M's edited layers and z learning rate by measurement.
+"""Choose SmolLM2-135M's z optimisation settings by measurement, on a slice no reported number uses.
 
-For each candidate (layer block, v_lr) this edits a tuning slice of CounterFact that the
-reported results never use (records 1000.. of counterfact_test.json), in sequential batches,
-and prints efficacy / generalization / specificity (CounterFact's teacher-forced metrics)
-and the seconds per edit. The winner becomes the `smollm2-135m` preset in config.py.
+For each candidate (v_lr, step cap, stopping rule) this edits two tuning slices in sequential
+batches, restoring the base weights in between: CounterFact records 1000.. of
+counterfact_test.json (mostly one-token targets) and the last records of the zsRE file
+(multi-token answers). It prints each slice's Eff / Gen / Spe (the evaluation's own metrics:
+CounterFact's NLL comparisons, zsRE's token accuracies), generative success, the mean z steps
+per request and the seconds per edit. The winner becomes the `smollm2-135m` preset in config.py.
 
-    python benchmarks/tune_smollm2.py --records 20 --batch-size 10 --json
+    python benchmarks/tune_smollm2.py --records 20 --batch-size 10 \\
+        --candidates "1.0:10:loss,1.0:25:nll:0.05" [--json]
+
+A candidate is V_LR:STEPS:RULE[:THRESHOLD][:FIELD=VALUE...] with RULE `loss` (the authors' total-loss stop) or
+`nll` (stop once the target NLL is below THRESHOLD); `--layers` sets the edited block.
 """
 
 from __future__ import annotations
@@ -17,70 +23,80 @@ from pathlib import Path
 
 from alphaedit.config import config_for_model
 from alphaedit.editor import Editor
+from alphaedit.eval.datasets import load_dataset
+from alphaedit.eval.protocol import EvalSettings, Evaluator, summarise
 from alphaedit.models import load_model
-from alphaedit.requests import parse_requests
-from alphaedit.scoring import prefers_new
 from alphaedit.stats import CorpusSpec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+METRICS = ("efficacy", "generalization", "specificity", "generative_success")
 
 
-def counterfact_scores(model, tokenizer, records: list[dict]) -> dict[str, float]:
-    """Efficacy, generalization and specificity as in ALGORITHM.md §3.3 (mean over records)."""
-    eff, gen, spe = [], [], []
-    for rec in records:
-        rw = rec["requested_rewrite"]
-        new, true = rw["target_new"]["str"], rw["target_true"]["str"]
-        prompts = [rw["prompt"].replace("{}", rw["subject"])] + rec["paraphrase_prompts"] + rec["neighborhood_prompts"]
-        wins = prefers_new(model, tokenizer, prompts, [new] * len(prompts), [true] * len(prompts)).float()
-        n_para = len(rec["paraphrase_prompts"])
-        eff.append(wins[0].item())
-        gen.append(wins[1 : 1 + n_para].mean().item())
-        spe.append((1 - wins[1 + n_para :]).mean().item())
-    mean = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
-    return {"efficacy": mean(eff), "generalization": mean(gen), "specificity": mean(spe)}
+def tuning_slices(records: int, cf_start: int) -> dict[str, list]:
+    counterfact = load_dataset(f"counterfact:{DATA / 'counterfact' / 'counterfact_test.json'}")[cf_start : cf_start + records]
+    zsre = load_dataset(f"zsre:{DATA / 'zsre' / 'zsre_mend_eval_portability_gpt4.json'}")[-records:]  # reports use the first ones
+    return {"counterfact": counterfact, "zsre": zsre}
+
+
+def parse_candidate(text: str) -> dict:
+    lr, steps, rule, *rest = text.split(":")
+    settings = {"v_lr": float(lr), "v_num_grad_steps": int(steps), "early_stop_rule": rule}
+    for item in rest:
+        if "=" in item:  # any other EditConfig field, e.g. clamp_norm_factor=1.5
+            key, value = item.split("=", 1)
+            settings[key] = float(value)
+        else:
+            settings["early_stop_nll" if rule == "nll" else "early_stop_loss"] = float(item)
+    return settings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=20)
-    parser.add_argument("--start", type=int, default=1000)
+    parser.add_argument("--records", type=int, default=20, help="records per slice")
+    parser.add_argument("--cf-start", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=100_000)
-    parser.add_argument("--candidates", default="2-6:0.5,3-7:0.5,4-8:0.5,3-7:0.1",
-                        help="comma-separated FIRST-LAST:V_LR[:STEPS[:mp]] settings (mp: most-probable early stop)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--layers", default="3-7")
+    parser.add_argument("--candidates", default="1.0:10:loss,1.0:25:nll:0.05")
+    parser.add_argument("--json", action="store_true", help="print only JSON (one line per candidate)")
     args = parser.parse_args()
 
-    records = json.loads((DATA / "counterfact" / "counterfact_test.json").read_text())[args.start : args.start + args.records]
-    requests = parse_requests(records)
-    corpus = CorpusSpec(str(DATA / "wikitext2_raw"), tokens=args.tokens)
+    first, last = map(int, args.layers.split("-"))
+    slices = tuning_slices(args.records, args.cf_start)
+    corpus = CorpusSpec(str(DATA / "wikitext2_raw" / "wiki.valid.raw"), tokens=args.tokens)
     model, tokenizer = load_model("smollm2-135m")
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = [{"setting": "pre-edit", **counterfact_scores(model, tokenizer, records), "s_per_edit": 0.0}]
+    evaluators = {name: Evaluator(model, tokenizer, records, EvalSettings()) for name, records in slices.items()}
+    rows = [{"setting": "pre-edit", **{f"{name}.{m}": summarise(ev.scores())[m] for name, ev in evaluators.items() for m in METRICS}}]
     for candidate in args.candidates.split(","):
-        span, lr, *rest = candidate.split(":")
-        first, last = map(int, span.split("-"))
-        model.load_state_dict(base)
-        config = config_for_model(model.config, layers=list(range(first, last + 1)), v_lr=float(lr),
-                                  v_num_grad_steps=int(rest[0]) if rest else None,
-                                  stop_when_most_probable="mp" in rest[1:])
-        editor = Editor(model, tokenizer, config, corpus=corpus, show_progress=False)
-        editor.statistics()
-        editor.context_templates()
-        start = time.perf_counter()
-        reports = editor.edit(requests, batch_size=args.batch_size)
-        seconds = time.perf_counter() - start
-        scores = counterfact_scores(model, tokenizer, records)
-        mean_steps = sum(r.z_steps * r.requests for r in reports) / len(requests)
-        label = f"layers {span}, v_lr {lr}, {config.v_num_grad_steps} steps" + (", most-probable stop" if config.stop_when_most_probable else "")
-        rows.append({"setting": label, **scores, "s_per_edit": seconds / len(requests), "z_steps": mean_steps})
-        print(json.dumps(rows[-1]), flush=True)
+        settings = parse_candidate(candidate)
+        row = {"setting": candidate}
+        for name, records in slices.items():
+            model.load_state_dict(base)
+            config = config_for_model(model.config, layers=list(range(first, last + 1)), **settings)
+            editor = Editor(model, tokenizer, config, corpus=corpus, show_progress=False)
+            editor.statistics()
+            editor.context_templates()
+            start = time.perf_counter()
+            reports = editor.edit([r.request for r in records], batch_size=args.batch_size)
+            row[f"{name}.s_per_edit"] = (time.perf_counter() - start) / len(records)
+            row[f"{name}.z_steps"] = sum(r.z_steps * r.requests for r in reports) / len(records)
+            row.update({f"{name}.{m}": v for m, v in summarise(evaluators[name].scores()).items() if m in METRICS})
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    model.load_state_dict(base)
     if args.json:
-        print(json.dumps(rows, indent=2))
-    print(f"\n{'setting':<52} {'Eff':>6} {'Gen':>6} {'Spe':>6} {'s/edit':>7}")
+        return
+    names = list(slices)
+    print(f"{'setting':<22}" + "".join(f" | {n[:5]:>5} Eff   Gen   Spe   gen  steps s/edit" for n in names))
     for r in rows:
-        print(f"{r['setting']:<52} {r['efficacy']:6.1f} {r['generalization']:6.1f} {r['specificity']:6.1f} {r['s_per_edit']:7.1f}")
+        cells = []
+        for n in names:
+            scores = " ".join(f"{r[f'{n}.{m}']:5.1f}" for m in METRICS)
+            extra = f"{r.get(f'{n}.z_steps', 0):5.1f} {r.get(f'{n}.s_per_edit', 0):6.2f}"
+            cells.append(f" |       {scores} {extra}")
+        print(f"{r['setting']:<22}" + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -134,3 +134,135 @@ def test_restart_drops_only_its_own_pass_checkpoint(llama, tokenizer, tmp_path):
     assert other.read_bytes() == b"keep me"
     reference = second_moments(model, layout, tokenizer, [1], spec, None, show_progress=False)
     assert torch.equal(restarted[1].moment, reference[1].moment)
+
+
+# -- careless input: one line naming the input and the fix, exit 2, nothing changed --------------
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output  # one line, never wrapped
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["edit", "--batch-size", "-1"], ["edit", "--batch-size", "0"], ["edit", "--tokens", "-100"], ["edit", "--steps", "0"],
+    ["stats", "--tokens", "0"], ["stats", "--tokens", "-100"], ["eval", "--n", "-1"], ["eval", "--n", "0"],
+    ["eval", "--batch-size", "0"], ["ask", "--max-new-tokens", "0", "x"],
+])
+def test_counts_are_validated_at_the_command_line(args, tmp_path):
+    needs = {"edit": ["--requests", "r.json", "--state", str(tmp_path / "s")], "eval": ["--dataset", "zsre:x", "--out", str(tmp_path / "o")]}
+    result = runner.invoke(app, [args[0], *needs.get(args[0], []), *args[1:]])
+    assert result.exit_code == 2 and "Invalid value" in result.output
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("layers, says", [("abc", "write a range"), ("3-", "write a range"), ("7-3", "runs backwards"),
+                                          ("99-100", "do not exist"), ("2,1", "ascending")])
+def test_bad_layers_are_one_line(layers, says, tiny_model_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    requests = tmp_path / "r.json"
+    requests.write_text(json.dumps([{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}]))
+    result = runner.invoke(app, ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--state", str(tmp_path / "s"),
+                                 "--layers", layers])
+    assert says in _one_line_error(result)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_model_that_is_not_there_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "config-only"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    for folder, says in ((tmp_path / "missing", "no such folder"), (empty, "no config.json"), (no_weights, "no weights")):
+        assert says in _one_line_error(runner.invoke(app, ["ask", "--model", str(folder), "hello"]))
+    assert "is empty" in _one_line_error(runner.invoke(app, ["ask", "--model", str(no_weights), ""]))
+
+
+def test_state_that_is_a_file_is_refused_before_anything_loads(tmp_path):
+    state = tmp_path / "state"
+    state.write_text("not a folder")
+    requests = tmp_path / "r.json"
+    requests.write_text(json.dumps([{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}]))
+    line = _one_line_error(runner.invoke(app, ["edit", "--model", "no-such/model", "--requests", str(requests), "--state", str(state)]))
+    assert "is a file" in line and state.read_text() == "not a folder"
+
+
+def test_a_no_op_edit_is_refused_naming_the_record(tmp_path):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "{} is in", "subject": "Paris", "target_new": "Rome", "target_true": "France"},
+        {"prompt": "{} is in", "subject": "Lyon", "target_new": " France", "target_true": "France"},
+    ]))
+    line = _one_line_error(runner.invoke(app, ["edit", "--model", "x/y", "--requests", str(requests), "--state", str(tmp_path / "s")]))
+    assert "record 2" in line and "change nothing" in line and "target_new" in line
+
+
+def test_a_journal_without_entries_and_a_truncated_checkpoint_are_named(edited, llama, tokenizer, tmp_path):
+    state = tmp_path / "state"
+    index = json.loads((state / INDEX).read_text())
+    del index["entries"]
+    (state / INDEX).write_text(json.dumps(index))
+    line = _one_line_error(runner.invoke(app, ["log", "--state", str(state)]))
+    assert "'entries'" in line and "recover" in line
+
+    model, layout = llama
+    cache = StatsCache(tmp_path / "home")
+    spec = CorpusSpec(str(WIKITEXT), tokens=3000, max_length=64)
+    from alphaedit.stats import _pass_key, statistic_description, Workers
+
+    key = _pass_key({1: statistic_description(model, layout, tokenizer, 1, spec)}, Workers())
+    cache.save_checkpoint(key, {"batches_done": torch.tensor(1), "count": torch.tensor(5)})
+    path = cache.root / "checkpoints" / f"pass-{key}.safetensors"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match="--restart") as error:
+        second_moments(model, layout, tokenizer, [1], spec, cache, show_progress=False)
+    assert str(path) in str(error.value)
+
+
+def test_continuing_a_state_refuses_contradicting_options_and_skips_repeats(tiny_model_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    state = _cli_state(tiny_model_folder, tmp_path)  # layers 1-2 (the tiny preset), 3 steps, corpus WIKITEXT, 2000 tokens
+    header = Journal.open(state).header
+    before = _tree(state)
+    requests = tmp_path / "edits.jsonl"
+    for option, value, recorded in (("--steps", "5", "--steps 3"), ("--tokens", "999", "--tokens 2000"),
+                                    ("--corpus", str(tmp_path / "missing"), f"--corpus {WIKITEXT}"),
+                                    ("--layers", "0-1", f"--layers {header['config']['layers'][0]}-{header['config']['layers'][-1]}"),
+                                    ("--lr", "0.3", f"--lr {header['config']['v_lr']}")):
+        result = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), option, value])
+        line = _one_line_error(result)
+        assert recorded in line and "cannot continue" in line
+    assert _tree(state) == before
+
+    # the same two requests again (a rerun after a kill): skipped, and said so
+    again = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state)])
+    assert again.exit_code == 0 and "already in" in again.output
+    assert _tree(state) == before
+    forced = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), "--allow-repeat", "--steps", "3"])
+    assert forced.exit_code == 0, forced.output
+    assert len(Journal.open(state).batch_ids()) == 3  # the default batch: both in one
+
+
+def test_an_overlong_prompt_is_refused_before_any_computation(tiny_model_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    requests = tmp_path / "r.json"
+    requests.write_text(json.dumps([{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"},
+                                    {"prompt": "{} " + "very " * 100 + "is in", "subject": "Lyon", "target_new": "Rome"}]))
+    command = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--state", str(tmp_path / "s"),
+               "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    line = _one_line_error(runner.invoke(app, [*command, "--max-prompt-tokens", "64"]))
+    assert "request 2" in line and "--max-prompt-tokens" in line
+    line = _one_line_error(runner.invoke(app, command))  # 256 by default, but the tiny model's context is shorter
+    assert "request 2" in line and "context of 244" in line
+    assert not (tmp_path / "home" / "stats").exists()  # refused before the statistics pass
+    assert not (tmp_path / "s").exists()
+
+
+def test_log_never_cuts_its_cells(edited, tmp_path):
+    result = runner.invoke(app, ["log", "--state", str(tmp_path / "state")])
+    assert result.exit_code == 0
+    assert "…" not in result.output and "applied" in result.output

@@ -104,7 +104,8 @@ def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConf
             kl = config.kl_factor * F.kl_div(kl_init[None], kl_logp[None], log_target=True, reduction="batchmean")
             wd = config.v_weight_decay * delta.norm() / h0.norm() ** 2
             loss = nll + kl + wd
-            if loss < config.early_stop_loss or it == config.v_num_grad_steps - 1:
+            learnt = nll < config.early_stop_nll if config.early_stop_rule == "nll" else loss < config.early_stop_loss
+            if learnt or it == config.v_num_grad_steps - 1:
                 break
             loss.backward()
             optimiser.step()
@@ -133,6 +134,23 @@ def test_the_clamp_binds_and_still_matches_the_reference(llama64, tokenizer):
     result = compute_targets(model, layout, tokenizer, REQUESTS[:1], TEMPLATES, config)
     expected = reference_z(model, layout, tokenizer, REQUESTS[0], config)
     torch.testing.assert_close(result.z[0], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_nll_rule_stops_each_request_when_its_target_is_learnt(llama64, tokenizer):
+    model, layout = llama64
+    # a threshold between the requests' NLL after a few steps: some stop early, others run on
+    probe = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, _config(v_num_grad_steps=4))
+    threshold = sorted(probe.target_nll)[len(REQUESTS) // 2] + 1e-6
+    config = _config(early_stop_rule="nll", early_stop_nll=threshold, early_stop_loss=1e9)  # the loss rule would stop at once
+    result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    assert len(set(result.steps)) > 1 and min(result.steps) < config.v_num_grad_steps - 1
+    for i, request in enumerate(REQUESTS):
+        expected = reference_z(model, layout, tokenizer, request, config)
+        torch.testing.assert_close(result.z[i], expected, rtol=1e-6, atol=1e-7)
+        if result.steps[i] < config.v_num_grad_steps - 1:
+            assert result.target_nll[i] < threshold  # stopped: learnt
+    # the final NLL is the loss's first term: the loss adds the non-negative KL and weight decay
+    assert all(n <= l + 1e-9 for n, l in zip(result.target_nll, result.loss))
 
 
 @pytest.mark.parametrize("requests_per_pass", [1, 2, 16])

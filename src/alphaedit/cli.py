@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -37,13 +38,16 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'ba
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
 CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model), hf:NAME[:CONFIG[:SPLIT]], or import:FILE.")]
-TokensOption = Annotated[int, typer.Option(help="Token budget of the statistics corpus.")]
+TokensOption = Annotated[int, typer.Option(min=1, help="Token budget of the statistics corpus.")]
 LayersOption = Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")]
-StepsOption = Annotated[Optional[int], typer.Option(help="Maximum z optimisation steps (default: preset).")]
+StepsOption = Annotated[Optional[int], typer.Option(min=1, help="Maximum z optimisation steps (default: preset).")]
 LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules live, as JSON overriding detection, e.g. \'{"mlp_out": "mlp.down_proj"}\' (keys: blocks, mlp_out, final_norm, lm_head).')]
 RuleOption = Annotated[Optional[str], typer.Option(help="Null-space projector rule: absolute (the paper's code), relative, energy or rank.")]
 ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value (default 2e-2, the paper's absolute eigenvalue threshold).")]
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
+StopRuleOption = Annotated[Optional[str], typer.Option(help="When a request's z optimisation stops early: 'loss' (total loss < 0.05, the authors' code) or 'nll' (its target NLL < --stop-nll: the target is learnt). Default: preset.")]
+MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
+StopNllOption = Annotated[Optional[float], typer.Option(help="Target NLL (nats per token) below which 'nll' stops a request (default: preset).")]
 PrefixCacheOption = Annotated[bool, typer.Option(
     "--prefix-cache/--no-prefix-cache",
     help="Run the tokens before each edited position once per batch and reuse their attention keys/values (exact; off: whole rows every z step).",
@@ -61,6 +65,20 @@ def _open_journal(state: Path) -> Journal:
         return Journal.open(state)
     except JournalError as e:
         _fail(str(e))
+
+
+def _load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """load_model, with a missing path, an empty folder or a folder without weights as one line."""
+    from transformers.utils import logging as hf_logging
+
+    from .models import load_model
+
+    hf_logging.disable_progress_bar()  # the status line says what is loading
+    try:
+        with console.status(f"loading {spec}"):
+            return load_model(spec, dtype, device, trust_remote_code)
+    except (ValueError, OSError) as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else f"--model {spec}: {type(e).__name__}")
 
 
 def _dtype_for(header: dict | None, dtype: str) -> str:
@@ -87,12 +105,22 @@ def _layout(lm, override: str | None):
 
 
 def _parse_layers(spec: str | None) -> list[int] | None:
-    if not spec:
+    """'3-7' or '3,4,5' (ascending, no repeats); anything else is refused with the expected form."""
+    if spec is None:
         return None
-    if "-" in spec:
-        first, last = spec.split("-", 1)
-        return list(range(int(first), int(last) + 1))
-    return [int(x) for x in spec.split(",")]
+    text = spec.replace(" ", "")
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if match:
+        first, last = int(match.group(1)), int(match.group(2))
+        if first > last:
+            _fail(f"--layers {spec}: the range runs backwards; write it as {last}-{first}")
+        return list(range(first, last + 1))
+    if re.fullmatch(r"\d+(,\d+)*", text):
+        layers = [int(x) for x in text.split(",")]
+        if layers != sorted(set(layers)):
+            _fail(f"--layers {spec}: list the layers in ascending order without repeats, e.g. 3,4,5")
+        return layers
+    _fail(f"--layers {spec!r}: write a range such as 3-7 or a list such as 3,4,5 (layer numbers from 0)")
 
 
 @app.command()
@@ -101,12 +129,16 @@ def edit(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder: created, or continued when it exists.")],
     model: ModelOption = None,
     method: Annotated[Optional[str], typer.Option(help=f"Update rule: {', '.join(METHODS)} (default alphaedit; a continued state keeps its own).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Requests per sequential batch (default: all in one batch).")] = None,
-    corpus: CorpusOption = "self",
-    tokens: TokensOption = 20_000,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Requests per sequential batch (default: all in one batch).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model; the default), hf:NAME[:CONFIG[:SPLIT]], or import:FILE. A continued state keeps its own.")] = None,
+    tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus (default 20000; a continued state keeps its own).")] = None,
+    allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="Apply requests that the state already holds again (by default they are skipped, e.g. after a killed run).")] = False,
+    max_prompt_tokens: MaxPromptOption = 256,
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    stop_rule: StopRuleOption = None,
+    stop_nll: StopNllOption = None,
     prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
@@ -118,33 +150,49 @@ def edit(
 ) -> None:
     """Apply edit requests in sequential batches; the state folder keeps everything needed to continue."""
     from .editor import Editor
-    from .models import load_model
     from .stats import CorpusSpec
 
     try:
         parsed = load_requests(requests)  # validate before loading anything heavy: a bad file changes nothing
     except RequestError as e:
         _fail(str(e))
-    header = _open_journal(state).header if Journal.exists(state) else None
-    if header is None:
+    _parse_layers(layers)
+    _check_writable(state)
+    journal = _open_journal(state) if Journal.exists(state) else None
+    if journal is None:
         try:
             Journal.check_new(state)  # batches without a journal: a damaged state, never overwritten
         except JournalError as e:
             _fail(str(e))
+    else:
+        given = dict(method=method, layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll,
+                     projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens,
+                     layout=json.loads(layout) if layout else None)
+        _check_continuation(state, journal.header, given)
+        parsed = _without_repeats(journal, parsed, allow_repeat)
+        if not parsed:
+            out.print(f"nothing to do: every request is already in {state}")
+            return
+    header = journal.header if journal is not None else None
     spec = model or (header or {}).get("model")
     if spec is None:
         _fail("--model is required for a new state")
-    with console.status(f"loading {spec}"):
-        lm, tokenizer = load_model(spec, _dtype_for(header, dtype), device, trust_remote_code)
+    lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
     if header is not None:
-        if method and method != header["config"]["method"]:
-            _fail(f"{state} was edited with {header['config']['method']}; it cannot continue with {method}")
         editor = _replay(state, lm, tokenizer)
     else:
-        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold)
-        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=spec)
+        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll)
+        spec_corpus = CorpusSpec(corpus or "self", tokens=tokens or 20_000)
+        try:
+            editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=spec_corpus, model_spec=spec)
+        except ValueError as e:
+            _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
+    editor.max_prompt_tokens = max_prompt_tokens
     started = time.perf_counter()
-    reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
+    try:
+        reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
+    except RequestError as e:
+        _fail(str(e))
     summary = {
         "state": str(state),
         "method": editor.config.method,
@@ -167,12 +215,80 @@ def edit(
     out.print(f"state saved in {state}")
 
 
+def _check_writable(state: Path) -> None:
+    """A state that cannot be written is refused before any computation, not after the batch."""
+    if state.exists() and not state.is_dir():
+        _fail(f"--state {state} is a file; a state is a folder (give a new or existing folder)")
+    probe = state
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK | os.X_OK):
+        _fail(f"--state {state}: {probe} is not writable; choose a folder you can write to")
+
+
+# option -> (its name on the command line, where the journal keeps it)
+_CONTINUATION = {
+    "method": ("--method", lambda h: h["config"]["method"]),
+    "layers": ("--layers", lambda h: h["config"]["layers"]),
+    "steps": ("--steps", lambda h: h["config"]["v_num_grad_steps"]),
+    "lr": ("--lr", lambda h: h["config"]["v_lr"]),
+    "stop_rule": ("--stop-rule", lambda h: h["config"].get("early_stop_rule", "loss")),
+    "stop_nll": ("--stop-nll", lambda h: h["config"].get("early_stop_nll", 5e-2)),
+    "projector_rule": ("--projector-rule", lambda h: h["config"]["projector_rule"]),
+    "threshold": ("--threshold", lambda h: h["config"]["nullspace_threshold"]),
+    "corpus": ("--corpus", lambda h: h["corpus"]["corpus"]),
+    "tokens": ("--tokens", lambda h: h["corpus"]["tokens"]),
+}
+
+
+def _check_continuation(state: Path, header: dict, given: dict) -> None:
+    """A continued state keeps the settings it was made with: an option that contradicts them is refused."""
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "layout":
+            differs = {k: v for k, v in value.items() if header["layout"].get(k) != v}
+            if differs:
+                _fail(f"{state} was edited with layout {json.dumps({k: header['layout'].get(k) for k in differs})}; "
+                      f"--layout {json.dumps(differs)} contradicts it. Leave --layout out to continue, or use a new --state")
+            continue
+        option, recorded = _CONTINUATION[name]
+        if recorded(header) != value:
+            shown = f"{recorded(header)[0]}-{recorded(header)[-1]}" if name == "layers" else recorded(header)
+            _fail(f"{state} was edited with {option} {shown}; it cannot continue with {option} "
+                  f"{value if name != 'layers' else f'{value[0]}-{value[-1]}'}. Leave {option} out to continue, or use a new --state")
+
+
+def _without_repeats(journal: Journal, requests: list, allow_repeat: bool) -> list:
+    """Requests the journal already holds (and has not reverted) are skipped, and said so: a rerun
+    after a killed `edit` must not apply its finished batches twice."""
+    reverted = journal.reverted()
+    held: dict[str, int] = {}
+    for batch_id in journal.batch_ids():
+        if batch_id not in reverted:
+            for record in journal.batch(batch_id).requests:
+                held.setdefault(json.dumps(record, sort_keys=True), batch_id)
+    repeats = [(r, held[key]) for r in requests if (key := json.dumps(r.to_dict(), sort_keys=True)) in held]
+    if not repeats:
+        return requests
+    batches = sorted({b for _, b in repeats})
+    if allow_repeat:
+        console.print(f"applying {len(repeats)} request(s) again that {journal.root} already holds (batches {batches}): --allow-repeat")
+        return requests
+    console.print(f"skipping {len(repeats)} of {len(requests)} request(s) already in {journal.root} (batches {batches}); "
+                  "--allow-repeat applies them again", soft_wrap=True)
+    skipped = {id(r) for r, _ in repeats}
+    return [r for r in requests if id(r) not in skipped]
+
+
 @app.command()
 def ask(
     prompts: Annotated[list[str], typer.Argument(help="Prompts to complete.")],
     state: Annotated[Optional[Path], typer.Option("--state", "-s", help="State folder of an edited model.")] = None,
     model: ModelOption = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 20,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 20,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -180,16 +296,17 @@ def ask(
 ) -> None:
     """Print the greedy completion of each prompt by the edited model (or by --model unedited)."""
     from .generate import greedy_completions
-    from .models import load_model
 
     if state is None and model is None:
         _fail("give --state DIR (an edited model) or --model M (an unedited one)")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        _fail(f"prompt {empty[0]} is empty; give the start of a sentence to complete, e.g. \"The Eiffel Tower is in\"")
     header = _open_journal(state).header if state is not None else None
     spec = model or header["model"]
-    with console.status(f"loading {spec}"):
-        lm, tokenizer = load_model(spec, _dtype_for(header, dtype), device, trust_remote_code)
-        if state is not None:
-            _replay(state, lm, tokenizer)
+    lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
+    if state is not None:
+        _replay(state, lm, tokenizer)
     completions = greedy_completions(lm, tokenizer, prompts, max_new_tokens)
     if as_json:
         out.print_json(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]))
@@ -202,13 +319,13 @@ def ask(
 def stats(
     model: ModelOption = "smollm2-135m",
     corpus: Annotated[str, typer.Option(help="A text file or folder (.txt/.raw/.jsonl/.json), 'self' (sampled from the model), or hf:NAME[:CONFIG[:SPLIT]].")] = "self",
-    tokens: Annotated[int, typer.Option(help="Token budget.")] = 20_000,
-    max_length: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    tokens: Annotated[int, typer.Option(min=1, help="Token budget.")] = 20_000,
+    max_length: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the 'self' corpus.")] = 0,
     layers: Annotated[Optional[str], typer.Option(help="Layers, e.g. '3-7' (default: the preset's edited layers).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write each layer's C0 (safetensors) and the report here.")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue an interrupted pass from its last checkpoint (default), or start this pass over (other passes keep their checkpoints).")] = True,
-    checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints.")] = 1_000_000,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Tokens between checkpoints.")] = 1_000_000,
     report: Annotated[bool, typer.Option("--report", help="Print each layer's spectrum summary and kept rank; plot the spectra (PNG).")] = False,
     projector_rule: Annotated[str, typer.Option(help="absolute, relative, energy or rank (see the docs of updates.null_space_mask).")] = "absolute",
     threshold: Annotated[float, typer.Option(help="The rule's value: 2e-2 absolute (the paper's code), e.g. 1e-3 relative, 0.99 energy, or a rank.")] = 2e-2,
@@ -225,14 +342,12 @@ def stats(
     Run under `torchrun --nproc-per-node K -m alphaedit stats ...` to split the corpus across
     processes; the sums are all-reduced and rank 0 writes the cache.
     """
-    from .models import load_model
     from .stats import CorpusSpec, StatsCache, second_moments
     from .stats.importing import import_statistics
     from .stats.report import plot_spectra, spectrum_summary
 
     workers = _start_workers()
-    with console.status(f"loading {model}"):
-        lm, tokenizer = load_model(model, dtype, _worker_device(device, workers), trust_remote_code)
+    lm, tokenizer = _load(model, dtype, _worker_device(device, workers), trust_remote_code)
     layout = _layout(lm, layout_override)
     chosen = _parse_layers(layers) or config_for_model(lm.config).layers
     spec = CorpusSpec(corpus, tokens=tokens, max_length=max_length, seed=seed)
@@ -280,10 +395,15 @@ def stats(
 
 
 def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: float | None, prefix_cache: bool,
-                 projector_rule: str | None, threshold: float | None) -> EditConfig:
+                 projector_rule: str | None, threshold: float | None, stop_rule: str | None = None,
+                 stop_nll: float | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
-    return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
-                            projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache)
+    try:
+        return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
+                                projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache,
+                                early_stop_rule=stop_rule, early_stop_nll=stop_nll)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _start_workers():
@@ -359,7 +479,21 @@ def log(
         efficacy = "-" if b["efficacy"] is None else f"{100 * b['efficacy']:.0f}%"
         norms = [f"{b['delta_norms'][str(l)]:.2f}" for l in layers]
         table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), str(b["requests"]), efficacy, *norms, "reverted" if b["reverted"] else "applied")
-    out.print(table)
+    _print_whole(table)
+
+
+def _print_whole(table: Table) -> None:
+    """Print a table without cutting cells: as wide as it needs when the output is not a terminal
+    (a file, a pipe), folded within the terminal's width when it is."""
+    from rich.measure import Measurement
+
+    for column in table.columns:
+        column.overflow = "fold"
+    if out.is_terminal:
+        out.print(table)
+        return
+    width = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(width=max(width, 80), file=out.file, color_system=None).print(table)
 
 
 @app.command()
@@ -394,13 +528,11 @@ def export(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Write the edited model (save_pretrained: plain transformers loads it) or just its updates."""
-    from .models import load_model
 
     header = _open_journal(state).header
     _check_export_target(out_dir, deltas_only, force)  # before the model loads: a refusal costs nothing
-    with console.status(f"loading {header['model']}"):
-        lm, tokenizer = load_model(header["model"], header["dtype"], device, trust_remote_code)
-        editor = _replay(state, lm, tokenizer)
+    lm, tokenizer = _load(header["model"], header["dtype"], device, trust_remote_code)
+    editor = _replay(state, lm, tokenizer)
     written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir, overwrite=force)
     out.print(f"wrote {written}")
 
@@ -446,12 +578,11 @@ def apply(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Replay the journal onto a fresh copy of the base model and save the result."""
-    from .models import load_model
 
     header = _open_journal(state).header
-    with console.status(f"loading {model}"):
-        lm, tokenizer = load_model(model, _dtype_for(header, dtype), device, trust_remote_code)
-        editor = _replay(state, lm, tokenizer)
+    _check_export_target(out_dir, False, False)
+    lm, tokenizer = _load(model, _dtype_for(header, dtype), device, trust_remote_code)
+    editor = _replay(state, lm, tokenizer)
     out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir)}")
 
 
@@ -460,20 +591,22 @@ def evaluate(
     dataset: Annotated[str, typer.Option(help="counterfact:PATH, zsre:PATH or knowedit:PATH (CounterFact in ROME or EasyEdit format, zsRE in MEND format).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for records.jsonl, summary.json, summary.md and plots.")],
     model: ModelOption = "smollm2-135m",
-    n: Annotated[int, typer.Option("--n", help="Number of records to edit and evaluate.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Requests per sequential batch.")] = 100,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate.")] = 100,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per sequential batch.")] = 100,
     method: Annotated[str, typer.Option(help=f"Update rule: {', '.join(METHODS)}.")] = "alphaedit",
-    every: Annotated[Optional[int], typer.Option(help="Also evaluate every K batches (curves).")] = None,
+    every: Annotated[Optional[int], typer.Option(min=1, help="Also evaluate every K batches (curves).")] = None,
     select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
-    generation_every: Annotated[int, typer.Option(help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
+    generation_every: Annotated[int, typer.Option(min=1, help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
     corpus: CorpusOption = "self",
     tokens: TokensOption = 20_000,
     perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
-    perplexity_tokens: Annotated[int, typer.Option(help="Tokens of the perplexity corpus to score.")] = 4096,
+    perplexity_tokens: Annotated[int, typer.Option(min=2, help="Tokens of the perplexity corpus to score.")] = 4096,
     idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for consistency (default: the perplexity corpus).")] = None,
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
+    stop_rule: StopRuleOption = None,
+    stop_nll: StopNllOption = None,
     prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
@@ -488,18 +621,20 @@ def evaluate(
     from .eval.datasets import load_dataset, select
     from .eval.protocol import EvalSettings, Evaluator, run_protocol
     from .eval.report import write_report
-    from .models import load_model
     from .stats import CorpusSpec
 
+    _parse_layers(layers)
     skipped: list[str] = []
     try:
         records = select(load_dataset(dataset, skipped), n, select_seed)
     except (ValueError, RequestError) as e:
         _fail(str(e))
-    with console.status(f"loading {model}"):
-        lm, tokenizer = load_model(model, dtype, device, trust_remote_code)
-    config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold)
-    editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
+    lm, tokenizer = _load(model, dtype, device, trust_remote_code)
+    config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll)
+    try:
+        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
+    except ValueError as e:
+        _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
     evaluator = Evaluator(lm, tokenizer, records, settings)
@@ -517,7 +652,11 @@ def evaluate(
         result.notes.append(f"{len(skipped)} dataset records left out: they do not make valid edit requests (first: {skipped[0]})")
     meta = {"model": model, "dataset": dataset, "n": n, "batch_size": batch_size, "method": method,
             "layers": editor.config.layers, "selection": "first N" if select_seed is None else f"seed {select_seed}",
-            "generation_every": generation_every, "corpus": corpus, "tokens": tokens, "projector_rank": editor.projector_rank}
+            "generation_every": generation_every, "corpus": corpus, "tokens": tokens, "projector_rank": editor.projector_rank,
+            "preset": editor.config.preset, "z_steps_cap": editor.config.v_num_grad_steps, "v_lr": editor.config.v_lr,
+            "stop_rule": editor.config.early_stop_rule,
+            "stop_threshold": editor.config.early_stop_nll if editor.config.early_stop_rule == "nll" else editor.config.early_stop_loss,
+            "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)
     if as_json:
         out.print_json(json.dumps(summary))
@@ -542,7 +681,7 @@ def _eval_notes(records, settings) -> list[str]:
 
 @app.command()
 def demo(
-    tokens: Annotated[int, typer.Option(help="Tokens sampled from the model for its statistics (sampling runs at ~100 tokens/s on 2 CPU cores).")] = 8_000,
+    tokens: Annotated[int, typer.Option(min=1, help="Tokens sampled from the model for its statistics (sampling runs at ~100 tokens/s on 2 CPU cores).")] = 8_000,
     as_json: JsonOption = False,
 ) -> None:
     """Ten counterfactual edits to the bundled SmolLM2-135M, with a before/after table."""

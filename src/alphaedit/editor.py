@@ -35,7 +35,7 @@ from .keys import KeyReader
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
 from .progress import progress_bar
 from .prompts import generate_context_templates
-from .requests import EditRequest, check_conflicts, parse_requests
+from .requests import EditRequest, RequestError, check_conflicts, parse_requests
 from .scoring import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
@@ -86,6 +86,7 @@ class BatchReport:
     # wall-clock split of `seconds`: "z" (target values), "keys" (key passes), "solve" (closed
     # forms and weight writes), "check" (the efficacy probe)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    target_nll: float | None = None  # mean final NLL of the target tokens (absent in journals before 2026-12-02)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Editor:
         cache: StatsCache | None = None,
         model_spec: str | None = None,
         show_progress: bool = True,
+        max_prompt_tokens: int = 256,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -144,6 +146,8 @@ class Editor:
         self.cache = cache if cache is not None else StatsCache()
         self.model_spec = model_spec
         self.show_progress = show_progress
+        # An edit prompt is one sentence; a pasted document would run for minutes per z step.
+        self.max_prompt_tokens = max_prompt_tokens
         self.templates: list[str] | None = None
         self.batches: list[AppliedBatch] = []
         self.events: list[tuple[str, int]] = []  # ("batch" | "revert", batch id), in order
@@ -235,6 +239,7 @@ class Editor:
         batches = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
         for batch in batches:
             check_conflicts(batch)  # before any weight moves: a bad batch changes nothing
+        self._check_lengths(requests)
         self.statistics()
         self.context_templates()
         reports = []
@@ -253,6 +258,21 @@ class Editor:
                 if on_batch is not None:
                     on_batch(reports[-1])
         return reports
+
+    def _check_lengths(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse, up front, requests longer than max_prompt_tokens or than the model's context."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+        # room for the context template in front of the prompt (context_template_length tokens)
+        limit = min(self.max_prompt_tokens, context - self.config.context_template_length - 2)
+        for position, request in enumerate(requests, 1):
+            length = len(self.tokenizer(request.text() + " " + request.target_new, add_special_tokens=False)["input_ids"])
+            if length > limit:
+                which = f"request {position}" + (f" (case_id {request.case_id})" if request.case_id is not None else "")
+                bound = "the limit (--max-prompt-tokens)" if limit == self.max_prompt_tokens else "the model's context"
+                raise RequestError(
+                    f"{which}: prompt and target_new are {length} tokens, over {bound} of {limit}; an edit prompt is one "
+                    "sentence naming the subject: shorten it" + (", or raise --max-prompt-tokens" if limit == self.max_prompt_tokens else "")
+                )
 
     def _edit_batch(self, requests: list[EditRequest], step: Callable[[], None] | None = None) -> BatchReport:
         started, start = _now(), time.perf_counter()
@@ -300,6 +320,7 @@ class Editor:
             efficacy=efficacy,
             delta_norms={str(l): d.norm() for l, d in deltas.items()},
             phase_seconds=clock.seconds,
+            target_nll=sum(targets.target_nll) / len(requests),
         )
         self._record(AppliedBatch(report, list(requests), deltas, keys))
         return report

@@ -165,15 +165,24 @@ class Journal:
             index = json.loads((path / INDEX).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise JournalError(f"{path / INDEX} is not valid JSON ({e.msg}); the journal is corrupted") from e
-        if index.get("format") != JOURNAL_FORMAT:
-            raise JournalError(f"{path / INDEX}: unsupported journal format {index.get('format')!r} (this alphaedit reads {JOURNAL_FORMAT})")
+        if not isinstance(index, dict) or index.get("format") != JOURNAL_FORMAT:
+            found = index.get("format") if isinstance(index, dict) else type(index).__name__
+            raise JournalError(f"{path / INDEX}: unsupported journal format {found!r} (this alphaedit reads {JOURNAL_FORMAT})")
+        for key, kind in (("header", dict), ("entries", list)):
+            if not isinstance(index.get(key), kind):
+                raise JournalError(
+                    f"{path / INDEX} has no valid '{key}' ({kind.__name__}); the journal is damaged. "
+                    f"If the batch folders are intact, move {INDEX} aside and run `alphaedit recover --state {path}`"
+                )
         journal = cls(path, index)
         journal._verify()
         return journal
 
     def _verify(self) -> None:
         seen: set[int] = set()
-        for entry in self.entries:
+        for position, entry in enumerate(self.entries):
+            if not isinstance(entry, dict):
+                raise JournalError(f"{self.root / INDEX}: entry {position} is a {type(entry).__name__}, not an object; the journal is damaged")
             if entry.get("kind") == "batch":
                 if not isinstance(entry.get("path"), str) or not BATCH_DIR.match(entry["path"]):
                     raise JournalError(f"{self.root / INDEX}: batch {entry.get('id')} has an invalid path {entry.get('path')!r}")
@@ -181,7 +190,7 @@ class Journal:
                     file = self.root / entry["path"] / name
                     if not file.is_file():
                         raise JournalError(f"batch {entry['id']}: {file} is missing; the journal is damaged")
-                    if sha256(file) != entry["files"][name]:
+                    if not isinstance(entry.get("files"), dict) or sha256(file) != entry["files"].get(name):
                         raise JournalError(f"batch {entry['id']}: {file} does not match its checksum in {INDEX}; the journal is corrupted")
                 seen.add(entry["id"])
             elif entry.get("kind") == "revert":

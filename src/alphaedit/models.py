@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,9 +61,32 @@ def smollm2_folder() -> Path:
     return folder
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+class ModelSpecError(ValueError):
+    """A --model value that names no loadable model."""
+
+
 def resolve(spec: str) -> str:
-    """A loadable path or hub id for a --model value (aliases expanded)."""
-    return str(smollm2_folder()) if spec == SMOLLM2_ALIAS else spec
+    """A loadable path or hub id for a --model value (aliases expanded), checked when it is a path."""
+    if spec == SMOLLM2_ALIAS:
+        return str(smollm2_folder())
+    if not spec.strip():
+        raise ModelSpecError("--model is empty; give a Hugging Face id, a local folder or 'smollm2-135m'")
+    path = Path(spec).expanduser()
+    # a hub id is owner/name; anything else with a slash, or that exists, is a local path
+    if not (path.exists() or spec.startswith((".", "/", "~")) or (os.sep in spec and not _HUB_ID.match(spec))):
+        return spec
+    if not path.exists():
+        raise ModelSpecError(f"--model {spec}: no such folder; give a saved model's folder, a Hugging Face id or 'smollm2-135m'")
+    if not path.is_dir():
+        raise ModelSpecError(f"--model {spec} is a file; give the folder that holds it (config.json and the weights)")
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"--model {spec} holds no config.json: it is not a saved Hugging Face model (save one with save_pretrained)")
+    if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.gguf")):
+        raise ModelSpecError(f"--model {spec} has a config.json but no weights (*.safetensors or *.bin); save the model with save_pretrained")
+    return str(path)
 
 
 def pick_device(device: str) -> str:

@@ -286,11 +286,15 @@ def _parse_record(record: object, where: _Where) -> EditRequest:
         )
     raw = _extract(record, where)
     subject = _subject(raw, where)
+    target_new, target_true = _target_new(raw, where), _target_true(raw, where)
+    if target_true is not None and target_new.strip() == target_true.strip():
+        raise _error(where, raw.target_new[0], f"equals {raw.target_true[0]} ({target_new.strip()!r}): the edit would change nothing",
+                     "give the new fact's object, or leave this record out")
     return EditRequest(
         prompt=_prompt(raw, subject, where),
         subject=subject,
-        target_new=_target_new(raw, where),
-        target_true=_target_true(raw, where),
+        target_new=target_new,
+        target_true=target_true,
         case_id=_case_id(raw, where),
     )
 

@@ -7,10 +7,13 @@ prompts, and minimised (ALGORITHM.md §1.4):
            + kl_factor · KL(p_δ ‖ p_0)  at the last subject token of "{subject} is a"
            + weight_decay · ‖δ_i‖ / ‖h0_i‖²               (unsquared numerator, as the code)
 
-with Adam, at most N iterations, stopping once loss_i < early_stop_loss, never stepping on the
-last iteration, and clamping ‖δ_i‖ ≤ clamp·‖h0_i‖ after each step. z_i = h0_i + δ_i.
-Optionally (`stop_when_most_probable`, after ENCORE's most-probable early stopping) a request
-also stops once its new object is the argmax at every target token of every prompt.
+with Adam, at most N iterations, never stepping on the last iteration, and clamping
+‖δ_i‖ ≤ clamp·‖h0_i‖ after each step. z_i = h0_i + δ_i. A request stops early
+- under `early_stop_rule="loss"` (the authors' code) once loss_i < early_stop_loss;
+- under `early_stop_rule="nll"` once its target NLL alone (the first term) < early_stop_nll:
+  the target is learnt, whatever the weight decay and KL terms say;
+- and, with `stop_when_most_probable` (after ENCORE's most-probable early stopping), once its
+  new object is the argmax at every target token of every prompt.
 
 All requests of a batch are optimised together: their prompts (rows) are packed by length
 into shared forward/backward passes. Each request has its own δ_i, loss and early stop, and
@@ -61,6 +64,7 @@ class TargetResult:
     loss: list[float] = field(default_factory=list)  # final loss of each request
     steps: list[int] = field(default_factory=list)  # Adam steps taken per request
     target_prob: list[float] = field(default_factory=list)  # mean target-token probability at the end
+    target_nll: list[float] = field(default_factory=list)  # final NLL of the target tokens (the loss's first term)
 
 
 def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str]) -> TargetRows:
@@ -157,7 +161,7 @@ def compute_targets(
         h0 = torch.zeros_like(delta)
         kl_init: dict[int, torch.Tensor] = {}  # KL row -> its log-probs before any δ
         active = list(range(u))
-        final_loss, final_prob = torch.zeros(u, dtype=torch.float64), torch.zeros(u, dtype=torch.float64)
+        final_loss, final_prob, final_nll = (torch.zeros(u, dtype=torch.float64) for _ in range(3))
         steps = torch.zeros(u, dtype=torch.long)
 
         for it in range(config.v_num_grad_steps):
@@ -187,9 +191,14 @@ def compute_targets(
             loss = totals.nll[moving] + totals.kl[moving] + wd.detach()
             final_loss[active] = loss.cpu().double()
             final_prob[active] = totals.prob[moving].cpu().double()
-            keep = (loss >= config.early_stop_loss) & (not last)
+            final_nll[active] = totals.nll[moving].cpu().double()
+            if config.early_stop_rule == "nll":
+                learnt = totals.nll[moving] < config.early_stop_nll
+            else:
+                learnt = loss < config.early_stop_loss
             if config.stop_when_most_probable:
-                keep &= totals.misses[moving] > 0
+                learnt |= totals.misses[moving] == 0
+            keep = ~learnt & (not last)
             active = [i for k, i in enumerate(active) if keep[k]]
             if on_iteration is not None:
                 on_iteration()
@@ -201,7 +210,7 @@ def compute_targets(
                 steps[active] += 1
                 _clamp(delta, h0, config.clamp_norm_factor, moving)
 
-        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist())
+        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist(), final_nll.tolist())
 
 
 def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: list[Row], z_layer: int) -> bool:

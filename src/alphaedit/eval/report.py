@@ -53,8 +53,15 @@ def markdown_table(summary: dict) -> str:
     )
     setting = (
         f"{summary.get('model')} on {summary.get('dataset')}: {summary.get('n')} edits in sequential batches of "
-        f"{summary.get('batch_size')} ({summary.get('method')}).\n\n"
+        f"{summary.get('batch_size')} ({summary.get('method')})."
     )
+    if summary.get("z_steps_cap") is not None:
+        setting += (
+            f" z optimisation: preset {summary.get('preset')}, v_lr {summary.get('v_lr')}, stop rule {summary.get('stop_rule')} "
+            f"< {summary.get('stop_threshold')}, at most {summary.get('z_steps_cap')} steps; {summary.get('mean_z_steps', 0):.1f} "
+            f"steps per request on average; {summary.get('seconds_per_edit', 0):.2f} s per edit."
+        )
+    setting += "\n\n"
     notes = "".join(f"\n- {note}" for note in summary.get("notes", []))
     return setting + head + rows + ("\nNotes:" + notes + "\n" if notes else "")
 

@@ -111,7 +111,12 @@ class StatsCache:
 
     def load_checkpoint(self, pass_key: str) -> dict[str, torch.Tensor] | None:
         path = self._checkpoint_path(pass_key)
-        return load_file(str(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a truncated or garbled file
+            raise ValueError(f"statistics checkpoint {path} cannot be read ({e}); run `alphaedit stats` with --restart to start this pass over") from e
 
     def save_checkpoint(self, pass_key: str, state: dict[str, torch.Tensor]) -> None:
         atomic_save_tensors(state, self._checkpoint_path(pass_key))
