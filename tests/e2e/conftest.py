@@ -19,6 +19,7 @@ from alphaedit.stats import CorpusSpec, StatsCache
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 COUNTERFACT = DATA / "counterfact" / "counterfact_test.json"
 WIKITEXT = DATA / "wikitext2_raw"
+ZSRE = DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json"
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,23 @@ def test_most_probable_stop_ends_each_request_once_its_object_is_top1(pristine, 
     for i, a in enumerate(alone):
         # float32: another batch width changes matmul rounding; Adam carries it along
         assert (batched.z[i] - a.z[0]).norm() < 1e-3 * a.z[0].norm()
+
+
+def test_multi_token_zsre_answers_take_and_each_request_stops_once_learnt(pristine, stats_cache, wikitext_corpus):
+    """The preset's stopping rule on real multi-token targets: every request stops on its own
+    target NLL before the step cap, and the answers are then the argmax token by token."""
+    from alphaedit.eval.datasets import load_dataset
+    from alphaedit.eval.scoring import zsre_scores
+    from .conftest import ZSRE
+
+    model, tokenizer = pristine
+    records = load_dataset(f"zsre:{ZSRE}")[:4]
+    assert all(len(tokenizer(" " + r.request.target_new)["input_ids"]) > 1 for r in records[:2])  # really multi-token
+    before = [s["efficacy"] for s in zsre_scores(model, tokenizer, records)]
+    editor = Editor(model, tokenizer, corpus=wikitext_corpus, cache=stats_cache, show_progress=False)
+    assert editor.config.early_stop_rule == "nll"
+    (report,) = editor.edit([r.request for r in records])
+    assert report.z_steps < editor.config.v_num_grad_steps - 1  # the rule fired, the cap did not decide
+    assert report.target_nll < editor.config.early_stop_nll
+    after = [s["efficacy"] for s in zsre_scores(model, tokenizer, records)]
+    assert sum(after) / len(after) >= 0.9 > sum(before) / len(before)
