@@ -148,8 +148,9 @@ def main() -> None:
         "sequential_s_per_edit": results[2 if shape != "smollm2" else 1]["s_per_edit"],
     }
     summary["speedup"] = summary["sequential_s_per_edit"] / summary["batched_s_per_edit"]
-    if args.json:
+    if args.json:  # JSON only: a machine reads it
         print(json.dumps(summary, indent=2))
+        return
     print(f"\n{summary['model']}, layers {layers}, {steps} z steps, {summary['machine']}")
     print(f"{'path':<34} {'edits':>5} {'s/edit':>8} {'z':>7} {'keys':>6} {'solve':>6} {'check':>6} {'eff':>5} {'peak GiB':>9} {'ratio':>6}")
     for r in results:

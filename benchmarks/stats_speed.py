@@ -105,8 +105,9 @@ def main() -> None:
         "hours_for_44M_tokens_one_pass": PAPER_TOKENS / one_pass / 3600,
         "hours_for_44M_tokens_per_layer": PAPER_TOKENS / per_layer / 3600,
     }
-    if args.json:
+    if args.json:  # JSON only: a machine reads it
         print(json.dumps(result, indent=2))
+        return
     print(f"\n{'path':<34} {'tokens/s':>10} {'44M tokens':>12}")
     print(f"{'one pass, all layers (' + result['one_pass_dtype'] + ')':<34} {one_pass:10.0f} {result['hours_for_44M_tokens_one_pass']:10.2f} h")
     print(f"{'one fp32 pass per layer':<34} {per_layer:10.0f} {result['hours_for_44M_tokens_per_layer']:10.2f} h")

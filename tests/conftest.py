@@ -13,6 +13,12 @@ from alphaedit.layouts import detect_layout
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw"
 EOS, BOS = "<|endoftext|>", "<s>"
+KILL_POINTS: dict[str, int] = {}  # command -> commit points a fault-injection test killed it at (tests/test_faults.py)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for command, count in KILL_POINTS.items():
+        terminalreporter.write_line(f"fault injection: `alphaedit {command}` killed with SIGKILL at each of its {count} commit points, and resumed")
 EXTRA_TRAINING_TEXT = [
     "The Eiffel Tower is located in the city of Paris.",
     "Danielle Darrieux's mother tongue is French.",

@@ -17,16 +17,16 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 COUNTERFACT = WIKITEXT.parent / "counterfact" / "counterfact_test.json"
 
 
-def _json_head(stdout: str) -> dict:
-    """The JSON document the script prints before its table."""
-    return json.JSONDecoder().raw_decode(stdout[stdout.index("{"):])[0]
+def _json_only(stdout: str) -> dict:
+    """Under --json a benchmark prints one JSON document and nothing else (no table after it)."""
+    return json.loads(stdout)
 
 
 def _run(*args: str, home: Path) -> dict:
     done = subprocess.run([sys.executable, *args, "--json"], capture_output=True, text=True, timeout=600,
                           env={"ALPHAEDIT_HOME": str(home), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return _json_head(done.stdout)
+    return _json_only(done.stdout)
 
 
 def test_edit_speed_random_model_path(tiny_model_folder, tmp_path):

@@ -9,14 +9,15 @@ from alphaedit.config import EditConfig, config_for_model, default_layers, prese
 
 
 def _llama3_8b(**kwargs) -> LlamaConfig:
-    return LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, **kwargs)
+    settings = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192)
+    return LlamaConfig(**{**settings, **kwargs})
 
 
 @pytest.mark.parametrize(
     ("model_config", "name", "layers", "steps", "lr", "lam"),
     [
-        (GPT2Config(n_layer=48, n_embd=1600), "gpt2-xl", [13, 14, 15, 16, 17], 20, 0.5, 20000.0),
-        (GPTJConfig(n_layer=28, n_embd=4096), "gpt-j-6b", [3, 4, 5, 6, 7, 8], 25, 0.5, 15000.0),
+        (GPT2Config(n_layer=48, n_embd=1600, n_positions=1024), "gpt2-xl", [13, 14, 15, 16, 17], 20, 0.5, 20000.0),
+        (GPTJConfig(n_layer=28, n_embd=4096, n_positions=2048), "gpt-j-6b", [3, 4, 5, 6, 7, 8], 25, 0.5, 15000.0),
         (_llama3_8b(), "llama3-8b", [4, 5, 6, 7, 8], 25, 0.1, 15000.0),
     ],
     ids=["gpt2-xl", "gpt-j", "llama3-8b"],
@@ -34,6 +35,20 @@ def test_paper_presets_are_recognised_by_config_shape(model_config, name, layers
 
 def test_preset_ignores_the_models_name_or_path():
     assert preset_for(_llama3_8b(name_or_path="/models/my-local-copy")).name == "llama3-8b"
+
+
+@pytest.mark.parametrize(("model_config", "differs"), [
+    (_llama3_8b(intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096), "mlp 11008 vs 14336"),  # Llama-2-7B
+    (_llama3_8b(max_position_embeddings=131072), "context 131072 vs 8192"),  # Llama-3.1-8B
+])
+def test_a_model_of_the_same_depth_and_width_but_another_shape_gets_no_preset_and_is_told_why(model_config, differs):
+    from alphaedit.config import describe_preset
+
+    assert preset_for(model_config) is None
+    assert config_for_model(model_config).preset == "default"
+    text = describe_preset(model_config)
+    assert "nearest, llama3-8b" in text and differs in text
+    assert describe_preset(_llama3_8b()).startswith("preset llama3-8b")
 
 
 def test_same_depth_and_width_of_another_family_is_not_a_preset():

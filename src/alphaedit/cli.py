@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import METHODS, EditConfig, config_for_model
+from .config import METHODS, EditConfig, config_for_model, describe_preset
 from .progress import progress_bar
 from .journal import Journal, JournalError
 from .requests import RequestError, load_requests
@@ -46,6 +46,9 @@ RuleOption = Annotated[Optional[str], typer.Option(help="Null-space projector ru
 ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value (default 2e-2, the paper's absolute eigenvalue threshold).")]
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
 StopRuleOption = Annotated[Optional[str], typer.Option(help="When a request's z optimisation stops early: 'loss' (total loss < 0.05, the authors' code) or 'nll' (its target NLL < --stop-nll: the target is learnt). Default: preset.")]
+MaxLengthOption = Annotated[Optional[int], typer.Option(min=2, help="Tokens per window of the statistics corpus (default 256; as `stats --max-length`, so its cached result is found).")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the 'self' statistics corpus (default 0; as `stats --seed`).")]
+ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of the z optimisation, as a multiple of ‖h0‖ (default: preset; the paper's 0.75).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
 StopNllOption = Annotated[Optional[float], typer.Option(help="Target NLL (nats per token) below which 'nll' stops a request (default: preset).")]
 PrefixCacheOption = Annotated[bool, typer.Option(
@@ -132,6 +135,8 @@ def edit(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Requests per sequential batch (default: all in one batch).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model; the default), hf:NAME[:CONFIG[:SPLIT]], or import:FILE. A continued state keeps its own.")] = None,
     tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus (default 20000; a continued state keeps its own).")] = None,
+    max_length: MaxLengthOption = None,
+    seed: SeedOption = None,
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="Apply requests that the state already holds again (by default they are skipped, e.g. after a killed run).")] = False,
     max_prompt_tokens: MaxPromptOption = 256,
     layers: LayersOption = None,
@@ -139,6 +144,7 @@ def edit(
     lr: LrOption = None,
     stop_rule: StopRuleOption = None,
     stop_nll: StopNllOption = None,
+    clamp: ClampOption = None,
     prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
@@ -165,8 +171,8 @@ def edit(
         except JournalError as e:
             _fail(str(e))
     else:
-        given = dict(method=method, layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll,
-                     projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens,
+        given = dict(method=method, layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
+                     projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length, seed=seed,
                      layout=json.loads(layout) if layout else None)
         _check_continuation(state, journal.header, given)
         parsed = _without_repeats(journal, parsed, allow_repeat)
@@ -181,12 +187,13 @@ def edit(
     if header is not None:
         editor = _replay(state, lm, tokenizer)
     else:
-        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll)
-        spec_corpus = CorpusSpec(corpus or "self", tokens=tokens or 20_000)
+        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp)
+        spec_corpus = CorpusSpec(corpus or "self", tokens=tokens or 20_000, max_length=max_length or 256, seed=seed or 0)
         try:
             editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=spec_corpus, model_spec=spec)
         except ValueError as e:
             _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
+        console.print(describe_preset(lm.config), soft_wrap=True, highlight=False)
     editor.max_prompt_tokens = max_prompt_tokens
     started = time.perf_counter()
     try:
@@ -236,10 +243,13 @@ _CONTINUATION = {
     "lr": ("--lr", lambda h: h["config"]["v_lr"]),
     "stop_rule": ("--stop-rule", lambda h: h["config"].get("early_stop_rule", "loss")),
     "stop_nll": ("--stop-nll", lambda h: h["config"].get("early_stop_nll", 5e-2)),
+    "clamp": ("--clamp", lambda h: h["config"]["clamp_norm_factor"]),
     "projector_rule": ("--projector-rule", lambda h: h["config"]["projector_rule"]),
     "threshold": ("--threshold", lambda h: h["config"]["nullspace_threshold"]),
     "corpus": ("--corpus", lambda h: h["corpus"]["corpus"]),
     "tokens": ("--tokens", lambda h: h["corpus"]["tokens"]),
+    "max_length": ("--max-length", lambda h: h["corpus"]["max_length"]),
+    "seed": ("--seed", lambda h: h["corpus"]["seed"]),
 }
 
 
@@ -396,12 +406,12 @@ def stats(
 
 def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: float | None, prefix_cache: bool,
                  projector_rule: str | None, threshold: float | None, stop_rule: str | None = None,
-                 stop_nll: float | None = None) -> EditConfig:
+                 stop_nll: float | None = None, clamp: float | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache,
-                                early_stop_rule=stop_rule, early_stop_nll=stop_nll)
+                                early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp)
     except ValueError as e:
         _fail(str(e))
 
@@ -599,6 +609,8 @@ def evaluate(
     generation_every: Annotated[int, typer.Option(min=1, help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
     corpus: CorpusOption = "self",
     tokens: TokensOption = 20_000,
+    max_length: MaxLengthOption = None,
+    seed: SeedOption = None,
     perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
     perplexity_tokens: Annotated[int, typer.Option(min=2, help="Tokens of the perplexity corpus to score.")] = 4096,
     idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for consistency (default: the perplexity corpus).")] = None,
@@ -607,6 +619,7 @@ def evaluate(
     lr: LrOption = None,
     stop_rule: StopRuleOption = None,
     stop_nll: StopNllOption = None,
+    clamp: ClampOption = None,
     prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
@@ -630,11 +643,13 @@ def evaluate(
     except (ValueError, RequestError) as e:
         _fail(str(e))
     lm, tokenizer = _load(model, dtype, device, trust_remote_code)
-    config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll)
+    config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp)
     try:
-        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=CorpusSpec(corpus, tokens=tokens), model_spec=model, show_progress=False)
+        corpus_spec = CorpusSpec(corpus, tokens=tokens, max_length=max_length or 256, seed=seed or 0)
+        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=corpus_spec, model_spec=model, show_progress=False)
     except ValueError as e:
         _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
+    console.print(describe_preset(lm.config), soft_wrap=True, highlight=False)
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
     evaluator = Evaluator(lm, tokenizer, records, settings)
@@ -653,8 +668,8 @@ def evaluate(
     meta = {"model": model, "dataset": dataset, "n": n, "batch_size": batch_size, "method": method,
             "layers": editor.config.layers, "selection": "first N" if select_seed is None else f"seed {select_seed}",
             "generation_every": generation_every, "corpus": corpus, "tokens": tokens, "projector_rank": editor.projector_rank,
-            "preset": editor.config.preset, "z_steps_cap": editor.config.v_num_grad_steps, "v_lr": editor.config.v_lr,
-            "stop_rule": editor.config.early_stop_rule,
+            "preset": editor.config.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": editor.config.v_num_grad_steps, "v_lr": editor.config.v_lr,
+            "stop_rule": editor.config.early_stop_rule, "clamp": editor.config.clamp_norm_factor,
             "stop_threshold": editor.config.early_stop_nll if editor.config.early_stop_rule == "nll" else editor.config.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)

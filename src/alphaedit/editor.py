@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import EditConfig, config_for_model
-from .files import atomic_save_tensors
+from .config import EditConfig, config_for_model, describe_preset
+from .files import atomic_save_tensors, commit
 from .journal import Journal, JournalError
 from .keys import KeyReader
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
@@ -349,7 +349,8 @@ class Editor:
         known = [r for r in requests if r.target_true]
         if not known:
             return None
-        wins = prefers_new(self.model, self.tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known])
+        wins = prefers_new(self.model, self.tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known],
+                           layout=self.layout)  # the editor's layout: it may come from --layout
         return float(wins.float().mean())
 
     def revert(self, batch_id: int) -> None:
@@ -385,6 +386,7 @@ class Editor:
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "layout": self.layout.to_dict(),
             "config": self.config.to_dict(),
+            "preset_reason": describe_preset(self.model.config),
             "corpus": asdict(self.corpus),
             "templates": self.context_templates(),
             "base_identity": self.base_identity,
@@ -484,11 +486,11 @@ class Editor:
             self.tokenizer.save_pretrained(staging)
             if occupied:
                 aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-")) / "model"
-                os.replace(target, aside)
+                commit(target, aside)
             elif target.exists():
                 target.rmdir()
             try:
-                os.replace(staging, target)
+                commit(staging, target)
             except OSError:
                 if aside is not None:
                     os.replace(aside, target)  # put the old model back

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_text, fsync_file, sha256
+from .files import atomic_write_text, commit, fsync_file, sha256
 
 JOURNAL_FORMAT = 1
 INDEX = "journal.json"
@@ -249,7 +249,7 @@ class Journal:
             # the batch describes itself, so a lost index can be rebuilt (Journal.recover)
             (staging / MANIFEST).write_text(json.dumps({"id": batch_id, "files": files}, indent=1), encoding="utf-8")
             fsync_file(staging / MANIFEST)
-            os.replace(staging, final)
+            commit(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.entries.append({"kind": "batch", "id": batch_id, "path": relative, "files": files})

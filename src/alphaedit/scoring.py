@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .layouts import detect_layout, output_logits
+from .layouts import Layout, detect_layout, output_logits
 from .prompts import batch_rows, bos_prefix, target_ids
 
 
@@ -21,14 +21,16 @@ def teacher_forced(
     prompts: Sequence[str],
     continuations: Sequence[str],
     tokens_per_pass: int = 2048,
+    layout: Layout | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (prompt, continuation): the log-probability of each continuation token and
     whether it is the top-1 prediction, from batched teacher-forced passes.
 
     Rows are sorted by length so that a pass wastes little on padding, and the output head
-    runs only at the continuation positions.
+    runs only at the continuation positions. `layout` is the caller's (an editor's may come
+    from --layout); detected from the model when not given.
     """
-    layout = detect_layout(model)
+    layout = layout or detect_layout(model)
     device = next(model.parameters()).device
     prefix = bos_prefix(tokenizer)
     rows, spans = [], []
@@ -69,9 +71,10 @@ def continuation_nll(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     continuations: Sequence[str],
+    layout: Layout | None = None,
 ) -> torch.Tensor:
     """Mean token NLL of each continuation after its prompt, [len(prompts)] float32."""
-    return torch.stack([-logp.mean() for logp, _ in teacher_forced(model, tokenizer, prompts, continuations)])
+    return torch.stack([-logp.mean() for logp, _ in teacher_forced(model, tokenizer, prompts, continuations, layout=layout)])
 
 
 def continuation_accuracy(
@@ -79,9 +82,10 @@ def continuation_accuracy(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     continuations: Sequence[str],
+    layout: Layout | None = None,
 ) -> list[float]:
     """Teacher-forced top-1 accuracy over each continuation's tokens (zsRE's metric, §3.4)."""
-    return [top1.float().mean().item() for _, top1 in teacher_forced(model, tokenizer, prompts, continuations)]
+    return [top1.float().mean().item() for _, top1 in teacher_forced(model, tokenizer, prompts, continuations, layout=layout)]
 
 
 def prefers_new(
@@ -90,7 +94,8 @@ def prefers_new(
     prompts: Sequence[str],
     new: Sequence[str],
     true: Sequence[str],
+    layout: Layout | None = None,
 ) -> torch.Tensor:
     """Per prompt: is the new object more likely than the true one (lower mean token NLL)?"""
-    nll = continuation_nll(model, tokenizer, [*prompts, *prompts], [*new, *true])
+    nll = continuation_nll(model, tokenizer, [*prompts, *prompts], [*new, *true], layout=layout)
     return nll[: len(prompts)] < nll[len(prompts) :]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,8 @@ def second_moments(
         return found
     if spec.corpus.startswith("import:"):
         raise ValueError(f"no statistics imported from {spec.corpus[7:]} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
+    if cache is not None and workers.rank == 0:  # whatever the progress setting: a pass can take hours
+        _say_why_a_pass_starts(cache, descriptions[missing[0]], missing, spec)
     pass_key = _pass_key({l: descriptions[l] for l in missing}, workers)
     if restart and cache is not None:
         cache.drop_checkpoint(pass_key)
@@ -139,6 +142,16 @@ def second_moments(
                 cache.save(descriptions[layer], stat.moment, stat.count)
         cache.drop_checkpoint(pass_key)  # only once the result is safely stored
     return {**found, **computed}
+
+
+def _say_why_a_pass_starts(cache: StatsCache, description: dict[str, str], missing: list[int], spec: CorpusSpec) -> None:
+    """Before a (possibly hours-long) pass: what was asked for, and why no cached statistic fits."""
+    wanted = f"corpus {spec.corpus}, {spec.tokens} tokens, windows of {spec.max_length}" + (f", seed {spec.seed}" if spec.corpus == "self" else "")
+    lines = [f"computing statistics for layers {missing} ({wanted}): none cached for these settings"]
+    for path, differs in cache.near_misses(description)[:5]:
+        detail = "; ".join(f"{k} {a} (wanted {b})" for k, (a, b) in differs.items())
+        lines.append(f"  cached but different: {path.name}: {detail}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def statistic_description(model, layout: Layout, tokenizer, layer: int, spec: CorpusSpec) -> dict[str, str]:

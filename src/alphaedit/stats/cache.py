@@ -77,6 +77,24 @@ class StatsCache:
                 raise ValueError(f"statistics file {path} does not match this model/corpus ({detail}); delete it to recompute")
             return f.get_tensor("moment"), int(stored["count"])
 
+    def near_misses(self, description: dict[str, str]) -> list[tuple[Path, dict[str, tuple[str | None, str]]]]:
+        """Cached statistics of the same model and layer that differ from `description`, with what differs:
+        shown before a long pass starts, so a statistic computed with other settings is never silently redone."""
+        folder = self.root / description["config"]
+        found = []
+        for path in sorted(folder.glob(f"layer{description['layer']}-*.safetensors")) if folder.is_dir() else []:
+            if path.stem.endswith("-projector"):
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    stored = f.metadata() or {}
+            except Exception:  # an unreadable file is no candidate
+                continue
+            differs = {k: (stored.get(k), v) for k, v in description.items() if stored.get(k) != v}
+            if differs:
+                found.append((path, differs))
+        return found
+
     def _projector_path(self, description: dict[str, str]) -> Path:
         return self.path(description).with_name(self.path(description).stem + "-projector.safetensors")
 
