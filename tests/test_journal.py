@@ -158,7 +158,8 @@ def test_log_and_revert_commands(edited, tmp_path):
 def _edit_command(model: Path, requests: Path, state: Path) -> list[str]:
     """`alphaedit edit` in a subprocess: batches of one request, few steps, so writes are frequent."""
     return [sys.executable, "-m", "alphaedit", "edit", "--model", str(model), "--requests", str(requests), "--state", str(state),
-            "--batch-size", "1", "--steps", "3", "--corpus", str(WIKITEXT), "--tokens", "2000", "--json"]
+            "--batch-size", "1", "--steps", "3", "--corpus", str(WIKITEXT), "--tokens", "2000", "--json",
+            "--allow-repeat"]  # every run appends all its requests, so the count tells what was kept
 
 
 def _check_journal(state: Path) -> int:

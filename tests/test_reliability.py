@@ -268,3 +268,34 @@ def test_log_never_cuts_its_cells(edited, tmp_path):
     result = runner.invoke(app, ["log", "--state", str(tmp_path / "state")])
     assert result.exit_code == 0
     assert "…" not in result.output and "applied" in result.output
+
+
+# -- 6. the statistics cache is verified, and keyed by the corpus's content --------------------------
+
+
+def test_a_flipped_bit_in_a_cached_statistic_is_refused_naming_the_file(llama, tokenizer, tmp_path):
+    model, layout = llama
+    cache = StatsCache(tmp_path)
+    spec = CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64)
+    second_moments(model, layout, tokenizer, [1], spec, cache, show_progress=False)
+    (path,) = (cache.root).rglob("layer1-*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # one bit of the moment's last float
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum") as error:
+        second_moments(model, layout, tokenizer, [1], spec, cache, show_progress=False)
+    assert str(path) in str(error.value) and "delete it" in str(error.value)
+
+
+def test_a_changed_corpus_file_is_not_served_its_old_statistics(llama, tokenizer, tmp_path):
+    model, layout = llama
+    corpus = tmp_path / "corpus.txt"
+    text = (WIKITEXT / "wiki.valid.raw").read_text(encoding="utf-8")
+    corpus.write_text(text[:20_000], encoding="utf-8")
+    cache = StatsCache(tmp_path / "home")
+    spec = CorpusSpec(str(corpus), tokens=1000, max_length=64)
+    first = second_moments(model, layout, tokenizer, [1], spec, cache, show_progress=False)[1].moment
+    corpus.write_text(text[20_000:40_000], encoding="utf-8")  # same path, other text
+    second = second_moments(model, layout, tokenizer, [1], spec, cache, show_progress=False)[1].moment
+    fresh = second_moments(model, layout, tokenizer, [1], spec, None, show_progress=False)[1].moment
+    assert not torch.equal(first, second) and torch.equal(second, fresh)

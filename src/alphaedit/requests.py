@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 PLACEHOLDER = "{}"
+GOLD_ANSWER_FIELDS = ("answers", "ground_truth")  # a dataset's true answer, not a claim about the model
 _NO_ANSWER = "<|endoftext|>"
 _MISSING = object()
 
@@ -288,8 +289,13 @@ def _parse_record(record: object, where: _Where) -> EditRequest:
     subject = _subject(raw, where)
     target_new, target_true = _target_new(raw, where), _target_true(raw, where)
     if target_true is not None and target_new.strip() == target_true.strip():
-        raise _error(where, raw.target_new[0], f"equals {raw.target_true[0]} ({target_new.strip()!r}): the edit would change nothing",
-                     "give the new fact's object, or leave this record out")
+        if raw.target_true[0].split("[")[0] in GOLD_ANSWER_FIELDS:
+            # zsRE/KnowEdit: the gold answer, not what the model says now; writing it is a real edit
+            # (the model may not know it), with no old object to compare against
+            target_true = None
+        else:
+            raise _error(where, raw.target_new[0], f"equals {raw.target_true[0]} ({target_new.strip()!r}): the edit would change nothing",
+                         "give the new fact's object, or leave this record out")
     return EditRequest(
         prompt=_prompt(raw, subject, where),
         subject=subject,

@@ -2,7 +2,10 @@
 
 A cached file carries its own description in the safetensors metadata; loading compares that
 description with what the caller asks for and refuses a mismatch, saying what differs, so a
-statistic can never silently belong to another model or corpus.
+statistic can never silently belong to another model or corpus. Every file written here also
+carries the sha256 of its tensors' bytes ("tensors_sha256"), checked on load: a flipped bit is
+refused with the file's name, never used. (Files written before this check have none and are
+read as they are.)
 """
 
 from __future__ import annotations
@@ -14,13 +17,41 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ..files import atomic_save_tensors
 from ..layouts import Layout, mlp_out_weight
 
 FORMAT_VERSION = "1"
+CHECKSUM = "tensors_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_checked(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """atomic_save_tensors with the tensors' checksum in the metadata."""
+    atomic_save_tensors(tensors, path, {**(metadata or {}), CHECKSUM: tensors_digest(tensors)})
+
+
+def load_checked(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a file written by save_checked; a damaged file raises ValueError naming it and `fix`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own types for truncated or garbled files
+        raise ValueError(f"{path} cannot be read ({e}); {fix}") from e
+    stored = metadata.get(CHECKSUM)
+    if stored is not None and stored != tensors_digest(tensors):
+        raise ValueError(f"{path} does not match its checksum: the file is corrupted; {fix}")
+    return tensors, metadata
 
 
 def alphaedit_home() -> Path:
@@ -69,13 +100,12 @@ class StatsCache:
         path = self.path(description)
         if not path.exists():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            stored = f.metadata() or {}
-            differs = {k: (stored.get(k), v) for k, v in description.items() if stored.get(k) != v}
-            if differs:
-                detail = "; ".join(f"{k}: file has {a!r}, wanted {b!r}" for k, (a, b) in differs.items())
-                raise ValueError(f"statistics file {path} does not match this model/corpus ({detail}); delete it to recompute")
-            return f.get_tensor("moment"), int(stored["count"])
+        tensors, stored = load_checked(path, "delete it to recompute")
+        differs = {k: (stored.get(k), v) for k, v in description.items() if stored.get(k) != v}
+        if differs:
+            detail = "; ".join(f"{k}: file has {a!r}, wanted {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(f"statistics file {path} does not match this model/corpus ({detail}); delete it to recompute")
+        return tensors["moment"], int(stored["count"])
 
     def near_misses(self, description: dict[str, str]) -> list[tuple[Path, dict[str, tuple[str | None, str]]]]:
         """Cached statistics of the same model and layer that differ from `description`, with what differs:
@@ -100,10 +130,10 @@ class StatsCache:
 
     def load_projector(self, description: dict[str, str]) -> torch.Tensor | None:
         path = self._projector_path(description)
-        return load_file(str(path))["projector"] if path.exists() else None
+        return load_checked(path, "import the projector again")[0]["projector"] if path.exists() else None
 
     def save_projector(self, description: dict[str, str], projector: torch.Tensor) -> None:
-        atomic_save_tensors({"projector": projector}, self._projector_path(description), description)
+        save_checked({"projector": projector}, self._projector_path(description), description)
 
     # -- sampled "self" corpora and pass checkpoints live beside the statistics --------------
 
@@ -115,14 +145,14 @@ class StatsCache:
         path = self._corpus_path(key)
         if not path.exists():
             return None
-        tensors = load_file(str(path))
+        tensors, _ = load_checked(path, "delete it to sample the corpus again")
         lengths = tensors["lengths"].tolist()
         return [chunk.tolist() for chunk in torch.split(tensors["tokens"], lengths)]
 
     def save_corpus(self, key: dict[str, str], windows: list[list[int]]) -> None:
         tokens = torch.tensor([t for w in windows for t in w], dtype=torch.int64)
         lengths = torch.tensor([len(w) for w in windows], dtype=torch.int64)
-        atomic_save_tensors({"tokens": tokens, "lengths": lengths}, self._corpus_path(key), key)
+        save_checked({"tokens": tokens, "lengths": lengths}, self._corpus_path(key), key)
 
     def _checkpoint_path(self, pass_key: str) -> Path:
         return self.root / "checkpoints" / f"pass-{pass_key}.safetensors"
@@ -131,18 +161,15 @@ class StatsCache:
         path = self._checkpoint_path(pass_key)
         if not path.exists():
             return None
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for a truncated or garbled file
-            raise ValueError(f"statistics checkpoint {path} cannot be read ({e}); run `alphaedit stats` with --restart to start this pass over") from e
+        return load_checked(path, "run `alphaedit stats` with --restart to start this pass over")[0]
 
     def save_checkpoint(self, pass_key: str, state: dict[str, torch.Tensor]) -> None:
-        atomic_save_tensors(state, self._checkpoint_path(pass_key))
+        save_checked(state, self._checkpoint_path(pass_key))
 
     def drop_checkpoint(self, pass_key: str) -> None:
         self._checkpoint_path(pass_key).unlink(missing_ok=True)
 
     def save(self, description: dict[str, str], moment: torch.Tensor, count: int) -> Path:
         path = self.path(description)
-        atomic_save_tensors({"moment": moment}, path, {**description, "count": str(count)})
+        save_checked({"moment": moment}, path, {**description, "count": str(count)})
         return path

@@ -9,6 +9,8 @@ give the same windows.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +29,26 @@ HF = "hf:"
 
 
 def describe(spec: str) -> str:
-    """A canonical form of the spec for cache keys: absolute path, "self", or the hf: spec."""
+    """A canonical form of the spec for cache keys: "self", the hf: spec, or for local text the
+    absolute path and a digest of its files' names, sizes and contents, so a changed file never
+    returns the statistics of its old text."""
     if spec == SELF or spec.startswith(HF):
         return spec
-    return str(Path(spec).expanduser().resolve())
+    root = Path(spec).expanduser().resolve()
+    files = corpus_files(spec)
+    return f"{root}#{_content_digest(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))}"
+
+
+@functools.lru_cache(maxsize=32)
+def _content_digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the files' relative order, sizes and bytes (memoised on path, size and mtime)."""
+    digest = hashlib.sha256()
+    for name, size, _ in files:
+        digest.update(f"{Path(name).name}:{size}\n".encode())
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def hf_documents(spec: str) -> Iterator[str]:
