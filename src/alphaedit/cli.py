@@ -1,4 +1,15 @@
-"""The `alphaedit` command line: edit, ask, demo."""
+"""The `alphaedit` command line.
+
+    edit      apply edit requests in sequential batches to a state folder (journal)
+    ask       complete prompts with the edited (or an unedited) model
+    stats     compute or import the preserved-knowledge statistics C0 (cached, resumable)
+    log       list a state's batches          revert   undo one batch
+    export    write the edited model or just its updates
+    apply     replay a state onto a fresh copy of the base model
+    recover   rebuild a lost journal.json from the batch folders
+    eval      the paper's protocol: edit N records in batches, evaluate before and after
+    demo      ten edits to the bundled SmolLM2, before/after
+"""
 
 from __future__ import annotations
 

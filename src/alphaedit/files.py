@@ -18,6 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 
+def alphaedit_home() -> Path:
+    """Where alphaedit keeps converted models, downloaded data and statistics ($ALPHAEDIT_HOME)."""
+    return Path(os.environ.get("ALPHAEDIT_HOME", Path.home() / ".cache" / "alphaedit")).expanduser()
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

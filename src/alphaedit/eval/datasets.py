@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from ..requests import EditRequest, RequestError, parse_requests
-from ..stats.cache import alphaedit_home
+from ..files import alphaedit_home
 
 KINDS = ("counterfact", "zsre")
 DATA_URL = "https://memit.baulab.info/data/dsets"

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..files import atomic_save_tensors
+from ..files import alphaedit_home, atomic_save_tensors
 from ..layouts import Layout, mlp_out_weight
 
 FORMAT_VERSION = "1"
@@ -52,10 +51,6 @@ def load_checked(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict[st
     if stored is not None and stored != tensors_digest(tensors):
         raise ValueError(f"{path} does not match its checksum: the file is corrupted; {fix}")
     return tensors, metadata
-
-
-def alphaedit_home() -> Path:
-    return Path(os.environ.get("ALPHAEDIT_HOME", Path.home() / ".cache" / "alphaedit")).expanduser()
 
 
 def config_digest(model: nn.Module) -> str:
