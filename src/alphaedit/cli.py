@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import asdict
@@ -166,22 +167,19 @@ def edit(
     as_json: JsonOption = False,
 ) -> None:
     """Apply edit requests in sequential batches; the state folder keeps everything needed to continue."""
-    from .editor import Editor
-    from .stats import CorpusSpec
-
     try:
         parsed = load_requests(requests)  # validate before loading anything heavy: a bad file changes nothing
     except RequestError as e:
         _fail(str(e))
     _parse_layers(layers)
-    _check_writable(state)
     journal = _open_journal(state) if Journal.exists(state) else None
     if journal is None:
         try:
-            Journal.check_new(state)  # batches without a journal: a damaged state, never overwritten
+            Journal.check_new(state)  # a file, or batches without a journal (a damaged state): never overwritten
         except JournalError as e:
             _fail(str(e))
-    else:
+    _check_writable(state)
+    if journal is not None:
         given = dict(method=method, layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
                      projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length, seed=seed,
                      layout=json.loads(layout) if layout else None)
@@ -199,12 +197,7 @@ def edit(
         editor = _replay(state, lm, tokenizer)
     else:
         config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp)
-        spec_corpus = CorpusSpec(corpus or "self", tokens=tokens or 20_000, max_length=max_length or 256, seed=seed or 0)
-        try:
-            editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=spec_corpus, model_spec=spec)
-        except ValueError as e:
-            _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
-        console.print(describe_preset(lm.config), soft_wrap=True, highlight=False)
+        editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed), spec)
     editor.max_prompt_tokens = max_prompt_tokens
     started = time.perf_counter()
     try:
@@ -234,33 +227,30 @@ def edit(
 
 
 def _check_writable(state: Path) -> None:
-    """A state that cannot be written is refused before any computation, not after the batch."""
-    if state.exists() and not state.is_dir():
-        _fail(f"--state {state} is a file; a state is a folder (give a new or existing folder)")
+    """A state that cannot be written is refused before any computation, not after the batch.
+    (A --state that is a file is refused by Journal.check_new.)"""
     probe = state
     while not probe.exists():
         probe = probe.parent
-    import os
-
     if not os.access(probe, os.W_OK | os.X_OK):
         _fail(f"--state {state}: {probe} is not writable; choose a folder you can write to")
 
 
-# option -> (its name on the command line, where the journal keeps it)
+# option -> (its name on the command line, where the journal keeps it: the config, or the corpus)
 _CONTINUATION = {
-    "method": ("--method", lambda h: h["config"]["method"]),
-    "layers": ("--layers", lambda h: h["config"]["layers"]),
-    "steps": ("--steps", lambda h: h["config"]["v_num_grad_steps"]),
-    "lr": ("--lr", lambda h: h["config"]["v_lr"]),
-    "stop_rule": ("--stop-rule", lambda h: h["config"].get("early_stop_rule", "loss")),
-    "stop_nll": ("--stop-nll", lambda h: h["config"].get("early_stop_nll", 5e-2)),
-    "clamp": ("--clamp", lambda h: h["config"]["clamp_norm_factor"]),
-    "projector_rule": ("--projector-rule", lambda h: h["config"]["projector_rule"]),
-    "threshold": ("--threshold", lambda h: h["config"]["nullspace_threshold"]),
-    "corpus": ("--corpus", lambda h: h["corpus"]["corpus"]),
-    "tokens": ("--tokens", lambda h: h["corpus"]["tokens"]),
-    "max_length": ("--max-length", lambda h: h["corpus"]["max_length"]),
-    "seed": ("--seed", lambda h: h["corpus"]["seed"]),
+    "method": ("--method", lambda c, corpus: c.method),
+    "layers": ("--layers", lambda c, corpus: c.layers),
+    "steps": ("--steps", lambda c, corpus: c.v_num_grad_steps),
+    "lr": ("--lr", lambda c, corpus: c.v_lr),
+    "stop_rule": ("--stop-rule", lambda c, corpus: c.early_stop_rule),
+    "stop_nll": ("--stop-nll", lambda c, corpus: c.early_stop_nll),
+    "clamp": ("--clamp", lambda c, corpus: c.clamp_norm_factor),
+    "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),
+    "threshold": ("--threshold", lambda c, corpus: c.nullspace_threshold),
+    "corpus": ("--corpus", lambda c, corpus: corpus["corpus"]),
+    "tokens": ("--tokens", lambda c, corpus: corpus["tokens"]),
+    "max_length": ("--max-length", lambda c, corpus: corpus["max_length"]),
+    "seed": ("--seed", lambda c, corpus: corpus["seed"]),
 }
 
 
@@ -275,9 +265,10 @@ def _check_continuation(state: Path, header: dict, given: dict) -> None:
                 _fail(f"{state} was edited with layout {json.dumps({k: header['layout'].get(k) for k in differs})}; "
                       f"--layout {json.dumps(differs)} contradicts it. Leave --layout out to continue, or use a new --state")
             continue
-        option, recorded = _CONTINUATION[name]
-        if recorded(header) != value:
-            shown = f"{recorded(header)[0]}-{recorded(header)[-1]}" if name == "layers" else recorded(header)
+        option, where = _CONTINUATION[name]
+        recorded = where(EditConfig.from_dict(header["config"]), header["corpus"])
+        if recorded != value:
+            shown = f"{recorded[0]}-{recorded[-1]}" if name == "layers" else recorded
             _fail(f"{state} was edited with {option} {shown}; it cannot continue with {option} "
                   f"{value if name != 'layers' else f'{value[0]}-{value[-1]}'}. Leave {option} out to continue, or use a new --state")
 
@@ -427,6 +418,26 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
         _fail(str(e))
 
 
+def _corpus_spec(corpus: str | None, tokens: int | None, max_length: int | None, seed: int | None):
+    """The statistics corpus from the options given; CorpusSpec's own defaults for the others."""
+    from .stats import CorpusSpec
+
+    given = {"corpus": corpus, "tokens": tokens, "max_length": max_length, "seed": seed}
+    return CorpusSpec(**{k: v for k, v in given.items() if v is not None})
+
+
+def _new_editor(lm, tokenizer, config: EditConfig, layout: str | None, corpus, model_spec: str, show_progress: bool = True):
+    """An Editor for a new sequence of edits (a bad --layers is one line), saying which preset applied."""
+    from .editor import Editor
+
+    try:
+        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=corpus, model_spec=model_spec, show_progress=show_progress)
+    except ValueError as e:
+        _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
+    console.print(describe_preset(lm.config), soft_wrap=True, highlight=False)
+    return editor
+
+
 def _start_workers():
     """Join the torchrun job when launched by one (gloo on CPU, nccl on GPUs)."""
     import atexit
@@ -567,13 +578,12 @@ def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
         if target.exists() and not force:
             _fail(f"--out {target} exists; choose a new file name or pass --force to replace it")
         return
-    if target.exists() and not target.is_dir():
-        _fail(f"--out {target} is a file; the edited model is written to a folder")
-    if target.is_dir() and any(target.iterdir()):
-        if not force:
-            _fail(f"--out {target} exists and is not empty; choose a new folder or pass --force to replace the model in it")
-        if not (target / "config.json").is_file():
-            _fail(f"--out {target} is not empty and holds no saved model (no config.json); it will not be replaced, even with --force")
+    from .editor import check_export_folder
+
+    try:
+        check_export_folder(target, overwrite=force)
+    except FileExistsError as e:
+        _fail(f"--out {e}")
 
 
 @app.command()
@@ -641,11 +651,9 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """The paper's protocol: N records edited in sequential batches, evaluated before and after."""
-    from .editor import Editor
     from .eval.datasets import load_dataset, select
     from .eval.protocol import EvalSettings, Evaluator, run_protocol
     from .eval.report import write_report
-    from .stats import CorpusSpec
 
     _parse_layers(layers)
     skipped: list[str] = []
@@ -655,12 +663,7 @@ def evaluate(
         _fail(str(e))
     lm, tokenizer = _load(model, dtype, device, trust_remote_code)
     config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp)
-    try:
-        corpus_spec = CorpusSpec(corpus, tokens=tokens, max_length=max_length or 256, seed=seed or 0)
-        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=corpus_spec, model_spec=model, show_progress=False)
-    except ValueError as e:
-        _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
-    console.print(describe_preset(lm.config), soft_wrap=True, highlight=False)
+    editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed), model, show_progress=False)
     settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
                             perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
     evaluator = Evaluator(lm, tokenizer, records, settings)

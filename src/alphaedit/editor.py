@@ -43,6 +43,23 @@ from .targets import compute_targets
 from .updates import UPDATE_RULES, LayerStatistics, LowRankDelta, null_space_projector, uses_preserved, uses_projector
 
 
+def check_export_folder(target: Path, overwrite: bool = False) -> bool:
+    """May the edited model be written to the folder `target`? True if it replaces one there.
+
+    An export never overwrites without `overwrite`, and never replaces a folder that holds no
+    saved model (config.json): a mistyped path must not cost the user a folder.
+    """
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; the edited model is written to a folder")
+    if not (target.is_dir() and any(target.iterdir())):
+        return False
+    if not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; choose a new folder or pass --force to replace the model in it")
+    if not (target / "config.json").is_file():
+        raise FileExistsError(f"{target} is not empty and holds no saved model (no config.json); it will not be replaced, even with --force")
+    return True
+
+
 class _PhaseClock:
     """Wall-clock seconds per named phase (waiting for the GPU, so its work is not misattributed)."""
 
@@ -475,9 +492,7 @@ class Editor:
         moved aside and deleted only once the new one is in place.
         """
         target = Path(directory)
-        occupied = target.exists() and (not target.is_dir() or any(target.iterdir()))
-        if occupied and not (overwrite and (target / "config.json").is_file()):
-            raise FileExistsError(f"{target} exists and is not empty; choose a new folder")
+        occupied = check_export_folder(target, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         aside = None

@@ -81,6 +81,11 @@ def model_identity(model: nn.Module, layout: Layout, layers: list[int]) -> dict[
     return {"config": config_digest(model), "weights": weights_digest(model, layout, layers)}
 
 
+def _differences(stored: dict[str, str], wanted: dict[str, str]) -> dict[str, tuple[str | None, str]]:
+    """Description fields where a file's metadata differs from what is wanted: key -> (file's, wanted)."""
+    return {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+
+
 class StatsCache:
     """Second moments under `<home>/stats/<config digest>/`, one file per layer and corpus."""
 
@@ -96,7 +101,7 @@ class StatsCache:
         if not path.exists():
             return None
         tensors, stored = load_checked(path, "delete it to recompute")
-        differs = {k: (stored.get(k), v) for k, v in description.items() if stored.get(k) != v}
+        differs = _differences(stored, description)
         if differs:
             detail = "; ".join(f"{k}: file has {a!r}, wanted {b!r}" for k, (a, b) in differs.items())
             raise ValueError(f"statistics file {path} does not match this model/corpus ({detail}); delete it to recompute")
@@ -115,7 +120,7 @@ class StatsCache:
                     stored = f.metadata() or {}
             except Exception:  # an unreadable file is no candidate
                 continue
-            differs = {k: (stored.get(k), v) for k, v in description.items() if stored.get(k) != v}
+            differs = _differences(stored, description)
             if differs:
                 found.append((path, differs))
         return found

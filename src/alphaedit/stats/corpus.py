@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..files import sha256
 from ..prompts import bos_prefix
 
 SELF = "self"
@@ -44,10 +45,7 @@ def _content_digest(files: tuple[tuple[str, int, int], ...]) -> str:
     """sha256 over the files' relative order, sizes and bytes (memoised on path, size and mtime)."""
     digest = hashlib.sha256()
     for name, size, _ in files:
-        digest.update(f"{Path(name).name}:{size}\n".encode())
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(f"{Path(name).name}:{size}:{sha256(Path(name))}\n".encode())
     return digest.hexdigest()[:16]
 
 
