@@ -57,18 +57,49 @@ def generate_rows(
     )
     new_tokens: list[list[int]] = []
     for start in range(0, len(rows), rows_per_pass):
-        chunk = rows[start : start + rows_per_pass]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(chunk):  # left padding: every row's next token sits at the end
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
+        ids, mask = _left_padded(tokenizer, rows[start : start + rows_per_pass])
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  pad_token_id=pad_id(tokenizer), **options)
-        new_tokens += [row[width:].tolist() for row in out]
+        new_tokens += [row[ids.shape[1] :].tolist() for row in out]
     return new_tokens
+
+
+def greedy_rows_and_first_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[list[int]],
+    max_new_tokens: int,
+    token_ids: Sequence[int],
+    rows_per_pass: int = 16,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy new tokens after each row, and log p(t | row) for each t in `token_ids`, [rows, len(token_ids)].
+
+    The log-probabilities come from the logits of the first generation step: scoring one-token
+    answers costs no pass beyond the generation's own.
+    """
+    device = next(model.parameters()).device
+    new_tokens: list[list[int]] = []
+    logprobs = []
+    for start in range(0, len(rows), rows_per_pass):
+        ids, mask = _left_padded(tokenizer, rows[start : start + rows_per_pass])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad_id(tokenizer), do_sample=False, output_logits=True, return_dict_in_generate=True)
+        new_tokens += [row[ids.shape[1] :].tolist() for row in out.sequences]
+        logprobs.append(out.logits[0].float().log_softmax(-1)[:, list(token_ids)].cpu())
+    return new_tokens, torch.cat(logprobs) if logprobs else torch.zeros(0, len(token_ids))
+
+
+def _left_padded(tokenizer: PreTrainedTokenizerBase, chunk: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids, left-padded so that every row's next token sits at the end; and the attention mask."""
+    width = max(map(len, chunk))
+    ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(chunk):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
 
 
 def greedy_completions(
