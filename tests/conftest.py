@@ -18,7 +18,7 @@ KILL_POINTS: dict[str, int] = {}  # command -> commit points a fault-injection t
 
 def pytest_terminal_summary(terminalreporter):
     for command, count in KILL_POINTS.items():
-        terminalreporter.write_line(f"fault injection: `alphaedit {command}` killed with SIGKILL at each of its {count} commit points, and resumed")
+        terminalreporter.write_line(f"fault injection: `alphaedit {command}` killed with SIGKILL at {count} of its commit points, and resumed")
 EXTRA_TRAINING_TEXT = [
     "The Eiffel Tower is located in the city of Paris.",
     "Danielle Darrieux's mother tongue is French.",

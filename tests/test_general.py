@@ -140,3 +140,21 @@ def test_batched_check_equals_float64_reference(long_llama, tokenizer_name, requ
     one_token = {name: all(len(tokenizer(f" {w}", add_special_tokens=False)["input_ids"]) == 1 for w, _ in TASKS[name].choices)
                  for name in ("sst2", "rte", "mmlu")}
     assert set(one_token.values()) == {True, False}, one_token
+
+
+def test_fluency_texts_are_the_full_budget_long_and_go_on_past_the_end_of_sequence(llama, tokenizer):
+    """ROME's generate_fast: every text is `max_length` tokens, prompt included, EOS or not."""
+    from alphaedit.generate import generate_rows, prompt_ids
+
+    model, _ = llama
+    rows = sorted([prompt_ids(tokenizer, p) for p in ("The Eiffel Tower is", "A", "Because the river flows north, the valley")], key=len)
+    first = generate_rows(model, tokenizer, rows, 1)  # the greedy next token of each row
+    model.generation_config.eos_token_id = first[0][0]  # make that token the end of sequence
+    try:
+        stopping = generate_rows(model, tokenizer, rows[:1], 10)
+        assert len(stopping[0]) == 1  # a plain generation stops there
+        full = generate_rows(model, tokenizer, rows, 0, total_length=30)
+        assert [len(r) + len(new) for r, new in zip(rows, full)] == [30, 30, 30]
+        assert full[0][0] == first[0][0]  # it went on past the end-of-sequence token
+    finally:
+        model.generation_config.eos_token_id = 0

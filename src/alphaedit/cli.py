@@ -17,6 +17,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -619,8 +620,9 @@ def apply(
 
 @app.command("eval")
 def evaluate(
-    dataset: Annotated[str, typer.Option(help="counterfact:PATH, zsre:PATH or knowedit:PATH (CounterFact in ROME or EasyEdit format, zsRE in MEND format).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for records.jsonl, summary.json, summary.md and plots.")],
+    ctx: typer.Context,
+    dataset: Annotated[Optional[str], typer.Option(help="counterfact:PATH, zsre:PATH or knowedit:PATH (CounterFact in ROME or EasyEdit format, zsRE in MEND format).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder: records.jsonl, summary.json, summary.md, plots, and the run's state and progress (so it can be resumed).")] = None,
     model: ModelOption = "smollm2-135m",
     n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate.")] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per sequential batch.")] = 100,
@@ -628,6 +630,10 @@ def evaluate(
     every: Annotated[Optional[int], typer.Option(min=1, help="Also evaluate every K batches (curves).")] = None,
     select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
     generation_every: Annotated[int, typer.Option(min=1, help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
+    general: Annotated[Optional[Path], typer.Option(help="Folder of the six general-capability tasks (sst2, mrpc, cola, rte, mmlu, nli .jsonl: the authors' glue_eval subsets), scored before the first batch and after the last.")] = None,
+    general_every: Annotated[Optional[int], typer.Option(min=1, help="Also run the general check every G batches (the paper's Fig. 4).")] = None,
+    general_tests: Annotated[int, typer.Option(min=1, help="Records scored per task (after the 10-record few-shot pool; the paper: 100).")] = 100,
+    general_tasks: Annotated[Optional[str], typer.Option(help="A comma-separated subset of the six tasks (default: all).")] = None,
     corpus: CorpusOption = "self",
     tokens: TokensOption = 20_000,
     max_length: MaxLengthOption = None,
@@ -648,43 +654,93 @@ def evaluate(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The paper's protocol: N records edited in sequential batches, evaluated before and after."""
+    """The paper's protocol: N records edited in sequential batches, evaluated before and after; resumable."""
+    given_here = dict(locals())  # every option's value, as run.json keeps them (taken before any other local exists)
+    args = {name: str(value) if isinstance(value, Path) else value for name, value in given_here.items() if name not in ("ctx", "resume", "as_json")}
+    if resume is not None:
+        try:
+            recorded = json.loads((resume / "run.json").read_text(encoding="utf-8"))["args"]
+        except (OSError, ValueError, KeyError):
+            _fail(f"--resume {resume}: no readable run.json there; give the --out folder of an `alphaedit eval` run")
+        option = {p.name: p.opts[0] for p in ctx.command.params}
+        given = [name for name in args if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        if given:
+            _fail(f"--resume continues {resume} with the settings it was started with; leave out {', '.join(option[g] for g in given)}")
+        args = recorded
+        out_dir = resume
+    else:
+        if dataset is None or out_dir is None:
+            _fail("give --dataset and --out for a new run (or --resume DIR to continue one)")
+        if (out_dir / "run.json").exists():
+            _fail(f"--out {out_dir} holds a run already; continue it with --resume {out_dir}, or choose a new --out")
+        if out_dir.exists() and not out_dir.is_dir():
+            _fail(f"--out {out_dir} is a file; give a folder")
+    _run_eval(args, Path(out_dir), resuming=resume is not None, as_json=as_json)
+
+
+def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from .eval.datasets import load_dataset, select
+    from .eval.general import TASKS, GeneralCheck, load_task_records
     from .eval.protocol import EvalSettings, Evaluator, run_protocol
     from .eval.report import write_report
+    from .files import atomic_write_text
 
-    _parse_layers(layers)
+    _parse_layers(a["layers"])
     skipped: list[str] = []
     try:
-        records = select(load_dataset(dataset, skipped), n, select_seed)
+        records = select(load_dataset(a["dataset"], skipped), a["n"], a["select_seed"])
     except (ValueError, RequestError) as e:
         _fail(str(e))
-    lm, tokenizer = _load(model, dtype, device, trust_remote_code)
-    config = _edit_config(lm, method, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp)
-    editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed), model, show_progress=False)
-    settings = EvalSettings(generation_every=generation_every, perplexity_corpus=perplexity_corpus,
-                            perplexity_tokens=perplexity_tokens, idf_corpus=idf_corpus or perplexity_corpus)
+    tasks = [t.strip() for t in a["general_tasks"].split(",")] if a["general_tasks"] else list(TASKS)
+    if a["general"] is None and (a["general_every"] or a["general_tasks"]):
+        _fail("--general-every and --general-tasks need --general DIR (the folder of the six tasks' .jsonl files)")
+    if a["general"] is not None:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            _fail(f"--general-tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        try:
+            for task in tasks:
+                load_task_records(Path(a["general"]), task, a["general_tests"])  # a bad folder fails before the model loads
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+    if not resuming:
+        atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
+    state = out_dir / "state"
+    lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
+    if Journal.exists(state):
+        editor = _replay(state, lm, tokenizer)
+    else:
+        config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
+                              a["stop_rule"], a["stop_nll"], a["clamp"])
+        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"]), a["model"],
+                             show_progress=False)
+    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
+                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"])
     evaluator = Evaluator(lm, tokenizer, records, settings)
+    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
-    with progress_bar("protocol (edits)", total=n) as advance:
-        done = [0]
-
-        def step(total: int) -> None:
-            advance(total - done[0])
-            done[0] = total
-
-        result = run_protocol(editor, evaluator, batch_size, every, on_batch=step)
+    batches = -(-len(records) // a["batch_size"])
+    with _run_progress(len(records), len(editor.batches) * a["batch_size"]) as on_batch:
+        try:
+            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch)
+        except (ValueError, RequestError) as e:
+            _fail(str(e))
     result.notes += _eval_notes(records, settings)
     if skipped:
         result.notes.append(f"{len(skipped)} dataset records left out: they do not make valid edit requests (first: {skipped[0]})")
-    meta = {"model": model, "dataset": dataset, "n": n, "batch_size": batch_size, "method": method,
-            "layers": editor.config.layers, "selection": "first N" if select_seed is None else f"seed {select_seed}",
-            "generation_every": generation_every, "corpus": corpus, "tokens": tokens, "projector_rank": editor.projector_rank,
-            "preset": editor.config.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": editor.config.v_num_grad_steps, "v_lr": editor.config.v_lr,
-            "stop_rule": editor.config.early_stop_rule, "clamp": editor.config.clamp_norm_factor,
-            "stop_threshold": editor.config.early_stop_nll if editor.config.early_stop_rule == "nll" else editor.config.early_stop_loss,
+    if general is not None:
+        result.notes.append(f"general capability: {', '.join(tasks)}, {a['general_tests']} records each, zero-shot, before the first batch, "
+                            + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")
+    c = editor.config
+    meta = {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"], "batches": batches, "method": c.method,
+            "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
+            "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
+            "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor,
+            "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)
     if as_json:
@@ -692,6 +748,32 @@ def evaluate(
         return
     out.print((out_dir / "summary.md").read_text())
     out.print(f"report in {out_dir}")
+
+
+@contextmanager
+def _run_progress(total: int, done: int):
+    """Yields on_batch(edits done, latest metrics): a bar on a terminal, else a line per batch (for logs), with the ETA."""
+    started, first = time.perf_counter(), done
+
+    def line(edits: int, latest: dict) -> str:
+        rate = (time.perf_counter() - started) / max(1, edits - first)
+        eta = time.strftime("%H:%M:%S", time.gmtime(rate * (total - edits)))
+        shown = " · ".join(f"{k} {v:.1f}" for k, v in latest.items() if v is not None)
+        return f"{edits}/{total} edits · ETA {eta} (before the final evaluation) · {shown}"
+
+    if not console.is_terminal:
+        yield lambda edits, latest: console.print(line(edits, latest), soft_wrap=True, highlight=False)
+        return
+    with progress_bar("protocol (edits)", total=total) as advance:
+        advance(done)
+        last = [done]
+
+        def on_batch(edits: int, latest: dict) -> None:
+            advance(edits - last[0])
+            last[0] = edits
+            console.print(line(edits, latest), soft_wrap=True, highlight=False)
+
+        yield on_batch
 
 
 def _eval_notes(records, settings) -> list[str]:

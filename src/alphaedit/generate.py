@@ -6,6 +6,7 @@ generate through `generate_rows`; `seeded` makes a sampled sequence reproducible
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,19 +50,33 @@ def generate_rows(
     max_new_tokens: int,
     sampling: Sampling | None = None,
     rows_per_pass: int = 32,
+    total_length: int | None = None,
 ) -> list[list[int]]:
-    """The new tokens generated after each row of prompt ids (left-padded batches)."""
+    """The new tokens generated after each row of prompt ids (left-padded batches).
+
+    `total_length`: instead of `max_new_tokens` each, every row is continued until it is this many
+    tokens long, prompt included, and generation does not stop at the end-of-sequence token (ROME's
+    generate_fast, behind the fluency metric). Pass rows sorted by length: a pass runs as long as
+    its shortest row needs.
+    """
     device = next(model.parameters()).device
     options = dict(do_sample=False) if sampling is None else dict(
         do_sample=True, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature
     )
+    if total_length is not None:
+        never_stop = copy.deepcopy(model.generation_config)
+        never_stop.eos_token_id = None
+        options["generation_config"] = never_stop
     new_tokens: list[list[int]] = []
     for start in range(0, len(rows), rows_per_pass):
-        ids, mask = _left_padded(tokenizer, rows[start : start + rows_per_pass])
+        chunk = rows[start : start + rows_per_pass]
+        budgets = [max_new_tokens] * len(chunk) if total_length is None else [max(1, total_length - len(r)) for r in chunk]
+        ids, mask = _left_padded(tokenizer, chunk)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets),
                                  pad_token_id=pad_id(tokenizer), **options)
-        new_tokens += [row[ids.shape[1] :].tolist() for row in out]
+        # a token sampled at step t never depends on later ones: cutting a row at its budget is exact
+        new_tokens += [row[ids.shape[1] : ids.shape[1] + budget].tolist() for row, budget in zip(out, budgets)]
     return new_tokens
 
 

@@ -29,7 +29,7 @@ def test_eval_writes_the_report_files(isolated_home, tmp_path):
         values = summary[block]
         for metric in ("efficacy", "generalization", "specificity", "generative_success", "consistency"):
             assert 0 <= values[metric] <= 100, (block, metric)
-        assert values["rewrite_acc"] == values["efficacy"] and values["locality"] == values["specificity"]
+        assert 0 <= values["rewrite_acc"] <= 100 and 0 <= values["rephrase_acc"] <= 100 and "locality" not in values
         assert 200 < values["fluency"] < 1000  # n-gram entropy ×100, as the paper reports
         assert 1 < values["perplexity"] < 1000
     assert summary["post"]["efficacy"] > summary["pre"]["efficacy"]

@@ -41,15 +41,17 @@ def test_tfidf_uses_smooth_idf_and_unit_vectors():
     assert 0 < tfidf.cosine("paris city", "rome city") < 1
 
 
-def test_summary_is_a_mean_times_100_with_easyedit_names():
+def test_summary_is_a_mean_times_100_and_easyedit_names_mean_easyedit_metrics():
     rows = [
-        {"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0, "generative_success": 0.0, "fluency": 6.0, "consistency": 0.2},
-        {"efficacy": 0.0, "generalization": 1.0, "specificity": 0.5, "generative_success": 1.0, "fluency": 5.0, "consistency": None},
+        {"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0, "generative_success": 0.0, "fluency": 6.0, "consistency": 0.2,
+         "rewrite_acc": 0.5, "rephrase_acc": 0.25},
+        {"efficacy": 0.0, "generalization": 1.0, "specificity": 0.5, "generative_success": 1.0, "fluency": 5.0, "consistency": None,
+         "rewrite_acc": 1.0, "rephrase_acc": 0.75},
     ]
     summary = summarise(rows)
-    assert summary["efficacy"] == 50.0 and summary["rewrite_acc"] == 50.0
-    assert summary["generalization"] == 75.0 and summary["rephrase_acc"] == 75.0
-    assert summary["specificity"] == 75.0 and summary["locality"] == 75.0
+    assert summary["efficacy"] == 50.0 and summary["rewrite_acc"] == 75.0  # the NLL comparison and the token accuracy differ
+    assert summary["generalization"] == 75.0 and summary["rephrase_acc"] == 50.0
+    assert summary["specificity"] == 75.0 and "locality" not in summary  # EasyEdit's is relative to the unedited model
     assert summary["fluency"] == pytest.approx(550.0)
     assert summary["consistency"] == pytest.approx(20.0)  # records without a value are left out
 

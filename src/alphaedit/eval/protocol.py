@@ -1,26 +1,41 @@
-"""The paper's sequential protocol (ALGORITHM.md §3.1), on any model and either method.
+"""The paper's sequential protocol (ALGORITHM.md §3.1), resumable, on any model and method.
 
-N records are edited in sequential batches of B by one Editor; every record is evaluated
-before the first batch and after the last (optionally also every K batches, for curves).
+N records are edited in sequential batches of B by one Editor. Every record is evaluated before
+the first batch and after the last (optionally also every K batches, for curves), and the six-task
+general-capability check (general.py) runs before the first batch, every G batches and after the
+last (the paper's Fig. 4).
+
+A run lives in its report folder and survives a kill at any point:
+
+    state/           the editor's journal, committed after every batch
+    progress.json    everything measured so far, committed after each batch's measurements
+    pre.jsonl        the pre-edit per-record scores
+    general/NNNNNN.jsonl   each general check's answers, NNNNNN = edits done
+
+Resuming replays the journal (the same weights, bit for bit), takes the measurements a kill
+skipped, and continues: the final numbers equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..editor import Editor
+from ..files import atomic_write_text
 from ..layouts import mlp_out_weight
 from ..stats.corpus import documents, file_windows
 from .datasets import EvalRecord
+from .general import GeneralCheck, mean_f1
 from .metrics import TfIdf, mean
 from .scoring import counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
 
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
-EASYEDIT_NAMES = {"efficacy": "rewrite_acc", "generalization": "rephrase_acc", "specificity": "locality"}
+EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc")  # EasyEdit's token accuracies, under EasyEdit's names
 
 
 @dataclass
@@ -44,6 +59,7 @@ class ProtocolResult:
     post: Evaluation
     curve: list[dict] = field(default_factory=list)  # {"edits": n, metric: value, ...}
     norms: list[dict] = field(default_factory=list)  # {"edits": n, "layer": ‖W‖_F, ...}
+    general: list[dict] = field(default_factory=list)  # {"edits": n, "scores": {task: {f1, f1_label, mcc, ...}}}
     seconds_editing: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -82,11 +98,9 @@ class Evaluator:
 def summarise(per_record: list[dict]) -> dict[str, float | None]:
     """Means over records, ×100 as the paper reports (fluency too: ≈600 for fluent text)."""
     summary: dict[str, float | None] = {}
-    for metric in (*SUCCESS_METRICS, "fluency", "consistency"):
+    for metric in (*SUCCESS_METRICS, "fluency", "consistency", *EASYEDIT_METRICS):
         value = mean(r[metric] for r in per_record if r.get(metric) is not None)
         summary[metric] = None if value is None else 100 * value
-    for metric, alias in EASYEDIT_NAMES.items():
-        summary[alias] = summary[metric]
     return summary
 
 
@@ -94,32 +108,125 @@ def weight_norms(editor: Editor) -> dict[str, float]:
     return {str(l): float(mlp_out_weight(editor.model, editor.layout, l).detach().float().norm()) for l in editor.config.layers}
 
 
+class RunFolder:
+    """The files through which a run survives a kill (see the module docstring); each written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.state = self.root / "state"
+
+    def progress(self) -> dict | None:
+        path = self.root / "progress.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def commit(self, progress: dict) -> None:
+        atomic_write_text(self.root / "progress.json", json.dumps(progress, indent=1))
+
+    def write_rows(self, name: str, rows: list[dict]) -> None:
+        atomic_write_text(self.root / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def read_rows(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in (self.root / name).read_text(encoding="utf-8").splitlines()]
+
+
+@dataclass
+class Schedule:
+    """Which measurements follow which batch (counted from 1)."""
+
+    batches: int
+    every: int | None = None  # teacher-forced metrics every K batches (curves)
+    general_every: int | None = None  # the general check every G batches (and always after the last)
+
+    def curve_after(self, k: int) -> bool:
+        return bool(self.every) and k % self.every == 0 and k < self.batches  # the last one is the post-edit evaluation
+
+    def general_after(self, k: int) -> bool:
+        return k == self.batches or bool(self.general_every) and k % self.general_every == 0
+
+
 def run_protocol(
     editor: Editor,
     evaluator: Evaluator,
     batch_size: int,
+    folder: Path,
     every: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    general: GeneralCheck | None = None,
+    general_every: int | None = None,
+    on_batch: Callable[[int, dict], None] | None = None,
 ) -> ProtocolResult:
+    """Run the protocol into `folder`, or continue the run it holds (the editor replayed from its state).
+
+    `on_batch(edits done, latest measurements)` runs after each batch's measurements are committed.
+    """
+    run = RunFolder(folder)
     requests = [r.request for r in evaluator.records]
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    pre = evaluator.evaluate()
-    norms = [{"edits": 0, **weight_norms(editor)}]
-    curve = [{"edits": 0, **{k: pre.summary[k] for k in SUCCESS_METRICS}}]
-    editing = 0.0
-    done = 0
-    for index, batch in enumerate(batches):
-        start = time.perf_counter()
-        editor.edit(batch)
-        editing += time.perf_counter() - start
-        done += len(batch)
-        norms.append({"edits": done, **weight_norms(editor)})
-        if every and (index + 1) % every == 0 and index + 1 < len(batches):
-            point = summarise(evaluator.scores())
-            curve.append({"edits": done, **{k: point[k] for k in SUCCESS_METRICS}})
-        if on_batch is not None:
-            on_batch(done)
-    post = evaluator.evaluate()
-    curve.append({"edits": done, **{k: post.summary[k] for k in SUCCESS_METRICS}})
-    return ProtocolResult(pre, post, curve, norms, editing)
+    schedule = Schedule(len(batches), every, general_every)
+    _check_replayed(editor, batches)
+    progress = run.progress()
+    if progress is not None:
+        progress.setdefault("resumed", []).append(len(editor.batches))
+    else:
+        if editor.batches:
+            raise ValueError(f"{folder}: the state holds batches but progress.json is missing; this is not a run folder eval can resume")
+        pre = evaluator.evaluate()
+        run.write_rows("pre.jsonl", pre.records)
+        progress = {"pre": pre.summary, "batches": 0, "curve": [{"edits": 0, **{k: pre.summary[k] for k in SUCCESS_METRICS}}],
+                    "norms": [{"edits": 0, **weight_norms(editor)}], "general": []}
+        if general is not None:
+            progress["general"].append(_general_point(run, general, 0))
+        run.commit(progress)
 
+    def measure(k: int) -> None:
+        """The measurements after batch k (the model holds exactly k batches), then commit."""
+        edits = sum(len(b) for b in batches[:k])
+        progress["norms"].append({"edits": edits, **weight_norms(editor)})
+        if schedule.curve_after(k):
+            point = summarise(evaluator.scores())
+            progress["curve"].append({"edits": edits, **{m: point[m] for m in SUCCESS_METRICS}})
+        if general is not None and schedule.general_after(k):
+            progress["general"].append(_general_point(run, general, edits))
+        progress["batches"] = k
+        run.commit(progress)
+        if on_batch is not None:
+            on_batch(edits, _latest(editor, progress))
+
+    done = len(editor.batches)
+    if progress["batches"] < done:  # killed after the journal took batch `done`, before its measurements
+        measure(done)
+    for k in range(done + 1, len(batches) + 1):
+        editor.edit(batches[k - 1])
+        editor.save_state(run.state)
+        measure(k)
+    post = evaluator.evaluate()
+    pre = Evaluation(run.read_rows("pre.jsonl"), progress["pre"])
+    curve = [*progress["curve"], {"edits": len(requests), **{m: post.summary[m] for m in SUCCESS_METRICS}}]
+    seconds = sum(r.seconds for r in editor.history)
+    notes = [f"resumed after batch {k} (editing time counts each batch once)" for k in progress.get("resumed", [])]
+    return ProtocolResult(pre, post, curve, progress["norms"], progress["general"], seconds, notes)
+
+
+def _check_replayed(editor: Editor, batches: list) -> None:
+    """A resumed state must hold the first batches of this run, in order (not another dataset's)."""
+    for i, applied in enumerate(editor.batches):
+        planned = batches[i] if i < len(batches) else []
+        if [r.to_dict() for r in applied.requests] != [r.to_dict() for r in planned]:
+            raise ValueError(f"batch {i + 1} of the saved state is not batch {i + 1} of this run: the dataset or the "
+                             "selection changed since the run started; start a new run with another --out")
+
+
+def _general_point(run: RunFolder, general: GeneralCheck, edits: int) -> dict:
+    scores, rows = general.run()
+    run.write_rows(f"general/{edits:06d}.jsonl", [{"task": task, **row} for task, task_rows in rows.items() for row in task_rows])
+    return {"edits": edits, "scores": scores}
+
+
+def _latest(editor: Editor, progress: dict) -> dict:
+    """What a progress line shows: the last batch's own efficacy probe and the newest measurements."""
+    report = editor.history[-1]
+    latest = {"batch efficacy": None if report.efficacy is None else 100 * report.efficacy, "s/edit": report.seconds / max(1, report.requests)}
+    if len(progress["curve"]) > 1:
+        latest.update({k: progress["curve"][-1][k] for k in ("efficacy", "specificity")})
+    if progress["general"]:
+        latest["general F1"] = 100 * mean_f1(progress["general"][-1]["scores"])
+    return latest

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from ..plots import figure
+from .general import mean_f1
 from .protocol import SUCCESS_METRICS, ProtocolResult
 
 TABLE_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "generative_success", "perplexity")
@@ -28,12 +29,16 @@ def write_report(result: ProtocolResult, out: Path, meta: dict) -> dict:
         "seconds_per_edit": result.seconds_editing / max(1, meta.get("n", 1)),
         "curve": result.curve,
         "norms": result.norms,
+        "general": result.general,
         "notes": result.notes,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "summary.md", markdown_table(summary))
     plot_curves(result, out / "metrics_vs_edits.png")
     plot_norms(result, out / "weight_norms.png")
+    if result.general:
+        for key, name in (("f1_label", "most probable label"), ("f1", "generated answer")):
+            plot_general(result, key, name, out / f"general_{key}.png")
     return summary
 
 
@@ -63,7 +68,22 @@ def markdown_table(summary: dict) -> str:
         )
     setting += "\n\n"
     notes = "".join(f"\n- {note}" for note in summary.get("notes", []))
-    return setting + head + rows + ("\nNotes:" + notes + "\n" if notes else "")
+    return setting + head + rows + general_tables(summary.get("general", [])) + ("\nNotes:" + notes + "\n" if notes else "")
+
+
+def general_tables(points: list[dict]) -> str:
+    """The six tasks' weighted F1 (×100) at each check: of the most probable label, and of the generated answer."""
+    if not points:
+        return ""
+    tasks = list(points[0]["scores"])
+    text = ""
+    for key, name in (("f1_label", "F1 of the most probable label"), ("f1", "F1 of the generated answer (invalid answers in brackets)")):
+        text += f"\nGeneral capability, {name}:\n\n| edits | {' | '.join(tasks)} | mean |\n|---|{'---|' * (len(tasks) + 1)}\n"
+        for point in points:
+            scores = point["scores"]
+            cells = [f"{100 * scores[t][key]:.1f}" + (f" ({scores[t]['invalid']})" if key == "f1" else "") for t in tasks]
+            text += f"| {point['edits']} | {' | '.join(cells)} | {100 * mean_f1(scores, key):.1f} |\n"
+    return text
 
 
 def plot_curves(result: ProtocolResult, path: Path) -> None:
@@ -71,6 +91,14 @@ def plot_curves(result: ProtocolResult, path: Path) -> None:
     with figure(path, "metrics against number of edits", "number of edits", "score (%)") as ax:
         for metric in SUCCESS_METRICS:
             ax.plot(edits, [p[metric] for p in result.curve], marker="o", label=metric)
+        ax.set_ylim(0, 100)
+
+
+def plot_general(result: ProtocolResult, key: str, name: str, path: Path) -> None:
+    edits = [p["edits"] for p in result.general]
+    with figure(path, f"general capability: F1 of the {name}", "number of edits", "weighted F1 (%)") as ax:
+        for task in result.general[0]["scores"]:
+            ax.plot(edits, [100 * p["scores"][task][key] for p in result.general], marker="o", label=task)
         ax.set_ylim(0, 100)
 
 

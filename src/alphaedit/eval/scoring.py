@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..generate import TOP5, generate_rows, greedy_completions, prompt_ids, seeded
 from ..prompts import target_ids
-from ..scoring import continuation_accuracy, continuation_nll
+from ..scoring import continuation_accuracy, teacher_forced
 from .datasets import EvalRecord
 from .metrics import TfIdf, mean, ngram_entropy, perplexity
 
@@ -40,8 +41,21 @@ def _per_record(records: Sequence[EvalRecord], probes, values) -> list[dict]:
     return [{names[role]: mean(g[role]) for role in ROLES} for g in grouped]
 
 
+def _easyedit_accuracies(records: Sequence[EvalRecord], probes, top1: Sequence[torch.Tensor]) -> list[dict]:
+    """EasyEdit's rewrite_acc and rephrase_acc: the fraction of the new object's tokens that are the
+    teacher-forced argmax after the rewrite prompt and after the paraphrases (EasyEdit's
+    `compute_rewrite_or_rephrase_quality`). Its locality compares the edited model's argmax with the
+    unedited one's, which this evaluation does not keep: that name is not reported."""
+    acc = [{"rewrite": [], "paraphrase": []} for _ in records]
+    for (i, role, _, _), hits in zip(probes, top1):
+        if role in acc[i]:
+            acc[i][role].append(hits.float().mean().item())
+    return [{"rewrite_acc": mean(a["rewrite"]), "rephrase_acc": mean(a["paraphrase"])} for a in acc]
+
+
 def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord]) -> list[dict]:
-    """Per record: efficacy, generalization, specificity (CounterFact, §3.3), batched.
+    """Per record: efficacy, generalization, specificity (CounterFact, §3.3), batched; and
+    EasyEdit's token accuracies of the new object, from the same passes.
 
     Each prompt compares the mean token NLL of the new and the true object; rewrite and
     paraphrase prompts succeed when the new one wins, neighbourhood prompts when it loses.
@@ -50,17 +64,21 @@ def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     prompts = [p[2] for p in probes]
     new = [records[p[0]].request.target_new for p in probes]
     true = [records[p[0]].request.target_true for p in probes]
-    nll = continuation_nll(model, tokenizer, prompts + prompts, new + true)
+    scored = teacher_forced(model, tokenizer, prompts + prompts, new + true)
+    nll = torch.stack([-logp.mean() for logp, _ in scored])
     new_wins = (nll[: len(prompts)] < nll[len(prompts) :]).tolist()
     values = [float(w if p[1] != "neighbourhood" else not w) for p, w in zip(probes, new_wins)]
-    return _per_record(records, probes, values)
+    accuracies = _easyedit_accuracies(records, probes, [top1 for _, top1 in scored[: len(prompts)]])
+    return [{**scores, **acc} for scores, acc in zip(_per_record(records, probes, values), accuracies)]
 
 
 def zsre_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord]) -> list[dict]:
-    """Per record: teacher-forced token accuracy of each prompt's expected answer (§3.4)."""
+    """Per record: teacher-forced token accuracy of each prompt's expected answer (§3.4); on
+    rewrite and paraphrase prompts that is EasyEdit's rewrite_acc and rephrase_acc."""
     probes = _probes(records)
     accuracy = continuation_accuracy(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes])
-    return _per_record(records, probes, accuracy)
+    per_record = _per_record(records, probes, accuracy)
+    return [{**r, "rewrite_acc": r["efficacy"], "rephrase_acc": r["generalization"]} for r in per_record]
 
 
 def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[bool]:
@@ -72,11 +90,23 @@ def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[
 
 
 def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100, seed: int = 0) -> list[str]:
-    """Prompt + top-5 sampled continuation, `max_length` tokens in all (ROME's generate_fast), seeded."""
+    """Each prompt continued by top-5 sampling to `max_length` tokens in all, seeded: ROME's
+    generate_fast (util/generate.py), which the authors' fluency and consistency use.
+
+    As theirs: the budget is per text (prompt included), generation goes on past the end-of-sequence
+    token, and the text is NFKD-normalised with blank lines joined. Theirs deletes GPT-2's
+    "<|endoftext|>" from the text; we delete every special token of the model's own tokenizer (its
+    EOS, chat markers), the same rule for any model.
+    """
     rows = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     with seeded(model, seed):
-        new = generate_rows(model, tokenizer, rows, max(1, max_length - max(map(len, rows))), TOP5, rows_per_pass=16)
-    return [p + tokenizer.decode(t, skip_special_tokens=True) for p, t in zip(prompts, new)]
+        new = generate_rows(model, tokenizer, [rows[i] for i in order], max_length, TOP5, rows_per_pass=16, total_length=max_length)
+    texts = [""] * len(rows)
+    for i, tokens in zip(order, new):
+        text = tokenizer.decode(rows[i] + tokens, skip_special_tokens=True)
+        texts[i] = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+    return texts
 
 
 def generation_scores(model, tokenizer, records: Sequence[EvalRecord], tfidf: TfIdf, seed: int = 0) -> list[dict]:

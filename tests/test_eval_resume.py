@@ -1,0 +1,98 @@
+"""`alphaedit eval` as a resumable long run: killed with SIGKILL at its commit points, continued with
+`--resume`, it ends with the numbers of an uninterrupted run; and its options are checked up front."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import KILL_POINTS, WIKITEXT
+from test_faults import _commit_points, _run
+
+DATA = WIKITEXT.parent
+COUNTERFACT = DATA / "counterfact" / "counterfact_test.json"
+GLUE = DATA / "glue_eval"
+MEASURED = ("pre", "post", "curve", "norms", "general", "n", "batches", "projector_rank")
+
+
+def _command(model: Path, out: Path) -> list[str]:
+    return ["eval", "--model", str(model), "--dataset", f"counterfact:{COUNTERFACT}", "--n", "6", "--batch-size", "2", "--every", "1",
+            "--steps", "3", "--layers", "1-2", "--corpus", str(WIKITEXT), "--tokens", "2000", "--general", str(GLUE),
+            "--general-every", "2", "--general-tests", "4", "--general-tasks", "sst2,rte", "--out", str(out), "--json"]
+
+
+def test_eval_killed_at_its_commit_points_resumes_to_the_uninterrupted_numbers(tiny_model_folder, tmp_path):
+    points = _commit_points(_command(tiny_model_folder, tmp_path / "reference"), tmp_path / "home-reference", tmp_path / "points.log")
+    reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    assert [p["edits"] for p in reference["general"]] == [0, 4, 6]  # before, every 2 batches, after the last
+    assert [p["edits"] for p in reference["curve"]] == [0, 2, 4, 6]
+    assert set(reference["general"][0]["scores"]) == {"sst2", "rte"}
+    assert reference["norms"][-1]["1"] != reference["norms"][0]["1"]  # the weights moved
+    # one kill in each kind of commit: run.json, statistics, pre-edit rows, general rows, progress, journal, report
+    kinds: dict[str, int] = {}
+    for k, point in enumerate(points, start=1):
+        name = Path(point.split("\t")[1]).name
+        kind = "journal" if "/state/" in point else "general" if "/general/" in point else "statistics" if name.startswith("layer") else name.split("-")[0].split(".")[0]
+        kinds.setdefault(kind, k)
+    kinds.pop("records")  # the report is written in one phase: its last file stands for it
+    targets = sorted(set(kinds.values()) | {len(points) - 1})
+    assert len(targets) >= 7, kinds
+    print(len(points), "commit points; killed at", targets, kinds)
+    for k in targets:
+        out, home = tmp_path / f"out-{k}", tmp_path / f"home-{k}"
+        killed = _run(_command(tiny_model_folder, out), home, ALPHAEDIT_FAULT_AT=str(k))
+        assert killed.returncode == -signal.SIGKILL, f"point {k} ({points[k - 1]}) was not reached: {killed.stderr[-500:]}"
+        progress = out / "progress.json"
+        batches_left = progress.exists() and json.loads(progress.read_text())["batches"] < 3
+        if (out / "run.json").exists():
+            resumed = _run(["eval", "--resume", str(out), "--json"], home)
+        else:  # killed while committing run.json: no run was started, the same command starts it
+            assert k == 1, points[k - 1]
+            resumed = _run(_command(tiny_model_folder, out), home)
+        assert resumed.returncode == 0, f"resume after a kill at point {k} ({points[k - 1]}): {resumed.stderr[-1500:]}"
+        summary = json.loads((out / "summary.json").read_text())
+        for key in MEASURED:
+            assert summary[key] == reference[key], f"{key} after a kill at point {k} ({points[k - 1]})"
+        if batches_left:
+            assert "edits · ETA" in resumed.stderr  # a progress line per batch: edits, ETA, latest metrics
+    KILL_POINTS["eval"] = len(targets)
+
+
+def _cli(tiny_model_folder, home, *extra: str):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    return CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), *extra], env={"ALPHAEDIT_HOME": str(home)})
+
+
+def test_resume_refuses_new_settings_and_a_run_folder_is_not_overwritten(tiny_model_folder, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"args": {}}))
+    taken = _cli(tiny_model_folder, tmp_path, "--dataset", f"counterfact:{COUNTERFACT}", "--out", str(out))
+    assert taken.exit_code == 2 and f"continue it with --resume {out}" in taken.output
+    changed = _cli(tiny_model_folder, tmp_path, "--resume", str(out), "--n", "8")
+    assert changed.exit_code == 2 and "leave out --model, --n" in changed.output
+    missing = _cli(tiny_model_folder, tmp_path, "--resume", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 2 and "no readable run.json" in missing.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--general-every", "2"], "need --general DIR"),
+        (["--general", "{glue}", "--general-tasks", "sst2,squad"], "unknown task 'squad'"),
+        (["--general", "{empty}"], "sst2.jsonl is missing"),
+    ],
+)
+def test_general_options_are_checked_before_anything_runs(tiny_model_folder, tmp_path, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(glue=GLUE, empty=tmp_path / "empty") for e in extra]
+    out = tmp_path / "out"
+    result = _cli(tiny_model_folder, tmp_path, "--dataset", f"counterfact:{COUNTERFACT}", "--out", str(out), *extra)
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists()  # nothing written
