@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
+from alphaedit.generate import generate_context_templates
 from alphaedit.keys import KeyReader, compute_keys, template_weights
 from alphaedit.layouts import get_module, mlp_out_weight
 from alphaedit.prompts import (
     batch_rows,
     encode,
     fill,
-    generate_context_templates,
     kl_prompt,
     target_ids,
 )

@@ -34,10 +34,11 @@ from .journal import Journal, JournalError
 from .keys import KeyReader
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
 from .progress import progress_bar
-from .prompts import generate_context_templates
+from .generate import generate_context_templates
 from .requests import EditRequest, RequestError, check_conflicts, parse_requests
 from .scoring import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
+from .stats.corpus import IMPORT
 from .stats.cache import model_identity
 from .targets import compute_targets
 from .updates import UPDATE_RULES, LayerStatistics, LowRankDelta, null_space_projector, uses_preserved, uses_projector
@@ -207,7 +208,7 @@ class Editor:
     def _imported_projectors(self) -> dict[int, LayerStatistics]:
         """Projectors imported from AlphaEdit's null_space_project.pt (`--corpus import:FILE.pt`)."""
         source = self.corpus.corpus
-        if not (source.startswith("import:") and source.endswith((".pt", ".pth"))):
+        if not (source.startswith(IMPORT) and source.endswith((".pt", ".pth"))):
             return {}
         if not uses_projector(self.config.method):
             raise ValueError(f"{self.config.method} needs second moments; {source} holds only projectors")
@@ -215,7 +216,7 @@ class Editor:
         for layer in self.config.layers:
             projector = self.cache.load_projector(statistic_description(self.model, self.layout, self.tokenizer, layer, self.corpus))
             if projector is None:
-                raise ValueError(f"no projector imported from {source[7:]} for layer {layer}: run `alphaedit stats --import FILE --layers ...`")
+                raise ValueError(f"no projector imported from {source[len(IMPORT):]} for layer {layer}: run `alphaedit stats --import FILE --layers ...`")
             self.projector_rank[layer] = round(float(projector.trace()))
             statistics[layer] = LayerStatistics(None, projector.to(self._device(layer)), self.preserved[layer])
         return statistics

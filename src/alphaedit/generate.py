@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .prompts import bos_prefix, pad_id
+from .prompts import PLAIN_TEMPLATE, bos_prefix, pad_id
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,25 @@ def greedy_completions(
     """The model's greedy continuation of each prompt (special tokens dropped)."""
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     return [tokenizer.decode(t, skip_special_tokens=True) for t in generate_rows(model, tokenizer, rows, max_new_tokens)]
+
+
+def generate_context_templates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    words: Sequence[str],
+    length: int,
+    seed: int,
+) -> list[str]:
+    """["{}", "<sampled text>. {}", ...]: one top-5 sample per seed word, `length` tokens in all.
+
+    Seeded (the reference is not) and decoded without special tokens, so no "<|begin_of_text|>"
+    text leaks into the templates.
+    """
+    templates = [PLAIN_TEMPLATE]
+    with seeded(model, seed):
+        for word in words:
+            ids = prompt_ids(tokenizer, word)
+            (new,) = generate_rows(model, tokenizer, [ids], max(1, length - len(ids)), TOP5)
+            text = tokenizer.decode(ids + new, skip_special_tokens=True)
+            templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return templates

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .requests import EditRequest
 
@@ -96,27 +96,3 @@ def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
     return list(ids)
-
-
-def generate_context_templates(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    words: Sequence[str],
-    length: int,
-    seed: int,
-) -> list[str]:
-    """["{}", "<sampled text>. {}", ...]: one top-5 sample per seed word, `length` tokens in all.
-
-    Seeded (the reference is not) and decoded without special tokens, so no "<|begin_of_text|>"
-    text leaks into the templates.
-    """
-    from .generate import TOP5, generate_rows, prompt_ids, seeded
-
-    templates = [PLAIN_TEMPLATE]
-    with seeded(model, seed):
-        for word in words:
-            ids = prompt_ids(tokenizer, word)
-            (new,) = generate_rows(model, tokenizer, [ids], max(1, length - len(ids)), TOP5)
-            text = tokenizer.decode(ids + new, skip_special_tokens=True)
-            templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    return templates

@@ -17,36 +17,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..files import sha256
 from ..layouts import Layout, mlp_out_weight
 from ..progress import progress_bar
-from .cache import FORMAT_VERSION, StatsCache, config_digest, model_identity, tokenizer_digest
-from .corpus import SELF, describe, file_windows, self_windows
+from .cache import StatsCache, config_digest, statistic_description, tokenizer_digest
+from .corpus import IMPORT, SELF, CorpusSpec, file_windows, self_windows
 from .moments import MomentAccumulator, SecondMoment, accumulate_batch, token_batches
 
-__all__ = ["CorpusSpec", "SecondMoment", "StatsCache", "second_moments", "Workers"]
-
-
-@dataclass(frozen=True)
-class CorpusSpec:
-    """Where the statistics' text comes from and how much of it to use."""
-
-    corpus: str = SELF
-    tokens: int = 20_000
-    max_length: int = 256
-    seed: int = 0
-    batch_tokens: int = 4096
-
-    def description(self) -> dict[str, str]:
-        if self.corpus.startswith("import:"):
-            # the file's contents decide; budget and windowing were the other tool's
-            return {"corpus": "import:" + sha256(Path(self.corpus[len("import:") :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
-        return {
-            "corpus": describe(self.corpus),
-            "tokens": str(self.tokens),
-            "max_length": str(self.max_length),
-            "seed": str(self.seed) if self.corpus == SELF else "-",
-        }
+__all__ = ["CorpusSpec", "SecondMoment", "StatsCache", "second_moments", "statistic_description", "Workers"]
 
 
 @dataclass(frozen=True)
@@ -126,8 +103,8 @@ def second_moments(
     missing = [layer for layer in layers if layer not in found]
     if not missing:
         return found
-    if spec.corpus.startswith("import:"):
-        raise ValueError(f"no statistics imported from {spec.corpus[7:]} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
+    if spec.corpus.startswith(IMPORT):
+        raise ValueError(f"no statistics imported from {spec.corpus[len(IMPORT):]} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
     if cache is not None and workers.rank == 0:  # whatever the progress setting: a pass can take hours
         _say_why_a_pass_starts(cache, descriptions[missing[0]], missing, spec)
     pass_key = _pass_key({l: descriptions[l] for l in missing}, workers)
@@ -152,19 +129,6 @@ def _say_why_a_pass_starts(cache: StatsCache, description: dict[str, str], missi
         detail = "; ".join(f"{k} {a} (wanted {b})" for k, (a, b) in differs.items())
         lines.append(f"  cached but different: {path.name}: {detail}")
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def statistic_description(model, layout: Layout, tokenizer, layer: int, spec: CorpusSpec) -> dict[str, str]:
-    """Everything a cached statistic must match: model (config + this layer's W_out), tokenizer, corpus."""
-    return {
-        **model_identity(model, layout, [layer]),
-        "tokenizer": tokenizer_digest(tokenizer),
-        **spec.description(),
-        "dtype": "float64",  # of the stored moment
-        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "version": FORMAT_VERSION,
-        "layer": str(layer),
-    }
 
 
 def _accumulate(model, layout, tokenizer, layers, spec, cache, show_progress, checkpoint_every, workers, pass_key) -> MomentAccumulator:

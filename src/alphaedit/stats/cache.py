@@ -20,6 +20,7 @@ from torch import nn
 
 from ..files import alphaedit_home, atomic_save_tensors
 from ..layouts import Layout, mlp_out_weight
+from .corpus import CorpusSpec
 
 FORMAT_VERSION = "1"
 CHECKSUM = "tensors_sha256"
@@ -173,3 +174,16 @@ class StatsCache:
         path = self.path(description)
         save_checked({"moment": moment}, path, {**description, "count": str(count)})
         return path
+
+
+def statistic_description(model, layout: Layout, tokenizer, layer: int, spec: CorpusSpec) -> dict[str, str]:
+    """Everything a cached statistic must match: model (config + this layer's W_out), tokenizer, corpus."""
+    return {
+        **model_identity(model, layout, [layer]),
+        "tokenizer": tokenizer_digest(tokenizer),
+        **spec.description(),
+        "dtype": "float64",  # of the stored moment
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "version": FORMAT_VERSION,
+        "layer": str(layer),
+    }

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +22,7 @@ from ..files import sha256
 from ..prompts import bos_prefix
 
 SELF = "self"
+IMPORT = "import:"  # `--corpus import:FILE`: statistics another tool computed (stats/importing.py)
 TEXT_SUFFIXES = (".txt", ".raw", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
 SELF_SEED_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "When", "After", "There", "One")
@@ -160,3 +162,25 @@ def self_windows(
 
 def _until_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where the statistics' text comes from and how much of it to use."""
+
+    corpus: str = SELF
+    tokens: int = 20_000
+    max_length: int = 256
+    seed: int = 0
+    batch_tokens: int = 4096
+
+    def description(self) -> dict[str, str]:
+        if self.corpus.startswith(IMPORT):
+            # the file's contents decide; budget and windowing were the other tool's
+            return {"corpus": IMPORT + sha256(Path(self.corpus[len(IMPORT) :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
+        return {
+            "corpus": describe(self.corpus),
+            "tokens": str(self.tokens),
+            "max_length": str(self.max_length),
+            "seed": str(self.seed) if self.corpus == SELF else "-",
+        }

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ..layouts import Layout
+from .cache import statistic_description
+from .corpus import IMPORT, CorpusSpec
 from .moments import SecondMoment
 
-IMPORT = "import:"
 
 
 def import_spec(path: Path) -> str:
@@ -66,8 +67,6 @@ def read_projectors(path: Path, key_size: int) -> torch.Tensor:
 
 def import_statistics(path: Path, model, layout: Layout, tokenizer, layers: Sequence[int] | None, cache) -> dict[int, SecondMoment]:
     """Store the file's statistics in the cache for this model; returns the second moments (npz)."""
-    from . import CorpusSpec, statistic_description
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--import {path}: no such file")
