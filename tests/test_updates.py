@@ -9,16 +9,13 @@ from alphaedit.config import EditConfig
 from alphaedit.hooks import trace
 from alphaedit.stats import CorpusSpec, StatsCache, second_moments
 from alphaedit.stats.corpus import file_windows
+from alphaedit.methods import METHODS, get_method
+from alphaedit.methods.projection import projected_solve
 from alphaedit.updates import (
-    UPDATE_RULES,
     LayerStatistics,
     LowRankDelta,
-    alphaedit_delta,
-    memit_delta,
     null_space_mask,
     null_space_projector,
-    uses_preserved,
-    uses_projector,
 )
 
 from conftest import WIKITEXT
@@ -26,6 +23,16 @@ from conftest import WIKITEXT
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 D0, D, U = 12, 5, 3
+
+
+def alphaedit_delta(K, R, stats, config):
+    """AlphaEdit's closed form, as the registry's method computes it (projected by default)."""
+    assert get_method("alphaedit").projects(config)
+    return get_method("alphaedit").layer_update(K, R, stats, config)
+
+
+def memit_delta(K, R, stats, config):
+    return get_method(config.method).layer_update(K, R, stats, config)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -118,11 +125,24 @@ def test_memit_without_second_moment_is_refused(problem):
         memit_delta(K.float(), R.float(), LayerStatistics(None, P.float(), Cp.float()), EditConfig(method="memit")).dense()
 
 
-def test_update_rules_and_what_each_method_reads():
-    assert UPDATE_RULES["alphaedit"] is alphaedit_delta
-    assert UPDATE_RULES["memit"] is memit_delta and UPDATE_RULES["memit-seq"] is memit_delta
-    assert [uses_projector(m) for m in ("alphaedit", "memit", "memit-seq")] == [True, False, False]
-    assert [uses_preserved(m) for m in ("alphaedit", "memit", "memit-seq")] == [True, False, True]
+def test_registry_and_what_each_method_reads():
+    assert list(METHODS) == ["alphaedit", "emmet", "memit", "memit-seq", "prune", "rect"]  # discovered from methods/
+    config = EditConfig()
+    assert [METHODS[m].projects(config) for m in ("alphaedit", "memit", "memit-seq")] == [True, False, False]
+    assert [METHODS[m].keeps_preserved(config) for m in ("alphaedit", "memit", "memit-seq")] == [True, False, True]
+    projected = EditConfig(project=True)
+    assert all(m.projects(projected) and m.keeps_preserved(projected) for m in METHODS.values())  # the switch works on any
+
+
+def test_projection_on_any_method_is_alphaedits_solve(problem):
+    K, R, C0, Cp, P = problem
+    stats = LayerStatistics(C0.float(), P.float(), Cp.float())
+    reference = projected_solve(K.float(), R.float(), stats, EditConfig()).dense()
+    for name in METHODS:
+        delta = get_method(name).layer_update(K.float(), R.float(), stats, EditConfig(method=name, project=True)).dense()
+        assert torch.equal(delta, reference), name
+    plain = get_method("memit").layer_update(K.float(), R.float(), stats, EditConfig(method="memit")).dense()
+    assert (plain - reference).norm() > 1e-2 * reference.norm()
 
 
 def test_null_space_projector_keeps_exactly_the_small_eigenvalues():

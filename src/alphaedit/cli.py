@@ -7,7 +7,8 @@
     export    write the edited model or just its updates
     apply     replay a state onto a fresh copy of the base model
     recover   rebuild a lost journal.json from the batch folders
-    eval      the paper's protocol: edit N records in batches, evaluate before and after
+    eval      the paper's protocol: edit N records in batches, evaluate before and after (resumable)
+    methods   the editing methods and their options
     demo      ten edits to the bundled SmolLM2, before/after
 """
 
@@ -28,7 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import METHODS, EditConfig, config_for_model, describe_preset
+from .config import EditConfig, config_for_model, describe_preset
+from .methods import METHODS, get_method
 from .progress import progress_bar
 from .journal import Journal, JournalError
 from .requests import RequestError, load_requests
@@ -64,6 +66,14 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the 'self' stat
 ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of the z optimisation, as a multiple of ‖h0‖ (default: preset; the paper's 0.75).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
 StopNllOption = Annotated[Optional[float], typer.Option(help="Target NLL (nats per token) below which 'nll' stops a request (default: preset).")]
+ProjectOption = Annotated[Optional[bool], typer.Option(
+    "--project/--no-project",
+    help="AlphaEdit's null-space projection on the method's closed form (default: on for alphaedit, off for the others).",
+)]
+MethodOptionOption = Annotated[Optional[list[str]], typer.Option(
+    "--method-option",
+    help="A hyperparameter of the method, NAME=VALUE (repeatable; `alphaedit methods` lists them), e.g. keep_percent=20.",
+)]
 PrefixCacheOption = Annotated[bool, typer.Option(
     "--prefix-cache/--no-prefix-cache",
     help="Run the tokens before each edited position once per batch and reuse their attention keys/values (exact; off: whole rows every z step).",
@@ -144,7 +154,9 @@ def edit(
     requests: Annotated[Path, typer.Option("--requests", "-r", help="JSON or JSONL file of edit requests (CounterFact, MEMIT or EasyEdit records).")],
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder: created, or continued when it exists.")],
     model: ModelOption = None,
-    method: Annotated[Optional[str], typer.Option(help=f"Update rule: {', '.join(METHODS)} (default alphaedit; a continued state keeps its own).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Editing method: {', '.join(METHODS)} (default alphaedit; a continued state keeps its own; see `alphaedit methods`).")] = None,
+    project: ProjectOption = None,
+    method_option: MethodOptionOption = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Requests per sequential batch (default: all in one batch).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model; the default), hf:NAME[:CONFIG[:SPLIT]], or import:FILE. A continued state keeps its own.")] = None,
     tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus (default 20000; a continued state keeps its own).")] = None,
@@ -181,7 +193,7 @@ def edit(
             _fail(str(e))
     _check_writable(state)
     if journal is not None:
-        given = dict(method=method, layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
+        given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
                      projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length, seed=seed,
                      layout=json.loads(layout) if layout else None)
         _check_continuation(state, journal.header, given)
@@ -197,7 +209,8 @@ def edit(
     if header is not None:
         editor = _replay(state, lm, tokenizer)
     else:
-        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp)
+        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
+                              project, method_option)
         editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed), spec)
     editor.max_prompt_tokens = max_prompt_tokens
     started = time.perf_counter()
@@ -240,6 +253,8 @@ def _check_writable(state: Path) -> None:
 # option -> (its name on the command line, where the journal keeps it: the config, or the corpus)
 _CONTINUATION = {
     "method": ("--method", lambda c, corpus: c.method),
+    "project": ("--project/--no-project", lambda c, corpus: get_method(c.method).projects(c)),
+    "method_options": ("--method-option", lambda c, corpus: c.method_options),
     "layers": ("--layers", lambda c, corpus: c.layers),
     "steps": ("--steps", lambda c, corpus: c.v_num_grad_steps),
     "lr": ("--lr", lambda c, corpus: c.v_lr),
@@ -268,6 +283,11 @@ def _check_continuation(state: Path, header: dict, given: dict) -> None:
             continue
         option, where = _CONTINUATION[name]
         recorded = where(EditConfig.from_dict(header["config"]), header["corpus"])
+        if name == "method_options":  # typed as the recorded method's options, then compared
+            try:
+                value = EditConfig.from_dict({**header["config"], "method_options": value}).method_options
+            except ValueError as e:
+                _fail(f"--method-option: {e}")
         if recorded != value:
             shown = f"{recorded[0]}-{recorded[-1]}" if name == "layers" else recorded
             _fail(f"{state} was edited with {option} {shown}; it cannot continue with {option} "
@@ -409,14 +429,29 @@ def stats(
 
 def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: float | None, prefix_cache: bool,
                  projector_rule: str | None, threshold: float | None, stop_rule: str | None = None,
-                 stop_nll: float | None = None, clamp: float | None = None) -> EditConfig:
+                 stop_nll: float | None = None, clamp: float | None = None, project: bool | None = None,
+                 method_option: list[str] | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache,
-                                early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp)
+                                early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
+                                method_options=_method_options(method_option))
     except ValueError as e:
         _fail(str(e))
+
+
+def _method_options(given: list[str] | None) -> dict[str, str] | None:
+    """--method-option NAME=VALUE, repeated, as a dict (typed later by the method's options)."""
+    if not given:
+        return None
+    options = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            _fail(f"--method-option {item!r}: write NAME=VALUE, e.g. keep_percent=20 (`alphaedit methods` lists each method's options)")
+        options[name.strip()] = value.strip()
+    return options
 
 
 def _corpus_spec(corpus: str | None, tokens: int | None, max_length: int | None, seed: int | None):
@@ -618,6 +653,23 @@ def apply(
     out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir)}")
 
 
+@app.command()
+def methods(as_json: JsonOption = False) -> None:
+    """List the editing methods: what each does, its own options (with the papers' defaults) and its source."""
+    rows = [{"name": m.name, "summary": m.summary, "projected_by_default": m.projected_by_default, "options": m.option_defaults(),
+             "source": m.source} for m in METHODS.values()]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="editing methods (--method NAME; --project/--no-project switches AlphaEdit's null-space projection on any of them)")
+    for column in ("method", "what it does", "projection", "options (--method-option NAME=VALUE)", "follows"):
+        table.add_column(column)
+    for row in rows:
+        options = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["options"].items()) or "–"
+        table.add_row(row["name"], row["summary"], "on" if row["projected_by_default"] else "off", options, row["source"])
+    out.print(table)
+
+
 @app.command("eval")
 def evaluate(
     ctx: typer.Context,
@@ -626,7 +678,9 @@ def evaluate(
     model: ModelOption = "smollm2-135m",
     n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate.")] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per sequential batch.")] = 100,
-    method: Annotated[str, typer.Option(help=f"Update rule: {', '.join(METHODS)}.")] = "alphaedit",
+    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)} (see `alphaedit methods`).")] = "alphaedit",
+    project: ProjectOption = None,
+    method_option: MethodOptionOption = None,
     every: Annotated[Optional[int], typer.Option(min=1, help="Also evaluate every K batches (curves).")] = None,
     select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
     generation_every: Annotated[int, typer.Option(min=1, help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
@@ -714,7 +768,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         editor = _replay(state, lm, tokenizer)
     else:
         config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
-                              a["stop_rule"], a["stop_nll"], a["clamp"])
+                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"])
         editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"]), a["model"],
                              show_progress=False)
     settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],

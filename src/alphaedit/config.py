@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Method = Literal["alphaedit", "memit", "memit-seq"]
-METHODS: tuple[str, ...] = ("alphaedit", "memit", "memit-seq")
+from .methods import get_method
+
 
 
 @dataclass
 class EditConfig:
     """Everything that decides what an edit does (ALGORITHM.md §2)."""
 
-    method: str = "alphaedit"
+    method: str = "alphaedit"  # a name in methods.METHODS
+    # AlphaEdit's null-space projection on the method's closed form: None = the method's default
+    # (on for alphaedit, off for the others)
+    project: bool | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own hyperparameters (methods/*.py)
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     # z (v*) optimisation, §1.4
     v_num_grad_steps: int = 25
@@ -59,8 +63,9 @@ class EditConfig:
     preset: str = "default"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        # an unknown method or option is refused here; options given as text are kept typed
+        options = get_method(self.method).option_values(self)
+        self.method_options = {name: getattr(options, name) for name in self.method_options}
         if not self.layers or sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"layers must be a non-empty ascending list without repeats, got {self.layers}")
         if list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):

@@ -41,7 +41,8 @@ from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.corpus import IMPORT
 from .stats.cache import model_identity
 from .targets import compute_targets
-from .updates import UPDATE_RULES, LayerStatistics, LowRankDelta, null_space_projector, uses_preserved, uses_projector
+from .methods import get_method
+from .updates import LayerStatistics, LowRankDelta, Update, null_space_projector, update_from_tensors
 
 
 def check_export_folder(target: Path, overwrite: bool = False) -> bool:
@@ -113,21 +114,20 @@ class AppliedBatch:
 
     report: BatchReport
     requests: list[EditRequest]
-    deltas: dict[int, LowRankDelta]  # layer -> Δ = left @ rightᵀ (math orientation)
+    deltas: dict[int, Update]  # layer -> Δ (math orientation): low-rank factors, masked for RECT
     keys: dict[int, torch.Tensor]  # layer -> [u, d0] keys added to C_p (empty if the method keeps none)
     reverted: bool = False
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for layer, delta in self.deltas.items():
-            tensors[f"layer.{layer}.left"] = delta.left
-            tensors[f"layer.{layer}.right"] = delta.right
+            tensors.update(delta.tensors(f"layer.{layer}"))
         tensors.update({f"layer.{layer}.keys": k for layer, k in self.keys.items()})
         return tensors
 
     @classmethod
     def from_tensors(cls, report: BatchReport, requests: list[EditRequest], tensors: dict[str, torch.Tensor], layers: Sequence[int]) -> AppliedBatch:
-        deltas = {l: LowRankDelta(tensors[f"layer.{l}.left"], tensors[f"layer.{l}.right"]) for l in layers}
+        deltas = {l: update_from_tensors(tensors, f"layer.{l}") for l in layers}
         keys = {l: tensors[f"layer.{l}.keys"] for l in layers if f"layer.{l}.keys" in tensors}
         return cls(report, requests, deltas, keys)
 
@@ -157,6 +157,7 @@ class Editor:
         self.tokenizer = tokenizer
         self.layout = layout or detect_layout(model)
         self.config = config or config_for_model(model.config)
+        self.method = get_method(self.config.method)
         bad = [layer for layer in self.config.layers if not 0 <= layer < self.layout.num_layers]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the model has {self.layout.num_layers} layers (0..{self.layout.num_layers - 1})")
@@ -179,6 +180,8 @@ class Editor:
         # Each layer's statistics live where its W_out does, so its solve runs on that device.
         self.preserved = {l: torch.zeros(self.layout.key_size, self.layout.key_size, device=self._device(l)) for l in layers}
         self.projector_rank: dict[int, int] = {}
+        # PRUNE: the raw sum of the applied updates per layer, which the model carries restrained
+        self._update_sums: dict[int, torch.Tensor] = {}
 
     # -- lazily prepared state -------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class Editor:
         statistics = {}
         for layer, moment in moments.items():
             second_moment, projector = moment.moment.to(self._device(layer)), None
-            if uses_projector(self.config.method):
+            if self.method.projects(self.config):
                 projector, self.projector_rank[layer] = null_space_projector(second_moment, self.config.nullspace_threshold, self.config.projector_rule)
             statistics[layer] = LayerStatistics(second_moment, projector, self.preserved[layer])
         return statistics
@@ -210,8 +213,8 @@ class Editor:
         source = self.corpus.corpus
         if not (source.startswith(IMPORT) and source.endswith((".pt", ".pth"))):
             return {}
-        if not uses_projector(self.config.method):
-            raise ValueError(f"{self.config.method} needs second moments; {source} holds only projectors")
+        if not self.method.projects(self.config):
+            raise ValueError(f"{self.config.method} without the projection needs second moments; {source} holds only projectors")
         statistics = {}
         for layer in self.config.layers:
             projector = self.cache.load_projector(statistic_description(self.model, self.layout, self.tokenizer, layer, self.corpus))
@@ -300,7 +303,8 @@ class Editor:
         with clock("z"):
             targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
             z = targets.z.cpu()
-        deltas, keys = {}, {}
+        deltas: dict[int, Update] = {}
+        keys, weights_before = {}, {}
         reader = KeyReader(self.model, self.layout, self.tokenizer, requests, templates)
         for i, layer in enumerate(layers):
             with clock("keys"):
@@ -311,15 +315,24 @@ class Editor:
             with clock("solve"):
                 resid = (z - current.z_current) / (len(layers) - i)
                 device = self._device(layer)
-                rule = UPDATE_RULES[config.method]
-                deltas[layer] = rule(keys[layer].to(device).T, resid.to(device).T, statistics[layer], config).to("cpu")
+                if self.method.finish is not None:
+                    weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
+                deltas[layer] = self.method.layer_update(keys[layer].to(device).T, resid.to(device).T, statistics[layer], config).to("cpu")
                 self._add_to_weight(layer, deltas[layer], sign=1)
             if step is not None:
                 step()
         # C_p takes the batch's keys on the edited model. A layer's key (the input of its W_out)
         # depends only on the layers below it, all updated by the time it was computed above,
         # so those keys are already the post-edit ones: no further pass is needed.
-        if uses_preserved(config.method):
+        if self.method.finish is not None:  # RECT: solved with whole updates in place; the finished ones replace them
+            with clock("solve"):
+                options = self.method.option_values(config)
+                for layer in layers:
+                    finished = self.method.finish(deltas[layer], weights_before[layer], options)
+                    self._add_to_weight(layer, deltas[layer], sign=-1)
+                    self._add_to_weight(layer, finished, sign=1)
+                    deltas[layer] = finished
+        if self.method.keeps_preserved(config):
             with clock("solve"):
                 for layer in layers:
                     self._add_to_preserved(layer, keys[layer], sign=1)
@@ -349,11 +362,32 @@ class Editor:
     def _record(self, batch: AppliedBatch) -> None:
         self.batches.append(batch)
         self.events.append(("batch", batch.report.index))
+        self._restrain(batch.deltas, sign=1)
+
+    def _restrain(self, deltas: dict[int, Update], sign: int) -> None:
+        """PRUNE-like methods: the model carries W0 + restrain(Σ Δ), the sum kept raw (so a
+        revert or a replay gives the same weights)."""
+        if self.method.restrain is None:
+            return
+        options = self.method.option_values(self.config)
+        for layer, delta in deltas.items():
+            total = self._update_sums.get(layer, torch.zeros(self.layout.hidden_size, self.layout.key_size)) + sign * delta.dense().cpu()
+            self._update_sums[layer] = total
+            base = self._base_weights[layer].T if self.layout.weight_transposed else self._base_weights[layer]  # [d, d0]
+            carried = self.method.restrain(total, base.float(), options)
+            weight = mlp_out_weight(self.model, self.layout, layer)
+            with torch.no_grad():
+                weight.copy_((self._base_weights[layer] + weight_delta_as_stored(self.layout, carried)).to(weight))
+
+    def _math_weight(self, layer: int) -> torch.Tensor:
+        """W_out of a layer in math orientation [d, d0] (a view)."""
+        weight = mlp_out_weight(self.model, self.layout, layer).detach()
+        return weight.T if self.layout.weight_transposed else weight
 
     def _device(self, layer: int) -> torch.device:
         return mlp_out_weight(self.model, self.layout, layer).device
 
-    def _add_to_weight(self, layer: int, delta: LowRankDelta, sign: int) -> None:
+    def _add_to_weight(self, layer: int, delta: Update, sign: int) -> None:
         weight = mlp_out_weight(self.model, self.layout, layer)
         dense = weight_delta_as_stored(self.layout, delta.to(weight.device).dense())  # the thin factors travel
         with torch.no_grad():
@@ -386,6 +420,7 @@ class Editor:
             self._add_to_weight(layer, delta, sign=-1)
         for layer, keys in batch.keys.items():
             self._add_to_preserved(layer, keys, sign=-1)
+        self._restrain(batch.deltas, sign=-1)
         batch.reverted = True
         self.events.append(("revert", batch_id))
 
@@ -518,19 +553,26 @@ class Editor:
         return target
 
     def export_deltas(self, path: str | os.PathLike) -> Path:
-        """Just the updates: per layer, the concatenated factors of every batch still applied.
+        """Just the updates, per layer, of every batch still applied, in math orientation [d, d0]
+        (add it, transposed for Conv1D weights, see the metadata, to the W_out named there):
 
-        Δ_l = left @ rightᵀ in math orientation ([d, d0]); add it (transposed for Conv1D
-        weights, see the metadata) to the W_out named in the metadata.
+        - low-rank methods: the concatenated factors, Δ_l = left @ rightᵀ ("format": "low_rank");
+        - masked or restrained updates (RECT, PRUNE): Δ_l itself ("format": "dense").
         """
         applied = [b for b in self.batches if not b.reverted]
+        dense = self.method.restrain is not None or any(not isinstance(d, LowRankDelta) for b in applied for d in b.deltas.values())
         tensors = {}
         for layer in self.config.layers:
+            if dense:
+                base = self._base_weights[layer].T if self.layout.weight_transposed else self._base_weights[layer]
+                tensors[f"layer.{layer}.delta"] = (self._math_weight(layer).cpu().float() - base.float()).contiguous()
+                continue
             tensors[f"layer.{layer}.left"] = torch.cat([b.deltas[layer].left for b in applied], dim=1) if applied else torch.zeros(self.layout.hidden_size, 0)
             tensors[f"layer.{layer}.right"] = torch.cat([b.deltas[layer].right for b in applied], dim=1) if applied else torch.zeros(self.layout.key_size, 0)
         metadata = {f"layer.{l}.module": self.layout.mlp_out_path(l) for l in self.config.layers}
         metadata["weight_transposed"] = str(self.layout.weight_transposed)
         metadata["base_identity"] = str(self.base_identity)
+        metadata["format"] = "dense" if dense else "low_rank"
         path = Path(path)
         atomic_save_tensors(tensors, path, metadata)
         return path

@@ -1,26 +1,19 @@
-"""The closed-form weight updates: the only part of the pipeline that differs between methods.
+"""What every editing method shares: the layer statistics it reads, the shapes its updates take,
+and AlphaEdit's null-space projector. The closed forms themselves are in `methods/`.
 
 Shapes (math orientation): keys K ∈ R^{d0×u}, residuals R ∈ R^{d×u}, update Δ ∈ R^{d×d0},
-so that (W + Δ) k ≈ W k + r for the batch's keys. Every rule's Δ has rank ≤ u and is returned
-as factors Δ = R Vᵀ with V ∈ R^{d0×u}: a batch's update is stored and reverted as two thin
-matrices instead of a d×d0 one.
-
-AlphaEdit (ALGORITHM.md §1.8), as the authors' code solves it:
-    X = solve(P (K Kᵀ + C_p) + α I,  P K Rᵀ),   Δ = Xᵀ
-which is the paper's Eq. 14, Δ = R Kᵀ P (C_p P + K Kᵀ P + α I)⁻¹, with α = 10.
-Factored: V = solve(P (K Kᵀ + C_p) + α I, P K).
-MEMIT (§1.9):      Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹,        V = solve(λ C0 + K Kᵀ, K)      (float64)
-MEMIT-seq:         Δ = R Kᵀ (λ C0 + C_p + K Kᵀ)⁻¹
+so that (W + Δ) k ≈ W k + r for the batch's keys. A closed form's Δ has rank ≤ u and is kept as
+factors Δ = R Vᵀ with V ∈ R^{d0×u} (LowRankDelta): a batch's update is stored and reverted as two
+thin matrices instead of a d×d0 one. RECT keeps only some entries of it (MaskedDelta: the factors
+and a bit mask).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
-from .config import EditConfig
 
 
 @dataclass
@@ -49,6 +42,44 @@ class LowRankDelta:
         """‖left rightᵀ‖_F without forming the d×d0 matrix: ‖·‖² = Σ (leftᵀleft) ⊙ (rightᵀright)."""
         left, right = self.left.double(), self.right.double()
         return float(((left.T @ left) * (right.T @ right)).sum().clamp_min(0).sqrt())
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.left": self.left, f"{prefix}.right": self.right}
+
+
+@dataclass
+class MaskedDelta:
+    """Δ = mask ⊙ (left @ rightᵀ): a low-rank update of which only the masked entries are applied (RECT)."""
+
+    low_rank: LowRankDelta
+    mask: torch.Tensor  # bool [d, d0]
+
+    def dense(self) -> torch.Tensor:
+        return self.low_rank.dense() * self.mask.to(self.low_rank.left.device)
+
+    def to(self, device: torch.device | str) -> MaskedDelta:
+        return MaskedDelta(self.low_rank.to(device), self.mask.to(device))
+
+    def norm(self) -> float:
+        return float(self.dense().double().norm())
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        # the mask as bits, eight entries a byte: 1/32 of the dense update's size in float32
+        packed = torch.from_numpy(np.packbits(self.mask.cpu().numpy().reshape(-1)))
+        return {**self.low_rank.tensors(prefix), f"{prefix}.mask": packed}
+
+
+Update = LowRankDelta | MaskedDelta
+
+
+def update_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> Update:
+    """The update stored under `prefix` by `tensors()`: masked when a mask is there."""
+    low_rank = LowRankDelta(tensors[f"{prefix}.left"], tensors[f"{prefix}.right"])
+    if f"{prefix}.mask" not in tensors:
+        return low_rank
+    shape = (low_rank.left.shape[0], low_rank.right.shape[0])
+    bits = np.unpackbits(tensors[f"{prefix}.mask"].numpy(), count=shape[0] * shape[1])
+    return MaskedDelta(low_rank, torch.from_numpy(bits.astype(bool)).reshape(shape))
 
 
 PROJECTOR_RULES = ("absolute", "relative", "energy", "rank")
@@ -86,44 +117,3 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float, rule: st
     eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())
     kept = eigenvectors[:, null_space_mask(eigenvalues, threshold, rule)]
     return (kept @ kept.T).float(), kept.shape[1]
-
-
-def alphaedit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> LowRankDelta:
-    if stats.projector is None:
-        raise ValueError("AlphaEdit needs the null-space projector of this layer")
-    dtype = getattr(torch, config.solve_dtype)
-    P = stats.projector.to(dtype)
-    K, R = keys.to(dtype), resid.to(dtype)
-    eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
-    lhs = P @ (K @ K.T + stats.preserved.to(dtype)) + config.l2_alpha * eye
-    right = torch.linalg.solve(lhs, P @ K)
-    return LowRankDelta(R.float(), right.float())
-
-
-def memit_delta(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> LowRankDelta:
-    if stats.second_moment is None:
-        raise ValueError("MEMIT needs the second moment C0 of this layer")
-    K, R = keys.double(), resid.double()
-    lhs = config.mom2_update_weight * stats.second_moment.double() + K @ K.T
-    if config.method == "memit-seq":
-        lhs = lhs + stats.preserved.double()
-    # Δ = R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ since A is symmetric
-    return LowRankDelta(R.float(), torch.linalg.solve(lhs, K).float())
-
-
-UpdateRule = Callable[[torch.Tensor, torch.Tensor, LayerStatistics, EditConfig], LowRankDelta]
-
-UPDATE_RULES: dict[str, UpdateRule] = {
-    "alphaedit": alphaedit_delta,
-    "memit": memit_delta,
-    "memit-seq": memit_delta,
-}
-
-
-def uses_projector(method: str) -> bool:
-    return method == "alphaedit"
-
-
-def uses_preserved(method: str) -> bool:
-    """Whether the method reads C_p, so the editor must accumulate it after each batch."""
-    return method in ("alphaedit", "memit-seq")

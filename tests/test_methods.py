@@ -1,0 +1,195 @@
+"""Editing methods as plug-ins: each against a float64 reference of its formula, the projection
+switch on and off, the journal for masked and restrained updates, and a method added through the
+registry alone."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alphaedit.config import EditConfig
+from alphaedit.editor import Editor
+from alphaedit.layouts import mlp_out_weight
+from alphaedit.methods import METHODS, Method, get_method, register
+from alphaedit.methods.emmet import EmmetOptions, equality_constrained_solve
+from alphaedit.methods.prune import PruneOptions, restrain_spectrum
+from alphaedit.methods.rect import RectOptions, keep_largest_relative_change
+from alphaedit.updates import LayerStatistics, LowRankDelta, MaskedDelta, update_from_tensors
+from test_editor import REQUESTS, _editor, _weights
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+D0, D, U = 12, 5, 3
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(D0, U, dtype=torch.float64, generator=g)
+    R = torch.randn(D, U, dtype=torch.float64, generator=g)
+    A = torch.randn(D0, 40, dtype=torch.float64, generator=g)
+    W = torch.randn(D, D0, dtype=torch.float64, generator=g)
+    return K, R, A @ A.T / 40, W
+
+
+def test_emmet_equals_its_closed_form_and_meets_the_constraints(problem):
+    K, R, C0, _ = problem
+    for lam, mu, lam_e in ((7.0, 0.0, 0.1), (3.0, 0.5, 0.0)):
+        config = EditConfig(method="emmet", mom2_update_weight=lam)
+        delta = equality_constrained_solve(K.float(), R.float(), LayerStatistics(C0.float(), None, torch.zeros(D0, D0)), config,
+                                           EmmetOptions(emmet_lambda=lam_e, update_norm_lambda=mu)).dense().double()
+        C = lam * C0 + mu * torch.eye(D0, dtype=torch.float64)
+        Dm = K.T @ torch.linalg.inv(C) @ K + lam_e * torch.eye(U, dtype=torch.float64)
+        expected = R @ torch.linalg.inv(Dm) @ K.T @ torch.linalg.inv(C)
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
+        if lam_e == 0.0:  # equality constraints: every key maps exactly onto its residual
+            torch.testing.assert_close(delta @ K, R, rtol=1e-4, atol=1e-4)
+
+
+def test_rect_keeps_the_largest_relative_changes(problem):
+    K, R, _, W = problem
+    low_rank = LowRankDelta(R.float(), K.float())
+    for percent in (40.0, 20.0, 100.0):
+        masked = keep_largest_relative_change(low_rank, W.float(), RectOptions(keep_percent=percent))
+        dense = low_rank.dense().double()
+        relative = (dense / (W + 1e-8)).abs().flatten()
+        dropped = int(relative.numel() * (100 - percent) / 100)
+        # by hand: all but the `dropped - 1` smallest, as their threshold is the dropped-th smallest value and is kept
+        kept = relative.argsort(descending=True)[: relative.numel() - max(0, dropped - 1)]
+        expected = torch.zeros(relative.numel(), dtype=torch.bool)
+        expected[kept] = True
+        assert torch.equal(masked.mask.flatten(), expected), percent
+        torch.testing.assert_close(masked.dense().double(), dense * expected.reshape(dense.shape))
+
+
+def test_prune_bounds_only_the_singular_values_above_the_weights_own(problem):
+    _, _, _, W = problem
+    g = torch.Generator().manual_seed(5)
+    total = 4 * torch.randn(D, D0, dtype=torch.float64, generator=g)
+    sigma_max = torch.linalg.svdvals(W)[0]
+    before = torch.linalg.svdvals(total)
+    assert (before > sigma_max).any() and (before < sigma_max).any()  # both cases occur
+    for base in (math.e, 2.0):
+        after = torch.linalg.svdvals(restrain_spectrum(total, W, PruneOptions(log_base=base)))
+        expected = torch.where(before > sigma_max, torch.log(before / sigma_max) / math.log(base) + sigma_max, before)
+        torch.testing.assert_close(after.sort(descending=True).values, expected.sort(descending=True).values)
+    # the singular vectors stay: what lies in a subspace stays in it (AlphaEdit's null space under --project)
+    U_, s, Vh = torch.linalg.svd(total, full_matrices=False)
+    restrained = restrain_spectrum(total, W, PruneOptions())
+    torch.testing.assert_close(restrained @ Vh.T @ Vh, restrained)
+
+
+def test_masked_update_round_trips_through_its_tensors(problem):
+    K, R, _, W = problem
+    masked = keep_largest_relative_change(LowRankDelta(R.float(), K.float()), W.float(), RectOptions())
+    back = update_from_tensors(masked.tensors("layer.3"), "layer.3")
+    assert isinstance(back, MaskedDelta) and torch.equal(back.dense(), masked.dense())
+    assert masked.tensors("x")["x.mask"].numel() == math.ceil(D * D0 / 8)  # eight entries a byte
+
+
+def test_memit_with_the_projection_is_alphaedit(llama, tokenizer, tmp_path):
+    """The switch reproduces today's AlphaEdit exactly, batch after batch (C_p included)."""
+    runs = {}
+    for name, overrides in (("alphaedit", {}), ("memit", {"project": True}), ("memit-seq", {"project": True})):
+        editor = _editor((copy.deepcopy(llama[0]), llama[1]), tokenizer, tmp_path, method=name, **overrides)
+        editor.edit(REQUESTS, batch_size=2)
+        runs[name] = _weights(editor)
+    for name in ("memit", "memit-seq"):
+        for layer, weight in runs[name].items():
+            assert torch.equal(weight, runs["alphaedit"][layer]), (name, layer)
+    plain = _editor((copy.deepcopy(llama[0]), llama[1]), tokenizer, tmp_path, method="alphaedit", project=False)
+    plain.edit(REQUESTS, batch_size=2)
+    assert any(not torch.equal(w, runs["alphaedit"][l]) for l, w in _weights(plain).items())
+
+
+@pytest.mark.parametrize("method, overrides", [("rect", {}), ("prune", {}), ("rect", {"project": True}), ("prune", {"project": True}), ("emmet", {})])
+def test_masked_and_restrained_updates_replay_revert_and_export(method, overrides, llama, tokenizer, tmp_path):
+    model, layout = llama
+    base = {l: mlp_out_weight(model, layout, l).detach().clone() for l in (1, 2)}
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, method=method, mom2_update_weight=1e-2, **overrides)
+    after_first = None
+    for start in (0, 2):
+        editor.edit(REQUESTS[start : start + 2])
+        editor.save_state(tmp_path / "state")
+        after_first = after_first or _weights(editor)
+    edited = _weights(editor)
+    assert any(not torch.equal(edited[l], base[l]) for l in base)
+    if method == "rect":
+        share = [d.mask.float().mean().item() for b in editor.batches for d in b.deltas.values()]
+        assert all(0.39 <= s <= 0.45 for s in share), share
+    if method == "prune":  # the model carries W0 + restrain(Σ Δ)
+        for layer in base:
+            total = sum(b.deltas[layer].dense() for b in editor.batches)
+            torch.testing.assert_close(edited[layer], base[layer] + restrain_spectrum(total, base[layer], PruneOptions()), rtol=0, atol=1e-5)
+
+    replayed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, show_progress=False)
+    for layer, weight in _weights(replayed).items():
+        torch.testing.assert_close(weight, edited[layer], rtol=0, atol=1e-6)
+
+    path = editor.export_deltas(tmp_path / "deltas.safetensors")
+    tensors = load_file(str(path))
+    for layer in base:
+        dense = tensors[f"layer.{layer}.delta"] if f"layer.{layer}.delta" in tensors else tensors[f"layer.{layer}.left"] @ tensors[f"layer.{layer}.right"].T
+        torch.testing.assert_close(base[layer] + dense, edited[layer], rtol=0, atol=1e-5)
+
+    editor.revert(editor.batches[-1].report.index)  # the latest batch: back to the weights after the first
+    for layer, weight in _weights(editor).items():
+        torch.testing.assert_close(weight, after_first[layer], rtol=0, atol=1e-5)
+
+
+def test_a_method_added_through_the_registry_alone_is_usable_everywhere(llama, tokenizer, tmp_path, tiny_model_folder):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from alphaedit.methods.memit import ridge_solve
+
+    def halved(keys, resid, stats, config, options):
+        delta = ridge_solve(keys, resid, stats, config, options)
+        return LowRankDelta(delta.left * options.scale, delta.right)
+
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class HalfOptions:
+        scale: float = 0.5
+
+    register(Method("half-memit", "MEMIT's update, scaled", "this test", halved, options=HalfOptions))
+    try:
+        listed = CliRunner().invoke(app, ["methods", "--json"])
+        assert listed.exit_code == 0 and {"name": "half-memit", "options": {"scale": 0.5}}.items() <= next(
+            m for m in json.loads(listed.stdout) if m["name"] == "half-memit").items()
+        editor = _editor((copy.deepcopy(llama[0]), llama[1]), tokenizer, tmp_path, method="half-memit", method_options={"scale": "0.25"})
+        assert editor.config.method_options == {"scale": 0.25}  # typed by the method's options
+        editor.edit(REQUESTS[:2])
+        with pytest.raises(ValueError, match="method half-memit has no option 'size' \\(its options: scale\\)"):
+            EditConfig(method="half-memit", method_options={"size": 1})
+    finally:
+        METHODS.pop("half-memit")
+    assert get_method("memit").option_defaults() == {}
+
+
+def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from conftest import WIKITEXT
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
+              "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    bad = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "bad"), "--method", "rect", "--method-option", "keep=3"], env=env)
+    assert bad.exit_code == 2 and "method rect has no option 'keep' (its options: keep_percent)" in bad.output
+    state = tmp_path / "state"
+    done = CliRunner().invoke(app, [*common, "--state", str(state), "--method", "rect", "--project", "--method-option", "keep_percent=20"], env=env)
+    assert done.exit_code == 0, done.output
+    config = json.loads((state / "header.json").read_text())["config"]
+    assert config["method"] == "rect" and config["project"] is True and config["method_options"] == {"keep_percent": 20.0}
+    again = CliRunner().invoke(app, [*common[:3], "--requests", str(requests), "--state", str(state), "--no-project"], env=env)
+    assert again.exit_code == 2 and "--project/--no-project True" in again.output
