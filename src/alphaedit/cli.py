@@ -790,6 +790,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                             + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")
     c = editor.config
     meta = {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"], "batches": batches, "method": c.method,
+            "projected": editor.method.projects(c), "method_label": _method_label(c), "method_options": asdict(editor.method.option_values(c)),
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
@@ -828,6 +829,14 @@ def _run_progress(total: int, done: int):
             console.print(line(edits, latest), soft_wrap=True, highlight=False)
 
         yield on_batch
+
+
+def _method_label(config: EditConfig) -> str:
+    """The method as a table row names it: "rect + projection", "alphaedit", "alphaedit without projection"."""
+    method = get_method(config.method)
+    if method.projects(config) == method.projected_by_default:
+        return config.method
+    return f"{config.method} + projection" if method.projects(config) else f"{config.method} without projection"
 
 
 def _eval_notes(records, settings) -> list[str]:

@@ -54,11 +54,11 @@ def markdown_table(summary: dict) -> str:
     head = f"| | {' | '.join(TABLE_METRICS)} |\n|---|{'---|' * len(TABLE_METRICS)}\n"
     rows = "".join(
         f"| {label} | {' | '.join(_cell(summary[block].get(m)) for m in TABLE_METRICS)} |\n"
-        for label, block in (("pre-edit", "pre"), (summary.get("method", "post-edit"), "post"))
+        for label, block in (("pre-edit", "pre"), (summary.get("method_label") or summary.get("method", "post-edit"), "post"))
     )
     setting = (
         f"{summary.get('model')} on {summary.get('dataset')}: {summary.get('n')} edits in sequential batches of "
-        f"{summary.get('batch_size')} ({summary.get('method')})."
+        f"{summary.get('batch_size')} ({summary.get('method_label') or summary.get('method')})."
     )
     if summary.get("z_steps_cap") is not None:
         setting += (
