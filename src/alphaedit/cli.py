@@ -614,7 +614,7 @@ def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
         if target.exists() and not force:
             _fail(f"--out {target} exists; choose a new file name or pass --force to replace it")
         return
-    from .editor import check_export_folder
+    from .persistence import check_export_folder
 
     try:
         check_export_folder(target, overwrite=force)

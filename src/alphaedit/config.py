@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .methods import get_method
+from .updates import PROJECTOR_RULES
 
 
 
@@ -70,8 +71,8 @@ class EditConfig:
             raise ValueError(f"layers must be a non-empty ascending list without repeats, got {self.layers}")
         if list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
             raise ValueError(f"layers must be contiguous (MEMIT spreads the residual over a block), got {self.layers}")
-        if self.projector_rule not in ("absolute", "relative", "energy", "rank"):
-            raise ValueError(f"projector_rule must be absolute, relative, energy or rank, not {self.projector_rule!r}")
+        if self.projector_rule not in PROJECTOR_RULES:
+            raise ValueError(f"projector_rule must be one of {', '.join(PROJECTOR_RULES)}, not {self.projector_rule!r}")
         if self.early_stop_rule not in ("loss", "nll"):
             raise ValueError(f"early_stop_rule must be loss (the authors' code) or nll, not {self.early_stop_rule!r}")
         if self.v_num_grad_steps < 1:

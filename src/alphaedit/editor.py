@@ -5,61 +5,41 @@ One batch (ALGORITHM.md §1.10):
     Z = h0 + argmin δ  for every request at once               (targets.py)
     for idx, l in enumerate(layers):
         K = keys(l) on the current model;  R = (Z − z_current) / (layers left)
-        W_l += update_rule(K, R, statistics of l)               (updates.py)
+        W_l += Δ = method's closed form(K, R, statistics of l)  (methods/, projected or not)
+    the method's finish (RECT's mask) and restraint (PRUNE's) on the batch's updates
     C_p += K Kᵀ with keys recomputed on the edited model
 
 Nothing lives in module globals: two editors on two models never see each other's state.
-Every applied batch is kept as low-rank factors of its update and the keys it added to C_p,
-so it can be saved to a journal, replayed onto a fresh base model, or reverted.
+Every applied batch is kept as its update (low-rank factors, masked for RECT) and the keys it
+added to C_p, so it can be saved to a journal, replayed onto a fresh base model, or reverted
+(persistence.py).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import EditConfig, config_for_model, describe_preset
-from .files import atomic_save_tensors, commit
-from .journal import Journal, JournalError
+from .batch import AppliedBatch, BatchReport, now
+from .config import EditConfig, config_for_model
+from .generate import generate_context_templates
+from .journal import Journal
 from .keys import KeyReader
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
+from .methods import get_method
+from .persistence import Persistence
 from .progress import progress_bar
-from .generate import generate_context_templates
-from .requests import EditRequest, RequestError, check_conflicts, parse_requests
+from .requests import EditRequest, RequestError, check_conflicts
 from .scoring import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
-from .stats.corpus import IMPORT
 from .stats.cache import model_identity
+from .stats.corpus import IMPORT
 from .targets import compute_targets
-from .methods import get_method
-from .updates import LayerStatistics, LowRankDelta, Update, null_space_projector, update_from_tensors
-
-
-def check_export_folder(target: Path, overwrite: bool = False) -> bool:
-    """May the edited model be written to the folder `target`? True if it replaces one there.
-
-    An export never overwrites without `overwrite`, and never replaces a folder that holds no
-    saved model (config.json): a mistyped path must not cost the user a folder.
-    """
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file; the edited model is written to a folder")
-    if not (target.is_dir() and any(target.iterdir())):
-        return False
-    if not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; choose a new folder or pass --force to replace the model in it")
-    if not (target / "config.json").is_file():
-        raise FileExistsError(f"{target} is not empty and holds no saved model (no config.json); it will not be replaced, even with --force")
-    return True
+from .updates import LayerStatistics, Update, null_space_projector
 
 
 class _PhaseClock:
@@ -85,54 +65,7 @@ class _PhaseClock:
                 torch.cuda.synchronize(device)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class BatchReport:
-    """What one applied batch did; kept in the editor's history and saved with its state."""
-
-    index: int
-    requests: int
-    started: str  # ISO 8601, UTC
-    seconds: float
-    z_loss: float  # mean final loss of the z optimisation
-    z_steps: float  # mean Adam steps per request
-    target_prob: float  # mean target-token probability reached at the z layer
-    efficacy: float | None  # fraction of requests whose new object beats the true one after the edit
-    delta_norms: dict[str, float] = field(default_factory=dict)  # layer -> ‖Δ‖_F
-    # wall-clock split of `seconds`: "z" (target values), "keys" (key passes), "solve" (closed
-    # forms and weight writes), "check" (the efficacy probe)
-    phase_seconds: dict[str, float] = field(default_factory=dict)
-    target_nll: float | None = None  # mean final NLL of the target tokens (absent in journals before 2026-12-02)
-
-
-@dataclass
-class AppliedBatch:
-    """One batch as applied: enough to save, replay or revert it."""
-
-    report: BatchReport
-    requests: list[EditRequest]
-    deltas: dict[int, Update]  # layer -> Δ (math orientation): low-rank factors, masked for RECT
-    keys: dict[int, torch.Tensor]  # layer -> [u, d0] keys added to C_p (empty if the method keeps none)
-    reverted: bool = False
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for layer, delta in self.deltas.items():
-            tensors.update(delta.tensors(f"layer.{layer}"))
-        tensors.update({f"layer.{layer}.keys": k for layer, k in self.keys.items()})
-        return tensors
-
-    @classmethod
-    def from_tensors(cls, report: BatchReport, requests: list[EditRequest], tensors: dict[str, torch.Tensor], layers: Sequence[int]) -> AppliedBatch:
-        deltas = {l: update_from_tensors(tensors, f"layer.{l}") for l in layers}
-        keys = {l: tensors[f"layer.{l}.keys"] for l in layers if f"layer.{l}.keys" in tensors}
-        return cls(report, requests, deltas, keys)
-
-
-class Editor:
+class Editor(Persistence):
     """Edits a Hugging Face causal LM in place, batch after batch.
 
     >>> editor = Editor(model, tokenizer)            # preset from the model's shape
@@ -296,7 +229,7 @@ class Editor:
                 )
 
     def _edit_batch(self, requests: list[EditRequest], step: Callable[[], None] | None = None) -> BatchReport:
-        started, start = _now(), time.perf_counter()
+        started, start = now(), time.perf_counter()
         config, layers = self.config, self.config.layers
         templates, statistics = self.context_templates(), self.statistics()
         clock = _PhaseClock(self.model)
@@ -429,150 +362,3 @@ class Editor:
             if batch.report.index == batch_id:
                 return batch
         raise ValueError(f"no batch {batch_id}: the batches are {[b.report.index for b in self.batches]}")
-
-    # -- persistence -------------------------------------------------------------------------
-
-    def header(self) -> dict:
-        """What a journal records once: the base model, layout, config and statistics reference."""
-        return {
-            "model": self.model_spec,
-            "dtype": str(self.model.dtype).removeprefix("torch."),
-            "layout": self.layout.to_dict(),
-            "config": self.config.to_dict(),
-            "preset_reason": describe_preset(self.model.config),
-            "corpus": asdict(self.corpus),
-            "templates": self.context_templates(),
-            "base_identity": self.base_identity,
-            "projector_rank": {str(k): v for k, v in self.projector_rank.items()},
-        }
-
-    def save_state(self, directory: str | os.PathLike) -> Journal:
-        """Append to the journal in `directory` every event it does not have yet (creating it).
-
-        Each batch is committed atomically; an interrupted save leaves a valid shorter journal.
-        """
-        # Reuse the journal this editor last wrote to: reopening verifies every file's checksum,
-        # which would make a long sequence of per-batch saves quadratic.
-        root = Path(directory).resolve()
-        if self._journal is not None and self._journal.root.resolve() == root and self._journal.unchanged_on_disk():
-            journal = self._journal
-        else:
-            journal = Journal.open(root) if Journal.exists(root) else Journal.create(root, self.header())
-        self._journal = journal
-        if journal.header["base_identity"] != self.base_identity:
-            raise JournalError(f"{directory} belongs to another base model; save to a new folder")
-        written = len(journal.entries)
-        if [(e["kind"], e.get("id", e.get("batch"))) for e in journal.entries] != self.events[:written]:
-            raise JournalError(f"{directory} holds a different edit history than this editor; save to a new folder")
-        for kind, batch_id in self.events[written:]:
-            if kind == "batch":
-                batch = self._batch(batch_id)
-                journal.append_batch(batch_id, [r.to_dict() for r in batch.requests], asdict(batch.report), batch.tensors())
-            else:
-                journal.append_revert(batch_id, _now())
-        return journal
-
-    @classmethod
-    def load_state(
-        cls,
-        directory: str | os.PathLike,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        cache: StatsCache | None = None,
-        show_progress: bool = True,
-    ) -> Editor:
-        """Replay a journal onto `model`, which must be the unedited base model it started from."""
-        journal = Journal.open(directory)
-        header = journal.header
-        editor = cls(
-            model,
-            tokenizer,
-            EditConfig.from_dict(header["config"]),
-            layout=Layout.from_dict(header["layout"]),
-            corpus=CorpusSpec(**header["corpus"]),
-            cache=cache,
-            model_spec=header["model"],
-            show_progress=show_progress,
-        )
-        if editor.base_identity != header["base_identity"]:
-            raise JournalError(
-                f"{directory} was made on another base model (identity {header['base_identity']}, "
-                f"this model has {editor.base_identity}); load the unedited model it started from"
-            )
-        editor.templates = header["templates"]
-        editor.apply_journal(journal)
-        editor._journal = journal
-        return editor
-
-    def apply_journal(self, journal: Journal) -> None:
-        """Replay every entry of the journal, in order, onto this editor's model."""
-        for entry in journal.entries:
-            if entry["kind"] == "revert":
-                self.revert(entry["batch"])
-                continue
-            files = journal.batch(entry["id"])
-            report = BatchReport(**files.report)
-            requests = parse_requests(files.requests, source=str(files.path / "requests.json"))
-            batch = AppliedBatch.from_tensors(report, requests, files.tensors(), self.config.layers)
-            for layer, delta in batch.deltas.items():
-                self._add_to_weight(layer, delta, sign=1)
-            for layer, keys in batch.keys.items():
-                self._add_to_preserved(layer, keys, sign=1)
-            self._record(batch)
-
-    def export(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the edited model with save_pretrained (plain transformers loads it), atomically.
-
-        `overwrite` replaces a folder that holds a saved model (config.json); the old one is
-        moved aside and deleted only once the new one is in place.
-        """
-        target = Path(directory)
-        occupied = check_export_folder(target, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        aside = None
-        try:
-            self.model.save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-            if occupied:
-                aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-")) / "model"
-                commit(target, aside)
-            elif target.exists():
-                target.rmdir()
-            try:
-                commit(staging, target)
-            except OSError:
-                if aside is not None:
-                    os.replace(aside, target)  # put the old model back
-                raise
-            if aside is not None:
-                shutil.rmtree(aside.parent, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
-
-    def export_deltas(self, path: str | os.PathLike) -> Path:
-        """Just the updates, per layer, of every batch still applied, in math orientation [d, d0]
-        (add it, transposed for Conv1D weights, see the metadata, to the W_out named there):
-
-        - low-rank methods: the concatenated factors, Δ_l = left @ rightᵀ ("format": "low_rank");
-        - masked or restrained updates (RECT, PRUNE): Δ_l itself ("format": "dense").
-        """
-        applied = [b for b in self.batches if not b.reverted]
-        dense = self.method.restrain is not None or any(not isinstance(d, LowRankDelta) for b in applied for d in b.deltas.values())
-        tensors = {}
-        for layer in self.config.layers:
-            if dense:
-                base = self._base_weights[layer].T if self.layout.weight_transposed else self._base_weights[layer]
-                tensors[f"layer.{layer}.delta"] = (self._math_weight(layer).cpu().float() - base.float()).contiguous()
-                continue
-            tensors[f"layer.{layer}.left"] = torch.cat([b.deltas[layer].left for b in applied], dim=1) if applied else torch.zeros(self.layout.hidden_size, 0)
-            tensors[f"layer.{layer}.right"] = torch.cat([b.deltas[layer].right for b in applied], dim=1) if applied else torch.zeros(self.layout.key_size, 0)
-        metadata = {f"layer.{l}.module": self.layout.mlp_out_path(l) for l in self.config.layers}
-        metadata["weight_transposed"] = str(self.layout.weight_transposed)
-        metadata["base_identity"] = str(self.base_identity)
-        metadata["format"] = "dense" if dense else "low_rank"
-        path = Path(path)
-        atomic_save_tensors(tensors, path, metadata)
-        return path

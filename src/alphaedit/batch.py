@@ -1,0 +1,59 @@
+"""One applied batch, as the editor keeps it and the journal stores it: its report, requests and updates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from .requests import EditRequest
+from .updates import Update, update_from_tensors
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class BatchReport:
+    """What one applied batch did; kept in the editor's history and saved with its state."""
+
+    index: int
+    requests: int
+    started: str  # ISO 8601, UTC
+    seconds: float
+    z_loss: float  # mean final loss of the z optimisation
+    z_steps: float  # mean Adam steps per request
+    target_prob: float  # mean target-token probability reached at the z layer
+    efficacy: float | None  # fraction of requests whose new object beats the true one after the edit
+    delta_norms: dict[str, float] = field(default_factory=dict)  # layer -> ‖Δ‖_F
+    # wall-clock split of `seconds`: "z" (target values), "keys" (key passes), "solve" (closed
+    # forms and weight writes), "check" (the efficacy probe)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    target_nll: float | None = None  # mean final NLL of the target tokens (absent in journals before 2026-12-02)
+
+
+@dataclass
+class AppliedBatch:
+    """One batch as applied: enough to save, replay or revert it."""
+
+    report: BatchReport
+    requests: list[EditRequest]
+    deltas: dict[int, Update]  # layer -> Δ (math orientation): low-rank factors, masked for RECT
+    keys: dict[int, torch.Tensor]  # layer -> [u, d0] keys added to C_p (empty if the method keeps none)
+    reverted: bool = False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for layer, delta in self.deltas.items():
+            tensors.update(delta.tensors(f"layer.{layer}"))
+        tensors.update({f"layer.{layer}.keys": k for layer, k in self.keys.items()})
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, report: BatchReport, requests: list[EditRequest], tensors: dict[str, torch.Tensor], layers: Sequence[int]) -> AppliedBatch:
+        deltas = {l: update_from_tensors(tensors, f"layer.{l}") for l in layers}
+        keys = {l: tensors[f"layer.{l}.keys"] for l in layers if f"layer.{l}.keys" in tensors}
+        return cls(report, requests, deltas, keys)
