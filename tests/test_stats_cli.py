@@ -152,3 +152,42 @@ def test_edit_takes_a_layout_override_and_a_projector_rule(tiny_model_folder, tm
     assert good.exit_code == 0, good.output
     header = json.loads((tmp_path / "s2" / "journal.json").read_text())["header"]
     assert header["config"]["projector_rule"] == "rank" and set(header["projector_rank"].values()) == {20}
+
+
+def test_a_folder_of_the_authors_per_layer_files_drives_a_five_layer_edit(tokenizer, vocab_size, tmp_path):
+    """MEMIT/AlphaEdit keep one layer_stats .npz per layer: --corpus import:FOLDER covers them all."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from alphaedit.config import EditConfig
+    from alphaedit.editor import Editor
+    from alphaedit.layouts import detect_layout, mlp_out_weight
+    from alphaedit.requests import EditRequest
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layout = detect_layout(model)
+    layers = [1, 2, 3, 4, 5]
+    measured = second_moments(model, layout, tokenizer, layers, CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64), show_progress=False)
+    folder = tmp_path / "wikipedia_stats"
+    folder.mkdir()
+    for layer, stat in measured.items():  # the authors' file names and keys
+        np.savez(folder / f"model.layers.{layer}.mlp.down_proj_float32_mom2_100000.npz",
+                 **{"mom2.mom2": (stat.moment * stat.count).float().numpy(), "mom2.count": np.array(stat.count)})
+    cache = StatsCache(tmp_path / "home")
+    assert sorted(import_statistics(folder, model, layout, tokenizer, None, cache)) == layers
+    before = {l: mlp_out_weight(model, layout, l).detach().clone() for l in layers}
+    editor = Editor(model, tokenizer, EditConfig(method="memit", layers=layers, v_num_grad_steps=2, context_template_length=6),
+                    layout=layout, corpus=CorpusSpec(import_spec(folder)), cache=cache, show_progress=False)
+    for layer, stat in editor.statistics().items():
+        torch.testing.assert_close(stat.second_moment.double(), measured[layer].moment, rtol=1e-5, atol=1e-8)
+    editor.edit([EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")])
+    assert all(not torch.equal(mlp_out_weight(model, layout, l), before[l]) for l in layers)
+
+    (folder / "model.layers.3.copy_mom2.npz").write_bytes((folder / "model.layers.3.mlp.down_proj_float32_mom2_100000.npz").read_bytes())
+    with pytest.raises(ValueError, match="are both layer 3; keep one"):
+        import_statistics(folder, model, layout, tokenizer, None, cache)
+    (folder / "model.layers.3.copy_mom2.npz").unlink()
+    with pytest.raises(ValueError, match=r"no file for layers \[0\]"):
+        import_statistics(folder, model, layout, tokenizer, [0], cache)

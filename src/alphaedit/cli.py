@@ -362,7 +362,7 @@ def stats(
     report: Annotated[bool, typer.Option("--report", help="Print each layer's spectrum summary and kept rank; plot the spectra (PNG).")] = False,
     projector_rule: Annotated[str, typer.Option(help="absolute, relative, energy or rank (see the docs of updates.null_space_mask).")] = "absolute",
     threshold: Annotated[float, typer.Option(help="The rule's value: 2e-2 absolute (the paper's code), e.g. 1e-3 relative, 0.99 energy, or a rank.")] = 2e-2,
-    import_file: Annotated[Optional[Path], typer.Option("--import", help="Bring in MEMIT/EasyEdit .npz statistics (mom2.mom2, mom2.count) for --layers.")] = None,
+    import_file: Annotated[Optional[Path], typer.Option("--import", help="Bring in statistics of other tools: a MEMIT/EasyEdit .npz (mom2.mom2, mom2.count), a folder of them (one per layer, the layer in each name), or AlphaEdit's null_space_project.pt; then edit with --corpus import:PATH.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory and time estimate and stop.")] = False,
     layout_override: Annotated[Optional[str], typer.Option("--layout", help="Module paths as JSON, overriding detection (see `edit --help`).")] = None,
     dtype: DtypeOption = "auto",

@@ -31,6 +31,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, in name order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256(path)
+    lines = "".join(f"{p.relative_to(path)}\t{sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

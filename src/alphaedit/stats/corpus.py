@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..files import sha256
+from ..files import content_digest, sha256
 from ..prompts import bos_prefix
 
 SELF = "self"
@@ -177,7 +177,7 @@ class CorpusSpec:
     def description(self) -> dict[str, str]:
         if self.corpus.startswith(IMPORT):
             # the file's contents decide; budget and windowing were the other tool's
-            return {"corpus": IMPORT + sha256(Path(self.corpus[len(IMPORT) :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
+            return {"corpus": IMPORT + content_digest(Path(self.corpus[len(IMPORT) :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
         return {
             "corpus": describe(self.corpus),
             "tokens": str(self.tokens),

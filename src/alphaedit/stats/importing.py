@@ -6,7 +6,10 @@
   projectors, read with `torch.load(weights_only=True)` and checked to be projectors.
 
 Both land in the checked cache under the corpus name `import:PATH`; `--corpus import:PATH`
-then uses them. Shapes are checked against the model; nothing is unpickled.
+then uses them. The authors' statistics come one file per layer: PATH may be a folder of them,
+each matched to its layer by the number in its name (`model.layers.5.mlp.down_proj_..._mom2_100000.npz`),
+so one `--corpus import:FOLDER` drives a multi-layer edit. Shapes are checked against the model;
+nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .cache import statistic_description
 from .corpus import IMPORT, CorpusSpec
 from .moments import SecondMoment
 
+LAYER_IN_NAME = re.compile(r"\.(\d+)\.")  # "model.layers.5.mlp..." -> 5 (the last such number)
 
 
 def import_spec(path: Path) -> str:
@@ -32,7 +36,7 @@ def import_spec(path: Path) -> str:
 def _layers_for(path: Path, layers: Sequence[int] | None, count: int) -> list[int]:
     if layers and len(layers) == count:
         return list(layers)
-    found = re.findall(r"\.(\d+)\.", path.name)
+    found = LAYER_IN_NAME.findall(path.name)
     if count == 1 and found:
         return [int(found[-1])]
     raise ValueError(f"{path}: holds {count} layer(s); name them with --layers (e.g. --layers 4-8)")
@@ -68,8 +72,10 @@ def read_projectors(path: Path, key_size: int) -> torch.Tensor:
 def import_statistics(path: Path, model, layout: Layout, tokenizer, layers: Sequence[int] | None, cache) -> dict[int, SecondMoment]:
     """Store the file's statistics in the cache for this model; returns the second moments (npz)."""
     path = Path(path)
+    if path.is_dir():
+        return _import_folder(path, model, layout, tokenizer, layers, cache)
     if not path.is_file():
-        raise ValueError(f"--import {path}: no such file")
+        raise ValueError(f"--import {path}: no such file or folder")
     spec = CorpusSpec(import_spec(path))
     if path.suffix == ".npz":
         moment = read_npz_moment(path, layout.key_size)
@@ -82,3 +88,28 @@ def import_statistics(path: Path, model, layout: Layout, tokenizer, layers: Sequ
             cache.save_projector(statistic_description(model, layout, tokenizer, layer, spec), projector)
         return {}
     raise ValueError(f"--import {path}: expected a .npz (mom2 statistics) or .pt (null_space_project) file")
+
+
+def _import_folder(folder: Path, model, layout: Layout, tokenizer, layers: Sequence[int] | None, cache) -> dict[int, SecondMoment]:
+    """Every .npz in the folder, one layer each (the number in its name); `layers` picks some of them."""
+    by_layer: dict[int, Path] = {}
+    for path in sorted(folder.glob("*.npz")):
+        found = LAYER_IN_NAME.findall(path.name)
+        if not found:
+            raise ValueError(f"--import {folder}: {path.name} names no layer; the authors' files are named like "
+                             "model.layers.5.mlp.down_proj_float32_mom2_100000.npz")
+        layer = int(found[-1])
+        if layer in by_layer:
+            raise ValueError(f"--import {folder}: {by_layer[layer].name} and {path.name} are both layer {layer}; keep one")
+        by_layer[layer] = path
+    if not by_layer:
+        raise ValueError(f"--import {folder}: no .npz statistics in this folder")
+    missing = sorted(set(layers or ()) - set(by_layer))
+    if missing:
+        raise ValueError(f"--import {folder}: no file for layers {missing} (found layers {sorted(by_layer)})")
+    spec = CorpusSpec(import_spec(folder))
+    moments = {}
+    for layer in layers or sorted(by_layer):
+        moments[layer] = read_npz_moment(by_layer[layer], layout.key_size)
+        cache.save(statistic_description(model, layout, tokenizer, layer, spec), moments[layer].moment, moments[layer].count)
+    return moments
