@@ -694,7 +694,8 @@ def evaluate(
     seed: SeedOption = None,
     perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
     perplexity_tokens: Annotated[int, typer.Option(min=2, help="Tokens of the perplexity corpus to score.")] = 4096,
-    idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for consistency (default: the perplexity corpus).")] = None,
+    idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for the local consistency stand-in (default: the perplexity corpus).")] = None,
+    consistency: Annotated[str, typer.Option(help="Consistency's idf and references: 'rome' (ROME's idf.npy, tfidf_vocab.json, attribute_snippets.json, fetched once), 'rome:DIR' (those files in a folder) or 'local' (a stand-in from --idf-corpus and the records' attribute prompts; offline).")] = "local",
     layers: LayersOption = None,
     steps: StepsOption = None,
     lr: LrOption = None,
@@ -760,6 +761,16 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                 load_task_records(Path(a["general"]), task, a["general_tests"])  # a bad folder fails before the model loads
         except (OSError, ValueError) as e:
             _fail(str(e))
+    consistency = a.get("consistency", "local")  # run.json of a run begun before this option: local
+    if consistency != "local":
+        if not (consistency == "rome" or consistency.startswith("rome:")):
+            _fail(f"--consistency {consistency}: choose rome, rome:DIR or local")
+        from .eval.consistency import rome_folder
+
+        try:
+            rome_folder(consistency)  # fetched or checked before the model loads
+        except ValueError as e:
+            _fail(str(e))
     if not resuming:
         atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
     state = out_dir / "state"
@@ -772,7 +783,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"]), a["model"],
                              show_progress=False)
     settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
-                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"])
+                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
+                            consistency=consistency)
     evaluator = Evaluator(lm, tokenizer, records, settings)
     general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
@@ -789,7 +801,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         result.notes.append(f"general capability: {', '.join(tasks)}, {a['general_tests']} records each, zero-shot, before the first batch, "
                             + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")
     c = editor.config
-    meta = {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"], "batches": batches, "method": c.method,
+    meta = {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"], "batches": batches, "method": c.method, "consistency_source": consistency,
             "projected": editor.method.projects(c), "method_label": _method_label(c), "method_options": asdict(editor.method.option_values(c)),
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
@@ -841,8 +853,11 @@ def _method_label(config: EditConfig) -> str:
 
 def _eval_notes(records, settings) -> list[str]:
     notes = []
-    if settings.idf_corpus:
-        notes.append(f"consistency: TF-IDF idf built from {settings.idf_corpus} (ROME's idf.npy/tfidf_vocab.json are not available offline); "
+    if settings.consistency != "local":
+        notes.append(f"consistency: ROME's idf.npy, tfidf_vocab.json and attribute snippets ({settings.consistency}), as the paper's; "
+                     "records without snippets for their relation and new object have none")
+    elif settings.idf_corpus:
+        notes.append(f"consistency: local stand-in, not comparable with ROME's: TF-IDF idf built from {settings.idf_corpus} (--consistency rome uses ROME's files); "
                      "reference texts are the record's attribute prompts completed with the new object (attribute_snippets.json is not available offline)")
     else:
         notes.append("consistency and fluency not computed: pass --perplexity-corpus or --idf-corpus")

@@ -18,9 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..files import alphaedit_home, atomic_write_text
 from ..requests import EditRequest, RequestError, parse_requests
-from ..files import alphaedit_home
 
 KINDS = ("counterfact", "zsre")
 DATA_URL = "https://memit.baulab.info/data/dsets"
@@ -40,7 +39,10 @@ class EvalRecord:
     neighbourhood: list[str] = field(default_factory=list)
     neighbourhood_answers: list[str] = field(default_factory=list)
     generation_prompts: list[str] = field(default_factory=list)
-    reference_texts: list[str] = field(default_factory=list)  # for consistency (TF-IDF)
+    reference_texts: list[str] = field(default_factory=list)  # for consistency (TF-IDF): the local stand-in
+    # CounterFact: where ROME's attribute_snippets.json keeps this record's references (consistency.py)
+    relation_id: str | None = None
+    target_new_id: str | None = None
 
 
 def _cf_rome(rec: dict, request: EditRequest) -> EvalRecord:
@@ -55,6 +57,8 @@ def _cf_rome(rec: dict, request: EditRequest) -> EvalRecord:
         # ROME's attribute snippets are not available offline: the record's own attribute
         # prompts (other subjects that truly have the new object) completed with it stand in.
         reference_texts=[f"{p} {new}." for p in rec.get("attribute_prompts", [])],
+        relation_id=rec["requested_rewrite"].get("relation_id"),
+        target_new_id=(rec["requested_rewrite"].get("target_new") or {}).get("id"),
     )
 
 

@@ -50,6 +50,13 @@ class TfIdf:
         self.documents = count
         self.idf = {t: math.log((1 + count) / (1 + c)) + 1 for t, c in df.items()}
 
+    @classmethod
+    def from_idf(cls, vocabulary: dict[str, int], idf: Sequence[float]) -> TfIdf:
+        """The vectoriser ROME fits with its idf.npy and tfidf_vocab.json (term -> index into idf)."""
+        tfidf = cls([])
+        tfidf.idf = {term: float(idf[index]) for term, index in vocabulary.items()}
+        return tfidf
+
     @staticmethod
     def _terms(text: str) -> list[str]:
         return re.findall(r"\b\w\w+\b", text.lower())  # sklearn's default token pattern, lowercased

@@ -30,6 +30,7 @@ from ..files import atomic_write_text
 from ..layouts import mlp_out_weight
 from ..stats.corpus import documents, file_windows
 from .datasets import EvalRecord
+from .consistency import load_rome
 from .general import GeneralCheck, mean_f1
 from .metrics import TfIdf, mean
 from .scoring import counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
@@ -44,7 +45,8 @@ class EvalSettings:
     sample_seed: int = 0
     perplexity_corpus: str | None = None  # held-out text; None skips perplexity
     perplexity_tokens: int = 4096
-    idf_corpus: str | None = None  # text the TF-IDF idf is built from (ROME's idf.npy is not offline)
+    idf_corpus: str | None = None  # text the local stand-in's TF-IDF idf is built from
+    consistency: str = "local"  # or "rome" / "rome:DIR": ROME's idf and attribute snippets (consistency.py)
 
 
 @dataclass
@@ -69,7 +71,11 @@ class Evaluator:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[EvalRecord], settings: EvalSettings):
         self.model, self.tokenizer, self.records, self.settings = model, tokenizer, records, settings
-        self.tfidf = TfIdf(documents(settings.idf_corpus)) if settings.idf_corpus else None
+        self.rome = load_rome(settings.consistency) if settings.consistency != "local" else None
+        if self.rome is not None:
+            self.tfidf = self.rome.tfidf
+        else:
+            self.tfidf = TfIdf(documents(settings.idf_corpus)) if settings.idf_corpus else None
         self.windows = (
             file_windows(settings.perplexity_corpus, tokenizer, settings.perplexity_tokens, 256) if settings.perplexity_corpus else []
         )
@@ -84,7 +90,9 @@ class Evaluator:
         per_record = self.scores()
         sampled = [i for i, r in enumerate(self.records) if r.generation_prompts][:: self.settings.generation_every]
         if with_generation and sampled and self.tfidf is not None:
-            generated = generation_scores(self.model, self.tokenizer, [self.records[i] for i in sampled], self.tfidf, self.settings.sample_seed)
+            chosen = [self.records[i] for i in sampled]
+            references = [self.rome.texts(r.relation_id, r.target_new_id) if self.rome else r.reference_texts for r in chosen]
+            generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references)
             for i, g in zip(sampled, generated):
                 per_record[i].update(g)
         for rec, row in zip(self.records, per_record):

@@ -109,17 +109,20 @@ def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100
     return texts
 
 
-def generation_scores(model, tokenizer, records: Sequence[EvalRecord], tfidf: TfIdf, seed: int = 0) -> list[dict]:
-    """Fluency (n-gram entropy ×1, scaled later) and consistency (TF-IDF cosine) per record."""
+def generation_scores(model, tokenizer, records: Sequence[EvalRecord], tfidf: TfIdf, seed: int = 0,
+                      references: Sequence[list[str]] | None = None) -> list[dict]:
+    """Fluency (n-gram entropy ×1, scaled later) and consistency (TF-IDF cosine of the texts with
+    the record's references: `references`, else its own stand-in texts) per record."""
     prompts = [p for r in records for p in r.generation_prompts]
     texts = sample_texts(model, tokenizer, prompts, seed=seed)
+    references = references if references is not None else [r.reference_texts for r in records]
     out, k = [], 0
-    for rec in records:
+    for rec, refs in zip(records, references):
         own = texts[k : k + len(rec.generation_prompts)]
         k += len(rec.generation_prompts)
         out.append({
             "fluency": mean(ngram_entropy(t) for t in own),
-            "consistency": tfidf.cosine(" ".join(own), " ".join(rec.reference_texts)) if rec.reference_texts else None,
+            "consistency": tfidf.cosine(" ".join(own), " ".join(refs)) if refs else None,
         })
     return out
 
