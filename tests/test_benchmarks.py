@@ -42,3 +42,9 @@ def test_edit_speed_random_model_path(tiny_model_folder, tmp_path):
 def test_stats_speed_random_model_path(tmp_path):
     result = _run(str(BENCHMARKS / "stats_speed.py"), "--shape", "tiny", "--tokens", "4096", home=tmp_path)
     assert result["layers"] == [4, 5, 6, 7, 8] and result["one_pass_tokens_per_s"] > 0
+
+
+def test_general_check_benchmark_runs_and_both_label_paths_agree(tiny_model_folder, tmp_path):
+    result = _run(str(BENCHMARKS / "general_check.py"), "--model", str(tiny_model_folder), "--tests", "3", home=tmp_path)
+    assert result["scores_agree"] and set(result["scores"]) == {"sst2", "mrpc", "cola", "rte", "mmlu", "nli"}
+    assert result["seconds_first_step_labels"] > 0 and result["seconds_teacher_forced_labels"] > 0

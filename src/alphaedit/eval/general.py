@@ -212,6 +212,7 @@ class GeneralCheck:
     tasks: Sequence[str] = tuple(TASKS)
     layout: Layout | None = None
     gen_len: int = GEN_LEN
+    teacher_forced_labels: bool = False  # score label words in their own passes even when each is one token
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -255,7 +256,7 @@ class GeneralCheck:
         ids = [prompt_ids(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         word_ids = [target_ids(self.tokenizer, w) for w in words]
-        one_token = all(len(t) == 1 for t in word_ids)
+        one_token = all(len(t) == 1 for t in word_ids) and not self.teacher_forced_labels
         if one_token:
             new, first = greedy_rows_and_first_logprobs(self.model, self.tokenizer, [ids[i] for i in order], self.gen_len, [t[0] for t in word_ids])
         else:
