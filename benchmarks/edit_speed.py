@@ -5,8 +5,8 @@ exactly `--steps` z iterations for every request (early stop off, so every path 
 work). Four paths, each on the same model with its edited layers restored in between:
 
     batched                 all requests share each forward/backward; prefixes cached
-    one at a time           the same code with z_requests_per_pass=1 (the authors' loop)
-    batched, plain passes   every pass recomputes the whole rows (z_prefix_cache=False)
+    one at a time           the same code with v_requests_per_pass=1 (the authors' loop)
+    batched, plain passes   every pass recomputes the whole rows (v_prefix_cache=False)
     one at a time, plain    both switched off: the previous path, for the ratios
 
 GPU (`--device cuda --shape llama3-8b`): a Llama-3-8B-shaped model with random weights in
@@ -49,7 +49,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @dataclass
 class Variant:
     name: str
-    per_pass: int  # z_requests_per_pass (1 = each request alone)
+    per_pass: int  # v_requests_per_pass (1 = each request alone)
     prefix_cache: bool
     dtype: torch.dtype
     edits: int
@@ -64,7 +64,7 @@ def run_variant(model, tokenizer, requests, corpus, cache, base, variant: Varian
     # early_stop_loss 0: exactly `steps` iterations for every request
     config = config_for_model(
         model.config, v_num_grad_steps=steps, early_stop_loss=0.0,
-        z_requests_per_pass=variant.per_pass, z_prefix_cache=variant.prefix_cache,
+        v_requests_per_pass=variant.per_pass, v_prefix_cache=variant.prefix_cache,
     )
     editor = Editor(model, tokenizer, config, corpus=corpus, cache=cache, show_progress=False)
     editor.statistics()

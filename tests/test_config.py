@@ -109,3 +109,12 @@ def test_dict_round_trip_and_unknown_fields():
     assert EditConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown edit config fields: bogus"):
         EditConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+def test_journals_written_with_the_old_z_names_still_load():
+    old = {**EditConfig().to_dict(), "z_prefix_cache": False, "z_requests_per_pass": 3}
+    del old["v_prefix_cache"], old["v_requests_per_pass"]
+    config = EditConfig.from_dict(old)
+    assert config.v_prefix_cache is False and config.v_requests_per_pass == 3
+    del old["project"], old["method_options"]  # before methods were plug-ins
+    assert EditConfig.from_dict(old).method_options == {} and EditConfig.from_dict(old).project is None

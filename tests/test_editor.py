@@ -164,13 +164,13 @@ def test_a_corrupted_state_is_refused(llama, tokenizer, tmp_path):
 
 def test_the_efficacy_probe_uses_the_editors_layout_not_a_fresh_detection(fresh_llama, tokenizer, tmp_path, monkeypatch):
     """A model that needs --layout must not fail in the post-edit check (audit finding 3)."""
-    import alphaedit.scoring
+    import alphaedit.teacher_forcing
 
     editor = _editor(fresh_llama, tokenizer, tmp_path)
 
     def undetectable(model, *args, **kwargs):
         raise AssertionError("the layout was detected again instead of using the editor's")
 
-    monkeypatch.setattr(alphaedit.scoring, "detect_layout", undetectable)
+    monkeypatch.setattr(alphaedit.teacher_forcing, "detect_layout", undetectable)
     (report,) = editor.edit(REQUESTS[:2])
     assert report.efficacy is not None

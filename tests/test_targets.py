@@ -187,7 +187,7 @@ def test_cached_prefix_equals_plain_passes_on_every_family(model_type, tokenizer
     layout = detect_layout(model)
     config = _config(layers=[0, 1], v_num_grad_steps=4)
     cached = _z(model, layout, tokenizer, REQUESTS, config)
-    plain = _z(model, layout, tokenizer, REQUESTS, dataclasses.replace(config, z_prefix_cache=False))
+    plain = _z(model, layout, tokenizer, REQUESTS, dataclasses.replace(config, v_prefix_cache=False))
     # float32: the two passes multiply differently shaped matrices (rounding ~1e-6, which
     # Adam's sign-like steps can amplify a little)
     torch.testing.assert_close(cached.z, plain.z, rtol=1e-4, atol=1e-4)
@@ -211,9 +211,9 @@ def test_rows_without_a_prefix_mix_with_cached_ones(llama64, tokenizer, requests
     assert min(request_rows(tokenizer, first, templates).lookup) == 0
     requests = [REQUESTS[1], REQUESTS[0], first]
     config = _config(early_stop_loss=-1.0)
-    plain = compute_targets(model, layout, tokenizer, requests, templates, dataclasses.replace(config, z_prefix_cache=False))
+    plain = compute_targets(model, layout, tokenizer, requests, templates, dataclasses.replace(config, v_prefix_cache=False))
     config.early_stop_loss = sorted(plain.loss)[1] + 1e-3  # some requests stop early, another runs on
-    plain = compute_targets(model, layout, tokenizer, requests, templates, dataclasses.replace(config, z_prefix_cache=False))
+    plain = compute_targets(model, layout, tokenizer, requests, templates, dataclasses.replace(config, v_prefix_cache=False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cached = compute_targets(model, layout, tokenizer, requests, templates, config, requests_per_pass=requests_per_pass)
@@ -227,7 +227,7 @@ def test_a_model_that_ignores_positions_falls_back_to_plain_passes(llama64, toke
     # own length: the δ = 0 probe sees the difference and the optimisation runs plain passes.
     model, layout = llama64
     config = _config(v_num_grad_steps=3)
-    plain = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, dataclasses.replace(config, z_prefix_cache=False))
+    plain = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, dataclasses.replace(config, v_prefix_cache=False))
     forward = model.base_model.forward
 
     def without_positions(*args, position_ids=None, **kwargs):

@@ -434,7 +434,7 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
-                                projector_rule=projector_rule, nullspace_threshold=threshold, z_prefix_cache=prefix_cache,
+                                projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
                                 early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
                                 method_options=_method_options(method_option))
     except ValueError as e:

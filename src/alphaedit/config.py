@@ -15,6 +15,9 @@ from .updates import PROJECTOR_RULES
 
 
 
+RENAMED = {"z_requests_per_pass": "v_requests_per_pass", "z_prefix_cache": "v_prefix_cache"}
+
+
 @dataclass
 class EditConfig:
     """Everything that decides what an edit does (ALGORITHM.md §2)."""
@@ -45,10 +48,10 @@ class EditConfig:
     stop_when_most_probable: bool = False
     # a z pass holds up to this many requests' worth of tokens, rows of all requests packed by
     # length (1 = each request's rows alone, the authors' loop); lower it if a pass runs out of memory
-    z_requests_per_pass: int = 16
+    v_requests_per_pass: int = 16
     # compute the tokens before δ's position once and cache their attention keys/values (exact;
     # checked against a plain pass on each batch, falling back to plain passes if it differs)
-    z_prefix_cache: bool = True
+    v_prefix_cache: bool = True
     # closed-form update, §1.7-1.9
     nullspace_threshold: float = 2e-2  # the value of projector_rule (updates.null_space_mask)
     projector_rule: str = "absolute"
@@ -90,6 +93,8 @@ class EditConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditConfig:
+        # journals written before 2026-12-02 name two of the v (z) optimisation's settings z_*
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -34,7 +34,7 @@ from .methods import get_method
 from .persistence import Persistence
 from .progress import progress_bar
 from .requests import EditRequest, RequestError, check_conflicts
-from .scoring import prefers_new
+from .teacher_forcing import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
 from .stats.corpus import IMPORT
@@ -234,7 +234,7 @@ class Editor(Persistence):
         templates, statistics = self.context_templates(), self.statistics()
         clock = _PhaseClock(self.model)
         with clock("z"):
-            targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.z_requests_per_pass, step)
+            targets = compute_targets(self.model, self.layout, self.tokenizer, requests, templates, config, config.v_requests_per_pass, step)
             z = targets.z.cpu()
         deltas: dict[int, Update] = {}
         keys, weights_before = {}, {}

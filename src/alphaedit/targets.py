@@ -149,7 +149,7 @@ def compute_targets(
     """
     with frozen_parameters(model):
         rows = [row for i, r in enumerate(requests) for row in _flatten(i, request_rows(tokenizer, r, templates))]
-        split = config.z_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
+        split = config.v_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
         cache = RowCache(len(rows), max(r.suffix_length(split) for r in rows), max(r.cut(split) for r in rows))
         device = next(model.parameters()).device
         u, d = len(requests), layout.hidden_size

@@ -7,7 +7,7 @@ import torch
 
 from alphaedit.editor import Editor
 from alphaedit.requests import parse_requests
-from alphaedit.scoring import prefers_new
+from alphaedit.teacher_forcing import prefers_new
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..generate import generate_rows, greedy_rows_and_first_logprobs, prompt_ids
 from ..layouts import Layout
 from ..prompts import target_ids
-from ..scoring import continuation_nll
+from ..teacher_forcing import continuation_nll
 
 FEW_SHOT_POOL = 10  # the first records of every file; the harness never scores them
 GEN_LEN = 5  # new tokens generated per prompt, as their driver passes to every task

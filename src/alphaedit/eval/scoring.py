@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..generate import TOP5, generate_rows, greedy_completions, prompt_ids, seeded
 from ..prompts import target_ids
-from ..scoring import continuation_accuracy, teacher_forced
+from ..teacher_forcing import continuation_accuracy, teacher_forced
 from .datasets import EvalRecord
 from .metrics import TfIdf, mean, ngram_entropy, perplexity
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphaedit.scoring import continuation_accuracy, continuation_nll, prefers_new
+from alphaedit.teacher_forcing import continuation_accuracy, continuation_nll, prefers_new
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
