@@ -63,18 +63,19 @@ def generate_rows(
     options = dict(do_sample=False) if sampling is None else dict(
         do_sample=True, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature
     )
-    if total_length is not None:
-        never_stop = copy.deepcopy(model.generation_config)
-        never_stop.eos_token_id = None
-        options["generation_config"] = never_stop
     new_tokens: list[list[int]] = []
     for start in range(0, len(rows), rows_per_pass):
         chunk = rows[start : start + rows_per_pass]
         budgets = [max_new_tokens] * len(chunk) if total_length is None else [max(1, total_length - len(r)) for r in chunk]
+        settings = dict(max_new_tokens=max(budgets), pad_token_id=pad_id(tokenizer), **options)
+        if total_length is not None:  # one generation config, without an end-of-sequence token to stop at
+            never_stop = copy.deepcopy(model.generation_config)
+            never_stop.update(**settings)
+            never_stop.eos_token_id = None
+            settings = dict(generation_config=never_stop)
         ids, mask = _left_padded(tokenizer, chunk)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets),
-                                 pad_token_id=pad_id(tokenizer), **options)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **settings)
         # a token sampled at step t never depends on later ones: cutting a row at its budget is exact
         new_tokens += [row[ids.shape[1] : ids.shape[1] + budget].tolist() for row, budget in zip(out, budgets)]
     return new_tokens
