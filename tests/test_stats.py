@@ -282,3 +282,29 @@ def test_hf_corpus_without_the_datasets_package_says_how_to_get_it(monkeypatch, 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ValueError, match=r"alphaedit\[hf\]"):
         file_windows("hf:wikitext:wikitext-103-raw-v1:train", tokenizer, 100, 32)
+
+
+def test_the_authors_document_sampling_draws_whole_documents_in_a_seeded_order(tokenizer, tmp_path):
+    """ROME/MEMIT layer_stats: a random order of documents (seed), each cut to one window."""
+    from alphaedit.stats.corpus import CorpusSpec, document_windows, documents, file_windows
+
+    corpus = tmp_path / "corpus.txt"
+    paragraphs = [f"Paragraph {i} is about the river number {i} and its valley, which is green and long." * (1 + i % 3) for i in range(12)]
+    corpus.write_text("\n\n".join(paragraphs))
+    docs = list(documents(str(corpus)))
+    assert len(docs) == 12
+    windows = document_windows(str(corpus), tokenizer, tokens=10_000, max_length=16, seed=1)
+    assert len(windows) == 12 and all(len(w) <= 16 for w in windows)  # one truncated window per document
+    starts = {tuple(tokenizer(d, add_special_tokens=False)["input_ids"][:16]): i for i, d in enumerate(docs)}
+    order = [starts[tuple(w)] for w in windows]
+    assert sorted(order) == list(range(12)) and order != list(range(12))  # every document once, shuffled
+    assert order == [starts[tuple(w)] for w in document_windows(str(corpus), tokenizer, 10_000, 16, seed=1)]  # seeded
+    assert order != [starts[tuple(w)] for w in document_windows(str(corpus), tokenizer, 10_000, 16, seed=2)]
+    budget = document_windows(str(corpus), tokenizer, tokens=40, max_length=16, seed=1)
+    assert sum(map(len, budget)) == 40
+    assert windows != file_windows(str(corpus), tokenizer, 10_000, 16)  # not the streamed windows
+    # the cache key tells them apart, and leaves the default's key as it was
+    stream, drawn = CorpusSpec(str(corpus)), CorpusSpec(str(corpus), sampling="documents", seed=1)
+    assert "sampling" not in stream.description() and drawn.description()["sampling"] == "documents"
+    with pytest.raises(ValueError, match="sampling must be one of stream, documents"):
+        CorpusSpec(str(corpus), sampling="random")

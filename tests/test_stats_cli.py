@@ -191,3 +191,25 @@ def test_a_folder_of_the_authors_per_layer_files_drives_a_five_layer_edit(tokeni
     (folder / "model.layers.3.copy_mom2.npz").unlink()
     with pytest.raises(ValueError, match=r"no file for layers \[0\]"):
         import_statistics(folder, model, layout, tokenizer, [0], cache)
+
+
+def test_edit_with_the_authors_sampling_records_it_and_keeps_to_it(tiny_model_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text(json.dumps({"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}))
+    common = ["edit", "--requests", str(requests), "--state", str(tmp_path / "state")]
+    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    done = CliRunner().invoke(app, [*common, "--model", str(tiny_model_folder), "--layers", "1-2", "--steps", "2", "--corpus", str(WIKITEXT),
+                                    "--tokens", "2000", "--sampling", "documents"], env=env)
+    assert done.exit_code == 0, done.output
+    corpus = json.loads((tmp_path / "state" / "header.json").read_text())["corpus"]
+    assert corpus["sampling"] == "documents" and corpus["seed"] == 1  # the authors' seed by default
+    again = CliRunner().invoke(app, [*common, "--sampling", "stream"], env=env)
+    assert again.exit_code == 2 and "was edited with --sampling documents" in again.output
+    bad = CliRunner().invoke(app, [*common[:3], "--state", str(tmp_path / "other"), "--model", str(tiny_model_folder), "--sampling", "random"], env=env)
+    assert bad.exit_code == 2 and "sampling must be one of stream, documents" in bad.output

@@ -62,7 +62,8 @@ ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
 StopRuleOption = Annotated[Optional[str], typer.Option(help="When a request's z optimisation stops early: 'loss' (total loss < 0.05, the authors' code) or 'nll' (its target NLL < --stop-nll: the target is learnt). Default: preset.")]
 MaxLengthOption = Annotated[Optional[int], typer.Option(min=2, help="Tokens per window of the statistics corpus (default 256; as `stats --max-length`, so its cached result is found).")]
-SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the 'self' statistics corpus (default 0; as `stats --seed`).")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the 'self' statistics corpus (default 0), or of --sampling documents (default 1, the authors'); as `stats --seed`.")]
+SamplingOption = Annotated[Optional[str], typer.Option(help="How a text corpus becomes windows: 'stream' (documents in order, concatenated; the default) or 'documents' (the authors' layer_stats: a seeded random order, each document truncated to one window); as `stats --sampling`.")]
 ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of the z optimisation, as a multiple of ‖h0‖ (default: preset; the paper's 0.75).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
 StopNllOption = Annotated[Optional[float], typer.Option(help="Target NLL (nats per token) below which 'nll' stops a request (default: preset).")]
@@ -162,6 +163,7 @@ def edit(
     tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus (default 20000; a continued state keeps its own).")] = None,
     max_length: MaxLengthOption = None,
     seed: SeedOption = None,
+    sampling: SamplingOption = None,
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="Apply requests that the state already holds again (by default they are skipped, e.g. after a killed run).")] = False,
     max_prompt_tokens: MaxPromptOption = 256,
     layers: LayersOption = None,
@@ -194,7 +196,8 @@ def edit(
     _check_writable(state)
     if journal is not None:
         given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
-                     projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length, seed=seed,
+                     projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
+                     seed=_seed_for(seed, sampling), sampling=sampling,
                      layout=json.loads(layout) if layout else None)
         _check_continuation(state, journal.header, given)
         parsed = _without_repeats(journal, parsed, allow_repeat)
@@ -211,7 +214,7 @@ def edit(
     else:
         config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                               project, method_option)
-        editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed), spec)
+        editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed, sampling), spec)
     editor.max_prompt_tokens = max_prompt_tokens
     started = time.perf_counter()
     try:
@@ -267,6 +270,7 @@ _CONTINUATION = {
     "tokens": ("--tokens", lambda c, corpus: corpus["tokens"]),
     "max_length": ("--max-length", lambda c, corpus: corpus["max_length"]),
     "seed": ("--seed", lambda c, corpus: corpus["seed"]),
+    "sampling": ("--sampling", lambda c, corpus: corpus.get("sampling", "stream")),
 }
 
 
@@ -354,7 +358,8 @@ def stats(
     corpus: Annotated[str, typer.Option(help="A text file or folder (.txt/.raw/.jsonl/.json), 'self' (sampled from the model), or hf:NAME[:CONFIG[:SPLIT]].")] = "self",
     tokens: Annotated[int, typer.Option(min=1, help="Token budget.")] = 20_000,
     max_length: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed of the 'self' corpus.")] = 0,
+    seed: SeedOption = None,
+    sampling: SamplingOption = None,
     layers: Annotated[Optional[str], typer.Option(help="Layers, e.g. '3-7' (default: the preset's edited layers).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write each layer's C0 (safetensors) and the report here.")] = None,
     resume: Annotated[bool, typer.Option("--resume/--restart", help="Continue an interrupted pass from its last checkpoint (default), or start this pass over (other passes keep their checkpoints).")] = True,
@@ -375,7 +380,7 @@ def stats(
     Run under `torchrun --nproc-per-node K -m alphaedit stats ...` to split the corpus across
     processes; the sums are all-reduced and rank 0 writes the cache.
     """
-    from .stats import CorpusSpec, StatsCache, second_moments
+    from .stats import StatsCache, second_moments
     from .stats.importing import import_statistics
     from .stats.report import plot_spectra, spectrum_summary
 
@@ -383,7 +388,7 @@ def stats(
     lm, tokenizer = _load(model, dtype, _worker_device(device, workers), trust_remote_code)
     layout = _layout(lm, layout_override)
     chosen = _parse_layers(layers) or config_for_model(lm.config).layers
-    spec = CorpusSpec(corpus, tokens=tokens, max_length=max_length, seed=seed)
+    spec = _corpus_spec(corpus, tokens, max_length, seed, sampling)
     cache = StatsCache()
     if dry_run:
         estimate = _estimate(lm, layout, chosen, spec)
@@ -454,12 +459,20 @@ def _method_options(given: list[str] | None) -> dict[str, str] | None:
     return options
 
 
-def _corpus_spec(corpus: str | None, tokens: int | None, max_length: int | None, seed: int | None):
+def _corpus_spec(corpus: str | None, tokens: int | None, max_length: int | None, seed: int | None, sampling: str | None = None):
     """The statistics corpus from the options given; CorpusSpec's own defaults for the others."""
     from .stats import CorpusSpec
 
-    given = {"corpus": corpus, "tokens": tokens, "max_length": max_length, "seed": seed}
-    return CorpusSpec(**{k: v for k, v in given.items() if v is not None})
+    given = {"corpus": corpus, "tokens": tokens, "max_length": max_length, "seed": _seed_for(seed, sampling), "sampling": sampling}
+    try:
+        return CorpusSpec(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        _fail(f"--sampling: {e}")
+
+
+def _seed_for(seed: int | None, sampling: str | None) -> int | None:
+    """--sampling documents draws with the authors' seed (1) unless told otherwise."""
+    return 1 if seed is None and sampling == "documents" else seed
 
 
 def _new_editor(lm, tokenizer, config: EditConfig, layout: str | None, corpus, model_spec: str, show_progress: bool = True):
@@ -692,6 +705,7 @@ def evaluate(
     tokens: TokensOption = 20_000,
     max_length: MaxLengthOption = None,
     seed: SeedOption = None,
+    sampling: SamplingOption = None,
     perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
     perplexity_tokens: Annotated[int, typer.Option(min=2, help="Tokens of the perplexity corpus to score.")] = 4096,
     idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for the local consistency stand-in (default: the perplexity corpus).")] = None,
@@ -780,7 +794,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     else:
         config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
                               a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"])
-        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"]), a["model"],
+        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
                              show_progress=False)
     settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
                             perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..layouts import Layout, mlp_out_weight
 from ..progress import progress_bar
 from .cache import StatsCache, config_digest, statistic_description, tokenizer_digest
-from .corpus import IMPORT, SELF, CorpusSpec, file_windows, self_windows
+from .corpus import IMPORT, SELF, CorpusSpec, document_windows, file_windows, self_windows
 from .moments import MomentAccumulator, SecondMoment, accumulate_batch, token_batches
 
 __all__ = ["CorpusSpec", "SecondMoment", "StatsCache", "second_moments", "statistic_description", "Workers"]
@@ -54,6 +54,8 @@ class Workers:
 def _windows(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec, cache: StatsCache | None, show_progress: bool
 ) -> list[list[int]]:
+    if spec.corpus != SELF and spec.sampling == "documents":
+        return document_windows(spec.corpus, tokenizer, spec.tokens, spec.max_length, spec.seed)
     if spec.corpus != SELF:
         return file_windows(spec.corpus, tokenizer, spec.tokens, spec.max_length)
     key = {"config": config_digest(model), "tokenizer": tokenizer_digest(tokenizer), **spec.description()}
@@ -122,7 +124,9 @@ def second_moments(
 
 def _say_why_a_pass_starts(cache: StatsCache, description: dict[str, str], missing: list[int], spec: CorpusSpec) -> None:
     """Before a (possibly hours-long) pass: what was asked for, and why no cached statistic fits."""
-    wanted = f"corpus {spec.corpus}, {spec.tokens} tokens, windows of {spec.max_length}" + (f", seed {spec.seed}" if spec.corpus == "self" else "")
+    wanted = f"corpus {spec.corpus}, {spec.tokens} tokens, windows of {spec.max_length}" + (f", seed {spec.seed}" if spec.corpus == SELF else "")
+    if spec.sampling == "documents" and spec.corpus != SELF:
+        wanted += f", documents sampled with seed {spec.seed}"
     lines = [f"computing statistics for layers {missing} ({wanted}): none cached for these settings"]
     for path, differs in cache.near_misses(description)[:5]:
         detail = "; ".join(f"{k} {a} (wanted {b})" for k, (a, b) in differs.items())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ SELF_SEED_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "When", "A
 
 
 HF = "hf:"
+SAMPLINGS = ("stream", "documents")
 
 
 def describe(spec: str) -> str:
@@ -51,14 +53,17 @@ def _content_digest(files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def hf_documents(spec: str) -> Iterator[str]:
-    """Texts of a streamed Hugging Face dataset: hf:NAME[:CONFIG[:SPLIT]] (split defaults to train)."""
+def hf_documents(spec: str, shuffle_seed: int | None = None) -> Iterator[str]:
+    """Texts of a streamed Hugging Face dataset: hf:NAME[:CONFIG[:SPLIT]] (split defaults to train),
+    in order or through a seeded shuffle buffer."""
     name, config, split = (spec[len(HF) :].split(":") + [None, None])[:3]
     try:
         import datasets
     except ImportError as e:
         raise ValueError(f"--corpus {spec} needs the `datasets` package: pip install 'alphaedit[hf]'") from e
     stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    if shuffle_seed is not None:
+        stream = stream.shuffle(seed=shuffle_seed, buffer_size=10_000)
     for record in stream:
         text = record.get("text") if isinstance(record, dict) else None
         if text and text.strip():
@@ -135,6 +140,35 @@ def file_windows(spec: str, tokenizer: PreTrainedTokenizerBase, tokens: int, max
     return windows
 
 
+def document_windows(spec: str, tokenizer: PreTrainedTokenizerBase, tokens: int, max_length: int, seed: int) -> list[list[int]]:
+    """The authors' sampling (ROME/MEMIT `layer_stats`): documents drawn in a random order (their
+    `random_sample=1` is seed 1), each truncated to one window of `max_length` tokens, until `tokens`.
+
+    A local corpus is shuffled whole; a streamed hf: corpus through a 10,000-document shuffle
+    buffer (the authors draw from the whole downloaded dataset, which streaming cannot).
+    """
+    prefix = bos_prefix(tokenizer)
+    if spec.startswith(HF):
+        texts: Iterator[str] = hf_documents(spec, shuffle_seed=seed)
+    else:
+        ordered = list(documents(spec))
+        order = list(range(len(ordered)))
+        random.Random(seed).shuffle(order)
+        texts = (ordered[i] for i in order)
+    windows: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - len(prefix)]
+        take = ids[: tokens - total]
+        if not take:
+            continue
+        windows.append(prefix + take)
+        total += len(take)
+        if total >= tokens:
+            break
+    return windows
+
+
 def self_windows(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -173,14 +207,24 @@ class CorpusSpec:
     max_length: int = 256
     seed: int = 0
     batch_tokens: int = 4096
+    # a text corpus: "stream" (documents in order, concatenated and cut into windows) or "documents"
+    # (the authors': documents in a seeded random order, each truncated to one window)
+    sampling: str = "stream"
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"corpus sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
 
     def description(self) -> dict[str, str]:
         if self.corpus.startswith(IMPORT):
             # the file's contents decide; budget and windowing were the other tool's
             return {"corpus": IMPORT + content_digest(Path(self.corpus[len(IMPORT) :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
-        return {
+        described = {
             "corpus": describe(self.corpus),
             "tokens": str(self.tokens),
             "max_length": str(self.max_length),
-            "seed": str(self.seed) if self.corpus == SELF else "-",
+            "seed": str(self.seed) if self.corpus == SELF or self.sampling == "documents" else "-",
         }
+        if self.sampling != "stream" and self.corpus != SELF:  # absent for the default: earlier caches stay valid
+            described["sampling"] = self.sampling
+        return described
