@@ -73,6 +73,9 @@ class Layout:
 
     blocks: str
     mlp_out: str
+    # No computation reads the final norm (base_model applies it before the head), but finding it
+    # is part of checking that a model is built the standard way (blocks, then a norm beside
+    # them, then the head): a model where it cannot be found is refused rather than mis-edited.
     final_norm: str
     lm_head: str
     weight_transposed: bool
