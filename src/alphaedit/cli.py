@@ -276,6 +276,7 @@ _CONTINUATION = {
 
 def _check_continuation(state: Path, header: dict, given: dict) -> None:
     """A continued state keeps the settings it was made with: an option that contradicts them is refused."""
+    recorded_config = EditConfig.from_dict(header["config"])
     for name, value in given.items():
         if value is None:
             continue
@@ -286,7 +287,7 @@ def _check_continuation(state: Path, header: dict, given: dict) -> None:
                       f"--layout {json.dumps(differs)} contradicts it. Leave --layout out to continue, or use a new --state")
             continue
         option, where = _CONTINUATION[name]
-        recorded = where(EditConfig.from_dict(header["config"]), header["corpus"])
+        recorded = where(recorded_config, header["corpus"])
         if name == "method_options":  # typed as the recorded method's options, then compared
             try:
                 value = EditConfig.from_dict({**header["config"], "method_options": value}).method_options

@@ -306,11 +306,15 @@ class Editor(Persistence):
         for layer, delta in deltas.items():
             total = self._update_sums.get(layer, torch.zeros(self.layout.hidden_size, self.layout.key_size)) + sign * delta.dense().cpu()
             self._update_sums[layer] = total
-            base = self._base_weights[layer].T if self.layout.weight_transposed else self._base_weights[layer]  # [d, d0]
-            carried = self.method.restrain(total, base.float(), options)
+            carried = self.method.restrain(total, self._base_math_weight(layer).float(), options)
             weight = mlp_out_weight(self.model, self.layout, layer)
             with torch.no_grad():
                 weight.copy_((self._base_weights[layer] + weight_delta_as_stored(self.layout, carried)).to(weight))
+
+    def _base_math_weight(self, layer: int) -> torch.Tensor:
+        """The unedited W_out of a layer in math orientation [d, d0], on the CPU (a view)."""
+        base = self._base_weights[layer]
+        return base.T if self.layout.weight_transposed else base
 
     def _math_weight(self, layer: int) -> torch.Tensor:
         """W_out of a layer in math orientation [d, d0] (a view)."""

@@ -180,8 +180,7 @@ class Persistence:
         tensors = {}
         for layer in self.config.layers:
             if dense:
-                base = self._base_weights[layer].T if self.layout.weight_transposed else self._base_weights[layer]
-                tensors[f"layer.{layer}.delta"] = (self._math_weight(layer).cpu().float() - base.float()).contiguous()
+                tensors[f"layer.{layer}.delta"] = (self._math_weight(layer).cpu().float() - self._base_math_weight(layer).float()).contiguous()
                 continue
             tensors[f"layer.{layer}.left"] = torch.cat([b.deltas[layer].left for b in applied], dim=1) if applied else torch.zeros(self.layout.hidden_size, 0)
             tensors[f"layer.{layer}.right"] = torch.cat([b.deltas[layer].right for b in applied], dim=1) if applied else torch.zeros(self.layout.key_size, 0)
