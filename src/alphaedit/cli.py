@@ -724,6 +724,7 @@ def evaluate(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
+    pre_cache: Annotated[bool, typer.Option("--pre-cache/--no-pre-cache", help="Reuse the unedited model's evaluation when an earlier run computed the same one (same model, records, settings and scoring code; kept under $ALPHAEDIT_HOME/pre-eval).")] = True,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -754,6 +755,7 @@ def evaluate(
 def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from .eval.datasets import load_dataset, select
     from .eval.general import TASKS, GeneralCheck, load_task_records
+    from .eval.pre_cache import PreEvalCache
     from .eval.protocol import EvalSettings, Evaluator, run_protocol
     from .eval.report import write_report
     from .files import atomic_write_text
@@ -806,7 +808,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     batches = -(-len(records) // a["batch_size"])
     with _run_progress(len(records), len(editor.batches) * a["batch_size"]) as on_batch:
         try:
-            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch)
+            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
+                                  PreEvalCache() if a.get("pre_cache", True) else None)
         except (ValueError, RequestError) as e:
             _fail(str(e))
     result.notes += _eval_notes(records, settings)

@@ -9,7 +9,8 @@ A run lives in its report folder and survives a kill at any point:
 
     state/           the editor's journal, committed after every batch
     progress.json    everything measured so far, committed after each batch's measurements
-    pre.jsonl        the pre-edit per-record scores
+    pre.jsonl        the pre-edit per-record scores (from pre_cache.py's cache when an earlier
+                     run computed the same ones)
     general/NNNNNN.jsonl   each general check's answers, NNNNNN = edits done
 
 Resuming replays the journal (the same weights, bit for bit), takes the measurements a kill
@@ -33,6 +34,7 @@ from .datasets import EvalRecord
 from .consistency import load_rome
 from .general import GeneralCheck, mean_f1
 from .metrics import TfIdf, mean
+from .pre_cache import PreEvalCache, pre_eval_key
 from .scoring import counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
 
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
@@ -161,10 +163,12 @@ def run_protocol(
     general: GeneralCheck | None = None,
     general_every: int | None = None,
     on_batch: Callable[[int, dict], None] | None = None,
+    pre_cache: PreEvalCache | None = None,
 ) -> ProtocolResult:
     """Run the protocol into `folder`, or continue the run it holds (the editor replayed from its state).
 
-    `on_batch(edits done, latest measurements)` runs after each batch's measurements are committed.
+    `on_batch(edits done, latest measurements)` runs after each batch's measurements are committed;
+    `pre_cache` serves the pre-edit evaluation when an earlier run computed the same one.
     """
     run = RunFolder(folder)
     requests = [r.request for r in evaluator.records]
@@ -177,12 +181,14 @@ def run_protocol(
     else:
         if editor.batches:
             raise ValueError(f"{folder}: the state holds batches but progress.json is missing; this is not a run folder eval can resume")
-        pre = evaluator.evaluate()
+        pre, general_point, reused = _pre_edit(evaluator, general, pre_cache)
         run.write_rows("pre.jsonl", pre.records)
         progress = {"pre": pre.summary, "batches": 0, "curve": [{"edits": 0, **{k: pre.summary[k] for k in SUCCESS_METRICS}}],
-                    "norms": [{"edits": 0, **weight_norms(editor)}], "general": []}
-        if general is not None:
-            progress["general"].append(_general_point(run, general, 0))
+                    "norms": [{"edits": 0, **weight_norms(editor)}], "general": [], "pre_reused": reused}
+        if general_point is not None:
+            point, rows = general_point
+            run.write_rows(f"general/{0:06d}.jsonl", rows)
+            progress["general"].append(point)
         run.commit(progress)
 
     def measure(k: int) -> None:
@@ -211,6 +217,8 @@ def run_protocol(
     curve = [*progress["curve"], {"edits": len(requests), **{m: post.summary[m] for m in SUCCESS_METRICS}}]
     seconds = sum(r.seconds for r in editor.history)
     notes = [f"resumed after batch {k} (editing time counts each batch once)" for k in progress.get("resumed", [])]
+    if progress.get("pre_reused"):
+        notes.append(f"pre-edit scores reused from {progress['pre_reused']} (the same model, records, settings and scoring code)")
     return ProtocolResult(pre, post, curve, progress["norms"], progress["general"], seconds, notes)
 
 
@@ -224,9 +232,30 @@ def _check_replayed(editor: Editor, batches: list) -> None:
 
 
 def _general_point(run: RunFolder, general: GeneralCheck, edits: int) -> dict:
+    point, rows = _general_scores(general, edits)
+    run.write_rows(f"general/{edits:06d}.jsonl", rows)
+    return point
+
+
+def _general_scores(general: GeneralCheck, edits: int) -> tuple[dict, list[dict]]:
     scores, rows = general.run()
-    run.write_rows(f"general/{edits:06d}.jsonl", [{"task": task, **row} for task, task_rows in rows.items() for row in task_rows])
-    return {"edits": edits, "scores": scores}
+    return {"edits": edits, "scores": scores}, [{"task": task, **row} for task, task_rows in rows.items() for row in task_rows]
+
+
+def _pre_edit(evaluator: Evaluator, general: GeneralCheck | None, cache: PreEvalCache | None):
+    """The unedited model's evaluation and general check (point, rows): from the cache when it holds
+    them, else computed (and stored there). Returns them and the cache file reused, or None."""
+    key = pre_eval_key(evaluator, general) if cache is not None else None
+    stored = cache.load(key) if cache is not None else None
+    if stored is not None:
+        general_point = (stored["general"], stored["general_rows"]) if general is not None else None
+        return Evaluation(stored["records"], stored["summary"]), general_point, f"{cache.path(key)} (computed {stored['created']})"
+    pre = evaluator.evaluate()
+    general_point = _general_scores(general, 0) if general is not None else None
+    if cache is not None:
+        cache.store(key, {"records": pre.records, "summary": pre.summary, "general": general_point and general_point[0],
+                          "general_rows": general_point and general_point[1]})
+    return pre, general_point, None
 
 
 def _latest(editor: Editor, progress: dict) -> dict:
