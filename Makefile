@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/alphaedit demo
 
+# One pytest worker per core: a third of the suite is killed-and-restarted subprocesses, which
+# spend their time starting Python, not computing; worksteal balances the few long tests.
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -13,12 +13,25 @@ from alphaedit.layouts import detect_layout
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw"
 EOS, BOS = "<|endoftext|>", "<s>"
-KILL_POINTS: dict[str, int] = {}  # command -> commit points a fault-injection test killed it at (tests/test_faults.py)
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the
+    cores: two workers with two threads each on two cores would slow every torch call."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_terminal_summary(terminalreporter):
-    for command, count in KILL_POINTS.items():
-        terminalreporter.write_line(f"fault injection: `alphaedit {command}` killed with SIGKILL at {count} of its commit points, and resumed")
+    """What the fault-injection tests covered: each records ("kill_points", (command, count)) with
+    record_property, which reaches this summary from pytest-xdist's workers too."""
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "kill_points":
+                command, count = value
+                terminalreporter.write_line(f"fault injection: `alphaedit {command}` killed with SIGKILL at {count} of its commit points, and resumed")
+
 EXTRA_TRAINING_TEXT = [
     "The Eiffel Tower is located in the city of Paris.",
     "Danielle Darrieux's mother tongue is French.",

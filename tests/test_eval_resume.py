@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KILL_POINTS, WIKITEXT
+from conftest import WIKITEXT
 from test_faults import _commit_points, _run
 
 DATA = WIKITEXT.parent
@@ -24,7 +24,7 @@ def _command(model: Path, out: Path) -> list[str]:
             "--general-every", "2", "--general-tests", "4", "--general-tasks", "sst2,rte", "--out", str(out), "--json"]
 
 
-def test_eval_killed_at_its_commit_points_resumes_to_the_uninterrupted_numbers(tiny_model_folder, tmp_path):
+def test_eval_killed_at_its_commit_points_resumes_to_the_uninterrupted_numbers(tiny_model_folder, tmp_path, record_property):
     points = _commit_points(_command(tiny_model_folder, tmp_path / "reference"), tmp_path / "home-reference", tmp_path / "points.log")
     reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
     assert [p["edits"] for p in reference["general"]] == [0, 4, 6]  # before, every 2 batches, after the last
@@ -53,7 +53,7 @@ def test_eval_killed_at_its_commit_points_resumes_to_the_uninterrupted_numbers(t
             assert summary[key] == reference[key], f"{key} after a kill at point {k} ({points[k - 1]})"
         if batches_left:
             assert "edits · ETA" in resumed.stderr  # a progress line per batch: edits, ETA, latest metrics
-    KILL_POINTS["eval"] = len(targets)
+    record_property("kill_points", ("eval", len(targets)))
 
 
 def _cli(tiny_model_folder, home, *extra: str):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from alphaedit.editor import Editor
 from alphaedit.journal import INDEX, Journal
 from alphaedit.layouts import mlp_out_weight
-from conftest import KILL_POINTS, WIKITEXT
+from conftest import WIKITEXT
 
 REQUESTS = [
     {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English", "target_true": "French"},
@@ -48,7 +48,7 @@ def _weights(state: Path, model, tokenizer, layers=(1, 2)) -> dict[int, torch.Te
     return {l: mlp_out_weight(editor.model, editor.layout, l).detach().clone() for l in layers}
 
 
-def test_edit_killed_at_every_commit_point_resumes_to_the_uninterrupted_result(tiny_model_folder, llama, tokenizer, tmp_path):
+def test_edit_killed_at_every_commit_point_resumes_to_the_uninterrupted_result(tiny_model_folder, llama, tokenizer, tmp_path, record_property):
     model, _ = llama
     requests = tmp_path / "edits.jsonl"
     requests.write_text("\n".join(json.dumps(r) for r in REQUESTS))
@@ -77,10 +77,10 @@ def test_edit_killed_at_every_commit_point_resumes_to_the_uninterrupted_result(t
             torch.testing.assert_close(weight, reference[layer], rtol=0, atol=1e-6, msg=f"kill at point {k} ({points[k - 1]})")
         shutil.rmtree(state)
         shutil.rmtree(home)
-    KILL_POINTS["edit"] = len(points)
+    record_property("kill_points", ("edit", len(points)))
 
 
-def test_stats_killed_at_every_commit_point_resumes_to_the_uninterrupted_result(tiny_model_folder, tmp_path):
+def test_stats_killed_at_every_commit_point_resumes_to_the_uninterrupted_result(tiny_model_folder, tmp_path, record_property):
     def command(out: Path) -> list[str]:
         return ["stats", "--model", str(tiny_model_folder), "--corpus", str(WIKITEXT), "--tokens", "20000", "--layers", "1-2",
                 "--checkpoint-every", "5000", "--out", str(out), "--json"]
@@ -98,4 +98,4 @@ def test_stats_killed_at_every_commit_point_resumes_to_the_uninterrupted_result(
             assert torch.equal(load_file(str(out / f"layer{layer}.safetensors"))["moment"], moment), f"kill at point {k} ({points[k - 1]})"
         shutil.rmtree(out)
         shutil.rmtree(home)
-    KILL_POINTS["stats"] = len(points)
+    record_property("kill_points", ("stats", len(points)))

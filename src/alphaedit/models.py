@@ -55,7 +55,12 @@ def smollm2_folder() -> Path:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not (folder / "config.json").exists():
+                raise
+            # another process converted it first (two commands, or parallel tests, on first use): keep theirs
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
