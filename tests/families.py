@@ -28,6 +28,16 @@ FAMILIES = {
         ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False),
         64,
     ),
+    # Gemma-3: sliding-window layers and a norm on the MLP output before the residual add. The
+    # window is wider than the test prompts, as Gemma-3-270M's 512 tokens are wider than edit
+    # prompts (test_targets covers a narrower one).
+    "gemma3_text": (
+        {**_DECODER, "intermediate_size": 64, "head_dim": 16, "sliding_window": 64},
+        ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False),
+        64,
+    ),
+    # OLMo-2 normalises the attention and MLP outputs (no input norms at all).
+    "olmo2": (_DECODER, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
     "phi3": ({**_DECODER, "pad_token_id": 0}, ("model.layers", "mlp.down_proj", "model.norm", "lm_head", False), 48),
     "gpt2": (
         dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
@@ -46,6 +56,9 @@ FAMILIES = {
         48,
     ),
 }
+
+# The norm each block applies to its MLP output before the residual add (residual.py), by family.
+MLP_OUT_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm"}
 
 
 def build_family(model_type: str, vocab_size: int = VOCAB, **overrides) -> nn.Module:

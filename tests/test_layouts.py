@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from families import FAMILIES, VOCAB, build_family
+from families import FAMILIES, MLP_OUT_NORM, VOCAB, build_family
 
 from alphaedit.layouts import (
     Layout,
@@ -51,6 +51,16 @@ def test_detected_paths(family):
     assert (layout.num_layers, layout.hidden_size, layout.key_size) == (2, 32, key_size)
     assert layout.block(1) == f"{expected[0]}.1"
     assert layout.mlp_out_path(1) == f"{expected[0]}.1.{expected[1]}"
+
+
+def test_the_norm_on_the_mlp_output_is_found_where_the_family_has_one(family):
+    model_type, model, layout = family
+    assert layout.mlp_out_norm == MLP_OUT_NORM.get(model_type)
+    assert Layout.from_dict(layout.to_dict()) == layout
+    if layout.mlp_out_norm:
+        assert detect_layout(model, {"mlp_out_norm": "none"}).mlp_out_norm is None
+        with pytest.raises(UnsupportedModelError, match="mlp_out_norm='nowhere' is missing in block 0"):
+            detect_layout(model, {"mlp_out_norm": "nowhere"})
 
 
 def test_sizes_match_stored_weight(family):

@@ -194,6 +194,18 @@ def test_cached_prefix_equals_plain_passes_on_every_family(model_type, tokenizer
     assert cached.loss == pytest.approx(plain.loss, rel=1e-4, abs=1e-5)
 
 
+def test_a_sliding_window_narrower_than_the_rows_falls_back_to_plain_passes(tokenizer):
+    """Cached prefixes do not see a sliding window that cuts into the row: the per-batch check
+    notices (log-probabilities move), warns, and the z optimisation runs whole rows instead."""
+    model = build_family("gemma3_text", vocab_size=len(tokenizer), num_hidden_layers=3, sliding_window=4)
+    layout = detect_layout(model)
+    config = _config(layers=[0, 1], v_num_grad_steps=4)
+    with pytest.warns(UserWarning, match="runs full passes"):
+        fallback = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    plain = _z(model, layout, tokenizer, REQUESTS, dataclasses.replace(config, v_prefix_cache=False))
+    torch.testing.assert_close(fallback.z, plain.z, rtol=0, atol=0)
+
+
 def _single_token_word(tokenizer) -> str:
     words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2)
     return next(w for w in words if len(tokenizer(w)["input_ids"]) == 1)

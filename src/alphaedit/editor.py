@@ -5,6 +5,7 @@ One batch (ALGORITHM.md §1.10):
     Z = h0 + argmin δ  for every request at once               (targets.py)
     for idx, l in enumerate(layers):
         K = keys(l) on the current model;  R = (Z − z_current) / (layers left)
+        (R as W_out's output where the block normalises it before the residual add: residual.py)
         W_l += Δ = method's closed form(K, R, statistics of l)  (methods/, projected or not)
     the method's finish (RECT's mask) and restraint (PRUNE's) on the batch's updates
     C_p += K Kᵀ with keys recomputed on the edited model
@@ -34,6 +35,7 @@ from .methods import get_method
 from .persistence import Persistence
 from .progress import progress_bar
 from .requests import EditRequest, RequestError, check_conflicts
+from .residual import mlp_output_change
 from .teacher_forcing import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
@@ -246,7 +248,9 @@ class Editor(Persistence):
                 current = reader.read([layer], z_layer=config.z_layer, unchanged_below=layers[i - 1] if i else 0)
             keys[layer] = current.keys[layer]
             with clock("solve"):
-                resid = (z - current.z_current) / (len(layers) - i)
+                resid = (z - current.z_current) / (len(layers) - i)  # the residual stream's share of this layer
+                # what W_out must add for it, judged at the plain prompt, where z_current is read
+                resid = mlp_output_change(self.model, self.layout, layer, current.plain_keys[layer], resid)
                 device = self._device(layer)
                 if self.method.finish is not None:
                     weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)

@@ -30,6 +30,7 @@ from .requests import EditRequest
 @dataclass
 class KeyPass:
     keys: dict[int, torch.Tensor]  # layer -> [u, d0] float32
+    plain_keys: dict[int, torch.Tensor]  # layer -> [u, d0]: the plain prompt's key alone (template 0)
     z_current: torch.Tensor | None  # [u, d] block output at the z layer, plain prompt, float32
 
 
@@ -102,14 +103,15 @@ class KeyReader:
                 recorded.append(rec.outputs[record])
         self.recorded = (min(layers) - 1, recorded) if record else None
 
-        keys = {}
+        keys, plain = {}, {}
         for layer, chunks in collected.items():
             per_template = torch.cat(chunks)[self.restore].view(self.num_requests, self.num_templates, -1)
             keys[layer] = torch.einsum("utd,t->ud", per_template, template_weights(self.num_templates))
+            plain[layer] = per_template[:, 0]
         z_current = None
         if z_path:
             z_current = torch.cat(z_rows)[self.restore].view(self.num_requests, self.num_templates, -1)[:, 0]
-        return KeyPass(keys, z_current)
+        return KeyPass(keys, plain, z_current)
 
     def _blocks(self, last: int) -> list[torch.nn.Module]:
         return [get_module(self.model, self.layout.block(i)) for i in range(last + 1)]

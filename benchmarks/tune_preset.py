@@ -1,17 +1,19 @@
-"""Choose SmolLM2-135M's z optimisation settings by measurement, on a slice no reported number uses.
+"""Choose a model's z optimisation settings (its preset) by measurement, on a slice no reported number uses.
 
 For each candidate (v_lr, step cap, stopping rule) this edits two tuning slices in sequential
 batches, restoring the base weights in between: CounterFact records 1000.. of
 counterfact_test.json (mostly one-token targets) and the last records of the zsRE file
 (multi-token answers). It prints each slice's Eff / Gen / Spe (the evaluation's own metrics:
 CounterFact's NLL comparisons, zsRE's token accuracies), generative success, the mean z steps
-per request and the seconds per edit. The winner becomes the `smollm2-135m` preset in config.py.
+per request and the seconds per edit. The winner becomes the model's preset in config.py.
 
-    python benchmarks/tune_smollm2.py --records 20 --batch-size 10 \\
+    python benchmarks/tune_preset.py [--model gemma3-270m] --records 20 --batch-size 10 \\
         --candidates "1.0:10:loss,1.0:25:nll:0.05" [--json]
 
 A candidate is V_LR:STEPS:RULE[:THRESHOLD][:FIELD=VALUE...] with RULE `loss` (the authors' total-loss stop) or
-`nll` (stop once the target NLL is below THRESHOLD); `--layers` sets the edited block.
+`nll` (stop once the target NLL is below THRESHOLD); `--layers` sets the edited block;
+`mlp_out_norm=none` edits as if the blocks added the MLP output unnormalised (residual.py's
+mapping off, for comparison on Gemma).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from alphaedit.config import config_for_model
 from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset
 from alphaedit.eval.protocol import EvalSettings, Evaluator, summarise
+from alphaedit.layouts import detect_layout
 from alphaedit.models import load_model
 from alphaedit.stats import CorpusSpec
 
@@ -42,7 +45,9 @@ def parse_candidate(text: str) -> dict:
     lr, steps, rule, *rest = text.split(":")
     settings = {"v_lr": float(lr), "v_num_grad_steps": int(steps), "early_stop_rule": rule}
     for item in rest:
-        if "=" in item:  # any other EditConfig field, e.g. clamp_norm_factor=1.5
+        if item == "mlp_out_norm=none":
+            settings["mlp_out_norm"] = "none"
+        elif "=" in item:  # any other EditConfig field, e.g. clamp_norm_factor=1.5
             key, value = item.split("=", 1)
             settings[key] = float(value)
         else:
@@ -52,19 +57,24 @@ def parse_candidate(text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--records", type=int, default=20, help="records per slice")
     parser.add_argument("--cf-start", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=100_000)
-    parser.add_argument("--layers", default="3-7")
+    parser.add_argument("--layers", default=None, help="FIRST-LAST (default: the model's preset or default layers)")
     parser.add_argument("--candidates", default="1.0:10:loss,1.0:25:nll:0.05")
     parser.add_argument("--json", action="store_true", help="print only JSON (one line per candidate)")
     args = parser.parse_args()
 
-    first, last = map(int, args.layers.split("-"))
     slices = tuning_slices(args.records, args.cf_start)
     corpus = CorpusSpec(str(DATA / "wikitext2_raw" / "wiki.valid.raw"), tokens=args.tokens)
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(args.model)
+    if args.layers:
+        first, last = map(int, args.layers.split("-"))
+        layers = list(range(first, last + 1))
+    else:
+        layers = config_for_model(model.config).layers
     base = {k: v.clone() for k, v in model.state_dict().items()}
     evaluators = {name: Evaluator(model, tokenizer, records, EvalSettings()) for name, records in slices.items()}
     rows = [{"setting": "pre-edit", **{f"{name}.{m}": summarise(ev.scores())[m] for name, ev in evaluators.items() for m in METRICS}}]
@@ -73,8 +83,10 @@ def main() -> None:
         row = {"setting": candidate}
         for name, records in slices.items():
             model.load_state_dict(base)
-            config = config_for_model(model.config, layers=list(range(first, last + 1)), **settings)
-            editor = Editor(model, tokenizer, config, corpus=corpus, show_progress=False)
+            layout = detect_layout(model, {"mlp_out_norm": settings["mlp_out_norm"]}) if "mlp_out_norm" in settings else None
+            fields = {k: v for k, v in settings.items() if k != "mlp_out_norm"}
+            config = config_for_model(model.config, layers=layers, **fields)
+            editor = Editor(model, tokenizer, config, layout=layout, corpus=corpus, show_progress=False)
             editor.statistics()
             editor.context_templates()
             start = time.perf_counter()
