@@ -57,8 +57,8 @@ def unit_rms_target(scale: torch.Tensor, target: torch.Tensor, current: torch.Te
     floor = float(torch.where(dead, torch.full_like(g2, float("inf")), g2).min())
     lo = torch.full_like(budget, -floor)  # v blows up as λ → −min g²: the excess is positive near it
     hi = torch.full_like(budget, max(float(g2.max()), 1.0))
-    while bool((excess(hi) > 0).any()):  # widen until every row's root is bracketed
-        hi = torch.where(excess(hi) > 0, hi * 4, hi)
+    while bool((unbracketed := excess(hi) > 0).any()):  # widen until every row's root is bracketed
+        hi = torch.where(unbracketed, hi * 4, hi)
     for _ in range(iterations):
         mid = (lo + hi) / 2
         above = excess(mid) > 0

@@ -24,7 +24,7 @@ import torch
 
 from .. import generate, prompts, teacher_forcing
 from ..files import alphaedit_home, atomic_write_text, content_digest
-from ..stats.cache import config_digest, tokenizer_digest
+from ..stats.cache import config_digest, tensors_digest, tokenizer_digest
 from . import consistency, general as general_module, metrics, scoring
 
 FORMAT = "1"
@@ -32,17 +32,15 @@ SCORING_MODULES = (scoring, metrics, general_module, consistency, teacher_forcin
 
 
 def model_digest(model: torch.nn.Module) -> str:
-    """Every parameter and buffer, by name, dtype, shape and bytes (tied weights counted once)."""
-    digest = hashlib.sha256(config_digest(model).encode())
+    """The config, then every parameter and buffer, by name, dtype, shape and bytes (a tied weight
+    counted once, under its first name)."""
+    unique: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            unique[name] = tensor
+    return tensors_digest(unique, hashlib.sha256(config_digest(model).encode()))
 
 
 def _file_or_name(value: str | None) -> str | None:

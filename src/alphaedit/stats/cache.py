@@ -26,8 +26,9 @@ FORMAT_VERSION = "1"
 CHECKSUM = "tensors_sha256"
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
+def tensors_digest(tensors: dict[str, torch.Tensor], digest: "hashlib._Hash | None" = None) -> str:
+    """sha256 of the tensors by name, dtype, shape and bytes, in name order; continues `digest` when given."""
+    digest = digest or hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
