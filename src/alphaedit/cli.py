@@ -164,6 +164,7 @@ def edit(
     max_length: MaxLengthOption = None,
     seed: SeedOption = None,
     sampling: SamplingOption = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (a new state; a continued state keeps its own).")] = True,
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="Apply requests that the state already holds again (by default they are skipped, e.g. after a killed run).")] = False,
     max_prompt_tokens: MaxPromptOption = 256,
     layers: LayersOption = None,
@@ -214,6 +215,7 @@ def edit(
     else:
         config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                               project, method_option)
+        config.chat = chat
         editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed, sampling), spec)
     editor.max_prompt_tokens = max_prompt_tokens
     started = time.perf_counter()
@@ -724,6 +726,10 @@ def evaluate(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Chat-aware editing: give each edit request a question (CounterFact: its relation's question form; zsRE: its prompt) so that the fact is also written in the tokenizer's chat template.")] = False,
+    chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
+    chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
+    chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
     pre_cache: Annotated[bool, typer.Option("--pre-cache/--no-pre-cache", help="Reuse the unedited model's evaluation when an earlier run computed the same one (same model, records, settings and scoring code; kept under $ALPHAEDIT_HOME/pre-eval).")] = True,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
     as_json: JsonOption = False,
@@ -753,7 +759,7 @@ def evaluate(
 
 
 def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
-    from .eval.datasets import load_dataset, select
+    from .eval.datasets import load_dataset, select, with_questions
     from .eval.general import TASKS, GeneralCheck, load_task_records
     from .eval.pre_cache import PreEvalCache
     from .eval.protocol import EvalSettings, Evaluator, run_protocol
@@ -766,6 +772,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         records = select(load_dataset(a["dataset"], skipped), a["n"], a["select_seed"])
     except (ValueError, RequestError) as e:
         _fail(str(e))
+    if a.get("chat"):  # run.json of a run begun before these options: neither
+        records = with_questions(records)
     tasks = [t.strip() for t in a["general_tasks"].split(",")] if a["general_tasks"] else list(TASKS)
     if a["general"] is None and (a["general_every"] or a["general_tasks"]):
         _fail("--general-every and --general-tasks need --general DIR (the folder of the six tasks' .jsonl files)")
@@ -797,11 +805,13 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     else:
         config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
                               a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"])
+        config.chat = bool(a.get("chat"))  # the records carry questions only with --chat
         editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
                              show_progress=False)
     settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
                             perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
-                            consistency=consistency)
+                            consistency=consistency, chat_eval=bool(a.get("chat_eval")), chat_max_tokens=a.get("chat_max_tokens", 32),
+                            chat_neighbours=a.get("chat_neighbours", 4) or None)
     evaluator = Evaluator(lm, tokenizer, records, settings)
     general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
@@ -813,6 +823,9 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         except (ValueError, RequestError) as e:
             _fail(str(e))
     result.notes += _eval_notes(records, settings)
+    if editor.config.chat and any(r.request.question is not None for r in records):
+        result.notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
+                            "were also written in the chat template, each as a column of its own")
     if skipped:
         result.notes.append(f"{len(skipped)} dataset records left out: they do not make valid edit requests (first: {skipped[0]})")
     if general is not None:
@@ -824,7 +837,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor,
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": bool(a.get("chat")), "chat_eval": bool(a.get("chat_eval")),
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)
@@ -883,6 +896,11 @@ def _eval_notes(records, settings) -> list[str]:
         notes.append(f"fluency/consistency on every {settings.generation_every}th record only")
     if records and records[0].kind == "zsre":
         notes.append("zsRE metrics are teacher-forced token accuracies; specificity is against the gold answer")
+    if settings.chat_eval:
+        asked = sum(r.chat is not None for r in records)
+        notes.append(f"chat_success / chat_paraphrase / chat_locality: free greedy answers (chat template where the model has one, "
+                     f"at most {settings.chat_max_tokens} tokens, ending at the end of the turn) to questions about {asked} of "
+                     f"{len(records)} records; an answer counts when it states the new object (locality: the neighbour's own)")
     return notes
 
 

@@ -58,6 +58,10 @@ class EditConfig:
     l2_alpha: float = 10.0  # AlphaEdit's α (hparams "L2")
     mom2_update_weight: float = 15000.0  # MEMIT's λ
     solve_dtype: str = "float32"  # "float64" for extra stability
+    # chat-aware editing (not in the paper): a request that carries a question is also written in
+    # the tokenizer's chat template (question as the user's turn, target_new as the answer), as a
+    # column of its own with its own z, when the tokenizer has a chat template
+    chat: bool = True
     # context templates, §1.2
     context_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .hooks import replay_blocks, run_forward, trace
 from .layouts import Layout, get_module
-from .prompts import PromptBatch, batch_rows, encode, fill
+from .prompts import PromptBatch, batch_rows, encode, fill, templates_for
 from .requests import EditRequest
 
 
@@ -43,8 +43,16 @@ def template_weights(num_templates: int) -> torch.Tensor:
 
 
 def _rows_for(requests: Sequence[EditRequest], templates: Sequence[str]) -> list:
-    # Row order: request-major, template-minor, so row i*T + j is request i under template j.
-    return [fill(t, r) for r in requests for t in templates]
+    # Row order: request-major, template-minor; each request's plain prompt first.
+    return [fill(t, r) for r in requests for t in templates_for(r, templates)]
+
+
+def _average(per_row: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """[rows, d] request-major rows -> [u, d] template-weighted averages."""
+    if len(set(counts)) == 1:  # every request under every template: one einsum
+        per_template = per_row.view(len(counts), counts[0], -1)
+        return torch.einsum("utd,t->ud", per_template, template_weights(counts[0]))
+    return torch.stack([template_weights(n) @ rows for rows, n in zip(per_row.split(counts), counts)])
 
 
 def _gather(values: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
@@ -65,7 +73,7 @@ class KeyReader:
         rows_per_pass: int = 64,
     ):
         self.model, self.layout = model, layout
-        self.num_requests, self.num_templates = len(requests), len(templates)
+        self.counts = [len(templates_for(r, templates)) for r in requests]  # rows per request
         encoded = [encode(tokenizer, prompt) for prompt in _rows_for(requests, templates)]
         rows = [ids[: lookup + 1] for ids, lookup in encoded]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -104,13 +112,11 @@ class KeyReader:
         self.recorded = (min(layers) - 1, recorded) if record else None
 
         keys, plain = {}, {}
+        first = torch.tensor([0, *self.counts[:-1]]).cumsum(0)  # each request's plain row
         for layer, chunks in collected.items():
-            per_template = torch.cat(chunks)[self.restore].view(self.num_requests, self.num_templates, -1)
-            keys[layer] = torch.einsum("utd,t->ud", per_template, template_weights(self.num_templates))
-            plain[layer] = per_template[:, 0]
-        z_current = None
-        if z_path:
-            z_current = torch.cat(z_rows)[self.restore].view(self.num_requests, self.num_templates, -1)[:, 0]
+            per_row = torch.cat(chunks)[self.restore]
+            keys[layer], plain[layer] = _average(per_row, self.counts), per_row[first]
+        z_current = torch.cat(z_rows)[self.restore][first] if z_path else None
         return KeyPass(keys, plain, z_current)
 
     def _blocks(self, last: int) -> list[torch.nn.Module]:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .requests import EditRequest
+from .requests import EditRequest, RequestError
 
 PLAIN_TEMPLATE = "{}"
+_SUBJECT_MARK = "\ue000"  # a private-use character: stands for the subject while the chat template renders
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,39 @@ def fill(template: str, request: EditRequest) -> FilledPrompt:
     prompt = template[:slot] + request.prompt + template[slot + 2 :]
     at = prompt.index(PLAIN_TEMPLATE)
     return FilledPrompt(prompt[:at] + request.subject + prompt[at + 2 :], at + len(request.subject))
+
+
+def templates_for(request: EditRequest, templates: Sequence[str]) -> list[str]:
+    """The context templates a request's prompt is read under: a chat turn is already a whole
+    context (a system prompt may open it), so only the plain one."""
+    return [PLAIN_TEMPLATE] if request.chat_turn else list(templates)
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The text a chat model sees before answering `question`: the chat template's rendering of
+    one user turn and the assistant's header, without a BOS token the tokenizer adds itself."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and bos_prefix(tokenizer) and text.startswith(bos):
+        text = text[len(bos) :]  # encode() puts the tokenizer's own BOS back
+    return text
+
+
+def chat_form(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> EditRequest:
+    """`request` asked in the tokenizer's chat template: its question as the user's turn, its
+    new object as the start of the answer. The editor writes this form beside the plain one
+    (EditConfig.chat), so that the edit holds when the model is asked in conversation."""
+    if request.question is None:
+        raise ValueError("chat_form needs a request with a question")
+    text = chat_prompt(tokenizer, request.question.replace(PLAIN_TEMPLATE, _SUBJECT_MARK, 1))
+    if text.count(_SUBJECT_MARK) != 1 or PLAIN_TEMPLATE in text:
+        raise RequestError(f"the chat template of this tokenizer does not keep the question {request.question!r} intact")
+    return EditRequest(text.replace(_SUBJECT_MARK, PLAIN_TEMPLATE), request.subject, request.target_new.strip(),
+                       request.target_true, request.case_id, chat_turn=True)
 
 
 def kl_prompt(request: EditRequest) -> FilledPrompt:
@@ -89,9 +123,10 @@ def batch_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], lo
     return PromptBatch(ids, mask, torch.tensor(list(lookup), dtype=torch.long))
 
 
-def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """The new object's tokens, always with a leading space and without BOS (ALGORITHM.md §1.4)."""
-    text = target if target.startswith(" ") else " " + target
+def target_ids(tokenizer: PreTrainedTokenizerBase, target: str, leading_space: bool = True) -> list[int]:
+    """The new object's tokens, with a leading space (ALGORITHM.md §1.4; not after a chat turn's
+    header, where an answer starts a line) and without BOS."""
+    text = target.strip() if not leading_space else target if target.startswith(" ") else " " + target
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")

@@ -34,6 +34,11 @@ Also accepted: MEND zsRE records (``subject``, ``src``, ``alt``,
 ``alt`` the new target and ``answers[0]`` the true one (without ``alt``,
 ``answers[0]`` is the new target, as in ROME's zsRE loader).
 
+Any format may add ``question``: the fact asked as a question about the subject
+(``"What is the mother tongue of {}?"``, ``{}`` or the subject written literally).
+With it, the edit is also written in the tokenizer's chat template, the question as
+the user's turn and ``target_new`` as the start of the answer (``EditConfig.chat``).
+
 A true target that is empty or the placeholder ``"<|endoftext|>"`` (ROME
 writes it when the true answer is unknown) is stored as ``None``.
 
@@ -47,6 +52,7 @@ pass ``allow_conflicts=True`` and call :func:`check_conflicts` per batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -80,11 +86,22 @@ class EditRequest:
     target_new: str
     target_true: str | None = None
     case_id: int | str | None = None
+    question: str | None = None  # the fact as a question, '{}' where the subject goes (chat-aware editing)
+    # Set only on the chat form the editor derives from a request with a question (prompts.chat_form):
+    # the prompt is a rendered chat turn, so no context template goes in front of it and the answer
+    # follows the assistant's header without a leading space.
+    chat_turn: bool = False
 
     def __post_init__(self) -> None:
         # Built directly (not parsed), a request must still be usable: one slot for the subject.
         if self.prompt.count(PLACEHOLDER) != 1:
             raise RequestError(f"EditRequest prompt {self.prompt!r} must contain exactly one '{{}}' where the subject goes")
+        if self.question is not None and self.question.count(PLACEHOLDER) != 1:
+            raise RequestError(f"EditRequest question {self.question!r} must contain exactly one '{{}}' where the subject goes")
+
+    def question_text(self) -> str | None:
+        """The question with the subject filled in."""
+        return None if self.question is None else self.question.replace(PLACEHOLDER, self.subject, 1)
 
     def text(self) -> str:
         """The prompt with the subject filled in."""
@@ -102,6 +119,8 @@ class EditRequest:
             record["target_true"] = {"str": self.target_true}
         if self.case_id is not None:
             record["case_id"] = self.case_id
+        if self.question is not None:
+            record["question"] = self.question
         return record
 
 
@@ -149,14 +168,18 @@ class _Raw:
     target_new: tuple[str, object]
     target_true: tuple[str, object]
     case_id: tuple[str, object]
+    question: tuple[str, object] = ("question", None)
 
 
 def _extract(record: Mapping, where: _Where) -> _Raw:
     """Pick the fields of whichever format ``record`` is in."""
     if "requested_rewrite" in record:
-        return _extract_counterfact(record, where)
+        raw = _extract_counterfact(record, where)
+        inner = record["requested_rewrite"].get("question")  # MQuAKE's rewrites carry one
+        field = ("requested_rewrite.question", inner) if inner is not None else ("question", record.get("question"))
+        return dataclasses.replace(raw, question=field)
     if "src" in record and "prompt" not in record:
-        return _extract_zsre(record)
+        return dataclasses.replace(_extract_zsre(record), question=("question", record.get("question")))
     true_key = "target_true" if "target_true" in record else "ground_truth"
     return _Raw(
         prompt=("prompt", record.get("prompt", _MISSING)),
@@ -164,6 +187,7 @@ def _extract(record: Mapping, where: _Where) -> _Raw:
         target_new=("target_new", record.get("target_new", _MISSING)),
         target_true=(true_key, record.get(true_key)),
         case_id=("case_id", record.get("case_id")),
+        question=("question", record.get("question")),
     )
 
 
@@ -235,6 +259,22 @@ def _prompt(raw: _Raw, subject: str, where: _Where) -> str:
     )
 
 
+def _question(raw: _Raw, subject: str, where: _Where) -> str | None:
+    field, value = raw.question
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _error(where, field, f"must be a non-empty string, got {_describe(value)}",
+                     'ask the fact as a question about the subject, e.g. "What is the capital of {}?", or leave it out')
+    count = value.count(PLACEHOLDER)
+    if count == 1:
+        return value
+    if count == 0 and subject in value:
+        return value.replace(subject, PLACEHOLDER, 1)
+    raise _error(where, field, f"has {count} '{{}}' and " + ("does not contain" if count == 0 else "so no single place for")
+                 + f" the subject {subject!r}", "put one '{}' where the subject goes, or write the subject literally in the question")
+
+
 def _target_text(field: str, value: object, where: _Where, allow_list: bool) -> tuple[str, str | None]:
     """Unwrap ``{"str": ...}`` / ``[...]`` to the string inside (None for an empty list)."""
     if isinstance(value, Mapping):
@@ -302,6 +342,7 @@ def _parse_record(record: object, where: _Where) -> EditRequest:
         target_new=target_new,
         target_true=target_true,
         case_id=_case_id(raw, where),
+        question=_question(raw, subject, where),
     )
 
 

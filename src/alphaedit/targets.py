@@ -44,13 +44,14 @@ from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
 from .passes import Pass, Row, RowCache, plan_passes, prefix_cache_gap
-from .prompts import encode, fill, kl_prompt, target_ids
+from .prompts import encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
 
 
 @dataclass
 class TargetRows:
-    """The rows of one request: len(templates) rewriting prompts followed by the KL prompt."""
+    """The rows of one request: one rewriting prompt per context template (the plain one first),
+    then the KL prompt."""
 
     ids: list[list[int]]
     lookup: list[int]
@@ -68,9 +69,9 @@ class TargetResult:
 
 
 def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str]) -> TargetRows:
-    target = target_ids(tokenizer, request.target_new)
+    target = target_ids(tokenizer, request.target_new, leading_space=not request.chat_turn)
     ids, lookup, starts = [], [], []
-    for template in templates:
+    for template in templates_for(request, templates):
         prompt_ids, idx = encode(tokenizer, fill(template, request))
         ids.append(prompt_ids + target[:-1])  # teacher forcing: the last target token is only predicted
         lookup.append(idx)

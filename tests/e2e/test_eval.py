@@ -43,3 +43,26 @@ def test_eval_writes_the_report_files(isolated_home, tmp_path):
     assert "| pre-edit |" in table and "| alphaedit |" in table and "idf" in table
     for plot in ("metrics_vs_edits.png", "weight_norms.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, tmp_path):
+    """--chat writes each edit in SmolLM2's chat template too; --chat-eval asks the questions and
+    reads the free answers, which end at the end of the turn."""
+    out = tmp_path / "chat"
+    result = CliRunner().invoke(app, [
+        "eval", "--dataset", f"counterfact:{COUNTERFACT}", "--n", "2", "--batch-size", "2", "--steps", "8",
+        "--corpus", str(WIKITEXT / "wiki.valid.raw"), "--tokens", "20000", "--chat", "--chat-eval",
+        "--chat-neighbours", "2", "--chat-max-tokens", "16", "--out", str(out), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for block in ("pre", "post"):
+        for metric in ("chat_success", "chat_paraphrase", "chat_locality"):
+            assert 0 <= summary[block][metric] <= 100, (block, metric)
+    assert summary["pre"]["chat_success"] == 0  # nobody answers "Antarctica" for Angola unedited
+    assert summary["chat"] and summary["chat_eval"]
+    assert any("chat-aware editing" in note and "2 requests" in note for note in summary["notes"])
+    assert "chat_success" in (out / "summary.md").read_text()
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    answers = [r[block]["chat_answer"] for r in records for block in ("pre", "post")]
+    assert all(a and "<|im_end|>" not in a and "<|im_start|>" not in a for a in answers), answers

@@ -11,6 +11,7 @@ zsRE in MEND's format (`src`, `answers`, `rephrase`, `loc`, `loc_ans`), KnowEdit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from ..files import alphaedit_home, atomic_write_text
 from ..requests import EditRequest, RequestError, parse_requests
+from .questions import ChatProbes, counterfact_probes, relation_question
 
 KINDS = ("counterfact", "zsre")
 DATA_URL = "https://memit.baulab.info/data/dsets"
@@ -43,6 +45,7 @@ class EvalRecord:
     # CounterFact: where ROME's attribute_snippets.json keeps this record's references (consistency.py)
     relation_id: str | None = None
     target_new_id: str | None = None
+    chat: ChatProbes | None = None  # the generation-based evaluation's questions (questions.py)
 
 
 def _cf_rome(rec: dict, request: EditRequest) -> EvalRecord:
@@ -76,6 +79,7 @@ def _cf_flat(rec: dict, request: EditRequest) -> EvalRecord:
 def _zsre_mend(rec: dict, index: int) -> EvalRecord:
     # ROME/MEMIT's zsRE loader (ALGORITHM.md §3.4): the new target is answers[0].
     request = EditRequest(rec["src"].replace(rec["subject"], "{}", 1), rec["subject"], rec["answers"][0], None, index)
+    loc = rec["loc"].removeprefix("nq question:").strip()
     return EvalRecord(
         "zsre",
         index,
@@ -83,6 +87,8 @@ def _zsre_mend(rec: dict, index: int) -> EvalRecord:
         paraphrases=[rec["rephrase"]],
         neighbourhood=[rec["loc"] + "?"],
         neighbourhood_answers=[rec["loc_ans"]],
+        # zsRE's prompts are questions already; its neighbour is a Natural Questions question
+        chat=ChatProbes(rec["src"], [rec["rephrase"]], [loc[:1].upper() + loc[1:] + "?"], [rec["loc_ans"]]),
     )
 
 
@@ -157,10 +163,35 @@ def load_dataset(spec: str, skipped: list[str] | None = None) -> list[EvalRecord
         return [_zsre_mend(rec, i) for i, rec in enumerate(raw)]
     raw, requests = _valid_records(raw, str(file), skipped)
     if "requested_rewrite" in first:
-        return [_cf_rome(rec, req) for rec, req in zip(raw, requests)]
+        return _with_chat_probes([_cf_rome(rec, req) for rec, req in zip(raw, requests)])
     if "locality" in first or "portability" in first:
         return [_knowedit(rec, req, i) for i, (rec, req) in enumerate(zip(raw, requests))]
     return [_cf_flat(rec, req) for rec, req in zip(raw, requests)]
+
+
+def _with_chat_probes(records: list[EvalRecord]) -> list[EvalRecord]:
+    """CounterFact: each record's questions, the neighbours' subjects found with the cloze
+    templates of all the file's records of the same relation."""
+    templates: dict[str | None, set[str]] = {}
+    for rec in records:
+        templates.setdefault(rec.relation_id, set()).add(rec.request.prompt)
+    for rec in records:
+        rec.chat = counterfact_probes(rec.relation_id, rec.request.subject, rec.neighbourhood, rec.request.target_true,
+                                      templates[rec.relation_id])
+    return records
+
+
+def with_questions(records: list[EvalRecord]) -> list[EvalRecord]:
+    """The records with a question on each edit request, so that chat-aware editing writes the
+    fact in the chat form too (`alphaedit eval --chat`): a CounterFact relation's first question
+    form; zsRE's prompt, which is a question already. Records without one are left as they are."""
+    out = []
+    for rec in records:
+        question = rec.request.question
+        if question is None:
+            question = relation_question(rec.relation_id) if rec.kind == "counterfact" else rec.request.prompt
+        out.append(dataclasses.replace(rec, request=dataclasses.replace(rec.request, question=question)) if question else rec)
+    return out
 
 
 def select(records: list[EvalRecord], n: int, seed: int | None) -> list[EvalRecord]:

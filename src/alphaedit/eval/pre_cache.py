@@ -25,10 +25,10 @@ import torch
 from .. import generate, prompts, teacher_forcing
 from ..files import alphaedit_home, atomic_write_text, content_digest
 from ..stats.cache import config_digest, tensors_digest, tokenizer_digest
-from . import consistency, general as general_module, metrics, scoring
+from . import consistency, general as general_module, metrics, questions, scoring
 
 FORMAT = "1"
-SCORING_MODULES = (scoring, metrics, general_module, consistency, teacher_forcing, generate, prompts)
+SCORING_MODULES = (scoring, metrics, general_module, consistency, questions, teacher_forcing, generate, prompts)
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -56,7 +56,8 @@ def pre_eval_key(evaluator, general) -> dict:
     settings = asdict(evaluator.settings)
     for name in ("perplexity_corpus", "idf_corpus", "consistency"):
         settings[name] = _file_or_name(settings[name])
-    records = [{**asdict(r), "request": r.request.to_dict()} for r in evaluator.records]
+    # a request's question only steers chat-aware editing, not what the unedited model scores
+    records = [{**asdict(r), "request": {k: v for k, v in r.request.to_dict().items() if k != "question"}} for r in evaluator.records]
     code = hashlib.sha256("".join(Path(m.__file__).read_text(encoding="utf-8") for m in SCORING_MODULES).encode())
     description = {
         "format": FORMAT,

@@ -35,9 +35,10 @@ from .consistency import load_rome
 from .general import GeneralCheck, mean_f1
 from .metrics import TfIdf, mean
 from .pre_cache import PreEvalCache, pre_eval_key
-from .scoring import counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
+from .scoring import chat_scores, counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
 
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
+CHAT_METRICS = ("chat_success", "chat_paraphrase", "chat_locality")  # generation-based (scoring.chat_scores)
 EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc")  # EasyEdit's token accuracies, under EasyEdit's names
 
 
@@ -49,6 +50,9 @@ class EvalSettings:
     perplexity_tokens: int = 4096
     idf_corpus: str | None = None  # text the local stand-in's TF-IDF idf is built from
     consistency: str = "local"  # or "rome" / "rome:DIR": ROME's idf and attribute snippets (consistency.py)
+    chat_eval: bool = False  # the generation-based evaluation: free answers to questions (scoring.chat_scores)
+    chat_max_tokens: int = 32
+    chat_neighbours: int | None = 4  # neighbour questions per record (None: all)
 
 
 @dataclass
@@ -86,7 +90,12 @@ class Evaluator:
         kind = self.records[0].kind
         per_record = (counterfact_scores if kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, self.records)
         success = generative_success(self.model, self.tokenizer, self.records)
-        return [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
+        rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
+        if self.settings.chat_eval:
+            for row, chat in zip(rows, chat_scores(self.model, self.tokenizer, self.records, self.settings.chat_max_tokens,
+                                                    self.settings.chat_neighbours)):
+                row.update(chat)
+        return rows
 
     def evaluate(self, with_generation: bool = True) -> Evaluation:
         per_record = self.scores()
@@ -108,7 +117,7 @@ class Evaluator:
 def summarise(per_record: list[dict]) -> dict[str, float | None]:
     """Means over records, ×100 as the paper reports (fluency too: ≈600 for fluent text)."""
     summary: dict[str, float | None] = {}
-    for metric in (*SUCCESS_METRICS, "fluency", "consistency", *EASYEDIT_METRICS):
+    for metric in (*SUCCESS_METRICS, "fluency", "consistency", *EASYEDIT_METRICS, *CHAT_METRICS):
         value = mean(r[metric] for r in per_record if r.get(metric) is not None)
         summary[metric] = None if value is None else 100 * value
     return summary

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..files import atomic_write_text
 from ..plots import figure
 from .general import mean_f1
-from .protocol import SUCCESS_METRICS, ProtocolResult
+from .protocol import CHAT_METRICS, SUCCESS_METRICS, ProtocolResult
 
 TABLE_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "generative_success", "perplexity")
 
@@ -51,9 +51,11 @@ def _cell(value: float | None) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    head = f"| | {' | '.join(TABLE_METRICS)} |\n|---|{'---|' * len(TABLE_METRICS)}\n"
+    # the generation-based metrics when the run measured them (--chat-eval)
+    metrics = TABLE_METRICS + tuple(m for m in CHAT_METRICS if summary["post"].get(m) is not None)
+    head = f"| | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
     rows = "".join(
-        f"| {label} | {' | '.join(_cell(summary[block].get(m)) for m in TABLE_METRICS)} |\n"
+        f"| {label} | {' | '.join(_cell(summary[block].get(m)) for m in metrics)} |\n"
         for label, block in (("pre-edit", "pre"), (summary.get("method_label") or summary.get("method", "post-edit"), "post"))
     )
     setting = (

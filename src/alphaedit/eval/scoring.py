@@ -9,10 +9,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..generate import TOP5, generate_rows, greedy_completions, prompt_ids, seeded
-from ..prompts import target_ids
+from ..prompts import chat_prompt, has_chat_template, target_ids
 from ..teacher_forcing import continuation_accuracy, teacher_forced
 from .datasets import EvalRecord
 from .metrics import TfIdf, mean, ngram_entropy, perplexity
+from .questions import states
 
 
 ROLES = ("rewrite", "paraphrase", "neighbourhood")
@@ -87,6 +88,61 @@ def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[
     lengths = max(len(target_ids(tokenizer, r.request.target_new)) for r in records)
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=lengths + 1)
     return [c.strip().startswith(r.request.target_new.strip()) for c, r in zip(completions, records)]
+
+
+def _end_of_turn_ids(model, tokenizer) -> set[int]:
+    """Tokens that end an answer: the model's end-of-sequence ids and its chat end-of-turn marker."""
+    ids = model.generation_config.eos_token_id
+    ends = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ends.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ends.update(vocab[m] for m in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>") if m in vocab)
+    return ends
+
+
+def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """The model's greedy answer to each question, asked as a user would ask it: in the chat
+    template when the tokenizer has one (the answer ends at the end of the turn), else as
+    "Question: ...\nAnswer:" (the answer ends at the line's end). No cut at any target's length."""
+    chat = has_chat_template(tokenizer)
+    rows = [prompt_ids(tokenizer, chat_prompt(tokenizer, q) if chat else f"Question: {q}\nAnswer:") for q in questions]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    new = generate_rows(model, tokenizer, [rows[i] for i in order], max_new_tokens, rows_per_pass=64)
+    ends = _end_of_turn_ids(model, tokenizer)
+    answers = [""] * len(rows)
+    for i, tokens in zip(order, new):
+        cut = next((k for k, t in enumerate(tokens) if t in ends), len(tokens))
+        text = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+        answers[i] = text if chat else text.split("\n")[0]
+    return answers
+
+
+def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens: int = 32, neighbours: int | None = 4) -> list[dict]:
+    """Generation-based success per record (questions.py): does the free answer to the edited
+    fact's question state the new object (chat_success), do the answers to its paraphrased
+    questions (chat_paraphrase), and do the neighbours' answers still state their own object
+    (chat_locality; the first `neighbours` of each record, all with None)? Records without
+    questions get no value. Free answers cost a decoding step per token: ~12 questions a record
+    with every CounterFact neighbour, 6 with four."""
+    asked = []  # (record index, role, question, object the answer should state)
+    for i, rec in enumerate(records):
+        if rec.chat is None:
+            continue
+        new = rec.request.target_new
+        asked.append((i, "chat_success", rec.chat.question, new))
+        asked += [(i, "chat_paraphrase", q, new) for q in rec.chat.paraphrases]
+        asked += [(i, "chat_locality", q, a) for q, a in list(zip(rec.chat.neighbours, rec.chat.neighbour_answers))[:neighbours]]
+    answers = chat_answers(model, tokenizer, [a[2] for a in asked], max_new_tokens) if asked else []
+    hits: list[dict[str, list[float]]] = [{} for _ in records]
+    out: list[dict] = [{} for _ in records]
+    for (i, role, _, obj), answer in zip(asked, answers):
+        hits[i].setdefault(role, []).append(float(states(answer, obj)))
+        if role == "chat_success":
+            out[i]["chat_answer"] = answer
+    for row, h in zip(out, hits):
+        row.update({role: mean(values) for role, values in h.items()})
+    return out
 
 
 def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100, seed: int = 0) -> list[str]:
