@@ -905,6 +905,51 @@ def _eval_notes(records, settings) -> list[str]:
 
 
 @app.command()
+def multihop(
+    dataset: Annotated[Path, typer.Option(help="MQuAKE records (e.g. ../shared/data/mquake/AKEW_MQuAKE-CF.json).")],
+    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Cases to evaluate (default: all); each is edited alone and reverted.")] = None,
+    model: ModelOption = "smollm2-135m",
+    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = "alphaedit",
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each rewrite also in the chat template, with its MQuAKE question.")] = False,
+    corpus: CorpusOption = "self",
+    tokens: TokensOption = 20_000,
+    layers: LayersOption = None,
+    steps: StepsOption = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer.")] = 32,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the report (summary and every case's answers) to this JSON file.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Portability (MQuAKE): edit each case's single-hop facts, ask its multi-hop questions freely, revert."""
+    from .eval.multihop import load_mquake, run_multihop
+    from .files import atomic_write_text
+
+    try:
+        cases = load_mquake(dataset, n)
+    except (OSError, ValueError, RequestError) as e:
+        _fail(f"--dataset {dataset}: {e}")
+    lm, tokenizer = _load(model)
+    config = _edit_config(lm, method, layers, steps, None, True, None, None)
+    config.chat = chat
+    editor = _new_editor(lm, tokenizer, config, None, _corpus_spec(corpus, tokens, None, None), model, show_progress=False)
+    editor.statistics()
+    with progress_bar("multihop (cases)", total=len(cases), enabled=not as_json) as advance:
+        report = run_multihop(editor, cases, max_tokens, on_case=lambda _: advance(1))
+    report = {"model": model, "dataset": str(dataset), "n": len(cases), "method": _method_label(config), "chat": chat, **report}
+    if out_file is not None:
+        atomic_write_text(out_file, json.dumps(report, indent=1))
+    if as_json:
+        out.print_json(json.dumps({k: v for k, v in report.items() if k != "cases"}))
+        return
+    table = Table(title=f"MQuAKE portability, {len(cases)} cases, {report['method']}" + (" + chat-aware" if chat else ""))
+    for column in ("", "multi-hop, new answer", "multi-hop, old answer", "edited facts answered"):
+        table.add_column(column, justify="right")
+    for block in ("pre", "post"):
+        s = report[block]
+        table.add_row("pre-edit" if block == "pre" else "after each case's edits", *(f"{s[m]:.1f}" for m in ("multihop", "multihop_old", "edited")))
+    out.print(table)
+
+
+@app.command()
 def demo(
     tokens: Annotated[int, typer.Option(min=1, help="Tokens sampled from the model for its statistics (sampling runs at ~100 tokens/s on 2 CPU cores).")] = 8_000,
     as_json: JsonOption = False,
