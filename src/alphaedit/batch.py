@@ -33,6 +33,14 @@ class BatchReport:
     # forms and weight writes), "check" (the efficacy probe)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     target_nll: float | None = None  # mean final NLL of the target tokens (absent in journals before 2026-12-02)
+    # Monitoring (issue 14; absent in journals before 2026-12-03). After the batch, per edited layer:
+    # ‖W‖_F / ‖W_base‖_F and σ_max(W) / σ_max(W_base) -- unbounded growth of these is what precedes
+    # collapse in long sequences; the target values: mean ‖z_i‖ and mean ‖δ_i‖ / ‖h0_i‖; and the
+    # rank of the null space each layer's update is projected onto.
+    weight_growth: dict[str, dict[str, float]] = field(default_factory=dict)
+    value_norm: float | None = None
+    value_shift: float | None = None
+    null_space_rank: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -545,7 +545,8 @@ def log(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to list.")],
     as_json: JsonOption = False,
 ) -> None:
-    """List the journal's batches: id, time, requests, efficacy, norm of each layer's update."""
+    """List the journal's batches: id, time, requests, efficacy, norm of each layer's update, and how far
+    the edited matrices and the target values have grown (monitoring for long sequences)."""
     journal = _open_journal(state)
     reverted = journal.reverted()
     batches = []
@@ -557,12 +558,19 @@ def log(
         return
     layers = journal.header["config"]["layers"]
     table = Table(title=f"{state}: {journal.header['config']['method']} edits of {journal.header['model']}")
-    for column in ("id", "started (UTC)", "requests", "efficacy", *[f"‖Δ{l}‖" for l in layers], "status"):
+    # growth against the base after the batch, the largest over the layers (journals before
+    # 2026-12-03 have none: "-")
+    for column in ("id", "started (UTC)", "requests", "efficacy", *[f"‖Δ{l}‖" for l in layers], "‖W‖/‖W₀‖ F", "σmax/σmax₀",
+                   "‖δ‖/‖h‖", "status"):
         table.add_column(column, justify="right")
     for b in batches:
         efficacy = "-" if b["efficacy"] is None else f"{100 * b['efficacy']:.0f}%"
         norms = [f"{b['delta_norms'][str(l)]:.2f}" for l in layers]
-        table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), str(b["requests"]), efficacy, *norms, "reverted" if b["reverted"] else "applied")
+        growth = b.get("weight_growth") or {}
+        largest = [f"{max(g[k] for g in growth.values()):.3f}" if growth else "-" for k in ("frobenius", "spectral")]
+        shift = "-" if b.get("value_shift") is None else f"{b['value_shift']:.2f}"
+        table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), str(b["requests"]), efficacy, *norms, *largest, shift,
+                      "reverted" if b["reverted"] else "applied")
     _print_whole(table)
 
 

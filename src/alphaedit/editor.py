@@ -68,6 +68,12 @@ class _PhaseClock:
                 torch.cuda.synchronize(device)
 
 
+def _norms(weight: torch.Tensor) -> tuple[float, float]:
+    """(‖W‖_F, σ_max(W)) in float32 on the CPU: an SVD of W_out takes tens of milliseconds."""
+    w = weight.detach().to("cpu", torch.float32)
+    return float(torch.linalg.matrix_norm(w)), float(torch.linalg.matrix_norm(w, ord=2))
+
+
 class Editor(Persistence):
     """Edits a Hugging Face causal LM in place, batch after batch.
 
@@ -113,6 +119,7 @@ class Editor(Persistence):
         # model, whenever they are first needed.
         self._base_weights = {l: mlp_out_weight(model, self.layout, l).detach().to("cpu", copy=True) for l in layers}
         self._statistics: dict[int, LayerStatistics] | None = None
+        self._base_norms: dict[int, tuple[float, float]] | None = None  # (‖W_base‖_F, σ_max), on first use
         # Each layer's statistics live where its W_out does, so its solve runs on that device.
         self.preserved = {l: torch.zeros(self.layout.key_size, self.layout.key_size, device=self._device(l)) for l in layers}
         self.projector_rank: dict[int, int] = {}
@@ -294,9 +301,23 @@ class Editor(Persistence):
             delta_norms={str(l): d.norm() for l, d in deltas.items()},
             phase_seconds=clock.seconds,
             target_nll=sum(targets.target_nll) / len(forms),
+            weight_growth=self.weight_growth(),
+            value_norm=float(z.norm(dim=-1).mean()),
+            value_shift=sum(targets.value_shift) / len(forms),
+            null_space_rank={str(l): r for l, r in self.projector_rank.items()},
         )
         self._record(AppliedBatch(report, list(requests), deltas, keys))
         return report
+
+    def weight_growth(self) -> dict[str, dict[str, float]]:
+        """Per edited layer, now against the base: ‖W‖_F / ‖W_base‖_F and σ_max(W) / σ_max(W_base)."""
+        if self._base_norms is None:
+            self._base_norms = {l: _norms(w) for l, w in self._base_weights.items()}
+        growth = {}
+        for layer, (fro0, spec0) in self._base_norms.items():
+            fro, spec = _norms(mlp_out_weight(self.model, self.layout, layer))
+            growth[str(layer)] = {"frobenius": fro / fro0, "spectral": spec / spec0}
+        return growth
 
     def edit_forms(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The prompts a batch is written under, one column each: every request as given, then,

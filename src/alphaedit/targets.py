@@ -66,6 +66,7 @@ class TargetResult:
     steps: list[int] = field(default_factory=list)  # Adam steps taken per request
     target_prob: list[float] = field(default_factory=list)  # mean target-token probability at the end
     target_nll: list[float] = field(default_factory=list)  # final NLL of the target tokens (the loss's first term)
+    value_shift: list[float] = field(default_factory=list)  # ‖δ_i‖ / ‖h0_i‖: how far each target value moved
 
 
 def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str]) -> TargetRows:
@@ -211,7 +212,8 @@ def compute_targets(
                 steps[active] += 1
                 _clamp(delta, h0, config.clamp_norm_factor, moving)
 
-        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist(), final_nll.tolist())
+        shift = (delta.norm(dim=-1) / h0.norm(dim=-1)).tolist()
+        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist(), final_nll.tolist(), shift)
 
 
 def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: list[Row], z_layer: int) -> bool:

@@ -41,8 +41,11 @@ def test_eval_writes_the_report_files(isolated_home, tmp_path):
     assert "fluency" in records[0]["post"] and "fluency" not in records[1]["post"]  # every 4th record: 100 tokens a text are slow
     table = (out / "summary.md").read_text()
     assert "| pre-edit |" in table and "| alphaedit |" in table and "idf" in table
-    for plot in ("metrics_vs_edits.png", "weight_norms.png"):
+    for plot in ("metrics_vs_edits.png", "weight_norms.png", "norm_growth.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # monitoring: one point per batch, the matrices grown past their base
+    assert [p["edits"] for p in summary["monitor"]] == [2, 4]
+    assert all(g["frobenius"] > 1 for g in summary["monitor"][-1]["weight_growth"].values())
 
 
 def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, tmp_path):

@@ -70,6 +70,9 @@ class ProtocolResult:
     general: list[dict] = field(default_factory=list)  # {"edits": n, "scores": {task: {f1, f1_label, mcc, ...}}}
     seconds_editing: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # per batch, from the editor's reports: {"edits": n, "weight_growth": {layer: {frobenius, spectral}},
+    # "value_norm", "value_shift", "null_space_rank"} (monitoring, issue 14)
+    monitor: list[dict] = field(default_factory=list)
 
 
 class Evaluator:
@@ -121,6 +124,17 @@ def summarise(per_record: list[dict]) -> dict[str, float | None]:
         value = mean(r[metric] for r in per_record if r.get(metric) is not None)
         summary[metric] = None if value is None else 100 * value
     return summary
+
+
+def monitor(editor: Editor) -> list[dict]:
+    """The monitoring fields of every batch report, against the number of edits after it."""
+    points, edits = [], 0
+    for report in editor.history:
+        edits += report.requests
+        if report.weight_growth:
+            points.append({"edits": edits, "weight_growth": report.weight_growth, "value_norm": report.value_norm,
+                           "value_shift": report.value_shift, "null_space_rank": report.null_space_rank})
+    return points
 
 
 def weight_norms(editor: Editor) -> dict[str, float]:
@@ -228,7 +242,7 @@ def run_protocol(
     notes = [f"resumed after batch {k} (editing time counts each batch once)" for k in progress.get("resumed", [])]
     if progress.get("pre_reused"):
         notes.append(f"pre-edit scores reused from {progress['pre_reused']} (the same model, records, settings and scoring code)")
-    return ProtocolResult(pre, post, curve, progress["norms"], progress["general"], seconds, notes)
+    return ProtocolResult(pre, post, curve, progress["norms"], progress["general"], seconds, notes, monitor(editor))
 
 
 def _check_replayed(editor: Editor, batches: list) -> None:

@@ -30,12 +30,15 @@ def write_report(result: ProtocolResult, out: Path, meta: dict) -> dict:
         "curve": result.curve,
         "norms": result.norms,
         "general": result.general,
+        "monitor": result.monitor,
         "notes": result.notes,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "summary.md", markdown_table(summary))
     plot_curves(result, out / "metrics_vs_edits.png")
     plot_norms(result, out / "weight_norms.png")
+    if result.monitor:
+        plot_growth(result, out / "norm_growth.png")
     if result.general:
         for key, name in (("f1_label", "most probable label"), ("f1", "generated answer")):
             plot_general(result, key, name, out / f"general_{key}.png")
@@ -109,3 +112,14 @@ def plot_norms(result: ProtocolResult, path: Path) -> None:
     with figure(path, "norm of each edited matrix", "number of edits", "‖W_out‖_F") as ax:
         for layer in [k for k in result.norms[0] if k != "edits"]:
             ax.plot(edits, [p[layer] for p in result.norms], marker=".", label=f"layer {layer}")
+
+
+def plot_growth(result: ProtocolResult, path: Path) -> None:
+    """Each edited matrix against its base (Frobenius, solid; spectral, dashed) and the target
+    values' mean relative shift, per batch: what grows before a long sequence collapses."""
+    edits = [p["edits"] for p in result.monitor]
+    with figure(path, "edited W_out against the base; target values", "number of edits", "ratio") as ax:
+        for layer in result.monitor[0]["weight_growth"]:
+            for kind, style in (("frobenius", "-"), ("spectral", "--")):
+                ax.plot(edits, [p["weight_growth"][layer][kind] for p in result.monitor], style, label=f"layer {layer} {kind}")
+        ax.plot(edits, [p["value_shift"] for p in result.monitor], ":", marker=".", color="black", label="mean ‖δ‖/‖h0‖")
