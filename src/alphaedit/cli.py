@@ -31,6 +31,7 @@ from rich.table import Table
 
 from .config import EditConfig, config_for_model, describe_preset
 from .methods import METHODS, get_method
+from .guard import Guard, GuardTripped
 from .progress import progress_bar
 from .journal import Journal, JournalError
 from .requests import RequestError, load_requests
@@ -165,6 +166,10 @@ def edit(
     seed: SeedOption = None,
     sampling: SamplingOption = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (a new state; a continued state keeps its own).")] = True,
+    guard: Annotated[bool, typer.Option("--guard", help="Refuse (and take back) a batch after which any edited W_out's largest singular value exceeds --guard-growth × the base model's, or more than --guard-drift of the probe prompts change their next token; the journal keeps the batches before it.")] = False,
+    guard_growth: Annotated[float, typer.Option(min=1.0, help="--guard: the largest σ_max(W) / σ_max(W_base) accepted.")] = 1.5,
+    guard_drift: Annotated[float, typer.Option(min=0.0, max=1.0, help="--guard: the largest share of probe prompts whose next token may change in one batch.")] = 0.10,
+    guard_probes: Annotated[Optional[Path], typer.Option(help="--guard: a text file of probe prompts, one per line (default: 40 general-knowledge prompts).")] = None,
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="Apply requests that the state already holds again (by default they are skipped, e.g. after a killed run).")] = False,
     max_prompt_tokens: MaxPromptOption = 256,
     layers: LayersOption = None,
@@ -188,6 +193,7 @@ def edit(
     except RequestError as e:
         _fail(str(e))
     _parse_layers(layers)
+    probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     journal = _open_journal(state) if Journal.exists(state) else None
     if journal is None:
         try:
@@ -218,10 +224,12 @@ def edit(
         config.chat = chat
         editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed, sampling), spec)
     editor.max_prompt_tokens = max_prompt_tokens
+    if guard:
+        editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
     started = time.perf_counter()
     try:
         reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
-    except RequestError as e:
+    except (RequestError, GuardTripped) as e:
         _fail(str(e))
     summary = {
         "state": str(state),
@@ -321,6 +329,18 @@ def _without_repeats(journal: Journal, requests: list, allow_repeat: bool) -> li
                   "--allow-repeat applies them again", soft_wrap=True)
     skipped = {id(r) for r, _ in repeats}
     return [r for r in requests if id(r) not in skipped]
+
+
+def _probe_lines(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        _fail(f"--guard-probes {path}: {e.strerror or e}")
+    if not lines:
+        _fail(f"--guard-probes {path}: no prompts in it; write one probe prompt per line")
+    return lines
 
 
 @app.command()

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batch import AppliedBatch, BatchReport, now
 from .config import EditConfig, config_for_model
 from .generate import generate_context_templates
+from .guard import Guard, GuardTripped
 from .journal import Journal
 from .keys import KeyReader
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
@@ -123,6 +124,7 @@ class Editor(Persistence):
         # Each layer's statistics live where its W_out does, so its solve runs on that device.
         self.preserved = {l: torch.zeros(self.layout.key_size, self.layout.key_size, device=self._device(l)) for l in layers}
         self.projector_rank: dict[int, int] = {}
+        self.guard: Guard | None = None  # refuses batches that grow the matrices or drift answers too far (guard.py)
         # PRUNE: the raw sum of the applied updates per layer, which the model carries restrained
         self._update_sums: dict[int, torch.Tensor] = {}
 
@@ -218,7 +220,10 @@ class Editor(Persistence):
                     done[0] += 1
                     advance(1)
 
+                before = self._guard_before(batch)
                 reports.append(self._edit_batch(batch, step))
+                if before is not None:
+                    self._guard_after(batch, *before)  # raises GuardTripped, the batch taken back
                 advance(units - done[0])  # iterations skipped by early stopping
                 if on_batch is not None:
                     on_batch(reports[-1])
@@ -327,6 +332,35 @@ class Editor(Persistence):
         if not (self.config.chat and has_chat_template(self.tokenizer)):
             return list(requests)
         return [*requests, *(chat_form(self.tokenizer, r) for r in requests if r.question is not None)]
+
+    def _guard_before(self, batch: list[EditRequest]):
+        """With a guard: the state to put back if it refuses this batch, and the probes' answers now."""
+        if self.guard is None:
+            return None
+        layers = self.config.layers
+        saved = ({l: mlp_out_weight(self.model, self.layout, l).detach().clone() for l in layers},
+                 {l: c.clone() for l, c in self.preserved.items()}, {l: t.clone() for l, t in self._update_sums.items()})
+        probes = self.guard.usable_probes(batch)
+        return saved, probes, self.guard.next_tokens(self.model, self.tokenizer, probes)
+
+    def _guard_after(self, batch: list[EditRequest], saved, probes: list[str], before: list[int]) -> None:
+        report = self.batches[-1].report
+        after = self.guard.next_tokens(self.model, self.tokenizer, probes)
+        verdict = self.guard.verdict(report.weight_growth, probes, before, after, self.tokenizer)
+        if verdict is None:
+            return
+        weights, preserved, sums = saved
+        with torch.no_grad():
+            for layer, weight in weights.items():
+                mlp_out_weight(self.model, self.layout, layer).copy_(weight)
+            for layer, c in preserved.items():
+                self.preserved[layer].copy_(c)
+        self._update_sums = sums
+        self.batches.pop()
+        self.events.pop()
+        raise GuardTripped(f"batch of {len(batch)} requests (first: {batch[0].text()!r} → {batch[0].target_new!r}) refused by the "
+                           f"guard and not applied: {verdict}. The model and the journal are as before it; edit fewer facts per "
+                           "batch, or raise --guard-growth / --guard-drift to accept it")
 
     def _next_id(self) -> int:
         return self.batches[-1].report.index + 1 if self.batches else 0
