@@ -855,7 +855,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         result.notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
                             "were also written in the chat template, each as a column of its own")
     if skipped:
-        result.notes.append(f"{len(skipped)} dataset records left out: they do not make valid edit requests (first: {skipped[0]})")
+        result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
+                            f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")
     if general is not None:
         result.notes.append(f"general capability: {', '.join(tasks)}, {a['general_tests']} records each, zero-shot, before the first batch, "
                             + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")

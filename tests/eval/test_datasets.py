@@ -81,3 +81,38 @@ def test_a_public_dataset_is_downloaded_once_into_the_cache(tmp_path, monkeypatc
     monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "other-home"))
     with pytest.raises(ValueError, match="could not download"):
         load_dataset("zsre")
+
+
+def test_several_files_chain_into_one_stream_without_repeated_subject_and_prompt(tmp_path):
+    """EasyEdit's CounterFact edit + train files as one long sequence (issue 14): a record whose
+    subject and prompt an earlier one already edited is left out and reported, not fatal."""
+    import json as _json
+
+    from alphaedit.eval.datasets import load_dataset as load
+
+    first = [{"case_id": 1, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Shanghai", "ground_truth": "Athens"},
+             {"case_id": 2, "prompt": "Toko Yasuda, the", "subject": "Toko Yasuda", "target_new": "piano", "ground_truth": "guitar"}]
+    second = [{"case_id": 3, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Hamburg", "ground_truth": "Athens"},
+              {"case_id": 4, "prompt": "Toko Yasuda, the", "subject": "Toko Yasuda", "target_new": "piano", "ground_truth": "guitar"},
+              {"case_id": 5, "prompt": "BBC One, by", "subject": "BBC One", "target_new": "Sega", "ground_truth": "BBC"}]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(_json.dumps(first))
+    b.write_text(_json.dumps(second))
+    skipped: list[str] = []
+    records = load(f"counterfact:{a},{b}", skipped)
+    assert [r.case_id for r in records] == [1, 2, 5]
+    assert "case_id 3" in skipped[0] and "contradicts case_id 1" in skipped[0] and "'Shanghai'" in skipped[0]
+    assert "case_id 4" in skipped[1] and "repeats case_id 2" in skipped[1]
+    with pytest.warns(UserWarning, match="2 records of the stream left out"):
+        assert len(load(f"counterfact:{a},{b}")) == 3
+    assert len(load(f"counterfact:{a}", [])) == 2  # one file: as published
+
+
+def test_the_easyedit_counterfact_files_make_a_stream_of_over_18000_edits():
+    from alphaedit.eval.datasets import load_dataset as load
+
+    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact_easyedit"
+    skipped: list[str] = []
+    records = load(f"counterfact:{folder / 'counterfact-edit.json'},{folder / 'counterfact-train.json'}", skipped)
+    assert len(records) + len(skipped) == 9514 + 9493 and len(records) > 18_000
+    assert len({(r.request.subject, r.request.prompt) for r in records}) == len(records)

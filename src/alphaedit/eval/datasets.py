@@ -16,6 +16,7 @@ import json
 import os
 import random
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +149,19 @@ def load_dataset(spec: str, skipped: list[str] | None = None) -> list[EvalRecord
 
     Records that cannot be edited (e.g. a KnowEdit question that never names its subject) are
     left out and described in `skipped` when a list is given; otherwise they raise.
+
+    PATH may list several files, comma-separated, chained into one stream in that order (a long
+    sequence, e.g. EasyEdit's CounterFact edit and train files). A stream drops, and reports in
+    `skipped`, a record that repeats an earlier one's subject and prompt: with the same new object
+    it would edit nothing new, with another it would contradict it (a single file keeps its
+    records as published, as the paper's runs do).
     """
     name, sep, path = spec.partition(":")
+    if sep and "," in path:
+        records: list[EvalRecord] = []
+        for part in path.split(","):
+            records += load_dataset(f"{name}:{part.strip()}", skipped)
+        return _without_repeats(records, skipped)
     if name not in ("counterfact", "zsre", "knowedit") or (not sep and name not in PUBLIC_FILES):
         raise ValueError(f"--dataset must be counterfact[:PATH], zsre[:PATH] or knowedit:PATH, got {spec!r}")
     file = Path(path).expanduser() if sep else download(name)
@@ -167,6 +179,27 @@ def load_dataset(spec: str, skipped: list[str] | None = None) -> list[EvalRecord
     if "locality" in first or "portability" in first:
         return [_knowedit(rec, req, i) for i, (rec, req) in enumerate(zip(raw, requests))]
     return [_cf_flat(rec, req) for rec, req in zip(raw, requests)]
+
+
+def _without_repeats(records: list[EvalRecord], skipped: list[str] | None) -> list[EvalRecord]:
+    first: dict[tuple[str, str], EvalRecord] = {}
+    kept, dropped = [], []
+    for rec in records:
+        key = (rec.request.subject, rec.request.prompt)
+        if key not in first:
+            first[key] = rec
+            kept.append(rec)
+            continue
+        earlier = first[key]
+        same = earlier.request.target_new.strip() == rec.request.target_new.strip()
+        message = (f"case_id {rec.case_id}: {rec.request.text()!r} → {rec.request.target_new!r} "
+                   + (f"repeats case_id {earlier.case_id}" if same else f"contradicts case_id {earlier.case_id} (→ {earlier.request.target_new!r})"))
+        dropped.append(message)
+    if skipped is not None:
+        skipped += dropped
+    elif dropped:
+        warnings.warn(f"{len(dropped)} records of the stream left out, one per repeated subject and prompt (first: {dropped[0]})", stacklevel=3)
+    return kept
 
 
 def _with_chat_probes(records: list[EvalRecord]) -> list[EvalRecord]:
