@@ -880,10 +880,14 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
 @contextmanager
 def _run_progress(total: int, done: int):
     """Yields on_batch(edits done, latest metrics): a bar on a terminal, else a line per batch (for logs), with the ETA."""
-    started, first = time.perf_counter(), done
+    seen: list[tuple[float, int]] = []  # (when, edits) at each batch of this process
 
     def line(edits: int, latest: dict) -> str:
-        rate = (time.perf_counter() - started) / max(1, edits - first)
+        # the pace between batches of this run (periodic checks included), not since the start,
+        # which includes loading and the pre-edit evaluation; after the first batch, its own pace
+        seen.append((time.perf_counter(), edits))
+        (t0, e0), (t1, e1) = seen[0], seen[-1]
+        rate = (t1 - t0) / (e1 - e0) if e1 > e0 else (latest.get("s/edit") or 0.0)
         eta = time.strftime("%H:%M:%S", time.gmtime(rate * (total - edits)))
         shown = " · ".join(f"{k} {v:.1f}" for k, v in latest.items() if v is not None)
         return f"{edits}/{total} edits · ETA {eta} (before the final evaluation) · {shown}"
