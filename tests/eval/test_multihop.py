@@ -66,3 +66,27 @@ def test_each_case_is_edited_alone_and_the_weights_come_back(llama, tokenizer, t
     assert all(b.reverted for b in editor.batches) and len(editor.batches) == 2
     for layer, weight in before.items():
         torch.testing.assert_close(mlp_out_weight(model, layout, layer), weight, rtol=0, atol=1e-5)
+
+
+def test_the_multihop_command_reports_before_and_after(tiny_model_folder, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    cases = json.loads(MQUAKE.read_text())[:2]
+    data = tmp_path / "mquake.json"
+    data.write_text(json.dumps(cases))
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["multihop", "--dataset", str(data), "--model", str(tiny_model_folder), "--corpus", str(WIKITEXT),
+                                      "--tokens", "2000", "--layers", "1-2", "--steps", "2", "--max-tokens", "4", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n"] == 2 and set(summary["pre"]) == {"multihop", "multihop_old", "edited"} and "cases" not in summary
+    report = json.loads(out.read_text())
+    assert [c["case_id"] for c in report["cases"]] == [c["case_id"] for c in cases]
+    assert all(len(c["post"]["answers"]) == len(cases[i]["questions"]) for i, c in enumerate(report["cases"]))
+    bad = CliRunner().invoke(app, ["multihop", "--dataset", str(tmp_path / "missing.json"), "--model", str(tiny_model_folder)])
+    assert bad.exit_code == 2 and "missing.json" in bad.output
