@@ -17,6 +17,7 @@ from alphaedit.editor import Editor
 from alphaedit.layouts import mlp_out_weight
 from alphaedit.methods import METHODS, Method, get_method, register
 from alphaedit.methods.emmet import EmmetOptions, equality_constrained_solve
+from alphaedit.methods.encore import EncoreOptions
 from alphaedit.methods.prune import PruneOptions, restrain_spectrum
 from alphaedit.methods.rect import RectOptions, keep_largest_relative_change
 from alphaedit.updates import LayerStatistics, LowRankDelta, MaskedDelta, update_from_tensors
@@ -49,6 +50,22 @@ def test_emmet_equals_its_closed_form_and_meets_the_constraints(problem):
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
         if lam_e == 0.0:  # equality constraints: every key maps exactly onto its residual
             torch.testing.assert_close(delta @ K, R, rtol=1e-4, atol=1e-4)
+
+
+def test_encore_equals_its_closed_form_and_its_norm_penalty_shrinks_the_update(problem):
+    K, R, C0, _ = problem
+    g = torch.Generator().manual_seed(1)
+    Kp = torch.randn(D0, 4, dtype=torch.float64, generator=g)
+    stats = LayerStatistics(C0.float(), None, (Kp @ Kp.T).float())
+    config = EditConfig(method="encore", mom2_update_weight=3.0)
+    norms = []
+    for lam_n in (0.0, 20.0, 200.0):
+        delta = get_method("encore").solve(K.float(), R.float(), stats, config, EncoreOptions(norm_lambda=lam_n)).dense().double()
+        A = 3.0 * C0 + lam_n * torch.eye(D0, dtype=torch.float64) + Kp @ Kp.T + K @ K.T
+        torch.testing.assert_close(delta, R @ K.T @ torch.linalg.inv(A), rtol=1e-5, atol=1e-6)
+        norms.append(float(delta.norm()))
+    assert norms[0] > norms[1] > norms[2]
+    assert get_method("encore").keeps_preserved(config)  # C_p accumulates without the projection
 
 
 def test_rect_keeps_the_largest_relative_changes(problem):
@@ -193,3 +210,20 @@ def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_f
     assert config["method"] == "rect" and config["project"] is True and config["method_options"] == {"keep_percent": 20.0}
     again = CliRunner().invoke(app, [*common[:3], "--requests", str(requests), "--state", str(state), "--no-project"], env=env)
     assert again.exit_code == 2 and "--project/--no-project True" in again.output
+
+
+def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from conftest import WIKITEXT
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    state = tmp_path / "state"
+    done = CliRunner().invoke(app, ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
+                                    "--corpus", str(WIKITEXT), "--tokens", "2000", "--state", str(state), "--method", "encore",
+                                    "--method-option", "norm_lambda=50", "--stop-most-probable"], env={"ALPHAEDIT_HOME": str(tmp_path / "home")})
+    assert done.exit_code == 0, done.output
+    config = json.loads((state / "header.json").read_text())["config"]
+    assert config["method"] == "encore" and config["method_options"] == {"norm_lambda": 50.0} and config["stop_when_most_probable"] is True
