@@ -227,3 +227,20 @@ def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_fol
     assert done.exit_code == 0, done.output
     config = json.loads((state / "header.json").read_text())["config"]
     assert config["method"] == "encore" and config["method_options"] == {"norm_lambda": 50.0} and config["stop_when_most_probable"] is True
+
+
+def test_anchored_values_from_the_command_line(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from conftest import WIKITEXT
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    state = tmp_path / "state"
+    done = CliRunner().invoke(app, ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
+                                    "--corpus", str(WIKITEXT), "--tokens", "2000", "--state", str(state), "--anchor-values", "--json"],
+                              env={"ALPHAEDIT_HOME": str(tmp_path / "home")})
+    assert done.exit_code == 0, done.output
+    assert json.loads((state / "header.json").read_text())["config"]["value_anchor"] is True
+    assert json.loads(done.stdout)["batches"][0]["value_reference"] > 0

@@ -41,6 +41,8 @@ class BatchReport:
     value_norm: float | None = None
     value_shift: float | None = None
     null_space_rank: dict[str, int] = field(default_factory=dict)
+    value_reference: float | None = None  # NAS's μ (EditConfig.value_anchor), measured on the first batch
+    values_dropped: int = 0  # requests whose anchored value was dropped (‖v*‖ > 2μ): their edit not written
 
 
 @dataclass

@@ -67,6 +67,7 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the 'self' stat
 SamplingOption = Annotated[Optional[str], typer.Option(help="How a text corpus becomes windows: 'stream' (documents in order, concatenated; the default) or 'documents' (the authors' layer_stats: a seeded random order, each document truncated to one window); as `stats --sampling`.")]
 ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of the z optimisation, as a multiple of ‖h0‖ (default: preset; the paper's 0.75).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
+AnchorOption = Annotated[bool, typer.Option("--anchor-values", help="NAS: rescale every target value v* = m + δ to the norm measured on the first batch (on the unedited model), against the norm growth that collapses long sequences.")]
 MostProbableOption = Annotated[bool, typer.Option("--stop-most-probable", help="Also stop a request's z optimisation once its new object is the top-1 prediction at every target token of every prompt (ENCORE's most-probable early stopping; pair with --method encore for lifelong runs).")]
 StopNllOption = Annotated[Optional[float], typer.Option(help="Target NLL (nats per token) below which 'nll' stops a request (default: preset).")]
 ProjectOption = Annotated[Optional[bool], typer.Option(
@@ -167,6 +168,7 @@ def edit(
     seed: SeedOption = None,
     sampling: SamplingOption = None,
     stop_most_probable: MostProbableOption = False,
+    anchor_values: AnchorOption = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (a new state; a continued state keeps its own).")] = True,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse (and take back) a batch after which any edited W_out's largest singular value exceeds --guard-growth × the base model's, or more than --guard-drift of the probe prompts change their next token; the journal keeps the batches before it.")] = False,
     guard_growth: Annotated[float, typer.Option(min=1.0, help="--guard: the largest σ_max(W) / σ_max(W_base) accepted.")] = 1.5,
@@ -222,7 +224,7 @@ def edit(
         editor = _replay(state, lm, tokenizer)
     else:
         config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
-                              project, method_option, stop_most_probable)
+                              project, method_option, stop_most_probable, anchor_values)
         config.chat = chat
         editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed, sampling), spec)
     editor.max_prompt_tokens = max_prompt_tokens
@@ -460,13 +462,14 @@ def stats(
 def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: float | None, prefix_cache: bool,
                  projector_rule: str | None, threshold: float | None, stop_rule: str | None = None,
                  stop_nll: float | None = None, clamp: float | None = None, project: bool | None = None,
-                 method_option: list[str] | None = None, most_probable: bool = False) -> EditConfig:
+                 method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
                                 early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
-                                method_options=_method_options(method_option), stop_when_most_probable=most_probable or None)
+                                method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
+                                value_anchor=anchor or None)
     except ValueError as e:
         _fail(str(e))
 
@@ -757,6 +760,7 @@ def evaluate(
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
     stop_most_probable: MostProbableOption = False,
+    anchor_values: AnchorOption = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Chat-aware editing: give each edit request a question (CounterFact: its relation's question form; zsRE: its prompt) so that the fact is also written in the tokenizer's chat template.")] = False,
     chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
@@ -835,7 +839,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         editor = _replay(state, lm, tokenizer)
     else:
         config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
-                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], bool(a.get("stop_most_probable")))
+                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], bool(a.get("stop_most_probable")),
+                              bool(a.get("anchor_values")))
         config.chat = bool(a.get("chat"))  # the records carry questions only with --chat
         editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
                              show_progress=False)

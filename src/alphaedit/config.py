@@ -52,6 +52,9 @@ class EditConfig:
     # compute the tokens before δ's position once and cache their attention keys/values (exact;
     # checked against a plain pass on each batch, falling back to plain passes if it differs)
     v_prefix_cache: bool = True
+    # NAS (anchor.py; not in the paper, off by default): rescale each target value v* = m + δ to
+    # one reference norm measured on the unedited model, against norm growth in long sequences
+    value_anchor: bool = False
     # closed-form update, §1.7-1.9
     nullspace_threshold: float = 2e-2  # the value of projector_rule (updates.null_space_mask)
     projector_rule: str = "absolute"

@@ -27,17 +27,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import AppliedBatch, BatchReport, now
 from .config import EditConfig, config_for_model
+from .anchor import anchored_values, reference_norm
 from .generate import generate_context_templates
 from .guard import Guard, GuardTripped
 from .journal import Journal
-from .keys import KeyReader
+from .keys import KeyReader, compute_keys
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
 from .methods import get_method
 from .persistence import Persistence
 from .progress import progress_bar
-from .prompts import chat_form, has_chat_template
+from .prompts import PLAIN_TEMPLATE, chat_form, has_chat_template
 from .requests import EditRequest, RequestError, check_conflicts
-from .residual import mlp_output_change
+from .residual import mlp_contribution, mlp_output_change
 from .teacher_forcing import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
@@ -253,6 +254,9 @@ class Editor(Persistence):
         with clock("z"):
             targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, config, config.v_requests_per_pass, step)
             z = targets.z.cpu()
+            reference, dropped = None, 0
+            if config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
+                z, reference, dropped = self._anchored(forms, targets)
         deltas: dict[int, Update] = {}
         keys, weights_before = {}, {}
         reader = KeyReader(self.model, self.layout, self.tokenizer, forms, templates)
@@ -310,9 +314,23 @@ class Editor(Persistence):
             value_norm=float(z.norm(dim=-1).mean()),
             value_shift=sum(targets.value_shift) / len(forms),
             null_space_rank={str(l): r for l, r in self.projector_rank.items()},
+            value_reference=reference,
+            values_dropped=dropped,
         )
         self._record(AppliedBatch(report, list(requests), deltas, keys))
         return report
+
+    def _anchored(self, forms: list[EditRequest], targets) -> tuple[torch.Tensor, float, int]:
+        """NAS's anchored target values, the reference norm μ and how many requests were dropped.
+        μ comes from the first batch written (on the unedited model) and is kept in its report."""
+        layer = self.config.z_layer
+        plain = compute_keys(self.model, self.layout, self.tokenizer, forms, [PLAIN_TEMPLATE], [layer]).keys[layer]
+        m = mlp_contribution(self.model, self.layout, layer, plain)  # [u, d]
+        z, h0 = targets.z.cpu().float(), targets.h0.cpu().float()
+        known = [r.value_reference for r in self.history if r.value_reference is not None]
+        reference = known[-1] if known else reference_norm((m + z - h0).norm(dim=-1))
+        anchored, dropped = anchored_values(z, h0, m, reference)
+        return anchored.to(targets.z.dtype), reference, int(dropped.sum())
 
     def weight_growth(self) -> dict[str, dict[str, float]]:
         """Per edited layer, now against the base: ‖W‖_F / ‖W_base‖_F and σ_max(W) / σ_max(W_base)."""

@@ -98,3 +98,15 @@ def mlp_output_change(model: nn.Module, layout: Layout, layer: int, keys: torch.
         norm_param = next(norm.parameters(), weight)
         change = output_change_for(lambda x: norm(x.to(norm_param.dtype)).float(), output, resid.to(output.device))
     return change.to(resid.device, resid.dtype)
+
+
+def mlp_contribution(model: nn.Module, layout: Layout, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    """What the MLP of `layer` adds to the residual stream at `keys` ([u, d0]): W_out k (+ bias),
+    through the block's post-MLP norm where it has one. [u, d] float32."""
+    w_out = get_module(model, layout.mlp_out_path(layer))
+    weight = w_out.weight
+    with torch.no_grad():
+        output = w_out(keys.to(weight.device, weight.dtype))
+        if layout.mlp_out_norm is not None:
+            output = get_module(model, f"{layout.block(layer)}.{layout.mlp_out_norm}")(output)
+    return output.float().cpu()

@@ -67,6 +67,7 @@ class TargetResult:
     target_prob: list[float] = field(default_factory=list)  # mean target-token probability at the end
     target_nll: list[float] = field(default_factory=list)  # final NLL of the target tokens (the loss's first term)
     value_shift: list[float] = field(default_factory=list)  # ‖δ_i‖ / ‖h0_i‖: how far each target value moved
+    h0: torch.Tensor | None = None  # [u, d] the residual at the z layer before δ (z = h0 + δ)
 
 
 def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str]) -> TargetRows:
@@ -213,7 +214,7 @@ def compute_targets(
                 _clamp(delta, h0, config.clamp_norm_factor, moving)
 
         shift = (delta.norm(dim=-1) / h0.norm(dim=-1)).tolist()
-        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist(), final_nll.tolist(), shift)
+        return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist(), final_nll.tolist(), shift, h0.detach().clone())
 
 
 def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: list[Row], z_layer: int) -> bool:
