@@ -95,7 +95,7 @@ def test_invalid_override_through_config_for_model_is_refused():
         (dict(layers=[5, 4]), "ascending"),
         (dict(layers=[4, 4, 5]), "ascending"),
         (dict(layers=[]), "non-empty"),
-        (dict(method="rome"), "method must be one of alphaedit, emmet, memit, memit-seq, prune, rect"),
+        (dict(method="rome"), "method must be one of alphaedit, emmet, encore, memit, memit-seq, prune, rect"),
         (dict(solve_dtype="float16"), "solve_dtype"),
     ],
 )

@@ -126,7 +126,7 @@ def test_memit_without_second_moment_is_refused(problem):
 
 
 def test_registry_and_what_each_method_reads():
-    assert list(METHODS) == ["alphaedit", "emmet", "memit", "memit-seq", "prune", "rect"]  # discovered from methods/
+    assert list(METHODS) == ["alphaedit", "emmet", "encore", "memit", "memit-seq", "prune", "rect"]  # discovered from methods/
     config = EditConfig()
     assert [METHODS[m].projects(config) for m in ("alphaedit", "memit", "memit-seq")] == [True, False, False]
     assert [METHODS[m].keeps_preserved(config) for m in ("alphaedit", "memit", "memit-seq")] == [True, False, True]
