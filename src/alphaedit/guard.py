@@ -18,9 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from .generate import greedy_rows_and_first_logprobs, prompt_ids
+from .generate import generate_rows, prompt_ids
 from .requests import EditRequest
 
 DEFAULT_PROBES = (
@@ -57,8 +55,7 @@ class Guard:
         if not prompts:
             return []
         rows = [prompt_ids(tokenizer, p) for p in prompts]
-        tokens, _ = greedy_rows_and_first_logprobs(model, tokenizer, rows, 1, [], rows_per_pass=64)
-        return [t[0] for t in tokens]
+        return [t[0] for t in generate_rows(model, tokenizer, rows, 1, rows_per_pass=64)]  # greedy
 
     def verdict(self, growth: dict[str, dict[str, float]], prompts: Sequence[str], before: Sequence[int], after: Sequence[int],
                 tokenizer) -> str | None:
@@ -74,14 +71,3 @@ class Guard:
             problems.append(f"{len(changed)} of {len(prompts)} probe prompts ({100 * len(changed) / len(prompts):.0f}%) changed their "
                             f"next token (limit {100 * self.max_drift:.0f}%): {shown}")
         return "; ".join(problems) or None
-
-
-def snapshot(tensors: dict) -> dict:
-    """Exact copies to put back if a batch is refused."""
-    return {k: v.detach().clone() for k, v in tensors.items()}
-
-
-def put_back(targets: dict, copies: dict) -> None:
-    with torch.no_grad():
-        for k, v in copies.items():
-            targets[k].copy_(v)

@@ -90,12 +90,10 @@ def mlp_output_change(model: nn.Module, layout: Layout, layer: int, keys: torch.
     moves by `resid` ([u, d]): `resid` itself, unless the block normalises the MLP output first."""
     if layout.mlp_out_norm is None:
         return resid
-    w_out = get_module(model, layout.mlp_out_path(layer))
     norm = get_module(model, f"{layout.block(layer)}.{layout.mlp_out_norm}")
-    weight = w_out.weight
     with torch.no_grad():
-        output = w_out(keys.to(weight.device, weight.dtype)).float()  # W k (+ bias), as the model computes it
-        norm_param = next(norm.parameters(), weight)
+        output = _w_out_output(model, layout, layer, keys).float()
+        norm_param = next(norm.parameters(), get_module(model, layout.mlp_out_path(layer)).weight)
         change = output_change_for(lambda x: norm(x.to(norm_param.dtype)).float(), output, resid.to(output.device))
     return change.to(resid.device, resid.dtype)
 
@@ -103,10 +101,14 @@ def mlp_output_change(model: nn.Module, layout: Layout, layer: int, keys: torch.
 def mlp_contribution(model: nn.Module, layout: Layout, layer: int, keys: torch.Tensor) -> torch.Tensor:
     """What the MLP of `layer` adds to the residual stream at `keys` ([u, d0]): W_out k (+ bias),
     through the block's post-MLP norm where it has one. [u, d] float32."""
-    w_out = get_module(model, layout.mlp_out_path(layer))
-    weight = w_out.weight
     with torch.no_grad():
-        output = w_out(keys.to(weight.device, weight.dtype))
+        output = _w_out_output(model, layout, layer, keys)
         if layout.mlp_out_norm is not None:
             output = get_module(model, f"{layout.block(layer)}.{layout.mlp_out_norm}")(output)
     return output.float().cpu()
+
+
+def _w_out_output(model: nn.Module, layout: Layout, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    """W_out k (+ bias) at `keys` [u, d0], as the model computes it (its device and dtype)."""
+    w_out = get_module(model, layout.mlp_out_path(layer))
+    return w_out(keys.to(w_out.weight.device, w_out.weight.dtype))
