@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -43,6 +43,22 @@ class BatchReport:
     null_space_rank: dict[str, int] = field(default_factory=dict)
     value_reference: float | None = None  # NAS's μ (EditConfig.value_anchor), measured on the first batch
     values_dropped: int = 0  # requests whose anchored value was dropped (‖v*‖ > 2μ): their edit not written
+
+
+@dataclass(frozen=True)
+class EditProgress:
+    """Where `Editor.edit` is: its phase ("statistics", "context templates", "editing", "guard
+    check", "committing", "done"), the batch (from 1) of `batches`, and units of work done of
+    `total` (one per z iteration and per layer update; early-stopped iterations count as done)."""
+
+    phase: str
+    batch: int
+    batches: int
+    done: int
+    total: int
+
+    def at(self, phase: str, **changes: int) -> EditProgress:
+        return replace(self, phase=phase, **changes)
 
 
 @dataclass

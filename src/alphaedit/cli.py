@@ -9,6 +9,7 @@
     recover   rebuild a lost journal.json from the batch folders
     eval      the paper's protocol: edit N records in batches, evaluate before and after (resumable)
     methods   the editing methods and their options
+    serve     a local workbench: HTTP API, web page and OpenAI-compatible endpoint for the edited model
     demo      ten edits to the bundled SmolLM2, before/after
 """
 
@@ -988,6 +989,68 @@ def multihop(
         s = report[block]
         table.add_row("pre-edit" if block == "pre" else "after each case's edits", *(f"{s[m]:.1f}" for m in ("multihop", "multihop_old", "edited")))
     out.print(table)
+
+
+@app.command()
+def serve(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder: created, or continued when it exists (every batch is committed to its journal).")],
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(envvar="ALPHAEDIT_TOKEN", help="Require 'Authorization: Bearer TOKEN' on the API (and as the OpenAI api_key); open the page as http://HOST:PORT/#token=TOKEN.")] = None,
+    exports: Annotated[Optional[Path], typer.Option(help="The only folder exports are written to (default: STATE-exports beside the state).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Editing method for a new state: {', '.join(METHODS)} (default alphaedit).")] = None,
+    project: ProjectOption = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Statistics corpus for a new state (see `edit --help`; default 'self').")] = None,
+    tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus for a new state.")] = None,
+    layers: LayersOption = None,
+    steps: StepsOption = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write requests that have a \"question\" also in the chat template (a new state).")] = True,
+    guard: Annotated[bool, typer.Option("--guard", help="Refuse batches that grow the matrices or drift probe answers too far (see `edit --guard`).")] = False,
+    max_requests: Annotated[int, typer.Option(min=1, help="Most edit requests in one submission.")] = 1000,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most submissions waiting; more are answered 429.")] = 16,
+    max_body: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes.")] = 1 << 20,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Serve the model for editing and asking: an HTTP API (/docs), a web page (/) and /v1 for OpenAI clients."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        _fail(f"--host {host}: give an IP address such as 127.0.0.1 (or 0.0.0.0 with --token)")
+    if not loopback and not token:
+        _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
+    journal = _open_journal(state) if Journal.exists(state) else None
+    if journal is None:
+        try:
+            Journal.check_new(state)
+        except JournalError as e:
+            _fail(str(e))
+    _check_writable(state)
+    header = journal.header if journal is not None else None
+    spec = model or (header or {}).get("model")
+    if spec is None:
+        _fail("--model is required for a new state")
+    lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
+    if header is not None:
+        editor = _replay(state, lm, tokenizer)
+    else:
+        config = _edit_config(lm, method or "alphaedit", layers, steps, None, True, None, None, project=project)
+        config.chat = chat
+        editor = _new_editor(lm, tokenizer, config, None, _corpus_spec(corpus, tokens, None, None), spec)
+    editor.show_progress = False
+    if guard:
+        editor.guard = Guard()
+    import uvicorn
+
+    from .serve import Workbench, create_app
+
+    bench = Workbench(editor, state, exports or state.with_name(state.name + "-exports"), max_requests=max_requests, max_queue=max_queue)
+    console.print(f"serving {spec} with {state} on http://{host}:{port}/ (API docs at /docs, OpenAI clients at /v1)", soft_wrap=True)
+    uvicorn.run(create_app(bench, token, max_body), host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .batch import AppliedBatch, BatchReport, now
+from .batch import AppliedBatch, BatchReport, EditProgress, now
 from .config import EditConfig, config_for_model
 from .anchor import anchored_values, reference_norm
 from .generate import generate_context_templates
@@ -140,7 +140,7 @@ class Editor(Persistence):
     def statistics(self) -> dict[int, LayerStatistics]:
         """C0 (and, for AlphaEdit, P) per edited layer, measured on the base model."""
         if self._statistics is None:
-            with self._base_weights_in_place():
+            with self.unedited():
                 self._statistics = self._imported_projectors() or self._measured_statistics()
         return self._statistics
 
@@ -171,7 +171,9 @@ class Editor(Persistence):
         return statistics
 
     @contextmanager
-    def _base_weights_in_place(self) -> Iterator[None]:
+    def unedited(self) -> Iterator[None]:
+        """The base model's W_out in place for the enclosed block, the edited ones back after it
+        (statistics always describe the base model; `alphaedit serve` compares answers with it)."""
         current = {l: mlp_out_weight(self.model, self.layout, l).detach().clone() for l in self.config.layers}
         try:
             with torch.no_grad():
@@ -194,41 +196,61 @@ class Editor(Persistence):
         requests: Sequence[EditRequest],
         batch_size: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
+        on_progress: Callable[[EditProgress], None] | None = None,
     ) -> list[BatchReport]:
         """Apply the requests in sequential batches of `batch_size` (all at once by default).
 
         `on_batch` runs after each batch (the CLI commits it to the journal there, so an
-        interrupted run keeps every finished batch).
+        interrupted run keeps every finished batch); `on_progress` hears each phase and unit of
+        work (`alphaedit serve` shows it as a progress bar with an ETA).
         """
         if not requests:
             return []
         size = batch_size or len(requests)
         batches = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
-        for batch in batches:
-            check_conflicts(batch)  # before any weight moves: a bad batch changes nothing
-        self._check_lengths(requests)
-        self.edit_forms(requests)  # a chat template that mangles a question fails here, before any batch
-        self.statistics()
-        self.context_templates()
-        reports = []
+        self.check(requests, size)
         # one unit per z iteration and per layer update: an ETA that moves within a batch
         units = self.config.v_num_grad_steps + len(self.config.layers)
+        progress = EditProgress("statistics", 0, len(batches), 0, len(batches) * units)
+        tell = on_progress or (lambda _: None)
+        tell(progress)
+        self.statistics()
+        tell(progress.at("context templates"))
+        self.context_templates()
+        reports = []
         with progress_bar(f"editing ({self.config.method})", total=len(batches) * units, enabled=self.show_progress) as advance:
-            for batch in batches:
-                done = [0]
+            for number, batch in enumerate(batches, 1):
+                first_unit = progress.done
+                progress = progress.at("editing", batch=number)
+                tell(progress)
 
                 def step() -> None:
-                    done[0] += 1
+                    nonlocal progress
+                    progress = progress.at("editing", done=progress.done + 1)
                     advance(1)
+                    tell(progress)
 
                 before = self._guard_before(batch)
                 reports.append(self._edit_batch(batch, step))
                 if before is not None:
+                    tell(progress.at("guard check"))
                     self._guard_after(batch, *before)  # raises GuardTripped, the batch taken back
-                advance(units - done[0])  # iterations skipped by early stopping
+                advance(first_unit + units - progress.done)  # iterations skipped by early stopping
+                progress = progress.at("committing", done=first_unit + units)
+                tell(progress)
                 if on_batch is not None:
                     on_batch(reports[-1])
+        tell(progress.at("done"))
         return reports
+
+    def check(self, requests: Sequence[EditRequest], batch_size: int | None = None) -> None:
+        """Everything that can refuse `requests` before any weight moves: conflicting requests in
+        one batch, prompts too long, a chat template that mangles a question (RequestError)."""
+        size = batch_size or len(requests) or 1
+        for start in range(0, len(requests), size):
+            check_conflicts(requests[start : start + size])
+        self._check_lengths(requests)
+        self.edit_forms(requests)
 
     def _check_lengths(self, requests: Sequence[EditRequest]) -> None:
         """Refuse, up front, requests longer than max_prompt_tokens or than the model's context."""

@@ -51,13 +51,15 @@ def generate_rows(
     sampling: Sampling | None = None,
     rows_per_pass: int = 32,
     total_length: int | None = None,
+    end_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """The new tokens generated after each row of prompt ids (left-padded batches).
 
     `total_length`: instead of `max_new_tokens` each, every row is continued until it is this many
     tokens long, prompt included, and generation does not stop at the end-of-sequence token (ROME's
     generate_fast, behind the fluency metric). Pass rows sorted by length: a pass runs as long as
-    its shortest row needs.
+    its shortest row needs. `end_ids`: tokens that end a row (default: the model's own end-of-sequence
+    ids); a row that ends is padded after its end token.
     """
     device = next(model.parameters()).device
     options = dict(do_sample=False) if sampling is None else dict(
@@ -68,6 +70,8 @@ def generate_rows(
         chunk = rows[start : start + rows_per_pass]
         budgets = [max_new_tokens] * len(chunk) if total_length is None else [max(1, total_length - len(r)) for r in chunk]
         settings = dict(max_new_tokens=max(budgets), pad_token_id=pad_id(tokenizer), **options)
+        if end_ids is not None:
+            settings["eos_token_id"] = list(end_ids)
         if total_length is not None:  # one generation config, without an end-of-sequence token to stop at
             never_stop = copy.deepcopy(model.generation_config)
             never_stop.update(**settings)
@@ -79,6 +83,17 @@ def generate_rows(
         # a token sampled at step t never depends on later ones: cutting a row at its budget is exact
         new_tokens += [row[ids.shape[1] : ids.shape[1] + budget].tolist() for row, budget in zip(out, budgets)]
     return new_tokens
+
+
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """Tokens that end an answer: the model's end-of-sequence ids and its chat end-of-turn marker."""
+    ids = model.generation_config.eos_token_id
+    ends = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ends.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ends.update(vocab[m] for m in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>") if m in vocab)
+    return ends
 
 
 def greedy_rows_and_first_logprobs(

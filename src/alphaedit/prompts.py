@@ -49,10 +49,19 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     """The text a chat model sees before answering `question`: the chat template's rendering of
     one user turn and the assistant's header, without a BOS token the tokenizer adds itself."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    return chat_text(tokenizer, [{"role": "user", "content": question}])
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
+    """A conversation ({"role", "content"} turns) as the model sees it before its answer: the
+    tokenizer's chat template, or "User: ...\nAssistant:" lines for a model without one."""
+    if not has_chat_template(tokenizer):
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join(lines + ["Assistant:"])
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     bos = tokenizer.bos_token
     if bos and bos_prefix(tokenizer) and text.startswith(bos):
-        text = text[len(bos) :]  # encode() puts the tokenizer's own BOS back
+        text = text[len(bos) :]  # encode() and prompt_ids() put the tokenizer's own BOS back
     return text
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generate import TOP5, generate_rows, greedy_completions, prompt_ids, seeded
+from ..generate import TOP5, end_of_turn_ids, generate_rows, greedy_completions, prompt_ids, seeded
 from ..prompts import chat_prompt, has_chat_template, target_ids
 from ..teacher_forcing import continuation_accuracy, teacher_forced
 from .datasets import EvalRecord
@@ -90,17 +90,6 @@ def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[
     return [c.strip().startswith(r.request.target_new.strip()) for c, r in zip(completions, records)]
 
 
-def _end_of_turn_ids(model, tokenizer) -> set[int]:
-    """Tokens that end an answer: the model's end-of-sequence ids and its chat end-of-turn marker."""
-    ids = model.generation_config.eos_token_id
-    ends = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ends.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ends.update(vocab[m] for m in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>") if m in vocab)
-    return ends
-
-
 def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
     """The model's greedy answer to each question, asked as a user would ask it: in the chat
     template when the tokenizer has one (the answer ends at the end of the turn), else as
@@ -109,7 +98,7 @@ def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int
     rows = [prompt_ids(tokenizer, chat_prompt(tokenizer, q) if chat else f"Question: {q}\nAnswer:") for q in questions]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     new = generate_rows(model, tokenizer, [rows[i] for i in order], max_new_tokens, rows_per_pass=64)
-    ends = _end_of_turn_ids(model, tokenizer)
+    ends = end_of_turn_ids(model, tokenizer)
     answers = [""] * len(rows)
     for i, tokens in zip(order, new):
         cut = next((k for k, t in enumerate(tokens) if t in ends), len(tokens))
