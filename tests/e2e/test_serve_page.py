@@ -65,11 +65,12 @@ def test_a_fact_edited_through_the_page_changes_the_answer_and_reverts(pristine,
             assert sum(kept) >= 2, [n.text for n in neighbours]
             assert "done" in browser.find_element(By.ID, "job-status").text
             assert browser.find_element(By.ID, "job-progress").get_attribute("value") == "1"
-            if ARTIFACTS.is_dir():  # keep a picture of the page for the README when asked to
-                browser.save_screenshot(str(ARTIFACTS / "serve-page.png"))
 
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#journal tbody tr[data-batch='0']"))
             journal_row = browser.find_element(By.CSS_SELECTOR, "#journal tbody tr[data-batch='0']").text
             assert "The Eiffel Tower is located in the city of → Rome" in journal_row and "100%" in journal_row
+            if ARTIFACTS.is_dir():  # keep a picture of the page for the README when asked to
+                browser.save_screenshot(str(ARTIFACTS / "serve-page.png"))
             status = lambda b: b.find_element(By.CSS_SELECTOR, "#journal tbody tr[data-batch='0'] td.status").text
             assert status(browser) == "applied"
             browser.find_element(By.CSS_SELECTOR, "#journal tbody tr[data-batch='0'] button.revert").click()

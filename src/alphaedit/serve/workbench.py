@@ -302,6 +302,7 @@ class Workbench:
             for layer in self.editor.config.layers:
                 ax.plot(ids, [r.weight_growth.get(str(layer), {}).get("frobenius", float("nan")) for r in reports], marker="o", label=f"layer {layer}")
             ax.set(xlabel="batch", ylabel="‖W‖F / ‖W₀‖F", title="growth of the edited W_out")
+            ax.ticklabel_format(axis="y", useOffset=False)
         elif name == "efficacy":
             ax.plot(ids, [100 * r.efficacy if r.efficacy is not None else float("nan") for r in reports], marker="o", label="efficacy")
             ax.set(xlabel="batch", ylabel="% of the batch's edits taken", title="efficacy per batch", ylim=(-5, 105))
