@@ -1030,6 +1030,9 @@ def serve(
         except JournalError as e:
             _fail(str(e))
     _check_writable(state)
+    if journal is not None:
+        _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
+                                                        corpus=corpus, tokens=tokens))
     header = journal.header if journal is not None else None
     spec = model or (header or {}).get("model")
     if spec is None:
