@@ -199,13 +199,7 @@ def edit(
         _fail(str(e))
     _parse_layers(layers)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
-    journal = _open_journal(state) if Journal.exists(state) else None
-    if journal is None:
-        try:
-            Journal.check_new(state)  # a file, or batches without a journal (a damaged state): never overwritten
-        except JournalError as e:
-            _fail(str(e))
-    _check_writable(state)
+    journal = _state_journal(state)
     if journal is not None:
         given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
                      projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
@@ -216,18 +210,15 @@ def edit(
         if not parsed:
             out.print(f"nothing to do: every request is already in {state}")
             return
-    header = journal.header if journal is not None else None
-    spec = model or (header or {}).get("model")
-    if spec is None:
-        _fail("--model is required for a new state")
-    lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
-    if header is not None:
-        editor = _replay(state, lm, tokenizer)
-    else:
+
+    def new_config(lm) -> EditConfig:
         config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                               project, method_option, stop_most_probable, anchor_values)
         config.chat = chat
-        editor = _new_editor(lm, tokenizer, config, layout, _corpus_spec(corpus, tokens, max_length, seed, sampling), spec)
+        return config
+
+    editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
+                                 lambda: _corpus_spec(corpus, tokens, max_length, seed, sampling))
     editor.max_prompt_tokens = max_prompt_tokens
     if guard:
         editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
@@ -256,6 +247,33 @@ def edit(
         table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
     out.print(table)
     out.print(f"state saved in {state}")
+
+
+def _state_journal(state: Path) -> Journal | None:
+    """The journal of a state being continued, or None for a new one; a file, a damaged state
+    (batches without a journal) or a folder that cannot be written is refused before anything loads."""
+    journal = _open_journal(state) if Journal.exists(state) else None
+    if journal is None:
+        try:
+            Journal.check_new(state)  # never overwritten
+        except JournalError as e:
+            _fail(str(e))
+    _check_writable(state)
+    return journal
+
+
+def _state_editor(state: Path, journal: Journal | None, model: str | None, dtype: str, device: str, trust_remote_code: bool,
+                  new_config, layout: str | None, corpus_spec):
+    """(the Editor, the model spec) of a state: its journal replayed onto the model it was made on,
+    or, for a new state, an Editor with `new_config(model)` and `corpus_spec()`."""
+    header = journal.header if journal is not None else None
+    spec = model or (header or {}).get("model")
+    if spec is None:
+        _fail("--model is required for a new state")
+    lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
+    if header is not None:
+        return _replay(state, lm, tokenizer), spec
+    return _new_editor(lm, tokenizer, new_config(lm), layout, corpus_spec(), spec), spec
 
 
 def _check_writable(state: Path) -> None:
@@ -1023,27 +1041,18 @@ def serve(
         _fail(f"--host {host}: give an IP address such as 127.0.0.1 (or 0.0.0.0 with --token)")
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
-    journal = _open_journal(state) if Journal.exists(state) else None
-    if journal is None:
-        try:
-            Journal.check_new(state)
-        except JournalError as e:
-            _fail(str(e))
-    _check_writable(state)
+    journal = _state_journal(state)
     if journal is not None:
         _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
                                                         corpus=corpus, tokens=tokens))
-    header = journal.header if journal is not None else None
-    spec = model or (header or {}).get("model")
-    if spec is None:
-        _fail("--model is required for a new state")
-    lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
-    if header is not None:
-        editor = _replay(state, lm, tokenizer)
-    else:
+
+    def new_config(lm) -> EditConfig:
         config = _edit_config(lm, method or "alphaedit", layers, steps, None, True, None, None, project=project)
         config.chat = chat
-        editor = _new_editor(lm, tokenizer, config, None, _corpus_spec(corpus, tokens, None, None), spec)
+        return config
+
+    editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
+                                 lambda: _corpus_spec(corpus, tokens, None, None))
     editor.show_progress = False
     if guard:
         editor.guard = Guard()
