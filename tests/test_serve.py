@@ -257,6 +257,17 @@ def test_an_ask_during_an_edit_sees_the_model_before_or_after_the_batch(bench, l
     assert {f for f, _ in seen} <= set(states) and {h for _, h in seen} == {0}
 
 
+def test_a_client_that_disconnects_mid_edit_does_not_break_the_job(bench):
+    with live(create_app(bench)) as url:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            job = c.post("/api/edits", json={"requests": [EIFFEL, DARRIEUX], "batch_size": 1}).json()
+            with c.stream("GET", f"/api/jobs/{job['id']}/events") as events:
+                next(events.iter_lines())  # one event, then the client goes away mid-job
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert wait_for_job(c, job["id"])["status"] == "done"
+            assert [b["id"] for b in c.get("/api/journal").json()["batches"]] == [0, 1]
+
+
 def test_concurrent_clients_lose_no_batch_and_no_ask(bench, capsys):
     """8 clients × 50 asks while 3 clients submit an edit each: every call answered, 3 batches."""
     latencies, errors = [], []
