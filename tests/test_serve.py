@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -191,6 +192,9 @@ def test_plots_are_png(client):
     assert client.get("/api/plots/nope.png").status_code == 404
     assert client.get("/").text.startswith("<!doctype html>")
     assert "/api/edits" in client.get("/openapi.json").json()["paths"]
+    docs = client.get("/docs").text  # the OpenAPI page, with Swagger UI served locally (no CDN offline)
+    script = re.search(r'src="([^"]*swagger-ui-bundle\.js)"', docs).group(1)
+    assert script.startswith("/") and client.get(script).status_code == 200
 
 
 def test_a_token_guards_every_api_but_the_page(bench):

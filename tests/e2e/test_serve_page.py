@@ -80,6 +80,10 @@ def test_a_fact_edited_through_the_page_changes_the_answer_and_reverts(pristine,
             browser.find_element(By.ID, "ask-button").click()
             wait.until(lambda b: b.find_element(By.ID, "ask-answer").text not in ("", "…"))
             assert "Paris" in browser.find_element(By.ID, "ask-answer").text
+
+            browser.get(url + "/docs")  # the OpenAPI page renders offline: every endpoint listed
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) >= 10)
+            assert "/v1/chat/completions" in browser.find_element(By.TAG_NAME, "body").text
     except BaseException:
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "serve-page-failure.png"))

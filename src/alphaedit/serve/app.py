@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -50,8 +51,10 @@ class ExportBody(BaseModel):
 
 
 def create_app(bench: Workbench, token: str | None = None, max_body: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="alphaedit serve", version="1", description="Edit facts in a language model, ask it, undo. "
-                  "The edited model is also served under /v1 for OpenAI clients.")
+    # FastAPI's own /docs and /redoc load their scripts from a CDN, which a machine without a
+    # network cannot reach; fastapi-offline serves the same pages with the files in its wheel.
+    app = FastAPIOffline(title="alphaedit serve", version="1", description="Edit facts in a language model, ask it, undo. "
+                         "The edited model is also served under /v1 for OpenAI clients.")
 
     def authorised(request: Request) -> None:
         if token is None:
