@@ -84,6 +84,7 @@ def test_an_edit_job_applies_each_batch_and_commits_it_to_the_journal(client, be
     replayed = Editor.load_state(bench.state, copy.deepcopy(model), tokenizer, show_progress=False)
     for layer, weight in _weights(bench.editor.model, layout).items():
         torch.testing.assert_close(mlp_out_weight(replayed.model, layout, layer), weight)
+    assert [j["id"] for j in client.get("/api/jobs").json()] == [job["id"]]
     status = client.get("/api/status").json()
     assert status["batches"] == 2 and status["model"] == "tiny-llama" and status["job_running"] is None
 
