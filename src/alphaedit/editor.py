@@ -209,8 +209,7 @@ class Editor(Persistence):
         size = batch_size or len(requests)
         batches = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
         self.check(requests, size)
-        # one unit per z iteration and per layer update: an ETA that moves within a batch
-        units = self.config.v_num_grad_steps + len(self.config.layers)
+        units = self.units_per_batch
         progress = EditProgress("statistics", 0, len(batches), 0, len(batches) * units)
         tell = on_progress or (lambda _: None)
         tell(progress)
@@ -242,6 +241,12 @@ class Editor(Persistence):
                     on_batch(reports[-1])
         tell(progress.at("done"))
         return reports
+
+    @property
+    def units_per_batch(self) -> int:
+        """Progress units of one batch: one per z iteration and per layer update, so that an ETA
+        moves within a batch (iterations skipped by an early stop count as done)."""
+        return self.config.v_num_grad_steps + len(self.config.layers)
 
     def check(self, requests: Sequence[EditRequest], batch_size: int | None = None) -> None:
         """Everything that can refuse `requests` before any weight moves: conflicting requests in

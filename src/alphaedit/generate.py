@@ -7,7 +7,7 @@ generate through `generate_rows`; `seeded` makes a sampled sequence reproducible
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -62,9 +62,7 @@ def generate_rows(
     ids); a row that ends is padded after its end token.
     """
     device = next(model.parameters()).device
-    options = dict(do_sample=False) if sampling is None else dict(
-        do_sample=True, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature
-    )
+    options = decoding_options(sampling)
     new_tokens: list[list[int]] = []
     for start in range(0, len(rows), rows_per_pass):
         chunk = rows[start : start + rows_per_pass]
@@ -83,6 +81,19 @@ def generate_rows(
         # a token sampled at step t never depends on later ones: cutting a row at its budget is exact
         new_tokens += [row[ids.shape[1] : ids.shape[1] + budget].tolist() for row, budget in zip(out, budgets)]
     return new_tokens
+
+
+def decoding_options(sampling: Sampling | None) -> dict:
+    """`model.generate` keywords for greedy decoding (`None`) or for `sampling`."""
+    if sampling is None:
+        return dict(do_sample=False)
+    return dict(do_sample=True, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature)
+
+
+def until_end(tokens: Sequence[int], ends: Collection[int]) -> tuple[list[int], bool]:
+    """The tokens before the first end token, and whether there was one."""
+    end = next((k for k, t in enumerate(tokens) if t in ends), None)
+    return list(tokens if end is None else tokens[:end]), end is not None
 
 
 def end_of_turn_ids(model, tokenizer) -> set[int]:

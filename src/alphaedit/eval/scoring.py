@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generate import TOP5, end_of_turn_ids, generate_rows, greedy_completions, prompt_ids, seeded
+from ..generate import TOP5, end_of_turn_ids, generate_rows, greedy_completions, prompt_ids, seeded, until_end
 from ..prompts import chat_prompt, has_chat_template, target_ids
 from ..teacher_forcing import continuation_accuracy, teacher_forced
 from .datasets import EvalRecord
@@ -101,8 +101,7 @@ def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int
     ends = end_of_turn_ids(model, tokenizer)
     answers = [""] * len(rows)
     for i, tokens in zip(order, new):
-        cut = next((k for k, t in enumerate(tokens) if t in ends), len(tokens))
-        text = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+        text = tokenizer.decode(until_end(tokens, ends)[0], skip_special_tokens=True).strip()
         answers[i] = text if chat else text.split("\n")[0]
     return answers
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from ..editor import Editor
-from ..generate import Sampling, end_of_turn_ids, generate_rows, prompt_ids, seeded
+from ..generate import Sampling, decoding_options, end_of_turn_ids, generate_rows, prompt_ids, seeded, until_end
 from ..guard import GuardTripped
 from ..persistence import check_export_folder
+from ..plots import figure
 from ..prompts import chat_text, pad_id
 from ..requests import EditRequest, RequestError
 from .jobs import Job
@@ -69,6 +70,11 @@ class Completion:
     finish_reason: str  # "stop" (an end-of-turn token or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first of the stop strings begins in `text`, if any does."""
+    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=None)
 
 
 class Workbench:
@@ -128,7 +134,7 @@ class Workbench:
                 job.finish()
 
     def _run(self, job: Job) -> None:
-        units = self.editor.config.v_num_grad_steps + len(self.editor.config.layers)
+        units = self.editor.units_per_batch
         job.start(units)
         for number, start in enumerate(range(0, len(job.requests), job.batch_size), 1):
             batch = job.requests[start : start + job.batch_size]
@@ -205,22 +211,19 @@ class Workbench:
         tokenizer = self.editor.tokenizer
         rows = [prompt_ids(tokenizer, t) for t in texts]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # a pass runs as long as its rows need
-        with self.lock, (self.editor.unedited() if unedited else nullcontext()), \
-                (seeded(self.editor.model, seed) if sampling is not None and seed is not None else nullcontext()):
+        with self.lock, (self.editor.unedited() if unedited else nullcontext()), self._seeded(sampling, seed):
             new = generate_rows(self.editor.model, tokenizer, [rows[i] for i in order], max_tokens, sampling, end_ids=self._end_ids)
         completions: list[Completion] = [None] * len(rows)  # type: ignore[list-item]
         for i, tokens in zip(order, new):
-            completions[i] = self._finish(tokens, len(rows[i]), max_tokens, stop)
+            kept, ended = until_end(tokens, self._end_ids)
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            cut = _first_stop(text, stop)
+            completions[i] = Completion(text[:cut], "stop" if ended or cut is not None else "length", len(rows[i]), len(kept))
         return completions
 
-    def _finish(self, tokens: list[int], prompt_tokens: int, max_tokens: int, stop: Sequence[str]) -> Completion:
-        end = next((k for k, t in enumerate(tokens) if t in self._end_ids), None)
-        kept = tokens if end is None else tokens[:end]
-        text = self.editor.tokenizer.decode(kept, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=None)
-        if cut is not None:
-            return Completion(text[:cut], "stop", prompt_tokens, len(kept))
-        return Completion(text, "stop" if end is not None else "length", prompt_tokens, len(kept))
+    def _seeded(self, sampling: Sampling | None, seed: int | None):
+        """A seeded sample is reproducible; greedy decoding needs no seed."""
+        return seeded(self.editor.model, seed) if sampling is not None and seed is not None else nullcontext()
 
     def stream(self, text: str, max_tokens: int, sampling: Sampling | None = None, seed: int | None = None,
                stop: Sequence[str] = ()) -> Iterator[str | Completion]:
@@ -240,18 +243,20 @@ class Workbench:
             def __call__(self, input_ids, scores, **kwargs) -> bool:
                 return cancel.is_set()
 
-        options = dict(do_sample=False) if sampling is None else dict(
-            do_sample=True, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature)
-
         def generate() -> None:
             try:
-                with self.lock, (seeded(model, seed) if sampling is not None and seed is not None else nullcontext()):
+                with self.lock, self._seeded(sampling, seed):
                     result["ids"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                                    eos_token_id=self._end_ids, pad_token_id=pad_id(tokenizer), streamer=streamer,
-                                                   stopping_criteria=StoppingCriteriaList([Cancelled()]), **options)
+                                                   stopping_criteria=StoppingCriteriaList([Cancelled()]), **decoding_options(sampling))
             except Exception:
                 log.error("streamed generation failed:\n%s", traceback.format_exc())
                 streamer.end()
+
+        def generated() -> tuple[int, bool]:
+            """(tokens generated before any end-of-turn token, whether one ended the answer)."""
+            kept, ended = until_end(result["ids"][0, len(row) :].tolist(), self._end_ids) if "ids" in result else ([], False)
+            return len(kept), ended
 
         worker = threading.Thread(target=generate, name="alphaedit-stream", daemon=True)
         worker.start()
@@ -260,13 +265,13 @@ class Workbench:
         try:
             for piece in streamer:
                 said += piece
-                cut = min((i for i in (said.find(s) for s in stop if s) if i >= 0), default=None)
+                cut = _first_stop(said, stop)
                 if cut is not None:
                     if cut > sent:
                         yield said[sent:cut]
                     cancel.set()
                     worker.join()
-                    yield Completion(said[:cut], "stop", len(row), self._new_tokens(result, row)[1])
+                    yield Completion(said[:cut], "stop", len(row), generated()[0])
                     return
                 if len(said) - hold > sent:
                     yield said[sent : len(said) - hold]
@@ -274,45 +279,34 @@ class Workbench:
             worker.join()
             if len(said) > sent:
                 yield said[sent:]
-            ended, count = self._new_tokens(result, row)
+            count, ended = generated()
             yield Completion(said, "stop" if ended else "length", len(row), count)
         finally:
             cancel.set()
-
-    def _new_tokens(self, result: dict, row: list[int]) -> tuple[bool, int]:
-        """(ended at an end-of-turn token, tokens generated before it) of a streamed generation."""
-        if "ids" not in result:
-            return False, 0
-        new = result["ids"][0, len(row) :].tolist()
-        end = next((k for k, t in enumerate(new) if t in self._end_ids), None)
-        return end is not None, len(new) if end is None else end
 
     # -- plots -----------------------------------------------------------------------------------
 
     def plot(self, name: str) -> bytes:
         """A PNG of the applied batches: 'growth' (‖W‖/‖W₀‖ per layer) or 'efficacy' (per batch)."""
-        from matplotlib.figure import Figure  # not pyplot: requests draw in several threads at once
-
+        if name not in ("growth", "efficacy"):
+            raise Refused(f"no plot {name!r}: the plots are 'growth' and 'efficacy'", 404)
         with self.lock:
             reports = [b.report for b in self.editor.batches if not b.reverted]
-        fig = Figure(figsize=(5, 3.2))
-        ax = fig.subplots()
-        ids = [r.index for r in reports]
+        ids, buffer = [r.index for r in reports], io.BytesIO()
         if name == "growth":
-            for layer in self.editor.config.layers:
-                ax.plot(ids, [r.weight_growth.get(str(layer), {}).get("frobenius", float("nan")) for r in reports], marker="o", label=f"layer {layer}")
-            ax.set(xlabel="batch", ylabel="‖W‖F / ‖W₀‖F", title="growth of the edited W_out")
-            ax.ticklabel_format(axis="y", useOffset=False)
-        elif name == "efficacy":
-            ax.plot(ids, [100 * r.efficacy if r.efficacy is not None else float("nan") for r in reports], marker="o", label="efficacy")
-            ax.set(xlabel="batch", ylabel="% of the batch's edits taken", title="efficacy per batch", ylim=(-5, 105))
+            with figure(buffer, "growth of the edited W_out", "batch", "‖W‖F / ‖W₀‖F", size=(5, 3.2), dpi=90) as ax:
+                for layer in self.editor.config.layers:
+                    ax.plot(ids, [r.weight_growth.get(str(layer), {}).get("frobenius", float("nan")) for r in reports], marker="o", label=f"layer {layer}")
+                ax.ticklabel_format(axis="y", useOffset=False)
+                _say_when_empty(ax, reports)
         else:
-            raise Refused(f"no plot {name!r}: the plots are 'growth' and 'efficacy'", 404)
-        if reports:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no batches yet", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90)
+            with figure(buffer, "efficacy per batch", "batch", "% of the batch's edits taken", size=(5, 3.2), dpi=90) as ax:
+                ax.plot(ids, [100 * r.efficacy if r.efficacy is not None else float("nan") for r in reports], marker="o", label="efficacy")
+                ax.set_ylim(-5, 105)
+                _say_when_empty(ax, reports)
         return buffer.getvalue()
+
+
+def _say_when_empty(ax, reports: list) -> None:
+    if not reports:
+        ax.text(0.5, 0.5, "no batches yet", ha="center", va="center", transform=ax.transAxes)
