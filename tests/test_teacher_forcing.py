@@ -43,3 +43,26 @@ def test_prefers_new_compares_mean_token_nll(llama, tokenizer):
     nll_true = continuation_nll(model, tokenizer, PROMPTS, list(reversed(CONTINUATIONS)))
     wins = prefers_new(model, tokenizer, PROMPTS, CONTINUATIONS, list(reversed(CONTINUATIONS)))
     assert wins.tolist() == (nll_new < nll_true).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pairs_after_one_prompt_share_rows_and_score_as_one_pair_at_a_time(family, request, tokenizer):
+    """CounterFact's layout: every prompt scored with two objects, one- and several-token ones,
+    a continuation that extends another, and a repeated pair. Rows are shared (fewer rows than
+    pairs reach the model), and every pair still scores as its own full-logits pass."""
+    model, _ = request.getfixturevalue(family)
+    objects = [("Rome", "Paris"), ("a city of light", "a city"), ("green", "green"), ("Paris", "a city of light")]
+    prompts = [p for p in PROMPTS for _ in range(2)] + [PROMPTS[0]]
+    continuations = [c for pair in objects for c in pair] + ["Rome"]
+    rows_seen = []
+    handle = model.base_model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        nll = continuation_nll(model, tokenizer, prompts, continuations)
+        accuracy = continuation_accuracy(model, tokenizer, prompts, continuations)
+    finally:
+        handle.remove()
+    assert sum(rows_seen) < 2 * len(prompts)  # two calls, each fewer rows than pairs
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
+        ref_nll, ref_acc = _reference(model, tokenizer, prompt, cont)
+        assert nll[i].item() == pytest.approx(ref_nll, rel=1e-4, abs=1e-5), (prompt, cont)
+        assert accuracy[i] == pytest.approx(ref_acc), (prompt, cont)

@@ -26,6 +26,10 @@ def teacher_forced(
     """For each (prompt, continuation): the log-probability of each continuation token and
     whether it is the top-1 prediction, from batched teacher-forced passes.
 
+    Pairs share a row where they can: continuation c after prompt x is read off any row x + d
+    whose tokens begin with c minus its last token, since the logits at those positions predict
+    every token of c. CounterFact scores the new and the true object after the same prompt, and
+    most objects are one token, so most prompts need one row where a row per pair took two.
     Rows are sorted by length so that a pass wastes little on padding, and the output head
     runs only at the continuation positions. `layout` is the caller's (an editor's may come
     from --layout); detected from the model when not given.
@@ -33,33 +37,48 @@ def teacher_forced(
     layout = layout or detect_layout(model)
     device = next(model.parameters()).device
     prefix = bos_prefix(tokenizer)
-    rows, spans = [], []
+    encoded: dict[str, list[int]] = {}
+    pairs = []  # (prompt ids, continuation ids) per pair
     for prompt, cont in zip(prompts, continuations):
-        prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        cont_ids = target_ids(tokenizer, cont)
-        rows.append(prompt_ids + cont_ids)
-        spans.append((len(prompt_ids), cont_ids))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rows)
+        if prompt not in encoded:
+            encoded[prompt] = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        pairs.append((encoded[prompt], target_ids(tokenizer, cont)))
+    rows: list[list[int]] = []
+    row_of = [0] * len(pairs)
+    rows_after: dict[tuple[int, ...], list[int]] = {}  # a prompt's rows
+    for i in sorted(range(len(pairs)), key=lambda i: -len(pairs[i][1])):  # longest first: they cover the rest
+        prompt_ids, cont_ids = pairs[i]
+        candidates = rows_after.setdefault(tuple(prompt_ids), [])
+        start, need = len(prompt_ids), cont_ids[:-1]
+        row_of[i] = next((r for r in candidates if rows[r][start : start + len(need)] == need), len(rows))
+        if row_of[i] == len(rows):
+            candidates.append(len(rows))
+            rows.append(prompt_ids + cont_ids)
+    readers: list[list[int]] = [[] for _ in rows]
+    for i, r in enumerate(row_of):
+        readers[r].append(i)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
     start = 0
     while start < len(order):
         end = start + 1
         while end < len(order) and (end - start + 1) * len(rows[order[end]]) <= tokens_per_pass:
             end += 1
         chunk = order[start:end]
-        batch = batch_rows(tokenizer, [rows[i] for i in chunk], [0] * len(chunk)).to(device)
+        batch = batch_rows(tokenizer, [rows[r] for r in chunk], [0] * len(chunk)).to(device)
+        reads = [(k, i) for k, r in enumerate(chunk) for i in readers[r]]  # (row in the pass, pair)
         with torch.no_grad():
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
             # the last block's output: on the last device when the model is spread over several
-            row_index = torch.tensor([k for k, i in enumerate(chunk) for _ in spans[i][1]], device=hidden.device)
-            positions = torch.tensor([spans[i][0] - 1 + t for i in chunk for t in range(len(spans[i][1]))], device=hidden.device)
+            row_index = torch.tensor([k for k, i in reads for _ in pairs[i][1]], device=hidden.device)
+            positions = torch.tensor([len(pairs[i][0]) - 1 + t for _, i in reads for t in range(len(pairs[i][1]))], device=hidden.device)
             logits = output_logits(model, layout, hidden[row_index, positions]).float()
-        targets = torch.tensor([tok for i in chunk for tok in spans[i][1]], device=logits.device)
+        targets = torch.tensor([tok for _, i in reads for tok in pairs[i][1]], device=logits.device)
         token_logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()
         top1 = (logits.argmax(-1) == targets).cpu()
         offset = 0
-        for i in chunk:
-            n = len(spans[i][1])
+        for _, i in reads:
+            n = len(pairs[i][1])
             results[i] = (token_logp[offset : offset + n], top1[offset : offset + n])
             offset += n
         start = end
