@@ -53,6 +53,12 @@ def test_eval_killed_at_its_commit_points_resumes_to_the_uninterrupted_numbers(t
             assert summary[key] == reference[key], f"{key} after a kill at point {k} ({points[k - 1]})"
         if batches_left:
             assert "edits · ETA" in resumed.stderr  # a progress line per batch: edits, ETA, latest metrics
+            # the evaluations' phases, each announced and timed; the ETA counts the final evaluation
+            # at the pace of the evaluation after a batch (--every 1)
+            assert "for the final evaluation" in resumed.stderr
+            assert "general check (2 tasks, 4 records each" in resumed.stderr
+        assert "final evaluation, after 6 edits" in resumed.stderr and "teacher-forced scores (6 records" in resumed.stderr
+        assert "generative success: done in" in resumed.stderr
     record_property("kill_points", ("eval", len(targets)))
 
 

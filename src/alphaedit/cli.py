@@ -867,11 +867,11 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                             perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
                             consistency=consistency, chat_eval=bool(a.get("chat_eval")), chat_max_tokens=a.get("chat_max_tokens", 32),
                             chat_neighbours=a.get("chat_neighbours", 4) or None)
-    evaluator = Evaluator(lm, tokenizer, records, settings)
+    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
     general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
     batches = -(-len(records) // a["batch_size"])
-    with _run_progress(len(records), len(editor.batches) * a["batch_size"]) as on_batch:
+    with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
         try:
             result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
                                   PreEvalCache() if a.get("pre_cache", True) else None)
@@ -905,8 +905,9 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
 
 
 @contextmanager
-def _run_progress(total: int, done: int):
-    """Yields on_batch(edits done, latest metrics): a bar on a terminal, else a line per batch (for logs), with the ETA."""
+def _run_progress(total: int, done: int, evaluator):
+    """Yields on_batch(edits done, latest metrics): a bar on a terminal, else a line per batch (for logs), with the ETA
+    of the edits and, once the evaluator has timed an evaluation, of the final one."""
     seen: list[tuple[float, int]] = []  # (when, edits) at each batch of this process
 
     def line(edits: int, latest: dict) -> str:
@@ -917,7 +918,9 @@ def _run_progress(total: int, done: int):
         rate = (t1 - t0) / (e1 - e0) if e1 > e0 else (latest.get("s/edit") or 0.0)
         eta = time.strftime("%H:%M:%S", time.gmtime(rate * (total - edits)))
         shown = " · ".join(f"{k} {v:.1f}" for k, v in latest.items() if v is not None)
-        return f"{edits}/{total} edits · ETA {eta} (before the final evaluation) · {shown}"
+        evaluation = sum(t for phase, t in evaluator.took.items() if phase != "general check")
+        final = f" + about {time.strftime('%H:%M:%S', time.gmtime(evaluation))} for the final evaluation" if evaluation else " before the final evaluation"
+        return f"{edits}/{total} edits · ETA {eta}{final} · {shown}"
 
     if not console.is_terminal:
         yield lambda edits, latest: console.print(line(edits, latest), soft_wrap=True, highlight=False)

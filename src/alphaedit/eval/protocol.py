@@ -20,7 +20,9 @@ skipped, and continues: the final numbers equal an uninterrupted run's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,8 +80,13 @@ class ProtocolResult:
 class Evaluator:
     """Evaluates a fixed list of records on whatever state the model is in."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[EvalRecord], settings: EvalSettings):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[EvalRecord], settings: EvalSettings,
+                 on_phase: Callable[[str], None] | None = None):
         self.model, self.tokenizer, self.records, self.settings = model, tokenizer, records, settings
+        # An evaluation of thousands of records takes minutes per phase on a CPU: `on_phase` hears
+        # each phase start (with the time it took the last time, as an estimate) and end.
+        self.on_phase = on_phase
+        self.took: dict[str, float] = {}  # seconds, per phase, of its latest run
         self.rome = load_rome(settings.consistency) if settings.consistency != "local" else None
         if self.rome is not None:
             self.tfidf = self.rome.tfidf
@@ -89,15 +96,31 @@ class Evaluator:
             file_windows(settings.perplexity_corpus, tokenizer, settings.perplexity_tokens, 256) if settings.perplexity_corpus else []
         )
 
+    @contextmanager
+    def phase(self, name: str, size: str) -> Iterator[None]:
+        """Time one phase and tell `on_phase` when it starts (what it does, and how long it took
+        the last time) and ends."""
+        if self.on_phase is not None:
+            before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
+            self.on_phase(f"{name} ({size}{before}) …")
+        start = time.perf_counter()
+        yield
+        self.took[name] = time.perf_counter() - start
+        if self.on_phase is not None:
+            self.on_phase(f"{name}: done in {_duration(self.took[name])}")
+
     def scores(self) -> list[dict]:
         kind = self.records[0].kind
-        per_record = (counterfact_scores if kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, self.records)
-        success = generative_success(self.model, self.tokenizer, self.records)
+        with self.phase("teacher-forced scores", f"{len(self.records)} records"):
+            per_record = (counterfact_scores if kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, self.records)
+        with self.phase("generative success", f"{len(self.records)} records"):
+            success = generative_success(self.model, self.tokenizer, self.records)
         rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
         if self.settings.chat_eval:
-            for row, chat in zip(rows, chat_scores(self.model, self.tokenizer, self.records, self.settings.chat_max_tokens,
-                                                    self.settings.chat_neighbours)):
-                row.update(chat)
+            with self.phase("chat answers", f"{len(self.records)} records"):
+                chat = chat_scores(self.model, self.tokenizer, self.records, self.settings.chat_max_tokens, self.settings.chat_neighbours)
+            for row, answers in zip(rows, chat):
+                row.update(answers)
         return rows
 
     def evaluate(self, with_generation: bool = True) -> Evaluation:
@@ -106,15 +129,21 @@ class Evaluator:
         if with_generation and sampled and self.tfidf is not None:
             chosen = [self.records[i] for i in sampled]
             references = [self.rome.texts(r.relation_id, r.target_new_id) if self.rome else r.reference_texts for r in chosen]
-            generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references)
+            with self.phase("fluency and consistency", f"{sum(len(r.generation_prompts) for r in chosen)} texts of {len(chosen)} records"):
+                generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references)
             for i, g in zip(sampled, generated):
                 per_record[i].update(g)
         for rec, row in zip(self.records, per_record):
             row["case_id"] = rec.case_id
         summary = summarise(per_record)
         if self.windows:
-            summary["perplexity"] = wikitext_perplexity(self.model, self.tokenizer, self.windows)
+            with self.phase("perplexity", f"{len(self.windows)} windows"):
+                summary["perplexity"] = wikitext_perplexity(self.model, self.tokenizer, self.windows)
         return Evaluation(per_record, summary)
+
+
+def _duration(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def summarise(per_record: list[dict]) -> dict[str, float | None]:
@@ -219,10 +248,11 @@ def run_protocol(
         edits = sum(len(b) for b in batches[:k])
         progress["norms"].append({"edits": edits, **weight_norms(editor)})
         if schedule.curve_after(k):
+            _announce(evaluator, f"evaluation after {edits} edits")
             point = summarise(evaluator.scores())
             progress["curve"].append({"edits": edits, **{m: point[m] for m in SUCCESS_METRICS}})
         if general is not None and schedule.general_after(k):
-            progress["general"].append(_general_point(run, general, edits))
+            progress["general"].append(_general_point(run, evaluator, general, edits))
         progress["batches"] = k
         run.commit(progress)
         if on_batch is not None:
@@ -235,6 +265,7 @@ def run_protocol(
         editor.edit(batches[k - 1])
         editor.save_state(run.state)
         measure(k)
+    _announce(evaluator, f"final evaluation, after {len(requests)} edits")
     post = evaluator.evaluate()
     pre = Evaluation(run.read_rows("pre.jsonl"), progress["pre"])
     curve = [*progress["curve"], {"edits": len(requests), **{m: post.summary[m] for m in SUCCESS_METRICS}}]
@@ -254,14 +285,15 @@ def _check_replayed(editor: Editor, batches: list) -> None:
                              "selection changed since the run started; start a new run with another --out")
 
 
-def _general_point(run: RunFolder, general: GeneralCheck, edits: int) -> dict:
-    point, rows = _general_scores(general, edits)
+def _general_point(run: RunFolder, evaluator: Evaluator, general: GeneralCheck, edits: int) -> dict:
+    point, rows = _general_scores(evaluator, general, edits)
     run.write_rows(f"general/{edits:06d}.jsonl", rows)
     return point
 
 
-def _general_scores(general: GeneralCheck, edits: int) -> tuple[dict, list[dict]]:
-    scores, rows = general.run()
+def _general_scores(evaluator: Evaluator, general: GeneralCheck, edits: int) -> tuple[dict, list[dict]]:
+    with evaluator.phase("general check", f"{len(general.tasks)} tasks, {general.tests} records each"):
+        scores, rows = general.run()
     return {"edits": edits, "scores": scores}, [{"task": task, **row} for task, task_rows in rows.items() for row in task_rows]
 
 
@@ -273,12 +305,18 @@ def _pre_edit(evaluator: Evaluator, general: GeneralCheck | None, cache: PreEval
     if stored is not None:
         general_point = (stored["general"], stored["general_rows"]) if general is not None else None
         return Evaluation(stored["records"], stored["summary"]), general_point, f"{cache.path(key)} (computed {stored['created']})"
+    _announce(evaluator, "pre-edit evaluation")
     pre = evaluator.evaluate()
-    general_point = _general_scores(general, 0) if general is not None else None
+    general_point = _general_scores(evaluator, general, 0) if general is not None else None
     if cache is not None:
         cache.store(key, {"records": pre.records, "summary": pre.summary, "general": general_point and general_point[0],
                           "general_rows": general_point and general_point[1]})
     return pre, general_point, None
+
+
+def _announce(evaluator: Evaluator, what: str) -> None:
+    if evaluator.on_phase is not None:
+        evaluator.on_phase(what)
 
 
 def _latest(editor: Editor, progress: dict) -> dict:
