@@ -158,6 +158,25 @@ def test_ask_compares_the_edited_model_with_its_base_weights(client, bench, llam
     assert sampled[0] == sampled[1]  # a seeded sample is reproducible
 
 
+def test_an_ask_with_compare_holds_the_lock_once_so_no_batch_lands_between_its_answers(client, bench, monkeypatch):
+    holds = []
+    enter = type(bench.lock).__enter__
+    monkeypatch.setattr(type(bench.lock), "__enter__", lambda lock: (holds.append(threading.current_thread().name), enter(lock))[1])
+    answer = client.post("/api/ask", json={"prompts": ["The Eiffel Tower is in", "Paris is"], "max_tokens": 2, "compare": True}).json()
+    assert len(holds) == 1 and answer["batches_applied"] == 0 and all("base_completion" in a for a in answer["answers"])
+
+
+def test_the_server_remembers_only_its_newest_finished_jobs(client, bench):
+    bench.keep_finished = 1
+    first, second = _edit(client, EIFFEL), _edit(client, DARRIEUX)
+    third = _edit(client, SEINE)  # submitted with two finished jobs: the older one is forgotten
+    assert client.get(f"/api/jobs/{second['id']}").status_code == 200
+    forgotten = client.get(f"/api/jobs/{first['id']}")
+    assert forgotten.status_code == 404 and "newest 1 finished" in forgotten.json()["detail"]
+    assert [j["id"] for j in client.get("/api/jobs").json()] == [second["id"], third["id"]]
+    assert [b["id"] for b in client.get("/api/journal").json()["batches"]] == [0, 1, 2]  # the journal keeps every batch
+
+
 def test_revert_restores_the_weights_and_is_journalled(client, bench, llama):
     _, layout = llama
     base = _weights(bench.editor.model, layout)

@@ -107,7 +107,8 @@ def create_app(bench: Workbench, token: str | None = None, max_body: int = 1 << 
     def _job(job_id: str):
         job = bench.jobs.get(job_id)
         if job is None:
-            raise Refused(f"no job {job_id!r}", 404)
+            raise Refused(f"no job {job_id!r} (the server forgets all but its newest {bench.keep_finished} finished jobs; "
+                          "their batches are in /api/journal)", 404)
         return job
 
     @app.get("/api/jobs/{job_id}", dependencies=guarded)
@@ -140,15 +141,14 @@ def create_app(bench: Workbench, token: str | None = None, max_body: int = 1 << 
             raise Refused("prompts: an empty prompt; give the start of a sentence, e.g. 'The Eiffel Tower is in'", 422)
         texts = [bench.prompt_text(p, body.chat) for p in body.prompts]
         sampling = None if body.temperature == 0 else Sampling(body.top_k, body.top_p, body.temperature)
-        after = bench.complete(texts, body.max_tokens, sampling, body.seed)
-        before = bench.complete(texts, body.max_tokens, sampling, body.seed, unedited=True) if body.compare else None
+        after, before, applied = bench.ask(texts, body.max_tokens, sampling, body.seed, compare=body.compare)
         answers = []
         for i, (prompt, a) in enumerate(zip(body.prompts, after)):
             answer = {"prompt": prompt, "completion": a.text, "finish_reason": a.finish_reason}
             if before is not None:
                 answer["base_completion"] = before[i].text
             answers.append(answer)
-        return {"answers": answers, "batches_applied": sum(not b.reverted for b in bench.editor.batches)}
+        return {"answers": answers, "batches_applied": applied}
 
     @app.get("/api/journal", dependencies=guarded)
     def journal() -> dict:

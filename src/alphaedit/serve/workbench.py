@@ -78,12 +78,16 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
 
 
 class Workbench:
-    def __init__(self, editor: Editor, state: str | Path, exports: str | Path, *, max_requests: int = 1000, max_queue: int = 16):
+    def __init__(self, editor: Editor, state: str | Path, exports: str | Path, *, max_requests: int = 1000, max_queue: int = 16,
+                 keep_finished: int = 100):
         self.editor = editor
         self.state = Path(state)
         self.exports = Path(exports)
         self.max_requests = max_requests
         self.max_queue = max_queue
+        # A server runs for months: it remembers the newest finished jobs, not all of them (their
+        # batches stay in the journal either way).
+        self.keep_finished = keep_finished
         self.lock = FairLock()
         self.jobs: dict[str, Job] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -117,9 +121,15 @@ class Workbench:
         if waiting >= self.max_queue:
             raise Refused(f"{waiting} jobs are already waiting (--max-queue); submit again when one has finished", 429)
         job = Job(list(requests), size)
+        self._forget_old_jobs()
         self.jobs[job.id] = job
         self._queue.put(job)
         return job
+
+    def _forget_old_jobs(self) -> None:
+        finished = sorted((j for j in self.jobs.values() if j.finished_or_failed), key=lambda j: j.finished or 0.0)
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self.jobs[job.id]
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -208,10 +218,27 @@ class Workbench:
                  stop: Sequence[str] = (), unedited: bool = False) -> list[Completion]:
         """Each text's continuation (greedy unless `sampling`), ended by an end-of-turn token, a stop
         string or `max_tokens`; with `unedited`, by the base model's W_out."""
+        with self.lock:
+            return self._complete(texts, max_tokens, sampling, seed, stop, unedited)
+
+    def ask(self, texts: Sequence[str], max_tokens: int, sampling: Sampling | None = None, seed: int | None = None,
+            compare: bool = False) -> tuple[list[Completion], list[Completion] | None, int]:
+        """The edited model's completions, with `compare` the base weights' too, and the number of
+        batches the answers saw, all in one hold of the lock: no batch lands in between."""
+        with self.lock:
+            after = self._complete(texts, max_tokens, sampling, seed)
+            before = self._complete(texts, max_tokens, sampling, seed, unedited=True) if compare else None
+            return after, before, self.batches_applied()
+
+    def batches_applied(self) -> int:
+        return sum(not b.reverted for b in self.editor.batches)
+
+    def _complete(self, texts: Sequence[str], max_tokens: int, sampling: Sampling | None = None, seed: int | None = None,
+                  stop: Sequence[str] = (), unedited: bool = False) -> list[Completion]:
         tokenizer = self.editor.tokenizer
         rows = [prompt_ids(tokenizer, t) for t in texts]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # a pass runs as long as its rows need
-        with self.lock, (self.editor.unedited() if unedited else nullcontext()), self._seeded(sampling, seed):
+        with (self.editor.unedited() if unedited else nullcontext()), self._seeded(sampling, seed):
             new = generate_rows(self.editor.model, tokenizer, [rows[i] for i in order], max_tokens, sampling, end_ids=self._end_ids)
         completions: list[Completion] = [None] * len(rows)  # type: ignore[list-item]
         for i, tokens in zip(order, new):
