@@ -285,3 +285,41 @@ def test_passes_pack_rows_by_length_and_one_request_per_pass_keeps_them_together
         assert lengths == sorted(lengths)  # so each pass pads its rows to a similar length
         budget = 2 * sum(lengths) / len(REQUESTS)  # two requests' worth of tokens
         assert all(len(p) * max(rows[i].suffix_length(split) for i in p) <= budget for p in packed if len(p) > 1)
+
+
+def test_shared_stems_are_the_longest_token_prefixes_rows_share():
+    from alphaedit.passes import shared_stems
+
+    prefixes = {0: [5, 6, 7, 1], 1: [5, 6, 7, 2, 3], 2: [5, 6, 7, 2, 4], 3: [9, 1], 4: [9, 2, 2], 5: [5, 6]}
+    # rows 1 and 2 share four tokens, row 0 three with them, row 5 is its whole prefix shared;
+    # rows 3 and 4 share one token, under the minimum: no stem
+    assert shared_stems(prefixes) == {0: 3, 1: 4, 2: 4, 3: 0, 4: 0, 5: 2}
+
+
+@pytest.mark.parametrize("tokens_per_pass", [2048, 24])
+def test_prefixes_run_after_shared_stems_give_each_rows_own_keys_and_values(llama64, tokenizer, tokens_per_pass):
+    """Every request's row of a template starts with the template's tokens: they run once, and
+    each row's rest runs against them. The keys and values equal a plain pass over each whole
+    prefix (float64), for rows with and without a stem, in one pass or in many."""
+    from alphaedit.passes import prefix_passes, shared_stems
+    from alphaedit.prompts import batch_rows
+
+    model, _ = llama64
+    requests = [*REQUESTS, EditRequest("{} is a city in", "Madrid", "Spain", None)]
+    rows = [row for i, r in enumerate(requests) for row in _flatten(i, request_rows(tokenizer, r, TEMPLATES))]
+    prefixes = {i: row.ids[: row.lookup] for i, row in enumerate(rows) if row.lookup > 0}
+    stems = shared_stems(prefixes)
+    assert sum(stems.values()) > sum(len(p) for p in prefixes.values()) / 3  # the templates are shared
+    assert 0 in stems.values()  # and some rows (the KL rows' subjects) share nothing
+    seen = []
+    for chosen, layers in prefix_passes(rows, model, tokenizer, tokens_per_pass):
+        seen += chosen
+        for k, i in enumerate(chosen):
+            alone = prefix_passes([rows[i]], model, tokenizer)  # one row: no stem to share
+            ((_, expected),) = list(alone)
+            n = len(prefixes[i])
+            for (keys, values), (ek, ev) in zip(layers, expected):
+                torch.testing.assert_close(keys[k, :, :n], ek[0, :, :n], rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(values[k, :, :n], ev[0, :, :n], rtol=1e-10, atol=1e-10)
+                assert not keys[k, :, n:].any() and not values[k, :, n:].any()  # padding after the prefix is zero
+    assert sorted(seen) == sorted(prefixes)

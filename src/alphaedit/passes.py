@@ -6,8 +6,9 @@ KL prompt). Rows are independent of each other, so a pass may hold any rows of a
 
 Each row is cut at δ's position (the subject's last token). Under causal attention nothing
 before the cut ever sees δ, so those tokens' attention keys and values are computed once
-(`Pass.prefix_pass`) and kept in a `RowCache`; every later pass runs only the suffix, from the
-cut on, against them, with explicit positions. The cache also keeps block l_m's output of each
+(`prefix_passes`, rows grouped by prefix length, not by the suffix grouping of the optimisation's
+passes) and kept in a `RowCache`; every later pass runs only the suffix, from the cut on, against
+them, with explicit positions. The cache also keeps block l_m's output of each
 suffix, so after the first iteration the blocks up to l_m are replayed instead of run.
 `prefix_cache_is_exact` checks that a model honours both (δ = 0 against a plain pass).
 """
@@ -15,7 +16,7 @@ suffix, so after the first iteration the blocks up to l_m are replayed instead o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .hooks import replay_blocks, trace
 from .layouts import Layout, get_module, output_logits
-from .prompts import batch_rows
+from .prompts import PromptBatch, batch_rows
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: attention keys and values
 # Of a pass's token budget: a longer row that would pad the rows already in the pass by more
@@ -163,24 +164,6 @@ class Pass:
     def suffix_width(self) -> int:
         return self.suffix.input_ids.shape[1]
 
-    def prefix_pass(self) -> PrefixKV:
-        """The prefix's attention keys and values at every layer ([rows, heads, width, head_dim]).
-
-        Pad positions are zeroed: a row whose prefix is empty is all padding, and its fully
-        masked attention may leave NaN there, which a 0 attention weight would still spread.
-        """
-        cache = DynamicCache()
-        with torch.no_grad():
-            self.model.base_model(
-                input_ids=self.prefix.input_ids, attention_mask=self.prefix.attention_mask,
-                **{cache_argument(self.model): cache}, use_cache=True,
-            )
-        layers = []
-        for layer in cache.layers:
-            real = self.prefix.attention_mask.to(layer.keys.device)[:, None, :, None].bool()
-            layers.append((layer.keys.where(real, 0.0), layer.values.where(real, 0.0)))
-        return layers
-
     def forward(
         self, delta: torch.Tensor, z_layer: int, below: torch.Tensor | None, prefix_kv: PrefixKV | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,6 +212,115 @@ class Pass:
         return below[rows, self.suffix.lookup[self.plain_rows].to(below.device)]
 
 
+def prefix_kv(model: PreTrainedModel, prefix: PromptBatch) -> PrefixKV:
+    """The attention keys and values of right-padded prefixes at every layer ([rows, heads, width, head_dim]).
+
+    Pad positions are zeroed: a row whose prefix is empty is all padding, and its fully
+    masked attention may leave NaN there, which a 0 attention weight would still spread.
+    """
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.base_model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask, **{cache_argument(model): cache}, use_cache=True)
+    layers = []
+    for layer in cache.layers:
+        real = prefix.attention_mask.to(layer.keys.device)[:, None, :, None].bool()
+        layers.append((layer.keys.where(real, 0.0), layer.values.where(real, 0.0)))
+    return layers
+
+
+def prefix_passes(rows: Sequence[Row], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  tokens_per_pass: int = 2048) -> Iterator[tuple[list[int], PrefixKV]]:
+    """(row indices, their prefixes' attention keys and values) for every row with a prefix.
+
+    A prefix is a context template and the subject's first tokens. Every request's row of one
+    template starts with the same tokens, its stem (shared_stems): the stems run once, in one
+    pass, and each row then runs only the rest of its prefix against its stem's keys and
+    values, at explicit positions. On CounterFact with the paper's five templates the rests are
+    a quarter of the prefix tokens. Rows run sorted by the length of their rest, so that a pass
+    is little padding (the optimisation's passes group rows by suffix length instead).
+    """
+    device = next(model.parameters()).device
+    prefixes = {i: row.ids[: row.lookup] for i, row in enumerate(rows) if row.lookup > 0}
+    stem_length = shared_stems(prefixes)
+    stems = sorted({tuple(prefixes[i][:n]) for i, n in stem_length.items() if n})
+    stem_of = {stem: g for g, stem in enumerate(stems)}
+    stem_kv = prefix_kv(model, batch_rows(tokenizer, [list(t) for t in stems], [0] * len(stems)).to(device)) if stems else None
+    order = sorted(prefixes, key=lambda i: len(prefixes[i]) - stem_length[i])
+    for chosen in _by_budget(order, lambda i: len(prefixes[i]) - stem_length[i], tokens_per_pass):
+        rests = batch_rows(tokenizer, [prefixes[i][stem_length[i] :] for i in chosen], [0] * len(chosen)).to(device)
+        if stem_kv is None or not any(stem_length[i] for i in chosen):
+            yield chosen, prefix_kv(model, rests)
+            continue
+        groups = [stem_of.get(tuple(prefixes[i][: stem_length[i]])) for i in chosen]
+        yield chosen, _after_stems(model, rests, stem_kv, groups, [stem_length[i] for i in chosen])
+
+
+def shared_stems(prefixes: dict[int, list[int]], min_length: int = 2) -> dict[int, int]:
+    """Per row, the length of the longest token prefix it shares with another row, 0 when that
+    is shorter than `min_length` (a shared first word saves nothing). Neighbours in sorted order
+    share the longest prefixes, so one sort finds them without knowing the templates."""
+    order = sorted(prefixes, key=lambda i: prefixes[i])
+    stem = dict.fromkeys(prefixes, 0)
+    for a, b in zip(order, order[1:]):
+        x, y = prefixes[a], prefixes[b]
+        common = next((k for k, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        stem[a], stem[b] = max(stem[a], common), max(stem[b], common)
+    return {i: length if length >= min_length else 0 for i, length in stem.items()}
+
+
+def _by_budget(members: list[int], width: Callable[[int], int], tokens_per_pass: int) -> Iterator[list[int]]:
+    """Consecutive runs of `members` (sorted by width) whose padded size fits the budget and
+    whose padding stays within PADDING_ALLOWANCE of it (a prefix pass is a single forward, so
+    a pass more costs little, unlike padding)."""
+    start = 0
+    while start < len(members):
+        end, real = start + 1, width(members[start])
+        while end < len(members):
+            wider = width(members[end])
+            padded = (end - start + 1) * wider
+            if padded > tokens_per_pass or padded - (real + wider) > tokens_per_pass * PADDING_ALLOWANCE:
+                break
+            end, real = end + 1, real + wider
+        yield members[start:end]
+        start = end
+
+
+def _after_stems(model: PreTrainedModel, rests: PromptBatch, stem_kv: PrefixKV, groups: list[int | None],
+                 lengths: list[int]) -> PrefixKV:
+    """Each row's stem (`groups[k]` of `stem_kv`, `lengths[k]` tokens, or none) and rest as one
+    prefix's keys and values, [rows, heads, stem + rest, head_dim], padded after.
+
+    The rests run with their stems as a cache laid out [stem | padding | rest]: masked padding
+    in the middle is invisible to attention, and positions are explicit, so each rest token
+    sees exactly what it sees in a whole-prefix pass. The result is packed to [stem | rest].
+    """
+    device = rests.input_ids.device
+    rows, width, stem_width = rests.input_ids.shape[0], rests.input_ids.shape[1], stem_kv[0][0].shape[2]
+    length = torch.tensor(lengths, device=device)
+    stem_mask = (torch.arange(stem_width, device=device) < length[:, None]).to(rests.attention_mask.dtype)
+    pick = torch.tensor([g if g is not None else 0 for g in groups], device=device)  # a row without a stem masks all of it
+    cached = [(k[pick.to(k.device)], v[pick.to(v.device)]) for k, v in stem_kv]
+    total = length + rests.attention_mask.sum(1)  # each row's prefix length
+    if width == 0:  # every prefix is its stem
+        return [(k[:, :, : int(total.max())], v[:, :, : int(total.max())]) for k, v in cached]
+    cache = DynamicCache(cached)
+    mask = torch.cat([stem_mask, rests.attention_mask], dim=1)
+    positions = length[:, None] + torch.arange(width, device=device)
+    with torch.no_grad():
+        model.base_model(input_ids=rests.input_ids, attention_mask=mask, position_ids=positions,
+                         **{cache_argument(model): cache}, use_cache=True)
+    # where each packed position [0, stem + rest) sits in the [stem | padding | rest] layout
+    j = torch.arange(int(total.max()), device=device).expand(rows, -1)
+    source = torch.where(j < length[:, None], j, stem_width + j - length[:, None]).clamp(max=stem_width + width - 1)
+    real = j < total[:, None]
+    layers = []
+    for layer in cache.layers:
+        at = source.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        keep = real.to(layer.keys.device)[:, None, :, None]
+        layers.append((layer.keys.gather(2, at).where(keep, 0.0), layer.values.gather(2, at).where(keep, 0.0)))
+    return layers
+
+
 def cache_argument(model: PreTrainedModel) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache`; older models still take the old name
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
@@ -239,9 +331,12 @@ def prefix_cache_gap(model: PreTrainedModel, layout: Layout, tokenizer: PreTrain
     cut, plain = (Pass(rows, model, layout, tokenizer, split) for split in (True, False))
     if cut.prefix_width == 0:
         return 0.0  # nothing is cut: both are the same pass
+    cache = RowCache(len(rows), cut.suffix_width, cut.prefix_width)
+    for chosen, kv in prefix_passes(rows, model, tokenizer):  # as the optimisation computes them, stems shared
+        cache.store_prefix(chosen, kv)
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     zero = torch.zeros(max(r.request for r in rows) + 1, layout.hidden_size, device=next(model.parameters()).device, dtype=dtype)
     with torch.no_grad():
-        _, cut_logp, cut_kl = cut.forward(zero, z_layer, None, cut.prefix_pass())
+        _, cut_logp, cut_kl = cut.forward(zero, z_layer, None, cache.gather_prefix(list(range(len(rows))), cut.prefix_width))
         _, plain_logp, plain_kl = plain.forward(zero, z_layer, None, None)
     return max((cut_logp - plain_logp).abs().max().item(), (cut_kl - plain_kl).abs().max().item())

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
-from .passes import Pass, Row, RowCache, plan_passes, prefix_cache_gap
+from .passes import Pass, Row, RowCache, plan_passes, prefix_cache_gap, prefix_passes, shared_stems
 from .prompts import encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
 
@@ -167,14 +167,15 @@ def compute_targets(
         final_loss, final_prob, final_nll = (torch.zeros(u, dtype=torch.float64) for _ in range(3))
         steps = torch.zeros(u, dtype=torch.long)
 
+        if split:
+            for chosen, kv in prefix_passes(rows, model, tokenizer):
+                cache.store_prefix(chosen, kv)
         for it in range(config.v_num_grad_steps):
             last = it == config.v_num_grad_steps - 1  # the reference never steps on its last iteration
             leaf = delta.clone().requires_grad_(not last)
             totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(4)))
             for chosen in plan_passes(rows, active, requests_per_pass, split):
                 batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
-                if it == 0 and batch.prefix_width:
-                    cache.store_prefix(chosen, batch.prefix_pass())
                 below = cache.gather_below(chosen, batch.suffix_width) if it > 0 else None
                 with torch.set_grad_enabled(not last):
                     below, token_logp, kl_logp = batch.forward(leaf, config.z_layer, below, cache.gather_prefix(chosen, batch.prefix_width))
@@ -220,13 +221,19 @@ def compute_targets(
 def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: PreTrainedTokenizerBase, rows: list[Row], z_layer: int) -> bool:
     """Do passes over cut rows, with the prefixes' keys and values cached, reproduce plain passes?
 
-    Checked once per batch on the request with the longest prefix, at δ = 0, so an architecture
-    whose attention ignores the cache or the explicit positions falls back to plain passes
-    instead of optimising against a wrong model.
+    Checked once per batch, at δ = 0, on the rows of the request with the longest prefix and
+    one row of another request that shares a stem with one of them (so that prefixes computed
+    after a shared stem are checked too), so an architecture whose attention ignores the cache or
+    the explicit positions falls back to plain passes instead of optimising against a wrong model.
     """
     longest = max(rows, key=lambda r: r.lookup).request
+    probed = [r for r in rows if r.request == longest]
+    prefixes = {i: r.ids[: r.lookup] for i, r in enumerate(rows) if r.lookup > 0}
+    stems = shared_stems(prefixes)
+    own = {tuple(prefixes[i][: stems[i]]) for i in stems if rows[i].request == longest and stems[i]}
+    probed += [rows[i] for i in stems if rows[i].request != longest and stems[i] and tuple(prefixes[i][: stems[i]]) in own][:1]
     try:
-        gap = prefix_cache_gap(model, layout, tokenizer, [r for r in rows if r.request == longest], z_layer)
+        gap = prefix_cache_gap(model, layout, tokenizer, probed, z_layer)
     except (TypeError, ValueError) as error:
         warnings.warn(f"the z optimisation runs full passes: this model cannot take cached prefixes ({error})", stacklevel=3)
         return False
