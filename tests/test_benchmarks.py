@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from conftest import WIKITEXT
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -48,3 +51,40 @@ def test_general_check_benchmark_runs_and_both_label_paths_agree(tiny_model_fold
     result = _run(str(BENCHMARKS / "general_check.py"), "--model", str(tiny_model_folder), "--tests", "3", home=tmp_path)
     assert result["scores_agree"] and set(result["scores"]) == {"sst2", "mrpc", "cola", "rte", "mmlu", "nli"}
     assert result["seconds_first_step_labels"] > 0 and result["seconds_teacher_forced_labels"] > 0
+
+
+def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, tokenizer, tmp_path):
+    """From a journal of three AlphaEdit batches: each batch's own change on its keys and the
+    change the batches after it wrote on them, against the same products from the editor's
+    batches in memory; nothing after the last batch."""
+    import copy
+    import importlib.util
+
+    from alphaedit.config import EditConfig
+    from alphaedit.editor import Editor
+    from alphaedit.requests import EditRequest
+    from alphaedit.stats import CorpusSpec, StatsCache
+
+    spec = importlib.util.spec_from_file_location("key_interference", BENCHMARKS / "key_interference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+    editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
+                    cache=StatsCache(tmp_path / "home"), show_progress=False)
+    facts = [("{} is located in", "The Eiffel Tower", "Rome"), ("{} speaks", "Danielle Darrieux", "English"),
+             ("{} flows through", "The Seine", "Berlin"), ("{} plays", "Lionel Messi", "golf")]
+    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
+        editor.edit([EditRequest(p, s, t) for p, s, t in batch])
+        editor.save_state(tmp_path / "state")
+    result = module.interference(str(tmp_path / "state"))
+    assert result["edits"] == 4 and [r["edits_after"] for r in result["rows"]] == [2, 1, 0]
+    batches = editor.batches
+    for k, row in enumerate(result["rows"]):
+        for layer in (1, 2):
+            keys = batches[k].keys[layer].double()
+            later = sum((b.deltas[layer].dense().double() for b in batches[k + 1 :]), torch.zeros(1, dtype=torch.float64))
+            assert row[str(layer)]["own"] == pytest.approx(float((batches[k].deltas[layer].dense().double() @ keys.T).norm()), rel=1e-6)
+            expected = float((later @ keys.T).norm()) if k < 2 else 0.0
+            assert row[str(layer)]["later"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert result["rows"][0]["1"]["later"] > 0 and result["keys_rank"] == {"1": 4, "2": 4}
