@@ -918,7 +918,7 @@ def _run_progress(total: int, done: int, evaluator):
         rate = (t1 - t0) / (e1 - e0) if e1 > e0 else (latest.get("s/edit") or 0.0)
         eta = time.strftime("%H:%M:%S", time.gmtime(rate * (total - edits)))
         shown = " · ".join(f"{k} {v:.1f}" for k, v in latest.items() if v is not None)
-        evaluation = sum(t for phase, t in evaluator.took.items() if phase != "general check")
+        evaluation = evaluator.evaluation_seconds()
         final = f" + about {time.strftime('%H:%M:%S', time.gmtime(evaluation))} for the final evaluation" if evaluation else " before the final evaluation"
         return f"{edits}/{total} edits · ETA {eta}{final} · {shown}"
 

@@ -240,7 +240,7 @@ def prefix_passes(rows: Sequence[Row], model: PreTrainedModel, tokenizer: PreTra
     is little padding (the optimisation's passes group rows by suffix length instead).
     """
     device = next(model.parameters()).device
-    prefixes = {i: row.ids[: row.lookup] for i, row in enumerate(rows) if row.lookup > 0}
+    prefixes = row_prefixes(rows)
     stem_length = shared_stems(prefixes)
     stems = sorted({tuple(prefixes[i][:n]) for i, n in stem_length.items() if n})
     stem_of = {stem: g for g, stem in enumerate(stems)}
@@ -253,6 +253,11 @@ def prefix_passes(rows: Sequence[Row], model: PreTrainedModel, tokenizer: PreTra
             continue
         groups = [stem_of.get(tuple(prefixes[i][: stem_length[i]])) for i in chosen]
         yield chosen, _after_stems(model, rests, stem_kv, groups, [stem_length[i] for i in chosen])
+
+
+def row_prefixes(rows: Sequence[Row]) -> dict[int, list[int]]:
+    """Each row's tokens before δ's position, by row index, for the rows that have any."""
+    return {i: row.ids[: row.lookup] for i, row in enumerate(rows) if row.lookup > 0}
 
 
 def shared_stems(prefixes: dict[int, list[int]], min_length: int = 2) -> dict[int, int]:

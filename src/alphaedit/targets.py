@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
-from .passes import Pass, Row, RowCache, plan_passes, prefix_cache_gap, prefix_passes, shared_stems
+from .passes import Pass, Row, RowCache, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
 from .prompts import encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
 
@@ -228,7 +228,7 @@ def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: Pr
     """
     longest = max(rows, key=lambda r: r.lookup).request
     probed = [r for r in rows if r.request == longest]
-    prefixes = {i: r.ids[: r.lookup] for i, r in enumerate(rows) if r.lookup > 0}
+    prefixes = row_prefixes(rows)
     stems = shared_stems(prefixes)
     own = {tuple(prefixes[i][: stems[i]]) for i in stems if rows[i].request == longest and stems[i]}
     probed += [rows[i] for i in stems if rows[i].request != longest and stems[i] and tuple(prefixes[i][: stems[i]]) in own][:1]

@@ -42,6 +42,7 @@ from .scoring import chat_scores, counterfact_scores, generation_scores, generat
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
 CHAT_METRICS = ("chat_success", "chat_paraphrase", "chat_locality")  # generation-based (scoring.chat_scores)
 EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc")  # EasyEdit's token accuracies, under EasyEdit's names
+GENERAL_PHASE = "general check"  # the phase name the general check is timed under
 
 
 @dataclass
@@ -96,18 +97,25 @@ class Evaluator:
             file_windows(settings.perplexity_corpus, tokenizer, settings.perplexity_tokens, 256) if settings.perplexity_corpus else []
         )
 
+    def announce(self, what: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(what)
+
+    def evaluation_seconds(self) -> float:
+        """How long `evaluate` took the last time, by its timed phases (0 before any): the general
+        check, which runs on its own schedule, is not part of it."""
+        return sum(t for phase, t in self.took.items() if phase != GENERAL_PHASE)
+
     @contextmanager
     def phase(self, name: str, size: str) -> Iterator[None]:
         """Time one phase and tell `on_phase` when it starts (what it does, and how long it took
         the last time) and ends."""
-        if self.on_phase is not None:
-            before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
-            self.on_phase(f"{name} ({size}{before}) …")
+        before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
+        self.announce(f"{name} ({size}{before}) …")
         start = time.perf_counter()
         yield
         self.took[name] = time.perf_counter() - start
-        if self.on_phase is not None:
-            self.on_phase(f"{name}: done in {_duration(self.took[name])}")
+        self.announce(f"{name}: done in {_duration(self.took[name])}")
 
     def scores(self) -> list[dict]:
         kind = self.records[0].kind
@@ -248,7 +256,7 @@ def run_protocol(
         edits = sum(len(b) for b in batches[:k])
         progress["norms"].append({"edits": edits, **weight_norms(editor)})
         if schedule.curve_after(k):
-            _announce(evaluator, f"evaluation after {edits} edits")
+            evaluator.announce(f"evaluation after {edits} edits")
             point = summarise(evaluator.scores())
             progress["curve"].append({"edits": edits, **{m: point[m] for m in SUCCESS_METRICS}})
         if general is not None and schedule.general_after(k):
@@ -265,7 +273,7 @@ def run_protocol(
         editor.edit(batches[k - 1])
         editor.save_state(run.state)
         measure(k)
-    _announce(evaluator, f"final evaluation, after {len(requests)} edits")
+    evaluator.announce(f"final evaluation, after {len(requests)} edits")
     post = evaluator.evaluate()
     pre = Evaluation(run.read_rows("pre.jsonl"), progress["pre"])
     curve = [*progress["curve"], {"edits": len(requests), **{m: post.summary[m] for m in SUCCESS_METRICS}}]
@@ -292,7 +300,7 @@ def _general_point(run: RunFolder, evaluator: Evaluator, general: GeneralCheck, 
 
 
 def _general_scores(evaluator: Evaluator, general: GeneralCheck, edits: int) -> tuple[dict, list[dict]]:
-    with evaluator.phase("general check", f"{len(general.tasks)} tasks, {general.tests} records each"):
+    with evaluator.phase(GENERAL_PHASE, f"{len(general.tasks)} tasks, {general.tests} records each"):
         scores, rows = general.run()
     return {"edits": edits, "scores": scores}, [{"task": task, **row} for task, task_rows in rows.items() for row in task_rows]
 
@@ -305,18 +313,13 @@ def _pre_edit(evaluator: Evaluator, general: GeneralCheck | None, cache: PreEval
     if stored is not None:
         general_point = (stored["general"], stored["general_rows"]) if general is not None else None
         return Evaluation(stored["records"], stored["summary"]), general_point, f"{cache.path(key)} (computed {stored['created']})"
-    _announce(evaluator, "pre-edit evaluation")
+    evaluator.announce("pre-edit evaluation")
     pre = evaluator.evaluate()
     general_point = _general_scores(evaluator, general, 0) if general is not None else None
     if cache is not None:
         cache.store(key, {"records": pre.records, "summary": pre.summary, "general": general_point and general_point[0],
                           "general_rows": general_point and general_point[1]})
     return pre, general_point, None
-
-
-def _announce(evaluator: Evaluator, what: str) -> None:
-    if evaluator.on_phase is not None:
-        evaluator.on_phase(what)
 
 
 def _latest(editor: Editor, progress: dict) -> dict:
