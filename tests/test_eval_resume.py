@@ -8,7 +8,9 @@ import signal
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from alphaedit.cli import app
 from conftest import WIKITEXT
 from test_faults import _commit_points, _run
 
@@ -18,8 +20,8 @@ GLUE = DATA / "glue_eval"
 MEASURED = ("pre", "post", "curve", "norms", "general", "n", "batches", "projector_rank")
 
 
-def _command(model: Path, out: Path) -> list[str]:
-    return ["eval", "--model", str(model), "--dataset", f"counterfact:{COUNTERFACT}", "--n", "6", "--batch-size", "2", "--every", "1",
+def _command(model: Path, out: Path, n: int = 6) -> list[str]:
+    return ["eval", "--model", str(model), "--dataset", f"counterfact:{COUNTERFACT}", "--n", str(n), "--batch-size", "2", "--every", "1",
             "--steps", "3", "--layers", "1-2", "--corpus", str(WIKITEXT), "--tokens", "2000", "--general", str(GLUE),
             "--general-every", "2", "--general-tests", "4", "--general-tasks", "sst2,rte", "--out", str(out), "--json"]
 
@@ -62,6 +64,61 @@ def test_eval_killed_at_its_commit_points_resumes_to_the_uninterrupted_numbers(t
     record_property("kill_points", ("eval", len(targets)))
 
 
+def test_a_finished_run_grown_to_more_records_ends_where_a_run_started_with_them_ends(tiny_model_folder, tmp_path):
+    """`eval --resume DIR --n M`: a finished 4-record run (2 batches) goes on to 6 records. It scores
+    the 2 new records on the unedited model, keeps its earlier report, takes the curve point after
+    batch 2 that only the longer schedule calls for, and ends with the numbers of a 6-record run."""
+    reference = _run(_command(tiny_model_folder, tmp_path / "reference"), tmp_path / "home")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    out = tmp_path / "grown"
+    short = _run(_command(tiny_model_folder, out, n=4), tmp_path / "home")
+    assert short.returncode == 0, short.stderr[-2000:]
+    earlier = json.loads((out / "summary.json").read_text())
+    assert [p["edits"] for p in earlier["curve"]] == [0, 2, 4] and earlier["n"] == 4
+
+    grown = _run(["eval", "--resume", str(out), "--n", "6", "--json"], tmp_path / "home")
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    assert "pre-edit evaluation of the 2 records the run grew by" in grown.stderr
+    assert "evaluation after 4 edits" in grown.stderr  # the curve point a 4-record run had as its final evaluation
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("post", "norms", "general", "n", "batches", "projector_rank"):
+        assert summary[key] == reference[key], key
+    # the curve from 4 edits on is the 6-record run's; the point after batch 1 stays a mean over the 4 records the run had then
+    assert summary["curve"][2:] == reference["curve"][2:]
+    assert summary["curve"][1] == {**earlier["curve"][1], "records": 4}
+    # the new records' pre-edit rows come from their own evaluation (other batch shapes than the
+    # reference's single one): equal to float32 rounding
+    assert summary["pre"].keys() == reference["pre"].keys()
+    for metric, value in reference["pre"].items():
+        assert (summary["pre"][metric] is None) if value is None else summary["pre"][metric] == pytest.approx(value, abs=1e-4), metric
+    pre_rows = [json.loads(line)["pre"] for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(pre_rows) == 6
+    assert json.loads((out / "at-4-edits" / "summary.json").read_text()) == earlier  # the earlier report, kept
+    assert (out / "at-4-edits" / "records.jsonl").exists() and (out / "at-4-edits" / "summary.md").exists()
+    assert any("grown from 4 to 6 records" in note and "at-4-edits" in note for note in summary["notes"])
+    assert json.loads((out / "run.json").read_text())["args"]["n"] == 6
+
+    again = _run(["eval", "--resume", str(out), "--json"], tmp_path / "home")  # resumed once more: nothing left to do
+    assert again.returncode == 0 and json.loads((out / "summary.json").read_text())["post"] == reference["post"]
+    assert (out / "at-4-edits" / "summary.json").exists() and "pre-edit evaluation of the" not in again.stderr
+
+
+def test_a_run_grows_only_into_the_same_sequence_of_batches(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    args = {"n": 5, "batch_size": 2, "select_seed": None}
+    (out / "run.json").write_text(json.dumps({"args": args}))
+    shrink = CliRunner().invoke(app, ["eval", "--resume", str(out), "--n", "4"], env={"ALPHAEDIT_HOME": str(tmp_path)})
+    assert shrink.exit_code == 2 and "--n can only grow a run" in " ".join(shrink.output.split())
+    partial = CliRunner().invoke(app, ["eval", "--resume", str(out), "--n", "8"], env={"ALPHAEDIT_HOME": str(tmp_path)})
+    assert partial.exit_code == 2 and "ended with a partial batch" in " ".join(partial.output.split())
+    (out / "run.json").write_text(json.dumps({"args": {**args, "n": 4, "select_seed": 3}}))
+    drawn = CliRunner().invoke(app, ["eval", "--resume", str(out), "--n", "8"], env={"ALPHAEDIT_HOME": str(tmp_path)})
+    assert drawn.exit_code == 2 and "--select-seed 3" in " ".join(drawn.output.split())
+    assert json.loads((out / "run.json").read_text())["args"]["n"] == 4  # nothing changed
+
+
 def _cli(tiny_model_folder, home, *extra: str):
     from typer.testing import CliRunner
 
@@ -77,7 +134,7 @@ def test_resume_refuses_new_settings_and_a_run_folder_is_not_overwritten(tiny_mo
     taken = _cli(tiny_model_folder, tmp_path, "--dataset", f"counterfact:{COUNTERFACT}", "--out", str(out))
     assert taken.exit_code == 2 and f"continue it with --resume {out}" in taken.output
     changed = _cli(tiny_model_folder, tmp_path, "--resume", str(out), "--n", "8")
-    assert changed.exit_code == 2 and "leave out --model, --n" in changed.output
+    assert changed.exit_code == 2 and "leave out --model (--n may be given" in changed.output
     missing = _cli(tiny_model_folder, tmp_path, "--resume", str(tmp_path / "nowhere"))
     assert missing.exit_code == 2 and "no readable run.json" in missing.output
 

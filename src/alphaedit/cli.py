@@ -744,7 +744,7 @@ def evaluate(
     dataset: Annotated[Optional[str], typer.Option(help="counterfact:PATH, zsre:PATH or knowedit:PATH (CounterFact in ROME or EasyEdit format, zsRE in MEND format).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder: records.jsonl, summary.json, summary.md, plots, and the run's state and progress (so it can be resumed).")] = None,
     model: ModelOption = "smollm2-135m",
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate.")] = 100,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate (the first N, unless --select-seed). With --resume: go on to N records, a finished run included (its report is kept in at-N-edits/).")] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per sequential batch.")] = 100,
     method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)} (see `alphaedit methods`).")] = "alphaedit",
     project: ProjectOption = None,
@@ -798,10 +798,16 @@ def evaluate(
             _fail(f"--resume {resume}: no readable run.json there; give the --out folder of an `alphaedit eval` run")
         option = {p.name: p.opts[0] for p in ctx.command.params}
         given = [name for name in args if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        grow = "n" in given  # --resume DIR --n M: the run goes on to M records
+        given = [g for g in given if g != "n"]
         if given:
-            _fail(f"--resume continues {resume} with the settings it was started with; leave out {', '.join(option[g] for g in given)}")
+            _fail(f"--resume continues {resume} with the settings it was started with; leave out {', '.join(option[g] for g in given)} "
+                  "(--n may be given: it grows the run to more records)")
         args = recorded
         out_dir = resume
+        if grow and n != recorded["n"]:
+            _check_growth(resume, recorded, n)
+            args = {**recorded, "n": n}
     else:
         if dataset is None or out_dir is None:
             _fail("give --dataset and --out for a new run (or --resume DIR to continue one)")
@@ -812,11 +818,24 @@ def evaluate(
     _run_eval(args, Path(out_dir), resuming=resume is not None, as_json=as_json)
 
 
+def _check_growth(folder: Path, a: dict, n: int) -> None:
+    """A run can go on to n records (the first n of its dataset) when that gives the same sequence
+    of batches as a run started with n: its records are the first ones and its batches whole."""
+    if n < a["n"]:
+        _fail(f"--n {n}: the run in {folder} has {a['n']} records already; with --resume, --n can only grow a run")
+    if a["select_seed"] is not None:
+        _fail(f"--n: the run in {folder} drew its records with --select-seed {a['select_seed']}; a draw of {n} is another set, "
+              "so it cannot grow (start a new run with --out)")
+    if a["n"] % a["batch_size"]:
+        _fail(f"--n: the run in {folder} ended with a partial batch ({a['n']} records in batches of {a['batch_size']}); "
+              "grown, its batches would not be those of a run started with more records (start a new run with --out)")
+
+
 def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from .eval.datasets import load_dataset, select, with_questions
     from .eval.general import TASKS, GeneralCheck, load_task_records
     from .eval.pre_cache import PreEvalCache
-    from .eval.protocol import EvalSettings, Evaluator, run_protocol
+    from .eval.protocol import EvalSettings, Evaluator, grow_pre, keep_earlier_report, run_protocol
     from .eval.report import write_report
     from .files import atomic_write_text
 
@@ -852,8 +871,20 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             _fail(str(e))
     if not resuming:
         atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
+    run_file = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    if run_file["args"]["n"] != a["n"]:  # grown (--resume DIR --n M), now that the records are known to exist
+        grown = {"from": run_file["args"]["n"], "to": a["n"], "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        run_file = {**run_file, "args": a, "grown": [*run_file.get("grown", []), grown]}
+        atomic_write_text(out_dir / "run.json", json.dumps(run_file, indent=1))
+    keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
     state = out_dir / "state"
     lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
+    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
+                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
+                            consistency=consistency, chat_eval=bool(a.get("chat_eval")), chat_max_tokens=a.get("chat_max_tokens", 32),
+                            chat_neighbours=a.get("chat_neighbours", 4) or None)
+    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
+    grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
     if Journal.exists(state):
         editor = _replay(state, lm, tokenizer)
     else:
@@ -863,11 +894,6 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         config.chat = bool(a.get("chat"))  # the records carry questions only with --chat
         editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
                              show_progress=False)
-    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
-                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
-                            consistency=consistency, chat_eval=bool(a.get("chat_eval")), chat_max_tokens=a.get("chat_max_tokens", 32),
-                            chat_neighbours=a.get("chat_neighbours", 4) or None)
-    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
     general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
     batches = -(-len(records) // a["batch_size"])
@@ -881,6 +907,14 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     if editor.config.chat and any(r.request.question is not None for r in records):
         result.notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
                             "were also written in the chat template, each as a column of its own")
+    for grown in run_file.get("grown", []):
+        earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
+        extra = general is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)
+        result.notes.append(f"grown from {grown['from']} to {grown['to']} records ({grown['at']}, `eval --resume DIR --n {grown['to']}`): the "
+                            f"same batches and measurements as a run started with {grown['to']}"
+                            + (f", plus the general check the shorter run took after its last batch" if extra else "")
+                            + (f"; curve points before {grown['from']} edits are means over the first {grown['from']} records" if a["every"] else "")
+                            + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
     if skipped:
         result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
                             f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")

@@ -14,7 +14,12 @@ A run lives in its report folder and survives a kill at any point:
     general/NNNNNN.jsonl   each general check's answers, NNNNNN = edits done
 
 Resuming replays the journal (the same weights, bit for bit), takes the measurements a kill
-skipped, and continues: the final numbers equal an uninterrupted run's.
+skipped, and continues: the final numbers equal an uninterrupted run's. A run can also grow: resumed
+with more records (the first N of the same dataset), it scores the new records on the unedited model
+(grow_pre, before the replay), keeps its earlier report (keep_earlier_report), takes the measurements
+the longer schedule calls for after its last batch, and continues — again to the numbers of a run
+started with all the records, except the curve points taken before it grew: those are means over
+the records it had then (marked with their "records").
 """
 
 from __future__ import annotations
@@ -117,34 +122,40 @@ class Evaluator:
         self.took[name] = time.perf_counter() - start
         self.announce(f"{name}: done in {_duration(self.took[name])}")
 
-    def scores(self) -> list[dict]:
-        kind = self.records[0].kind
-        with self.phase("teacher-forced scores", f"{len(self.records)} records"):
-            per_record = (counterfact_scores if kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, self.records)
-        with self.phase("generative success", f"{len(self.records)} records"):
-            success = generative_success(self.model, self.tokenizer, self.records)
+    def scores(self, start: int = 0) -> list[dict]:
+        """Per-record scores of records[start:]."""
+        records = self.records[start:]
+        kind = records[0].kind
+        with self.phase("teacher-forced scores", f"{len(records)} records"):
+            per_record = (counterfact_scores if kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, records)
+        with self.phase("generative success", f"{len(records)} records"):
+            success = generative_success(self.model, self.tokenizer, records)
         rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
         if self.settings.chat_eval:
-            with self.phase("chat answers", f"{len(self.records)} records"):
-                chat = chat_scores(self.model, self.tokenizer, self.records, self.settings.chat_max_tokens, self.settings.chat_neighbours)
+            with self.phase("chat answers", f"{len(records)} records"):
+                chat = chat_scores(self.model, self.tokenizer, records, self.settings.chat_max_tokens, self.settings.chat_neighbours)
             for row, answers in zip(rows, chat):
                 row.update(answers)
         return rows
 
-    def evaluate(self, with_generation: bool = True) -> Evaluation:
-        per_record = self.scores()
+    def evaluate(self, with_generation: bool = True, start: int = 0) -> Evaluation:
+        """Every record's scores and their summary (with the perplexity, which is the model's, not a
+        record's). `start`: only records[start:], without the perplexity — the new records of a grown
+        run, sampled for fluency as they would be in an evaluation of all records."""
+        per_record = self.scores(start)
         sampled = [i for i, r in enumerate(self.records) if r.generation_prompts][:: self.settings.generation_every]
+        sampled = [i for i in sampled if i >= start]
         if with_generation and sampled and self.tfidf is not None:
             chosen = [self.records[i] for i in sampled]
             references = [self.rome.texts(r.relation_id, r.target_new_id) if self.rome else r.reference_texts for r in chosen]
             with self.phase("fluency and consistency", f"{sum(len(r.generation_prompts) for r in chosen)} texts of {len(chosen)} records"):
                 generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references)
             for i, g in zip(sampled, generated):
-                per_record[i].update(g)
-        for rec, row in zip(self.records, per_record):
+                per_record[i - start].update(g)
+        for rec, row in zip(self.records[start:], per_record):
             row["case_id"] = rec.case_id
         summary = summarise(per_record)
-        if self.windows:
+        if self.windows and start == 0:
             with self.phase("perplexity", f"{len(self.windows)} windows"):
                 summary["perplexity"] = wikitext_perplexity(self.model, self.tokenizer, self.windows)
         return Evaluation(per_record, summary)
@@ -251,15 +262,24 @@ def run_protocol(
             progress["general"].append(point)
         run.commit(progress)
 
-    def measure(k: int) -> None:
-        """The measurements after batch k (the model holds exactly k batches), then commit."""
+    def missing(k: int) -> list[str]:
+        """The measurements due after batch k that progress.json lacks."""
         edits = sum(len(b) for b in batches[:k])
-        progress["norms"].append({"edits": edits, **weight_norms(editor)})
-        if schedule.curve_after(k):
+        taken = {kind: {p["edits"] for p in progress[kind]} for kind in ("norms", "curve", "general")}
+        due = ["norms", *(["curve"] if schedule.curve_after(k) else []), *(["general"] if general is not None and schedule.general_after(k) else [])]
+        return [kind for kind in due if edits not in taken[kind]]
+
+    def measure(k: int) -> None:
+        """The measurements after batch k that are missing (the model holds exactly k batches), then commit."""
+        edits = sum(len(b) for b in batches[:k])
+        todo = missing(k)
+        if "norms" in todo:
+            progress["norms"].append({"edits": edits, **weight_norms(editor)})
+        if "curve" in todo:
             evaluator.announce(f"evaluation after {edits} edits")
             point = summarise(evaluator.scores())
             progress["curve"].append({"edits": edits, **{m: point[m] for m in SUCCESS_METRICS}})
-        if general is not None and schedule.general_after(k):
+        if "general" in todo:
             progress["general"].append(_general_point(run, evaluator, general, edits))
         progress["batches"] = k
         run.commit(progress)
@@ -267,7 +287,9 @@ def run_protocol(
             on_batch(edits, _latest(editor, progress))
 
     done = len(editor.batches)
-    if progress["batches"] < done:  # killed after the journal took batch `done`, before its measurements
+    # killed after the journal took batch `done`, before its measurements; or a run grown to more records,
+    # whose last batch now has measurements the shorter run's schedule did not call for (a curve point)
+    if done and (progress["batches"] < done or missing(done)):
         measure(done)
     for k in range(done + 1, len(batches) + 1):
         editor.edit(batches[k - 1])
@@ -282,6 +304,55 @@ def run_protocol(
     if progress.get("pre_reused"):
         notes.append(f"pre-edit scores reused from {progress['pre_reused']} (the same model, records, settings and scoring code)")
     return ProtocolResult(pre, post, curve, progress["norms"], progress["general"], seconds, notes, monitor(editor))
+
+
+def grow_pre(folder: Path, evaluator: Evaluator) -> int:
+    """The pre-edit scores of the records a grown run (`eval --resume DIR --n M`) added, on the unedited
+    model: call it before the journal is replayed. Appends them to pre.jsonl and recomputes the
+    pre-edit summary over all records, as an evaluation of all of them would give it (the perplexity,
+    the model's own, is kept). Returns how many records it scored."""
+    run = RunFolder(folder)
+    progress = run.progress()
+    if progress is None:
+        return 0
+    rows = run.read_rows("pre.jsonl")
+    start = len(rows)
+    if start >= len(evaluator.records):
+        return 0
+    evaluator.announce(f"pre-edit evaluation of the {len(evaluator.records) - start} records the run grew by")
+    rows += evaluator.evaluate(start=start).records
+    summary = {**progress["pre"], **summarise(rows)}
+    progress["pre"] = summary
+    progress["curve"][0] = {"edits": 0, **{k: summary[k] for k in SUCCESS_METRICS}}
+    for point in progress["curve"][1:]:  # points taken before the run grew are means over the records it had then
+        point.setdefault("records", start)
+    # the summary first: killed before the rows are written, the next resume scores the new records again
+    run.commit(progress)
+    run.write_rows("pre.jsonl", rows)
+    return len(evaluator.records) - start
+
+
+REPORT_FILES = ("records.jsonl", "summary.md", "metrics_vs_edits.png", "weight_norms.png", "norm_growth.png", "general_f1.png",
+                "general_f1_label.png", "summary.json")  # summary.json last: while it is in place, the move is not finished
+
+
+def keep_earlier_report(folder: Path, records: int) -> Path | None:
+    """A finished run grown to more records keeps the report it had in `at-N-edits/` (N: its records),
+    so the new report does not overwrite it. Idempotent (a kill midway is finished by the next call).
+    Returns the folder, or None when there is no earlier report."""
+    folder = Path(folder)
+    summary = folder / "summary.json"
+    if not summary.exists():
+        return None
+    n = json.loads(summary.read_text(encoding="utf-8"))["n"]
+    if n == records:
+        return None
+    kept = folder / f"at-{n}-edits"
+    kept.mkdir(exist_ok=True)
+    for name in REPORT_FILES:
+        if (folder / name).exists():
+            (folder / name).replace(kept / name)
+    return kept
 
 
 def _check_replayed(editor: Editor, batches: list) -> None:
