@@ -738,6 +738,29 @@ def methods(as_json: JsonOption = False) -> None:
     out.print(table)
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Report folders of `alphaedit eval` runs (their --out).")],
+    plots: Annotated[Optional[Path], typer.Option(help="Also write plots into this folder: the general check's mean F1 and the largest ‖W‖/‖W₀‖ against the number of edits, a line per run.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Runs side by side: a Markdown table per model, dataset and number of edits (the pre-edit row, a row
+    per run, and what the projection changed for a method run without and with it), ready to paste."""
+    from .eval.compare import as_json as compare_json, load_runs, markdown, plot
+
+    try:
+        groups, unfinished = load_runs(runs)
+    except (OSError, ValueError, KeyError) as e:
+        _fail(str(e))
+    written = plot(groups, plots) if plots is not None else []
+    if as_json:
+        out.print_json(json.dumps({**compare_json(groups, unfinished), "plots": [str(p) for p in written]}))
+        return
+    out.print(markdown(groups, unfinished), markup=False, highlight=False, soft_wrap=True)
+    for path in written:
+        out.print(f"plot: {path}", markup=False, highlight=False)
+
+
 @app.command("eval")
 def evaluate(
     ctx: typer.Context,
