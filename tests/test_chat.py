@@ -153,3 +153,48 @@ def test_a_state_edited_with_chat_forms_continues_exactly(llama, chat_tokenizer,
     for layer in (1, 2):
         torch.testing.assert_close(resumed.preserved[layer], straight.preserved[layer], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(resumed._math_weight(layer), straight._math_weight(layer), rtol=0, atol=1e-6)
+
+
+def test_a_chat_form_that_shares_its_requests_delta_trains_it_with_half_the_loss(llama, chat_tokenizer):
+    """chat_values="shared": the chat form's rows add and train its request's δ (each form half
+    of the NLL, one KL row), and z_chat = h0_chat + δ with the chat prompt's own h0. Batched, each
+    pair gives what it gives alone."""
+    model, layout = llama
+    templates = [PLAIN_TEMPLATE, "Therefore, {}", "I think that {}"]
+    chats = [chat_form(chat_tokenizer, r) for r in QUESTIONED]
+    config = EditConfig(method="memit", layers=[1, 2], v_num_grad_steps=6, v_lr=0.5)
+    both = compute_targets(model, layout, chat_tokenizer, [*QUESTIONED, *chats], templates, config, owners=[0, 1, 0, 1])
+    h0_chat = compute_keys(model, layout, chat_tokenizer, chats, templates, [2], z_layer=2).z_current
+    torch.testing.assert_close(both.h0[2:], h0_chat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both.z[2:] - both.h0[2:], both.z[:2] - both.h0[:2])  # one δ per pair
+    assert both.steps[2:] == both.steps[:2] and both.steps[0] > 0
+    for i in range(2):
+        alone = compute_targets(model, layout, chat_tokenizer, [QUESTIONED[i], chats[i]], templates, config, owners=[0, 0])
+        torch.testing.assert_close(alone.z, both.z[[i, i + 2]], rtol=1e-4, atol=1e-5)
+    # the loss: before any step (one iteration never steps), the pair's target NLL is the mean of the two forms' own
+    first = EditConfig(method="memit", layers=[1, 2], v_num_grad_steps=1)
+    pair = compute_targets(model, layout, chat_tokenizer, [QUESTIONED[0], chats[0]], templates, first, owners=[0, 0])
+    own = compute_targets(model, layout, chat_tokenizer, [QUESTIONED[0], chats[0]], templates, first)
+    assert pair.target_nll[0] == pytest.approx((own.target_nll[0] + own.target_nll[1]) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="must own it"):
+        compute_targets(model, layout, chat_tokenizer, [QUESTIONED[0], chats[0], chats[0]], templates, first, owners=[0, 0, 1])
+
+
+def test_shared_chat_values_in_the_editor(llama, chat_tokenizer, tmp_path):
+    """The editor ties each chat form to its request under chat_values="shared" and the edit still
+    moves the residual at the subject inside the chat question toward its z."""
+    model, layout = llama
+    editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
+    editor.config.chat_values = "shared"
+    forms = editor.edit_forms(QUESTIONED)
+    assert editor._value_owners(QUESTIONED, forms) == [0, 1, 0, 1]
+    editor.config.layers = [2]
+    templates = editor.context_templates()
+    target = compute_targets(model, layout, chat_tokenizer, forms, templates, editor.config, owners=[0, 1, 0, 1]).z
+    before = compute_keys(model, layout, chat_tokenizer, forms, templates, [2], z_layer=2).z_current
+    editor.edit(QUESTIONED)
+    after = compute_keys(editor.model, layout, chat_tokenizer, forms, templates, [2], z_layer=2).z_current
+    gaps = ((target - after).norm(dim=1) / (target - before).norm(dim=1)).tolist()
+    assert max(gaps[2:]) < 0.05, gaps  # the chat columns reach their z (h0_chat + the shared δ)
+    with pytest.raises(ValueError, match="chat_values"):
+        EditConfig(method="memit", layers=[1, 2], chat_values="both")

@@ -65,6 +65,12 @@ class EditConfig:
     # the tokenizer's chat template (question as the user's turn, target_new as the answer), as a
     # column of its own with its own z, when the tokenizer has a chat template
     chat: bool = True
+    # what a chat form's column asks of W_out: "own" — a z of its own, optimised on the chat prompt
+    # alone; "shared" — its request's δ, optimised on the plain prompts and the chat prompt together
+    # (each half of the NLL), added to the chat form's own h0. The two keys are nearly parallel
+    # (cosine 0.87 at SmolLM2's layer 7) while two separately optimised δ are not (0.23), so "own"
+    # asks for a large change along the keys' small difference, which every chat prompt shares.
+    chat_values: str = "own"
     # context templates, §1.2
     context_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -87,6 +93,8 @@ class EditConfig:
             raise ValueError(f"early_stop_rule must be loss (the authors' code) or nll, not {self.early_stop_rule!r}")
         if self.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
+        if self.chat_values not in ("own", "shared"):
+            raise ValueError(f"chat_values must be own or shared, not {self.chat_values!r}")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
 

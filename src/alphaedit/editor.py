@@ -279,7 +279,8 @@ class Editor(Persistence):
         clock = _PhaseClock(self.model)
         forms = self.edit_forms(requests)  # one column of K and R per form
         with clock("z"):
-            targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, config, config.v_requests_per_pass, step)
+            targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, config, config.v_requests_per_pass, step,
+                                      owners=self._value_owners(requests, forms))
             z = targets.z.cpu()
             reference, dropped = None, 0
             if config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
@@ -377,6 +378,14 @@ class Editor(Persistence):
         if not (self.config.chat and has_chat_template(self.tokenizer)):
             return list(requests)
         return [*requests, *(chat_form(self.tokenizer, r) for r in requests if r.question is not None)]
+
+    def _value_owners(self, requests: Sequence[EditRequest], forms: list[EditRequest]) -> list[int] | None:
+        """Per form, the request whose δ it trains and adds: with chat_values="shared", a chat form
+        its request's (edit_forms' order: the requests, then the chat forms of those with a
+        question); otherwise each its own (None)."""
+        if self.config.chat_values != "shared" or len(forms) == len(requests):
+            return None
+        return [*range(len(requests)), *(i for i, r in enumerate(requests) if r.question is not None)]
 
     def _guard_before(self, batch: list[EditRequest]):
         """With a guard: the state to put back if it refuses this batch, and the probes' answers now."""

@@ -43,6 +43,9 @@ class Row:
     reads: list[tuple[int, int, float]]  # NLL terms: (position whose logits predict, token, weight)
     is_kl: bool = False  # the "{subject} is a" row: KL at `lookup`
     is_plain: bool = False  # the plain-template row: h0 is block l_m's output at `lookup`
+    # the form whose h0 a plain row gives, when it is not `request` (a chat form that shares its
+    # request's δ: its rows add and train that δ, its h0 is its own)
+    form: int | None = None
 
     def cut(self, split: bool) -> int:
         return self.lookup if split else 0
@@ -154,7 +157,8 @@ class Pass:
         self.kl_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_kl], dtype=torch.long, device=device)
         self.kl_request = self.row_request[self.kl_rows]
         self.plain_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_plain], dtype=torch.long, device=device)
-        self.plain_request = self.row_request[self.plain_rows]
+        self.plain_request = torch.tensor([row.request if row.form is None else row.form for row in rows if row.is_plain],
+                                          dtype=torch.long, device=device)
 
     @property
     def prefix_width(self) -> int:
@@ -207,7 +211,7 @@ class Pass:
         return captured["below"], token_logp, kl_logp
 
     def plain_outputs(self, below: torch.Tensor) -> torch.Tensor:
-        """h0 of the requests whose plain-template row is in this pass (in `plain_request` order)."""
+        """h0 of the forms whose plain-template row is in this pass (in `plain_request` order)."""
         rows = self.plain_rows.to(below.device)
         return below[rows, self.suffix.lookup[self.plain_rows].to(below.device)]
 

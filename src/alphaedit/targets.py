@@ -84,16 +84,21 @@ def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templ
     return TargetRows(ids, lookup, target, starts)
 
 
-def _flatten(request: int, rows: TargetRows) -> list[Row]:
-    """One Row per prompt; the NLL is a mean over target tokens, then over rewriting prompts."""
-    weight = 1.0 / (len(rows.target) * len(rows.target_start))
+def _flatten(form: int, rows: TargetRows, owner: int | None = None, share: float = 1.0) -> list[Row]:
+    """One Row per prompt; the NLL is a mean over target tokens, then over rewriting prompts,
+    weighted by `share` when two forms train one δ (owner: the form whose δ these rows add)."""
+    owner = form if owner is None else owner
+    weight = share / (len(rows.target) * len(rows.target_start))
     flat = [
-        Row(request, ids, lookup, [(start + t, token, weight) for t, token in enumerate(rows.target)], is_plain=j == 0)
+        Row(owner, ids, lookup, [(start + t, token, weight) for t, token in enumerate(rows.target)], is_plain=j == 0,
+            form=None if owner == form else form)
         for j, (ids, lookup, start) in enumerate(zip(rows.ids, rows.lookup, rows.target_start))
     ]
+    if owner != form:  # the owner's KL row already keeps the subject's essence
+        return flat
     # The KL is read at the subject's last token: under causal attention " is a" after it
     # cannot change it, so the row ends there.
-    return flat + [Row(request, rows.ids[-1][: rows.lookup[-1] + 1], rows.lookup[-1], [], is_kl=True)]
+    return flat + [Row(owner, rows.ids[-1][: rows.lookup[-1] + 1], rows.lookup[-1], [], is_kl=True)]
 
 
 @dataclass
@@ -145,13 +150,22 @@ def compute_targets(
     config: EditConfig,
     requests_per_pass: int = 16,
     on_iteration: Callable[[], None] | None = None,
+    owners: Sequence[int] | None = None,
 ) -> TargetResult:
     """Optimise z for every request of a batch, `requests_per_pass` requests' rows per pass.
 
-    `on_iteration` is called after each iteration (progress reporting).
+    `on_iteration` is called after each iteration (progress reporting). `owners[j]`: the request
+    whose δ request j shares (j itself, or an earlier request: chat-aware editing's shared values).
+    A request and the forms that share its δ train it together, each form half of the NLL when
+    one shares it; each keeps its own h0, so z_j = h0_j + δ_owner.
     """
+    owners = list(range(len(requests))) if owners is None else list(owners)
+    tied = {o for j, o in enumerate(owners) if o != j}
+    if any(owners[o] != o for o in tied):
+        raise ValueError("a request that lends its δ must own it")
     with frozen_parameters(model):
-        rows = [row for i, r in enumerate(requests) for row in _flatten(i, request_rows(tokenizer, r, templates))]
+        rows = [row for i, r in enumerate(requests)
+                for row in _flatten(i, request_rows(tokenizer, r, templates), owners[i], 0.5 if i in tied or owners[i] != i else 1.0)]
         split = config.v_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
         cache = RowCache(len(rows), max(r.suffix_length(split) for r in rows), max(r.cut(split) for r in rows))
         device = next(model.parameters()).device
@@ -163,7 +177,7 @@ def compute_targets(
         adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
         h0 = torch.zeros_like(delta)
         kl_init: dict[int, torch.Tensor] = {}  # KL row -> its log-probs before any δ
-        active = list(range(u))
+        active = sorted(set(owners))  # only the owners' δ move
         final_loss, final_prob, final_nll = (torch.zeros(u, dtype=torch.float64) for _ in range(3))
         steps = torch.zeros(u, dtype=torch.long)
 
@@ -214,6 +228,9 @@ def compute_targets(
                 steps[active] += 1
                 _clamp(delta, h0, config.clamp_norm_factor, moving)
 
+        owner = torch.tensor(owners, device=device)
+        delta = delta[owner]  # a form that shares δ takes its owner's, and its numbers
+        final_loss, final_prob, final_nll, steps = (t[owner.cpu()] for t in (final_loss, final_prob, final_nll, steps))
         shift = (delta.norm(dim=-1) / h0.norm(dim=-1)).tolist()
         return TargetResult(h0 + delta, final_loss.tolist(), steps.tolist(), final_prob.tolist(), final_nll.tolist(), shift, h0.detach().clone())
 

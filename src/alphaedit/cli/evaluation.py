@@ -110,6 +110,7 @@ def evaluate(
     stop_most_probable: MostProbableOption = False,
     anchor_values: AnchorOption = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Chat-aware editing: give each edit request a question (CounterFact: its relation's question form; zsRE: its prompt) so that the fact is also written in the tokenizer's chat template.")] = False,
+    chat_values: Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' (a z of its own, from the chat prompt alone) or 'shared' (its request's δ, optimised on the plain and chat prompts together).")] = "own",
     chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
     chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
@@ -198,6 +199,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             rome_folder(consistency)  # fetched or checked before the model loads
         except ValueError as e:
             _fail(str(e))
+    if a.get("chat_values", "own") not in ("own", "shared"):
+        _fail(f"--chat-values {a['chat_values']}: choose own or shared")
     if not resuming:
         atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
     run_file = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
@@ -221,6 +224,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                               a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], bool(a.get("stop_most_probable")),
                               bool(a.get("anchor_values")))
         config.chat = bool(a.get("chat"))  # the records carry questions only with --chat
+        config.chat_values = a.get("chat_values", "own")  # run.json of a run begun before this option: own
         editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
                              show_progress=False)
     general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
@@ -235,7 +239,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     result.notes += _eval_notes(records, settings)
     if editor.config.chat and any(r.request.question is not None for r in records):
         result.notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
-                            "were also written in the chat template, each as a column of its own")
+                            "were also written in the chat template, each as a column of its own"
+                            + (", sharing its request's δ (--chat-values shared)" if editor.config.chat_values == "shared" else ""))
     for grown in run_file.get("grown", []):
         earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
         extra = general is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)
@@ -256,7 +261,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": bool(a.get("chat")), "chat_eval": bool(a.get("chat_eval")),
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": bool(a.get("chat")), "chat_values": c.chat_values, "chat_eval": bool(a.get("chat_eval")),
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)
