@@ -373,8 +373,10 @@ class Editor(Persistence):
     def edit_forms(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The prompts a batch is written under, one column each: every request as given, then,
         with chat-aware editing, the chat form of each that has a question (prompts.chat_form).
-        The chat form's key (the subject inside a chat turn) is far from the plain prompt's, so
-        it gets a column of its own instead of a share of the template average."""
+        The chat form gets a column of its own rather than a share of the template average, so
+        that W_out maps its key (the subject inside a chat turn; close to the cloze key, cosine
+        0.87 at SmolLM2's layer 7, but not equal) exactly; what that column asks for is
+        config.chat_values."""
         if not (self.config.chat and has_chat_template(self.tokenizer)):
             return list(requests)
         return [*requests, *(chat_form(self.tokenizer, r) for r in requests if r.question is not None)]
