@@ -88,3 +88,42 @@ def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, 
             expected = float((later @ keys.T).norm()) if k < 2 else 0.0
             assert row[str(layer)]["later"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
     assert result["rows"][0]["1"]["later"] > 0 and result["keys_rank"] == {"1": 4, "2": 4}
+
+
+def test_update_spectrum_reads_the_summed_update_against_the_unedited_weight(llama, tokenizer, tmp_path):
+    """From a journal of three batches: σ_max and the Frobenius norm of the summed updates against
+    the unedited W_out's, and the count of singular values above σ_max(W_out), as computed from
+    the editor's batches in memory."""
+    import copy
+    import importlib.util
+
+    from alphaedit.config import EditConfig
+    from alphaedit.editor import Editor
+    from alphaedit.layouts import mlp_out_weight
+    from alphaedit.requests import EditRequest
+    from alphaedit.stats import CorpusSpec, StatsCache
+
+    spec = importlib.util.spec_from_file_location("update_spectrum", BENCHMARKS / "update_spectrum.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, layout = llama
+    config = EditConfig(method="memit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, mom2_update_weight=1e-3, context_template_length=6)
+    editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
+                    cache=StatsCache(tmp_path / "home"), show_progress=False)
+    facts = [("{} is located in", "The Eiffel Tower", "Rome"), ("{} speaks", "Danielle Darrieux", "English"),
+             ("{} flows through", "The Seine", "Berlin"), ("{} plays", "Lionel Messi", "golf")]
+    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
+        editor.edit([EditRequest(p, s, t) for p, s, t in batch])
+        editor.save_state(tmp_path / "state")
+    result = module.spectrum(str(tmp_path / "state"), every=2, model=model)
+    assert [r["edits"] for r in result["rows"]] == [3, 4]  # after the second batch, and the last
+    for row, upto in zip(result["rows"], (2, 3)):
+        for layer in (1, 2):
+            base = mlp_out_weight(model, layout, layer).detach().double()
+            total = sum(b.deltas[layer].dense().double() for b in editor.batches[:upto])
+            total = total if total.shape == base.shape else total.T
+            s, sigma_max = torch.linalg.svdvals(total), torch.linalg.matrix_norm(base, ord=2)
+            assert row[str(layer)]["sigma_ratio"] == pytest.approx(float(s[0] / sigma_max), rel=1e-9)
+            assert row[str(layer)]["frobenius_ratio"] == pytest.approx(float(total.norm() / base.norm()), rel=1e-9)
+            assert row[str(layer)]["above_sigma_max"] == int((s > sigma_max).sum())
+    assert result["rows"][-1]["2"]["sigma_ratio"] > 0
