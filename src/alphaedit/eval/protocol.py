@@ -324,6 +324,8 @@ def grow_pre(folder: Path, evaluator: Evaluator) -> int:
     summary = {**progress["pre"], **summarise(rows)}
     progress["pre"] = summary
     progress["curve"][0] = {"edits": 0, **{k: summary[k] for k in SUCCESS_METRICS}}
+    if progress.get("pre_reused") and "for its first" not in progress["pre_reused"]:
+        progress["pre_reused"] += f" for its first {start} records"
     for point in progress["curve"][1:]:  # points taken before the run grew are means over the records it had then
         point.setdefault("records", start)
     # the summary first: killed before the rows are written, the next resume scores the new records again
