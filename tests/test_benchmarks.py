@@ -53,23 +53,24 @@ def test_general_check_benchmark_runs_and_both_label_paths_agree(tiny_model_fold
     assert result["seconds_first_step_labels"] > 0 and result["seconds_teacher_forced_labels"] > 0
 
 
-def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, tokenizer, tmp_path):
-    """From a journal of three AlphaEdit batches: each batch's own change on its keys and the
-    change the batches after it wrote on them, against the same products from the editor's
-    batches in memory; nothing after the last batch."""
-    import copy
+def _benchmark(name: str):
+    """A benchmarks/ script as a module (they are scripts, not a package)."""
     import importlib.util
 
-    from alphaedit.config import EditConfig
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _three_batch_journal(model, layout, tokenizer, tmp_path, config):
+    """Four facts edited in three batches (2, 1, 1) into tmp_path/state; returns the editor."""
+    import copy
+
     from alphaedit.editor import Editor
     from alphaedit.requests import EditRequest
     from alphaedit.stats import CorpusSpec, StatsCache
 
-    spec = importlib.util.spec_from_file_location("key_interference", BENCHMARKS / "key_interference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model, layout = llama
-    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
     editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
                     cache=StatsCache(tmp_path / "home"), show_progress=False)
     facts = [("{} is located in", "The Eiffel Tower", "Rome"), ("{} speaks", "Danielle Darrieux", "English"),
@@ -77,6 +78,19 @@ def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, 
     for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
         editor.edit([EditRequest(p, s, t) for p, s, t in batch])
         editor.save_state(tmp_path / "state")
+    return editor
+
+
+def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, tokenizer, tmp_path):
+    """From a journal of three AlphaEdit batches: each batch's own change on its keys and the
+    change the batches after it wrote on them, against the same products from the editor's
+    batches in memory; nothing after the last batch."""
+    from alphaedit.config import EditConfig
+
+    module = _benchmark("key_interference")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+    editor = _three_batch_journal(model, layout, tokenizer, tmp_path, config)
     result = module.interference(str(tmp_path / "state"))
     assert result["edits"] == 4 and [r["edits_after"] for r in result["rows"]] == [2, 1, 0]
     batches = editor.batches
@@ -94,27 +108,13 @@ def test_update_spectrum_reads_the_summed_update_against_the_unedited_weight(lla
     """From a journal of three batches: σ_max and the Frobenius norm of the summed updates against
     the unedited W_out's, and the count of singular values above σ_max(W_out), as computed from
     the editor's batches in memory."""
-    import copy
-    import importlib.util
-
     from alphaedit.config import EditConfig
-    from alphaedit.editor import Editor
     from alphaedit.layouts import mlp_out_weight
-    from alphaedit.requests import EditRequest
-    from alphaedit.stats import CorpusSpec, StatsCache
 
-    spec = importlib.util.spec_from_file_location("update_spectrum", BENCHMARKS / "update_spectrum.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("update_spectrum")
     model, layout = llama
     config = EditConfig(method="memit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, mom2_update_weight=1e-3, context_template_length=6)
-    editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
-                    cache=StatsCache(tmp_path / "home"), show_progress=False)
-    facts = [("{} is located in", "The Eiffel Tower", "Rome"), ("{} speaks", "Danielle Darrieux", "English"),
-             ("{} flows through", "The Seine", "Berlin"), ("{} plays", "Lionel Messi", "golf")]
-    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
-        editor.edit([EditRequest(p, s, t) for p, s, t in batch])
-        editor.save_state(tmp_path / "state")
+    editor = _three_batch_journal(model, layout, tokenizer, tmp_path, config)
     result = module.spectrum(str(tmp_path / "state"), every=2, model=model)
     assert [r["edits"] for r in result["rows"]] == [3, 4]  # after the second batch, and the last
     for row, upto in zip(result["rows"], (2, 3)):
