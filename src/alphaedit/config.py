@@ -67,9 +67,9 @@ class EditConfig:
     chat: bool = True
     # what a chat form's column asks of W_out: "own" — a z of its own, optimised on the chat prompt
     # alone; "shared" — its request's δ, optimised on the plain prompts and the chat prompt together
-    # (each half of the NLL), added to the chat form's own h0. The two keys are nearly parallel
-    # (cosine 0.87 at SmolLM2's layer 7) while two separately optimised δ are not (0.23), so "own"
-    # asks for a large change along the keys' small difference, which every chat prompt shares.
+    # (each half of the NLL), added to the chat form's own h0. On SmolLM2 "shared" holds the fact
+    # better in conversation and in unedited question forms but costs more of the neighbours'
+    # answers (BENCHMARKS.md, issue 15), so the default stays the earlier behaviour.
     chat_values: str = "own"
     # context templates, §1.2
     context_template_words: list[str] = field(
