@@ -18,6 +18,9 @@ from .updates import PROJECTOR_RULES
 RENAMED = {"z_requests_per_pass": "v_requests_per_pass", "z_prefix_cache": "v_prefix_cache"}
 
 
+CHAT_VALUES = ("own", "shared")  # EditConfig.chat_values
+
+
 @dataclass
 class EditConfig:
     """Everything that decides what an edit does (ALGORITHM.md §2)."""
@@ -93,8 +96,8 @@ class EditConfig:
             raise ValueError(f"early_stop_rule must be loss (the authors' code) or nll, not {self.early_stop_rule!r}")
         if self.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
-        if self.chat_values not in ("own", "shared"):
-            raise ValueError(f"chat_values must be own or shared, not {self.chat_values!r}")
+        if self.chat_values not in CHAT_VALUES:
+            raise ValueError(f"chat_values must be one of {', '.join(CHAT_VALUES)}, not {self.chat_values!r}")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
 

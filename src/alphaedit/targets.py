@@ -34,6 +34,7 @@ Two caches make an iteration cheaper without changing what it computes (passes.p
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -156,16 +157,16 @@ def compute_targets(
 
     `on_iteration` is called after each iteration (progress reporting). `owners[j]`: the request
     whose δ request j shares (j itself, or an earlier request: chat-aware editing's shared values).
-    A request and the forms that share its δ train it together, each form half of the NLL when
-    one shares it; each keeps its own h0, so z_j = h0_j + δ_owner.
+    A request and the forms that share its δ train it together, each form an equal share of the
+    NLL (half each for a request and its chat form); each keeps its own h0, so z_j = h0_j + δ_owner.
     """
     owners = list(range(len(requests))) if owners is None else list(owners)
-    tied = {o for j, o in enumerate(owners) if o != j}
-    if any(owners[o] != o for o in tied):
+    if any(owners[o] != o for o in owners):
         raise ValueError("a request that lends its δ must own it")
+    sharing = Counter(owners)  # the forms training each δ, each an equal share of its NLL
     with frozen_parameters(model):
         rows = [row for i, r in enumerate(requests)
-                for row in _flatten(i, request_rows(tokenizer, r, templates), owners[i], 0.5 if i in tied or owners[i] != i else 1.0)]
+                for row in _flatten(i, request_rows(tokenizer, r, templates), owners[i], 1 / sharing[owners[i]])]
         split = config.v_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
         cache = RowCache(len(rows), max(r.suffix_length(split) for r in rows), max(r.cut(split) for r in rows))
         device = next(model.parameters()).device

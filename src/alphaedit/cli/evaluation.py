@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import describe_preset
+from ..config import CHAT_VALUES, describe_preset
 from ..methods import METHODS
 from ..progress import progress_bar
 from ..journal import Journal
@@ -199,8 +199,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             rome_folder(consistency)  # fetched or checked before the model loads
         except ValueError as e:
             _fail(str(e))
-    if a.get("chat_values", "own") not in ("own", "shared"):
-        _fail(f"--chat-values {a['chat_values']}: choose own or shared")
+    if a.get("chat_values", "own") not in CHAT_VALUES:
+        _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
     if not resuming:
         atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
     run_file = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))

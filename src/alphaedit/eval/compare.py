@@ -87,10 +87,8 @@ def load_runs(paths: list[Path]) -> tuple[list[Group], list[str]]:
             continue
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
         key = (summary["model"], summary["dataset"], summary["n"])
-        if key not in groups:
-            groups[key] = Group(*key, pre=row_metrics(summary, "pre"))
-        group = groups[key]
         pre = row_metrics(summary, "pre")
+        group = groups.setdefault(key, Group(*key, pre=pre))
         differs = [k for k, v in pre.items() if v is not None and group.pre[k] is not None and abs(v - group.pre[k]) > 0.05]
         if differs:  # the same records, the same model: only other evaluation settings or scoring code can do this
             group.notes.append(f"{path}: its pre-edit {', '.join(differs)} differ from the group's first run's (other evaluation settings?)")

@@ -262,16 +262,19 @@ def run_protocol(
             progress["general"].append(point)
         run.commit(progress)
 
+    def edits_after(k: int) -> int:
+        return sum(len(b) for b in batches[:k])
+
     def missing(k: int) -> list[str]:
         """The measurements due after batch k that progress.json lacks."""
-        edits = sum(len(b) for b in batches[:k])
+        edits = edits_after(k)
         taken = {kind: {p["edits"] for p in progress[kind]} for kind in ("norms", "curve", "general")}
         due = ["norms", *(["curve"] if schedule.curve_after(k) else []), *(["general"] if general is not None and schedule.general_after(k) else [])]
         return [kind for kind in due if edits not in taken[kind]]
 
     def measure(k: int) -> None:
         """The measurements after batch k that are missing (the model holds exactly k batches), then commit."""
-        edits = sum(len(b) for b in batches[:k])
+        edits = edits_after(k)
         todo = missing(k)
         if "norms" in todo:
             progress["norms"].append({"edits": edits, **weight_norms(editor)})
