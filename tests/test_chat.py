@@ -187,7 +187,9 @@ def test_shared_chat_values_in_the_editor(llama, chat_tokenizer, tmp_path):
     editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
     editor.config.chat_values = "shared"
     forms = editor.edit_forms(QUESTIONED)
-    assert editor._value_owners(QUESTIONED, forms) == [0, 1, 0, 1]
+    # each form's source request: the requests, then the chat forms of those with a question
+    unasked = EditRequest("{} plays the", "Miles Davis", "piano", "trumpet")
+    assert [source for source, _ in editor._sourced_forms([QUESTIONED[0], unasked, QUESTIONED[1]])] == [0, 1, 2, 0, 2]
     editor.config.layers = [2]
     templates = editor.context_templates()
     target = compute_targets(model, layout, chat_tokenizer, forms, templates, editor.config, owners=[0, 1, 0, 1]).z

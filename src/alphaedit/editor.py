@@ -277,10 +277,13 @@ class Editor(Persistence):
         config, layers = self.config, self.config.layers
         templates, statistics = self.context_templates(), self.statistics()
         clock = _PhaseClock(self.model)
-        forms = self.edit_forms(requests)  # one column of K and R per form
+        sourced = self._sourced_forms(requests)
+        forms = [form for _, form in sourced]  # one column of K and R per form
+        # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
+        owners = [source for source, _ in sourced] if config.chat_values == "shared" else None
         with clock("z"):
             targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, config, config.v_requests_per_pass, step,
-                                      owners=self._value_owners(requests, forms))
+                                      owners=owners)
             z = targets.z.cpu()
             reference, dropped = None, 0
             if config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
@@ -371,23 +374,20 @@ class Editor(Persistence):
         return growth
 
     def edit_forms(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        """The prompts a batch is written under, one column each: every request as given, then,
-        with chat-aware editing, the chat form of each that has a question (prompts.chat_form).
-        The chat form gets a column of its own rather than a share of the template average, so
-        that W_out maps its key (the subject inside a chat turn; close to the cloze key, cosine
-        0.87 at SmolLM2's layer 7, but not equal) exactly; what that column asks for is
-        config.chat_values."""
-        if not (self.config.chat and has_chat_template(self.tokenizer)):
-            return list(requests)
-        return [*requests, *(chat_form(self.tokenizer, r) for r in requests if r.question is not None)]
+        """The prompts a batch is written under, one column each (see _sourced_forms)."""
+        return [form for _, form in self._sourced_forms(requests)]
 
-    def _value_owners(self, requests: Sequence[EditRequest], forms: list[EditRequest]) -> list[int] | None:
-        """Per form, the request whose δ it trains and adds: with chat_values="shared", a chat form
-        its request's (edit_forms' order: the requests, then the chat forms of those with a
-        question); otherwise each its own (None)."""
-        if self.config.chat_values != "shared" or len(forms) == len(requests):
-            return None
-        return [*range(len(requests)), *(i for i, r in enumerate(requests) if r.question is not None)]
+    def _sourced_forms(self, requests: Sequence[EditRequest]) -> list[tuple[int, EditRequest]]:
+        """Each form a batch is written under, with the index of the request it comes from: every
+        request as given, then, with chat-aware editing, the chat form of each that has a question
+        (prompts.chat_form). The chat form gets a column of its own rather than a share of the
+        template average, so that W_out maps its key (the subject inside a chat turn; close to the
+        cloze key, cosine 0.87 at SmolLM2's layer 7, but not equal) exactly; whose δ that column
+        trains is config.chat_values."""
+        plain = list(enumerate(requests))
+        if not (self.config.chat and has_chat_template(self.tokenizer)):
+            return plain
+        return [*plain, *((i, chat_form(self.tokenizer, r)) for i, r in plain if r.question is not None)]
 
     def _guard_before(self, batch: list[EditRequest]):
         """With a guard: the state to put back if it refuses this batch, and the probes' answers now."""

@@ -16,7 +16,7 @@ A run lives in its report folder and survives a kill at any point:
 Resuming replays the journal (the same weights, bit for bit), takes the measurements a kill
 skipped, and continues: the final numbers equal an uninterrupted run's. A run can also grow: resumed
 with more records (the first N of the same dataset), it scores the new records on the unedited model
-(grow_pre, before the replay), keeps its earlier report (keep_earlier_report), takes the measurements
+(grow_pre, before the replay), keeps its earlier report (report.keep_earlier_report), takes the measurements
 the longer schedule calls for after its last batch, and continues — again to the numbers of a run
 started with all the records, except the curve points taken before it grew: those are means over
 the records it had then (marked with their "records").
@@ -335,29 +335,6 @@ def grow_pre(folder: Path, evaluator: Evaluator) -> int:
     run.commit(progress)
     run.write_rows("pre.jsonl", rows)
     return len(evaluator.records) - start
-
-
-REPORT_FILES = ("records.jsonl", "summary.md", "metrics_vs_edits.png", "weight_norms.png", "norm_growth.png", "general_f1.png",
-                "general_f1_label.png", "summary.json")  # summary.json last: while it is in place, the move is not finished
-
-
-def keep_earlier_report(folder: Path, records: int) -> Path | None:
-    """A finished run grown to more records keeps the report it had in `at-N-edits/` (N: its records),
-    so the new report does not overwrite it. Idempotent (a kill midway is finished by the next call).
-    Returns the folder, or None when there is no earlier report."""
-    folder = Path(folder)
-    summary = folder / "summary.json"
-    if not summary.exists():
-        return None
-    n = json.loads(summary.read_text(encoding="utf-8"))["n"]
-    if n == records:
-        return None
-    kept = folder / f"at-{n}-edits"
-    kept.mkdir(exist_ok=True)
-    for name in REPORT_FILES:
-        if (folder / name).exists():
-            (folder / name).replace(kept / name)
-    return kept
 
 
 def _check_replayed(editor: Editor, batches: list) -> None:

@@ -45,6 +45,30 @@ def write_report(result: ProtocolResult, out: Path, meta: dict) -> dict:
     return summary
 
 
+# every file write_report may write
+REPORT_FILES = ("records.jsonl", "summary.md", "metrics_vs_edits.png", "weight_norms.png", "norm_growth.png", "general_f1.png",
+                "general_f1_label.png", "summary.json")  # summary.json last: while it is in place, the move is not finished
+
+
+def keep_earlier_report(folder: Path, records: int) -> Path | None:
+    """A finished run grown to more records keeps the report it had in `at-N-edits/` (N: its records),
+    so the new report does not overwrite it. Idempotent (a kill midway is finished by the next call).
+    Returns the folder, or None when there is no earlier report."""
+    folder = Path(folder)
+    summary = folder / "summary.json"
+    if not summary.exists():
+        return None
+    n = json.loads(summary.read_text(encoding="utf-8"))["n"]
+    if n == records:
+        return None
+    kept = folder / f"at-{n}-edits"
+    kept.mkdir(exist_ok=True)
+    for name in REPORT_FILES:
+        if (folder / name).exists():
+            (folder / name).replace(kept / name)
+    return kept
+
+
 def _without_id(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "case_id"}
 
