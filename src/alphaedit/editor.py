@@ -8,7 +8,7 @@ One batch (ALGORITHM.md §1.10):
         (R as W_out's output where the block normalises it before the residual add: residual.py)
         W_l += Δ = method's closed form(K, R, statistics of l)  (methods/, projected or not)
     the method's finish (RECT's mask) and restraint (PRUNE's) on the batch's updates
-    C_p += K Kᵀ with keys recomputed on the edited model
+    C_p += K Kᵀ (the keys read above: each layer's are already the edited model's)
 
 Nothing lives in module globals: two editors on two models never see each other's state.
 Every applied batch is kept as its update (low-rank factors, masked for RECT) and the keys it
@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,7 +44,7 @@ from .teacher_forcing import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
 from .stats.corpus import IMPORT
-from .targets import compute_targets
+from .targets import TargetResult, compute_targets
 from .updates import LayerStatistics, Update, null_space_projector
 
 
@@ -68,6 +69,16 @@ class _PhaseClock:
         if self.cuda:  # every GPU: with device_map="auto" the model spans several
             for device in range(torch.cuda.device_count()):
                 torch.cuda.synchronize(device)
+
+
+@dataclass
+class _TargetValues:
+    """A batch's target values: the optimisation's result and the Z the layers are solved for."""
+
+    targets: TargetResult  # compute_targets' result (z, h0, per-form losses and steps)
+    z: torch.Tensor  # [forms, d] on the CPU: targets.z, or NAS's anchored values
+    reference: float | None  # NAS's reference norm μ (None without anchoring)
+    dropped: int  # requests NAS dropped
 
 
 def _norms(weight: torch.Tensor) -> tuple[float, float]:
@@ -273,83 +284,104 @@ class Editor(Persistence):
                 )
 
     def _edit_batch(self, requests: list[EditRequest], step: Callable[[], None] | None = None) -> BatchReport:
+        """One batch, as the module docstring's loop; each phase timed for the report."""
         started, start = now(), time.perf_counter()
-        config, layers = self.config, self.config.layers
+        layers, clock = self.config.layers, _PhaseClock(self.model)
         templates, statistics = self.context_templates(), self.statistics()
-        clock = _PhaseClock(self.model)
         sourced = self._sourced_forms(requests)
         forms = [form for _, form in sourced]  # one column of K and R per form
-        # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
-        owners = [source for source, _ in sourced] if config.chat_values == "shared" else None
         with clock("z"):
-            targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, config, config.v_requests_per_pass, step,
-                                      owners=owners)
-            z = targets.z.cpu()
-            reference, dropped = None, 0
-            if config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
-                z, reference, dropped = self._anchored(forms, targets)
+            values = self._target_values(sourced, templates, step)
+        keys: dict[int, torch.Tensor] = {}
         deltas: dict[int, Update] = {}
-        keys, weights_before = {}, {}
+        weights_before: dict[int, torch.Tensor] = {}  # only for a method that finishes its updates (RECT)
         reader = KeyReader(self.model, self.layout, self.tokenizer, forms, templates)
         for i, layer in enumerate(layers):
             with clock("keys"):
                 # only W_out of the layers already done has changed: the blocks below the last
                 # one are replayed from the previous read
-                current = reader.read([layer], z_layer=config.z_layer, unchanged_below=layers[i - 1] if i else 0)
-            keys[layer] = current.keys[layer]
+                current = reader.read([layer], z_layer=self.config.z_layer, unchanged_below=layers[i - 1] if i else 0)
+                keys[layer] = current.keys[layer]
             with clock("solve"):
-                resid = (z - current.z_current) / (len(layers) - i)  # the residual stream's share of this layer
-                # what W_out must add for it, judged at the plain prompt, where z_current is read
-                # (mapped at the template-averaged key instead, Gemma-3-270M's first 10 CounterFact
-                # edits took less: Eff 80 against 100, BENCHMARKS.md)
-                resid = mlp_output_change(self.model, self.layout, layer, current.plain_keys[layer], resid)
-                device = self._device(layer)
+                resid = (values.z - current.z_current) / (len(layers) - i)  # the residual stream's share of this layer
                 if self.method.finish is not None:
                     weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
-                deltas[layer] = self.method.layer_update(keys[layer].to(device).T, resid.to(device).T, statistics[layer], config).to("cpu")
+                deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer])
                 self._add_to_weight(layer, deltas[layer], sign=1)
             if step is not None:
                 step()
-        # C_p takes the batch's keys on the edited model. A layer's key (the input of its W_out)
-        # depends only on the layers below it, all updated by the time it was computed above,
-        # so those keys are already the post-edit ones: no further pass is needed.
-        if self.method.finish is not None:  # RECT: solved with whole updates in place; the finished ones replace them
-            with clock("solve"):
-                options = self.method.option_values(config)
-                for layer in layers:
-                    finished = self.method.finish(deltas[layer], weights_before[layer], options)
-                    self._add_to_weight(layer, deltas[layer], sign=-1)
-                    self._add_to_weight(layer, finished, sign=1)
-                    deltas[layer] = finished
-        if self.method.keeps_preserved(config):
-            with clock("solve"):
+        with clock("solve"):
+            self._finish(deltas, weights_before)
+            # C_p takes the batch's keys on the edited model. A layer's key (the input of its W_out)
+            # depends only on the layers below it, all updated by the time it was read above, so
+            # those keys are already the post-edit ones: no further pass is needed.
+            if self.method.keeps_preserved(self.config):
                 for layer in layers:
                     self._add_to_preserved(layer, keys[layer], sign=1)
-        else:
-            keys = {}
+            else:
+                keys = {}
         with clock("check"):
             efficacy = self._efficacy(requests)
-        report = BatchReport(
+        report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds)
+        self._record(AppliedBatch(report, list(requests), deltas, keys))
+        return report
+
+    def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], step) -> _TargetValues:
+        """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured."""
+        forms = [form for _, form in sourced]
+        # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
+        owners = [source for source, _ in sourced] if self.config.chat_values == "shared" else None
+        targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
+                                  self.config.v_requests_per_pass, step, owners=owners)
+        z, reference, dropped = targets.z.cpu(), None, 0
+        if self.config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
+            z, reference, dropped = self._anchored(forms, targets)
+        return _TargetValues(targets, z, reference, dropped)
+
+    def _solve_layer(self, layer: int, keys: torch.Tensor, plain_keys: torch.Tensor, resid: torch.Tensor,
+                     statistics: LayerStatistics) -> Update:
+        """Δ of one layer for keys [u, d0] and the residual share [u, d] it must add."""
+        # what W_out must add for it, judged at the plain prompt, where z_current is read
+        # (mapped at the template-averaged key instead, Gemma-3-270M's first 10 CounterFact
+        # edits took less: Eff 80 against 100, BENCHMARKS.md)
+        resid = mlp_output_change(self.model, self.layout, layer, plain_keys, resid)
+        device = self._device(layer)
+        return self.method.layer_update(keys.to(device).T, resid.to(device).T, statistics, self.config).to("cpu")
+
+    def _finish(self, deltas: dict[int, Update], weights_before: dict[int, torch.Tensor]) -> None:
+        """A method with a finish step (RECT) solved each layer with its whole Δ in place; the
+        finished Δ replace them, in the weights and in `deltas`."""
+        if self.method.finish is None:
+            return
+        options = self.method.option_values(self.config)
+        for layer, delta in deltas.items():
+            finished = self.method.finish(delta, weights_before[layer], options)
+            self._add_to_weight(layer, delta, sign=-1)
+            self._add_to_weight(layer, finished, sign=1)
+            deltas[layer] = finished
+
+    def _report(self, requests: list[EditRequest], forms: list[EditRequest], values: _TargetValues, deltas: dict[int, Update],
+                efficacy: float | None, started: str, seconds: float, phases: dict[str, float]) -> BatchReport:
+        targets, per_form = values.targets, len(forms)
+        return BatchReport(
             index=self._next_id(),
             requests=len(requests),
             started=started,
-            seconds=time.perf_counter() - start,
-            z_loss=sum(targets.loss) / len(forms),
-            z_steps=sum(targets.steps) / len(forms),
-            target_prob=sum(targets.target_prob) / len(forms),
+            seconds=seconds,
+            z_loss=sum(targets.loss) / per_form,
+            z_steps=sum(targets.steps) / per_form,
+            target_prob=sum(targets.target_prob) / per_form,
             efficacy=efficacy,
             delta_norms={str(l): d.norm() for l, d in deltas.items()},
-            phase_seconds=clock.seconds,
-            target_nll=sum(targets.target_nll) / len(forms),
+            phase_seconds=phases,
+            target_nll=sum(targets.target_nll) / per_form,
             weight_growth=self.weight_growth(),
-            value_norm=float(z.norm(dim=-1).mean()),
-            value_shift=sum(targets.value_shift) / len(forms),
+            value_norm=float(values.z.norm(dim=-1).mean()),
+            value_shift=sum(targets.value_shift) / per_form,
             null_space_rank={str(l): r for l, r in self.projector_rank.items()},
-            value_reference=reference,
-            values_dropped=dropped,
+            value_reference=values.reference,
+            values_dropped=values.dropped,
         )
-        self._record(AppliedBatch(report, list(requests), deltas, keys))
-        return report
 
     def _anchored(self, forms: list[EditRequest], targets) -> tuple[torch.Tensor, float, int]:
         """NAS's anchored target values, the reference norm μ and how many requests were dropped.
