@@ -127,3 +127,53 @@ def test_update_spectrum_reads_the_summed_update_against_the_unedited_weight(lla
             assert row[str(layer)]["frobenius_ratio"] == pytest.approx(float(total.norm() / base.norm()), rel=1e-9)
             assert row[str(layer)]["above_sigma_max"] == int((s > sigma_max).sum())
     assert result["rows"][-1]["2"]["sigma_ratio"] > 0
+
+
+def test_null_space_leak_measures_what_the_projector_leaves_and_what_the_edits_changed(llama, tokenizer, tmp_path):
+    """On a three-batch AlphaEdit journal: each rule's rank and C0-trace share against an
+    eigendecomposition in float64, each text kind's key-energy share and the summed update's
+    relative output change against keys read with a plain forward pre-hook."""
+    from alphaedit.config import EditConfig
+    from alphaedit.layouts import get_module, mlp_out_weight
+    from alphaedit.updates import null_space_mask
+
+    module = _benchmark("null_space_leak")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+    editor = _three_batch_journal(model, layout, tokenizer, tmp_path, config)
+    moments = {l: s.second_moment.cpu() for l, s in editor.statistics().items()}
+    texts = {"a": [tokenizer("The Eiffel Tower is in Paris")["input_ids"]],
+             "b": [tokenizer("Danielle Darrieux speaks French")["input_ids"], tokenizer("The Seine flows")["input_ids"]]}
+    updates = module.summed_updates(str(tmp_path / "state"), [1, 2])
+    result = module.leak(model, layout, moments, module.parse_rules("absolute:0.5,energy:0.9"), texts, updates)
+    assert result["texts"] == {"a": len(texts["a"][0]), "b": len(texts["b"][0]) + len(texts["b"][1])}
+    for layer in (1, 2):
+        c0 = moments[layer].double()
+        values, vectors = torch.linalg.eigh(c0)
+        keys = {}
+        for name, rows in texts.items():
+            read = []
+            handle = get_module(model, layout.mlp_out_path(layer)).register_forward_pre_hook(lambda m, a: read.append(a[0][0].double()))
+            with torch.no_grad():
+                for ids in rows:
+                    model(torch.tensor([ids]))
+            handle.remove()
+            keys[name] = torch.cat(read)
+        for rule, value in (("absolute", 0.5), ("energy", 0.9)):
+            mask = null_space_mask(values, value, rule)
+            row = result["projection"][str(layer)][f"{rule}:{value:g}"]
+            assert row["rank"] == int(mask.sum())
+            assert row["corpus_trace_share"] == pytest.approx(float(values[mask].sum() / values.sum()), rel=1e-6, abs=1e-9)
+            basis = vectors[:, mask]
+            for name, k in keys.items():
+                assert row[name] == pytest.approx(float((k @ basis).norm() ** 2 / k.norm() ** 2), rel=1e-6, abs=1e-9)
+        assert result["projection"][str(layer)]["energy:0.9"]["corpus_trace_share"] <= 0.1 + 1e-9
+        total = sum(b.deltas[layer].dense().double() for b in editor.batches)
+        weight = mlp_out_weight(model, layout, layer).detach().double()
+        weight = weight.T if layout.weight_transposed else weight
+        for name, k in keys.items():
+            expected = float(((k @ total.T).norm(dim=-1) / (k @ weight.T).norm(dim=-1)).mean())
+            assert result["output_change"][str(layer)][name] == pytest.approx(expected, rel=1e-5)
+            assert expected > 0
+        first_two = module.summed_updates(str(tmp_path / "state"), [1, 2], batches=2)[layer]
+        assert torch.allclose(first_two, sum(b.deltas[layer].dense().double() for b in editor.batches[:2]), atol=1e-6)
