@@ -26,7 +26,7 @@ from alphaedit.updates import update_from_tensors
 def interference(state: str, every: int = 1) -> dict:
     journal = Journal.open(state)
     layers = journal.header["config"]["layers"]
-    applied = [i for i in journal.batch_ids() if i not in journal.reverted()]
+    applied = journal.applied_batch_ids()
     batches = []  # per batch: {layer: (Δ dense [d, d0], keys [u, d0])}
     for batch_id in applied:
         tensors = journal.batch(batch_id).tensors()

@@ -63,9 +63,8 @@ def summed_updates(state: str, layers: list[int], batches: int | None = None) ->
     """Σ of the applied (not reverted) batches' updates per layer, [d, d0] float64; of the first
     `batches` of them when given."""
     journal = Journal.open(state)
-    applied = [i for i in journal.batch_ids() if i not in journal.reverted()]
     total: dict[int, torch.Tensor] = {}
-    for batch_id in applied[:batches]:
+    for batch_id in journal.applied_batch_ids()[:batches]:
         tensors = journal.batch(batch_id).tensors()
         for l in layers:
             delta = update_from_tensors(tensors, f"layer.{l}").dense().double()

@@ -35,7 +35,7 @@ def spectrum(state: str, every: int = 1, model=None) -> dict:
     base = {l: mlp_out_weight(model, layout, l).detach().double() for l in layers}
     sigma_max = {l: float(torch.linalg.matrix_norm(base[l], ord=2)) for l in layers}
     norm = {l: float(base[l].norm()) for l in layers}
-    applied = [i for i in journal.batch_ids() if i not in journal.reverted()]
+    applied = journal.applied_batch_ids()
     total: dict[int, torch.Tensor] = {}
     rows, edits, values = [], 0, {}
     for k, batch_id in enumerate(applied, start=1):

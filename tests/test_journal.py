@@ -91,6 +91,8 @@ def test_a_reverted_batch_stays_reverted_after_replay(edited, llama, tokenizer, 
     edited.save_state(tmp_path / "state")
     replayed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, show_progress=False)
     assert [b.reverted for b in replayed.batches] == [True, False]
+    journal = Journal.open(tmp_path / "state")
+    assert journal.batch_ids() == [0, 1] and journal.applied_batch_ids() == [1]
     for layer, weight in _weights(edited.model, layout).items():
         torch.testing.assert_close(_weights(replayed.model, layout)[layer], weight, rtol=0, atol=1e-6)
 

@@ -215,6 +215,11 @@ class Journal:
     def reverted(self) -> set[int]:
         return {e["batch"] for e in self.entries if e["kind"] == "revert"}
 
+    def applied_batch_ids(self) -> list[int]:
+        """The batches the model carries, in order: every batch but the reverted ones."""
+        reverted = self.reverted()
+        return [i for i in self.batch_ids() if i not in reverted]
+
     def batch(self, batch_id: int) -> BatchFiles:
         for entry in self.entries:
             if entry["kind"] == "batch" and entry["id"] == batch_id:

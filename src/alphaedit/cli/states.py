@@ -70,7 +70,7 @@ def revert(
         journal.append_revert(batch, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     except JournalError as e:
         _fail(str(e))
-    later = [b for b in journal.batch_ids() if b > batch and b not in journal.reverted()]
+    later = [b for b in journal.applied_batch_ids() if b > batch]
     note = f"; batches {later} were computed with it applied and stay as they are" if later else ""
     out.print(f"batch {batch} reverted{note}")
 
