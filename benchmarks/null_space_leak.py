@@ -25,7 +25,7 @@ from alphaedit.config import config_for_model
 from alphaedit.eval.datasets import load_dataset
 from alphaedit.hooks import trace
 from alphaedit.journal import Journal
-from alphaedit.layouts import Layout, detect_layout, mlp_out_weight
+from alphaedit.layouts import Layout, detect_layout, mlp_out_weight, weight_as_math
 from alphaedit.models import load_model
 from alphaedit.prompts import bos_prefix
 from alphaedit.stats import CorpusSpec, StatsCache, second_moments
@@ -94,8 +94,7 @@ def leak(model, layout: Layout, moments: dict[int, torch.Tensor], rules: list[tu
             per_rule[f"{rule}:{value:g}"] = row
         out["projection"][str(l)] = per_rule
         if updates is not None:
-            weight = mlp_out_weight(model, layout, l).detach().double().cpu()
-            weight = weight.T if layout.weight_transposed else weight  # math orientation [d, d0]
+            weight = weight_as_math(layout, mlp_out_weight(model, layout, l).detach().double().cpu())  # [d, d0]
             out["output_change"][str(l)] = {name: float(((k[l] @ updates[l].T).norm(dim=-1) / (k[l] @ weight.T).norm(dim=-1)).mean())
                                             for name, k in keys.items()}
     return out

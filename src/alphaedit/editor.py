@@ -33,7 +33,7 @@ from .generate import generate_context_templates
 from .guard import Guard, GuardTripped
 from .journal import Journal
 from .keys import KeyReader, compute_keys
-from .layouts import Layout, detect_layout, mlp_out_weight, weight_delta_as_stored
+from .layouts import Layout, detect_layout, mlp_out_weight, weight_as_math, weight_delta_as_stored
 from .methods import get_method
 from .persistence import Persistence
 from .progress import progress_bar
@@ -474,13 +474,11 @@ class Editor(Persistence):
 
     def _base_math_weight(self, layer: int) -> torch.Tensor:
         """The unedited W_out of a layer in math orientation [d, d0], on the CPU (a view)."""
-        base = self._base_weights[layer]
-        return base.T if self.layout.weight_transposed else base
+        return weight_as_math(self.layout, self._base_weights[layer])
 
     def _math_weight(self, layer: int) -> torch.Tensor:
         """W_out of a layer in math orientation [d, d0] (a view)."""
-        weight = mlp_out_weight(self.model, self.layout, layer).detach()
-        return weight.T if self.layout.weight_transposed else weight
+        return weight_as_math(self.layout, mlp_out_weight(self.model, self.layout, layer).detach())
 
     def _device(self, layer: int) -> torch.device:
         return mlp_out_weight(self.model, self.layout, layer).device

@@ -548,6 +548,12 @@ def mlp_out_weight(model: nn.Module, layout: Layout, layer: int) -> nn.Parameter
     return get_module(model, layout.mlp_out_path(layer)).weight
 
 
+def weight_as_math(layout: Layout, weight: torch.Tensor) -> torch.Tensor:
+    """A W_out as stored, seen in math orientation ``[d, d0]`` (out x in): a view, the inverse of
+    :func:`weight_delta_as_stored` (GPT-2's Conv1D stores ``[d0, d]``, nn.Linear ``[d, d0]``)."""
+    return weight.T if layout.weight_transposed else weight
+
+
 def weight_delta_as_stored(layout: Layout, delta: torch.Tensor) -> torch.Tensor:
     """Turn an update in math orientation ``[d, d0]`` (out x in) into the weight's stored orientation."""
     expected = (layout.hidden_size, layout.key_size)
