@@ -177,3 +177,36 @@ def test_null_space_leak_measures_what_the_projector_leaves_and_what_the_edits_c
             assert expected > 0
         first_two = module.summed_updates(str(tmp_path / "state"), [1, 2], batches=2)[layer]
         assert torch.allclose(first_two, sum(b.deltas[layer].dense().double() for b in editor.batches[:2]), atol=1e-6)
+
+
+def test_paraphrase_split_groups_records_by_the_paraphrase_wording_and_later_edits(tmp_path):
+    facts = [  # (subject, question, paraphrase, answer); subjects 0/2 and 1/3 are edited twice
+        ("Alpha Co", "Who founded Alpha Co?", "Who was the founder of Alpha Co?", "Ann"),      # keeps "?"
+        ("Beta", "What country is Beta from?", "Which land is Beta?", "Spain"),                # ends at the subject
+        ("Alpha Co", "Which person founded Alpha Co?", "Alpha Co was founded by whom?", "Ann"),  # rewords
+        ("Beta", "Where is Beta from?", "Where was Beta from?", "France"),                     # keeps " from?"
+        ("Gamma", "Who made Gamma?", "Who built it?", "Bob"),                                  # no subject
+    ]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([{"subject": s, "src": q, "rephrase": p, "answers": [a], "alt": "x", "loc": "nq question: who?",
+                                 "loc_ans": "y"} for s, q, p, a in facts]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"args": {"dataset": f"zsre:{data}", "n": 5}}))
+    gens = [1.0, 0.0, 0.5, 0.5, 0.25]
+    rows = [{"case_id": i, "pre": {}, "post": {"efficacy": 1.0, "generalization": g, "specificity": 0.5, "generative_success": i % 2}}
+            for i, g in enumerate(gens)]
+    (run / "records.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = _run(str(BENCHMARKS / "paraphrase_split.py"), str(run), home=tmp_path)
+    wording = {label: (row["records"], row["generalization"]) for label, row in result["wording"].items()}
+    assert wording == {"keeps the words after the subject": (2, 75.0), "the subject ends the paraphrase": (1, 0.0),
+                       "rewords the words after the subject": (1, 50.0), "the subject is not in the paraphrase verbatim": (1, 25.0)}
+    sequence = {label: (row["records"], row["generative_success"]) for label, row in result["sequence"].items()}
+    assert sequence == {"its subject edited again later, the same answer": (1, 0.0),
+                        "its subject edited again later, another answer": (1, 100.0),
+                        "the last edit of its subject": (3, 100 / 3)}  # records 2, 3, 4: 0, 1, 0
+    # a records.jsonl that is not the dataset's first n records, in order, is refused, not mis-split
+    (run / "records.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::-1]) + "\n")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "paraphrase_split.py"), str(run)], capture_output=True, text=True,
+                          timeout=300, env={"ALPHAEDIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0 and "does not list the first 5 records" in done.stderr
