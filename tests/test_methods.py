@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from alphaedit.config import EditConfig
 from alphaedit.editor import Editor
+from alphaedit.keys import compute_keys
 from alphaedit.layouts import mlp_out_weight
 from alphaedit.methods import METHODS, Method, get_method, register
 from alphaedit.methods.emmet import EmmetOptions, equality_constrained_solve
@@ -244,3 +245,43 @@ def test_anchored_values_from_the_command_line(tiny_model_folder, tmp_path):
     assert done.exit_code == 0, done.output
     assert json.loads((state / "header.json").read_text())["config"]["value_anchor"] is True
     assert json.loads(done.stdout)["batches"][0]["value_reference"] > 0
+
+
+@pytest.mark.parametrize("method", ["rect", "prune"])
+def test_a_finished_or_restrained_batch_is_reported_and_preserved_as_the_model_carries_it(method, llama, tokenizer, tmp_path):
+    """RECT's mask and PRUNE's restraint change the lower layers after the upper layers' keys were
+    read: the batch report (weight growth, efficacy) and C_p describe the weights after them."""
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, method=method, project=True, l2_alpha=1e-4)
+    for start in (0, 2):
+        report = editor.edit(REQUESTS[start : start + 2])[-1]
+        assert report.weight_growth == editor.weight_growth()  # measured on the carried weights
+    if method == "prune":  # the restraint binds here, so the raw sum is not what the model carries
+        total = sum(b.deltas[2].dense() for b in editor.batches)
+        base = mlp_out_weight(model, layout, 2).detach()
+        assert not torch.allclose(restrain_spectrum(total, base, PruneOptions()), total, atol=1e-3)
+    # C_p is Σ K Kᵀ of each batch's keys on the model as it was after that batch
+    replay = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, method=method, project=True, l2_alpha=1e-4)
+    for start in (0, 2):
+        replay.edit(REQUESTS[start : start + 2])
+        keys = compute_keys(replay.model, layout, tokenizer, REQUESTS[start : start + 2], replay.context_templates(), [1, 2]).keys
+        for layer in (1, 2):
+            torch.testing.assert_close(replay.batches[-1].keys[layer], keys[layer], rtol=0, atol=1e-5)
+    for layer in (1, 2):
+        expected = sum(b.keys[layer].T @ b.keys[layer] for b in replay.batches)
+        torch.testing.assert_close(replay.preserved[layer].cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bool_option_given_as_text_is_parsed_not_truthy():
+    from dataclasses import dataclass, fields
+
+    from alphaedit.methods.base import _typed
+
+    @dataclass
+    class Options:
+        flag: bool = False
+
+    (field,) = fields(Options)
+    assert _typed(field, "false") is False and _typed(field, "True") is True and _typed(field, "0") is False
+    with pytest.raises(ValueError, match="flag: 'maybe' is not a bool"):
+        _typed(field, "maybe")

@@ -8,7 +8,8 @@ One batch (ALGORITHM.md §1.10):
         (R as W_out's output where the block normalises it before the residual add: residual.py)
         W_l += Δ = method's closed form(K, R, statistics of l)  (methods/, projected or not)
     the method's finish (RECT's mask) and restraint (PRUNE's) on the batch's updates
-    C_p += K Kᵀ (the keys read above: each layer's are already the edited model's)
+    C_p += K Kᵀ (the keys read above, each already the edited model's; read again after a
+                 finish or restraint, which change the lower layers under the upper keys)
 
 Nothing lives in module globals: two editors on two models never see each other's state.
 Every applied batch is kept as its update (low-rank factors, masked for RECT) and the keys it
@@ -149,7 +150,7 @@ class Editor(Persistence):
         return self.templates
 
     def statistics(self) -> dict[int, LayerStatistics]:
-        """C0 (and, for AlphaEdit, P) per edited layer, measured on the base model."""
+        """C0 (and, for a projected method, P) per edited layer, measured on the base model."""
         if self._statistics is None:
             with self.unedited():
                 self._statistics = self._imported_projectors() or self._measured_statistics()
@@ -312,18 +313,23 @@ class Editor(Persistence):
                 step()
         with clock("solve"):
             self._finish(deltas, weights_before)
-            # C_p takes the batch's keys on the edited model. A layer's key (the input of its W_out)
-            # depends only on the layers below it, all updated by the time it was read above, so
-            # those keys are already the post-edit ones: no further pass is needed.
-            if self.method.keeps_preserved(self.config):
-                for layer in layers:
-                    self._add_to_preserved(layer, keys[layer], sign=1)
-            else:
-                keys = {}
+            self._restrain(deltas, sign=1)
+        # C_p takes the batch's keys on the model as it now is. A layer's key (the input of its
+        # W_out) depends only on the layers below it, all updated by the time it was read above,
+        # so for most methods those keys are already the post-edit ones. RECT's mask and PRUNE's
+        # restraint change the lower layers after the upper layers' keys were read: read again.
+        preserved_keys: dict[int, torch.Tensor] = {}
+        if self.method.keeps_preserved(self.config):
+            if self.method.finish is not None or self.method.restrain is not None:
+                with clock("keys"):
+                    keys = reader.read(layers).keys
+            preserved_keys = keys
+            for layer in layers:
+                self._add_to_preserved(layer, keys[layer], sign=1)
         with clock("check"):
-            efficacy = self._efficacy(requests)
+            efficacy = self._efficacy(requests)  # on the weights the model carries (after finish and restraint)
         report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds)
-        self._record(AppliedBatch(report, list(requests), deltas, keys))
+        self._record(AppliedBatch(report, list(requests), deltas, preserved_keys))
         return report
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], step) -> _TargetValues:
@@ -454,9 +460,9 @@ class Editor(Persistence):
         return self.batches[-1].report.index + 1 if self.batches else 0
 
     def _record(self, batch: AppliedBatch) -> None:
+        """Keep an applied batch (its weights, restraint and C_p already in place)."""
         self.batches.append(batch)
         self.events.append(("batch", batch.report.index))
-        self._restrain(batch.deltas, sign=1)
 
     def _restrain(self, deltas: dict[int, Update], sign: int) -> None:
         """PRUNE-like methods: the model carries W0 + restrain(Σ Δ), the sum kept raw (so a

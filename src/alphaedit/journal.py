@@ -5,8 +5,10 @@
     STATE/batches/000000/           one folder per applied batch
         requests.json               the batch's requests (MEMIT form)
         report.json                 timings and edit-time metrics
-        update.safetensors          per layer: Δ = left @ rightᵀ (rank ≤ batch size) and the
-                                    keys the batch added to C_p
+        update.safetensors          per layer: Δ = left @ rightᵀ (rank ≤ the batch's forms: its
+                                    requests and, with chat-aware editing, their chat forms), RECT's
+                                    mask of it where the method has one, and the keys the batch
+                                    added to C_p
         manifest.json               the batch id and the sha256 of the three files above
     STATE/reverts/000003.json       one per revert: when, and where it sits among the entries
 

@@ -10,7 +10,7 @@ before the cut ever sees δ, so those tokens' attention keys and values are comp
 passes) and kept in a `RowCache`; every later pass runs only the suffix, from the cut on, against
 them, with explicit positions. The cache also keeps block l_m's output of each
 suffix, so after the first iteration the blocks up to l_m are replayed instead of run.
-`prefix_cache_is_exact` checks that a model honours both (δ = 0 against a plain pass).
+`targets._prefix_cache_is_exact` checks that a model honours both (δ = 0 against a plain pass).
 """
 
 from __future__ import annotations

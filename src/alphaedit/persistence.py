@@ -133,6 +133,7 @@ class Persistence:
             batch = AppliedBatch.from_tensors(report, requests, files.tensors(), self.config.layers)
             for layer, delta in batch.deltas.items():
                 self._add_to_weight(layer, delta, sign=1)
+            self._restrain(batch.deltas, sign=1)
             for layer, keys in batch.keys.items():
                 self._add_to_preserved(layer, keys, sign=1)
             self._record(batch)

@@ -2,7 +2,7 @@
 tuple of `Method`s (base.py): its closed form, its own options and what it does around the solve.
 The registry below is built from the folder, so adding a method is adding a file; `register`
 adds one from elsewhere (a test, a user's package). The CLI's choices, `alphaedit methods`, the
-journal header and the tests all read `METHODS`.
+config's check of a method name and the tests all read the registry.
 """
 
 from __future__ import annotations

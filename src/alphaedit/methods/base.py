@@ -83,6 +83,12 @@ class Method:
 def _typed(field: dataclasses.Field, value: Any) -> Any:
     """An option given as text on the command line, in its field's type."""
     kind = field.type if isinstance(field.type, type) else {"float": float, "int": int, "str": str, "bool": bool}.get(str(field.type), str)
+    if isinstance(value, str) and kind is bool:  # bool("false") would be True
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"option {field.name}: {value!r} is not a bool (true or false)")
     if isinstance(value, str) and kind is not str:
         try:
             return kind(value)

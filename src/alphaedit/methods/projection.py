@@ -10,7 +10,7 @@ paper's Eq. 14, which the authors' code solves as (AlphaEdit/AlphaEdit_main.py, 
 Factored as Δ = R Vᵀ with V = solve(P (K Kᵀ + C_p) + α I, P K)  [d0, u], in config.solve_dtype
 (float32 in the authors' code), α = config.l2_alpha (their "L2", 10).
 
-MEMIT, MEMIT-seq, RECT, PRUNE and EMMET all get this same solve under `--project`: their ridge (or
+MEMIT, MEMIT-seq, RECT, PRUNE, EMMET and ENCORE all get this same solve under `--project`: their ridge (or
 constraint metric) on C0 is what the projection replaces. With C_p = 0 it is EMMET's equality-
 constrained form with C⁻¹ → P and its λ → α (push-through identity), so EMMET + projection needs
 nothing of its own either.

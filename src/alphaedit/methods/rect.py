@@ -34,10 +34,10 @@ class RectOptions:
 def keep_largest_relative_change(delta: LowRankDelta, weight: torch.Tensor, options: RectOptions) -> MaskedDelta:
     dense = delta.dense()  # [d, d0]
     relative = (dense / (weight.to(dense) + 1e-8)).abs().flatten()
-    dropped = int(relative.numel() * (100 - options.keep_percent) / 100)  # how many of the smallest are zeroed
-    if dropped < 1:
+    k = int(relative.numel() * (100 - options.keep_percent) / 100)  # the k-th smallest is the threshold: k − 1 zeroed
+    if k < 1:
         return MaskedDelta(delta, torch.ones_like(dense, dtype=torch.bool))
-    threshold = relative.kthvalue(dropped).values
+    threshold = relative.kthvalue(k).values
     return MaskedDelta(delta, (relative >= threshold).reshape(dense.shape))
 
 
