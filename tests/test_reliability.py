@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from alphaedit.cli import app
-from alphaedit.journal import INDEX, Journal
+from alphaedit.journal import INDEX, Journal, JournalError
 from alphaedit.stats import CorpusSpec, StatsCache, second_moments
 from conftest import WIKITEXT
 from test_journal import _cli_state, edited  # noqa: F401  (the fixture)
@@ -74,6 +74,27 @@ def test_recover_refuses_a_tampered_batch_and_a_gap(edited, tmp_path):
     result = runner.invoke(app, ["recover", "--state", str(state)])
     assert result.exit_code == 2 and "batch 0 is missing" in result.output
     assert not (state / INDEX).exists()
+
+
+def test_recover_refuses_a_damaged_revert_file_with_what_to_do(edited, tmp_path):
+    state = tmp_path / "state"
+    edited.revert(1)
+    edited.save_state(state)
+    (state / INDEX).unlink()
+    (revert,) = (state / "reverts").iterdir()
+    revert.write_text('{"batch": 1, "time": "')  # cut short by a crash of the disk, not of ours
+    result = runner.invoke(app, ["recover", "--state", str(state)])
+    assert result.exit_code == 2 and revert.name in result.output and "move the file aside" in result.output
+    assert not (state / INDEX).exists()
+
+
+def test_a_batch_entry_without_an_id_is_refused_as_damage(edited, tmp_path):
+    state = tmp_path / "state"
+    index = json.loads((state / INDEX).read_text())
+    del index["entries"][0]["id"]
+    (state / INDEX).write_text(json.dumps(index))
+    with pytest.raises(JournalError, match="entry 0 is a batch without an id"):
+        Journal.open(state)
 
 
 def test_a_state_written_before_header_json_gains_one_on_its_next_commit(edited, tmp_path):

@@ -136,14 +136,18 @@ class Journal:
             except (OSError, json.JSONDecodeError) as e:
                 raise JournalError(f"batch {expected}: {folder / MANIFEST} is missing or unreadable ({e}); the journal cannot be rebuilt") from e
             for file in BATCH_FILES:
-                if not (folder / file).is_file() or sha256(folder / file) != manifest["files"].get(file):
+                if not (folder / file).is_file() or sha256(folder / file) != (manifest.get("files") or {}).get(file):
                     raise JournalError(f"batch {expected}: {folder / file} is missing or does not match its manifest; the journal cannot be rebuilt")
             batches.append({"kind": "batch", "id": expected, "path": f"batches/{name}", "files": manifest["files"]})
         reverts = []
         for child in sorted((path / "reverts").iterdir()) if (path / "reverts").is_dir() else []:
             if REVERT_NAME.match(child.name):
-                record = json.loads(child.read_text(encoding="utf-8"))
-                reverts.append({"kind": "revert", "batch": record["batch"], "time": record["time"], "position": record["position"]})
+                try:
+                    record = json.loads(child.read_text(encoding="utf-8"))
+                    reverts.append({"kind": "revert", "batch": record["batch"], "time": record["time"], "position": int(record["position"])})
+                except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise JournalError(f"{child} is unreadable or lacks a field ({e!r}); the journal cannot be rebuilt — "
+                                       "move the file aside to rebuild without that revert") from e
         entries: list[dict[str, Any]] = []
         pending = sorted(reverts, key=lambda r: r["position"])
         for batch in batches:
@@ -186,14 +190,16 @@ class Journal:
             if not isinstance(entry, dict):
                 raise JournalError(f"{self.root / INDEX}: entry {position} is a {type(entry).__name__}, not an object; the journal is damaged")
             if entry.get("kind") == "batch":
+                if not isinstance(entry.get("id"), int):
+                    raise JournalError(f"{self.root / INDEX}: entry {position} is a batch without an id; the journal is damaged")
                 if not isinstance(entry.get("path"), str) or not BATCH_DIR.match(entry["path"]):
                     raise JournalError(f"{self.root / INDEX}: batch {entry.get('id')} has an invalid path {entry.get('path')!r}")
                 for name in BATCH_FILES:
                     file = self.root / entry["path"] / name
                     if not file.is_file():
-                        raise JournalError(f"batch {entry['id']}: {file} is missing; the journal is damaged")
+                        raise JournalError(f"batch {entry.get('id')}: {file} is missing; the journal is damaged")
                     if not isinstance(entry.get("files"), dict) or sha256(file) != entry["files"].get(name):
-                        raise JournalError(f"batch {entry['id']}: {file} does not match its checksum in {INDEX}; the journal is corrupted")
+                        raise JournalError(f"batch {entry.get('id')}: {file} does not match its checksum in {INDEX}; the journal is corrupted")
                 seen.add(entry["id"])
             elif entry.get("kind") == "revert":
                 if entry.get("batch") not in seen:

@@ -149,11 +149,12 @@ def compute_targets(
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     config: EditConfig,
-    requests_per_pass: int = 16,
+    requests_per_pass: int | None = None,
     on_iteration: Callable[[], None] | None = None,
     owners: Sequence[int] | None = None,
 ) -> TargetResult:
-    """Optimise z for every request of a batch, `requests_per_pass` requests' rows per pass.
+    """Optimise z for every request of a batch, `requests_per_pass` requests' rows per pass
+    (default: config.v_requests_per_pass).
 
     `on_iteration` is called after each iteration (progress reporting). `owners[j]`: the request
     whose δ request j shares (j itself, or an earlier request: chat-aware editing's shared values).
@@ -161,6 +162,7 @@ def compute_targets(
     NLL (half each for a request and its chat form); each keeps its own h0, so z_j = h0_j + δ_owner.
     """
     owners = list(range(len(requests))) if owners is None else list(owners)
+    requests_per_pass = requests_per_pass or config.v_requests_per_pass
     if any(owners[o] != o for o in owners):
         raise ValueError("a request that lends its δ must own it")
     sharing = Counter(owners)  # the forms training each δ, each an equal share of its NLL
