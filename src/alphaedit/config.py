@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import get_method
+from .methods import DEFAULT_METHOD, get_method
 from .updates import PROJECTOR_RULES
 
 
@@ -25,7 +25,7 @@ CHAT_VALUES = ("own", "shared")  # EditConfig.chat_values
 class EditConfig:
     """Everything that decides what an edit does (ALGORITHM.md §2)."""
 
-    method: str = "alphaedit"  # a name in methods.METHODS
+    method: str = DEFAULT_METHOD  # a name in methods.METHODS
     # AlphaEdit's null-space projection on the method's closed form: None = the method's default
     # (on for alphaedit, off for the others)
     project: bool | None = None
@@ -211,7 +211,7 @@ def _shape_text(shape: dict[str, Any]) -> str:
             f"vocabulary {shape['vocab']}, context {shape['context']}")
 
 
-def config_for_model(model_config: Any, method: str = "alphaedit", **overrides: Any) -> EditConfig:
+def config_for_model(model_config: Any, method: str = DEFAULT_METHOD, **overrides: Any) -> EditConfig:
     """The preset matching this model's shape, or the stated default, with user overrides on top."""
     preset = preset_for(model_config)
     if preset is not None:

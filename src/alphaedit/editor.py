@@ -82,6 +82,17 @@ class _TargetValues:
     dropped: int  # requests NAS dropped
 
 
+@dataclass
+class _GuardSnapshot:
+    """Before a guarded batch: what to put back if the guard refuses it, and the probes' answers."""
+
+    weights: dict[int, torch.Tensor]  # each edited W_out, as stored
+    preserved: dict[int, torch.Tensor]  # C_p
+    update_sums: dict[int, torch.Tensor]  # PRUNE's raw sums
+    probes: list[str]  # the guard's probe prompts that name no subject of the batch
+    answers: list[int]  # their next tokens now
+
+
 def _norms(weight: torch.Tensor) -> tuple[float, float]:
     """(‖W‖_F, σ_max(W)) in float32 on the CPU: an SVD of W_out takes tens of milliseconds."""
     w = weight.detach().to("cpu", torch.float32)
@@ -235,17 +246,17 @@ class Editor(Persistence):
                 progress = progress.at("editing", batch=number)
                 tell(progress)
 
-                def step() -> None:
+                def on_unit() -> None:
                     nonlocal progress
                     progress = progress.at("editing", done=progress.done + 1)
                     advance(1)
                     tell(progress)
 
-                before = self._guard_before(batch)
-                reports.append(self._edit_batch(batch, step))
-                if before is not None:
+                snapshot = self._guard_before(batch)
+                reports.append(self._edit_batch(batch, on_unit))
+                if snapshot is not None:
                     tell(progress.at("guard check"))
-                    self._guard_after(batch, *before)  # raises GuardTripped, the batch taken back
+                    self._guard_after(batch, snapshot)  # raises GuardTripped, the batch taken back
                 advance(first_unit + units - progress.done)  # iterations skipped by early stopping
                 progress = progress.at("committing", done=first_unit + units)
                 tell(progress)
@@ -267,7 +278,7 @@ class Editor(Persistence):
         for start in range(0, len(requests), size):
             check_conflicts(requests[start : start + size])
         self._check_lengths(requests)
-        self.edit_forms(requests)
+        self._sourced_forms(requests)  # building the chat forms refuses a template that mangles a question
 
     def _check_lengths(self, requests: Sequence[EditRequest]) -> None:
         """Refuse, up front, requests longer than max_prompt_tokens or than the model's context."""
@@ -284,7 +295,7 @@ class Editor(Persistence):
                     "sentence naming the subject: shorten it" + (", or raise --max-prompt-tokens" if limit == self.max_prompt_tokens else "")
                 )
 
-    def _edit_batch(self, requests: list[EditRequest], step: Callable[[], None] | None = None) -> BatchReport:
+    def _edit_batch(self, requests: list[EditRequest], on_unit: Callable[[], None] | None = None) -> BatchReport:
         """One batch, as the module docstring's loop; each phase timed for the report."""
         started, start = now(), time.perf_counter()
         layers, clock = self.config.layers, _PhaseClock(self.model)
@@ -292,7 +303,7 @@ class Editor(Persistence):
         sourced = self._sourced_forms(requests)
         forms = [form for _, form in sourced]  # one column of K and R per form
         with clock("z"):
-            values = self._target_values(sourced, templates, step)
+            values = self._target_values(sourced, templates, on_unit)
         keys: dict[int, torch.Tensor] = {}
         deltas: dict[int, Update] = {}
         weights_before: dict[int, torch.Tensor] = {}  # only for a method that finishes its updates (RECT)
@@ -309,8 +320,8 @@ class Editor(Persistence):
                     weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
                 deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer])
                 self._add_to_weight(layer, deltas[layer], sign=1)
-            if step is not None:
-                step()
+            if on_unit is not None:
+                on_unit()
         with clock("solve"):
             self._finish(deltas, weights_before)
             self._restrain(deltas, sign=1)
@@ -332,13 +343,13 @@ class Editor(Persistence):
         self._record(AppliedBatch(report, list(requests), deltas, preserved_keys))
         return report
 
-    def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], step) -> _TargetValues:
+    def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit) -> _TargetValues:
         """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured."""
         forms = [form for _, form in sourced]
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
         owners = [source for source, _ in sourced] if self.config.chat_values == "shared" else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
-                                  self.config.v_requests_per_pass, step, owners=owners)
+                                  self.config.v_requests_per_pass, on_unit, owners=owners)
         z, reference, dropped = targets.z.cpu(), None, 0
         if self.config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
             z, reference, dropped = self._anchored(forms, targets)
@@ -427,29 +438,30 @@ class Editor(Persistence):
             return plain
         return [*plain, *((i, chat_form(self.tokenizer, r)) for i, r in plain if r.question is not None)]
 
-    def _guard_before(self, batch: list[EditRequest]):
+    def _guard_before(self, batch: list[EditRequest]) -> _GuardSnapshot | None:
         """With a guard: the state to put back if it refuses this batch, and the probes' answers now."""
         if self.guard is None:
             return None
-        layers = self.config.layers
-        saved = ({l: mlp_out_weight(self.model, self.layout, l).detach().clone() for l in layers},
-                 {l: c.clone() for l, c in self.preserved.items()}, {l: t.clone() for l, t in self._update_sums.items()})
         probes = self.guard.usable_probes(batch)
-        return saved, probes, self.guard.next_tokens(self.model, self.tokenizer, probes)
+        return _GuardSnapshot(
+            weights={l: mlp_out_weight(self.model, self.layout, l).detach().clone() for l in self.config.layers},
+            preserved={l: c.clone() for l, c in self.preserved.items()},
+            update_sums={l: t.clone() for l, t in self._update_sums.items()},
+            probes=probes,
+            answers=self.guard.next_tokens(self.model, self.tokenizer, probes))
 
-    def _guard_after(self, batch: list[EditRequest], saved, probes: list[str], before: list[int]) -> None:
+    def _guard_after(self, batch: list[EditRequest], before: _GuardSnapshot) -> None:
         report = self.batches[-1].report
-        after = self.guard.next_tokens(self.model, self.tokenizer, probes)
-        verdict = self.guard.verdict(report.weight_growth, probes, before, after, self.tokenizer)
+        after = self.guard.next_tokens(self.model, self.tokenizer, before.probes)
+        verdict = self.guard.verdict(report.weight_growth, before.probes, before.answers, after, self.tokenizer)
         if verdict is None:
             return
-        weights, preserved, sums = saved
         with torch.no_grad():
-            for layer, weight in weights.items():
+            for layer, weight in before.weights.items():
                 mlp_out_weight(self.model, self.layout, layer).copy_(weight)
-            for layer, c in preserved.items():
+            for layer, c in before.preserved.items():
                 self.preserved[layer].copy_(c)
-        self._update_sums = sums
+        self._update_sums = before.update_sums
         self.batches.pop()
         self.events.pop()
         raise GuardTripped(f"batch of {len(batch)} requests (first: {batch[0].text()!r} → {batch[0].target_new!r}) refused by the "

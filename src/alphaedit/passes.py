@@ -33,6 +33,11 @@ PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: attention keys 
 PADDING_ALLOWANCE = 0.125
 
 
+def delta_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of δ, the optimiser and the loss weights: float32 under a half-precision model
+    (Adam's small steps vanish in bfloat16), float64 under a float64 one (the reference tests)."""
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
 @dataclass
 class Row:
     """One prompt of one request, and what the loss reads from it."""
@@ -152,8 +157,7 @@ class Pass:
         reads = [(k, pos - cut, token, row.request) for k, (row, cut) in enumerate(zip(rows, self.cuts)) for pos, token, _ in row.reads]
         columns = list(zip(*reads)) or [(), (), (), ()]
         self.read_row, self.read_pos, self.read_token, self.read_request = (torch.tensor(c, dtype=torch.long, device=device) for c in columns)
-        weight_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
-        self.read_weight = torch.tensor([w for row in rows for _, _, w in row.reads], dtype=weight_dtype, device=device)
+        self.read_weight = torch.tensor([w for row in rows for _, _, w in row.reads], dtype=delta_dtype(model), device=device)
         self.kl_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_kl], dtype=torch.long, device=device)
         self.kl_request = self.row_request[self.kl_rows]
         self.plain_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_plain], dtype=torch.long, device=device)
@@ -343,8 +347,7 @@ def prefix_cache_gap(model: PreTrainedModel, layout: Layout, tokenizer: PreTrain
     cache = RowCache(len(rows), cut.suffix_width, cut.prefix_width)
     for chosen, kv in prefix_passes(rows, model, tokenizer):  # as the optimisation computes them, stems shared
         cache.store_prefix(chosen, kv)
-    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
-    zero = torch.zeros(max(r.request for r in rows) + 1, layout.hidden_size, device=next(model.parameters()).device, dtype=dtype)
+    zero = torch.zeros(max(r.request for r in rows) + 1, layout.hidden_size, device=next(model.parameters()).device, dtype=delta_dtype(model))
     with torch.no_grad():
         _, cut_logp, cut_kl = cut.forward(zero, z_layer, None, cache.gather_prefix(list(range(len(rows))), cut.prefix_width))
         _, plain_logp, plain_kl = plain.forward(zero, z_layer, None, None)

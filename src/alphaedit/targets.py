@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
-from .passes import Pass, Row, RowCache, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
+from .passes import Pass, Row, RowCache, delta_dtype, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
 from .prompts import encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
 
@@ -174,8 +174,7 @@ def compute_targets(
         device = next(model.parameters()).device
         u, d = len(requests), layout.hidden_size
 
-        # δ and the optimiser stay float32 under a half-precision model (float64 stays float64).
-        dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+        dtype = delta_dtype(model)
         delta = torch.zeros(u, d, device=device, dtype=dtype)
         adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
         h0 = torch.zeros_like(delta)

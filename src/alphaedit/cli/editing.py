@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..config import EditConfig
-from ..methods import METHODS, get_method
+from ..methods import DEFAULT_METHOD, METHODS, get_method
 from ..guard import Guard, GuardTripped
 from ..journal import Journal, JournalError
 from ..requests import RequestError, load_requests
@@ -32,7 +32,7 @@ def edit(
     requests: Annotated[Path, typer.Option("--requests", "-r", help="JSON or JSONL file of edit requests (CounterFact, MEMIT or EasyEdit records).")],
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder: created, or continued when it exists.")],
     model: ModelOption = None,
-    method: Annotated[Optional[str], typer.Option(help=f"Editing method: {', '.join(METHODS)} (default alphaedit; a continued state keeps its own; see `alphaedit methods`).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Editing method: {', '.join(METHODS)} (default {DEFAULT_METHOD}; a continued state keeps its own; see `alphaedit methods`).")] = None,
     project: ProjectOption = None,
     method_option: MethodOptionOption = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Requests per sequential batch (default: all in one batch).")] = None,
@@ -85,7 +85,7 @@ def edit(
             return
 
     def new_config(lm) -> EditConfig:
-        config = _edit_config(lm, method or "alphaedit", layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
+        config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                               project, method_option, stop_most_probable, anchor_values)
         config.chat = chat
         return config

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..config import CHAT_VALUES, describe_preset
-from ..methods import METHODS
+from ..methods import DEFAULT_METHOD, METHODS
 from ..progress import progress_bar
 from ..journal import Journal
 from ..requests import RequestError
@@ -75,7 +75,7 @@ def evaluate(
     model: ModelOption = "smollm2-135m",
     n: Annotated[int, typer.Option("--n", min=1, help="Number of records to edit and evaluate (the first N, unless --select-seed). With --resume: go on to N records, a finished run included (its report is kept in at-N-edits/).")] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per sequential batch.")] = 100,
-    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)} (see `alphaedit methods`).")] = "alphaedit",
+    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)} (see `alphaedit methods`).")] = DEFAULT_METHOD,
     project: ProjectOption = None,
     method_option: MethodOptionOption = None,
     every: Annotated[Optional[int], typer.Option(min=1, help="Also evaluate every K batches (curves).")] = None,
@@ -332,7 +332,7 @@ def multihop(
     dataset: Annotated[Path, typer.Option(help="MQuAKE records (e.g. ../shared/data/mquake/AKEW_MQuAKE-CF.json).")],
     n: Annotated[Optional[int], typer.Option("--n", min=1, help="Cases to evaluate (default: all); each is edited alone and reverted.")] = None,
     model: ModelOption = "smollm2-135m",
-    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = "alphaedit",
+    method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = DEFAULT_METHOD,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each rewrite also in the chat template, with its MQuAKE question.")] = False,
     corpus: CorpusOption = "self",
     tokens: TokensOption = 20_000,

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ..config import EditConfig
-from ..methods import METHODS
+from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
     DeviceOption, DtypeOption, JsonOption, LayersOption, ModelOption, ProjectOption, StepsOption, TrustOption, _corpus_spec,
@@ -30,7 +30,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     token: Annotated[Optional[str], typer.Option(envvar="ALPHAEDIT_TOKEN", help="Require 'Authorization: Bearer TOKEN' on the API (and as the OpenAI api_key); open the page as http://HOST:PORT/#token=TOKEN.")] = None,
     exports: Annotated[Optional[Path], typer.Option(help="The only folder exports are written to (default: STATE-exports beside the state).")] = None,
-    method: Annotated[Optional[str], typer.Option(help=f"Editing method for a new state: {', '.join(METHODS)} (default alphaedit).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Editing method for a new state: {', '.join(METHODS)} (default {DEFAULT_METHOD}).")] = None,
     project: ProjectOption = None,
     corpus: Annotated[Optional[str], typer.Option(help="Statistics corpus for a new state (see `edit --help`; default 'self').")] = None,
     tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus for a new state.")] = None,
@@ -60,7 +60,7 @@ def serve(
                                                         corpus=corpus, tokens=tokens))
 
     def new_config(lm) -> EditConfig:
-        config = _edit_config(lm, method or "alphaedit", layers, steps, None, True, None, None, project=project)
+        config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project)
         config.chat = chat
         return config
 

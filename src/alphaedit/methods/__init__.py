@@ -13,7 +13,7 @@ import pkgutil
 from .base import Method, NoOptions
 from .projection import projected_solve
 
-__all__ = ["METHODS", "Method", "NoOptions", "get_method", "projected_solve", "register"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "NoOptions", "get_method", "projected_solve", "register"]
 
 
 def _discover() -> dict[str, Method]:
@@ -25,6 +25,7 @@ def _discover() -> dict[str, Method]:
 
 
 METHODS: dict[str, Method] = _discover()
+DEFAULT_METHOD = "alphaedit"  # the paper's: MEMIT-seq with the null-space projection
 
 
 def register(method: Method) -> Method:
