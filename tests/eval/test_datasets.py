@@ -108,6 +108,20 @@ def test_several_files_chain_into_one_stream_without_repeated_subject_and_prompt
     assert len(load(f"counterfact:{a}", [])) == 2  # one file: as published
 
 
+def test_a_stream_mixing_counterfact_and_zsre_records_is_refused_naming_the_files(tmp_path):
+    import json as _json
+
+    from alphaedit.eval.datasets import load_dataset as load
+
+    cf, zsre = tmp_path / "cf.json", tmp_path / "zsre.json"
+    cf.write_text(_json.dumps([{"case_id": 1, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Shanghai",
+                                "ground_truth": "Athens"}]))
+    zsre.write_text(_json.dumps([{"subject": "Tirana", "src": "Which city is twinned with Tirana?", "rephrase": "Tirana's twin?",
+                                  "answers": ["Athens"], "alt": "x", "loc": "nq question: who?", "loc_ans": "y"}]))
+    with pytest.raises(ValueError, match=r"counterfact records from .*cf\.json, zsre records from .*zsre\.json; evaluate them as separate"):
+        load(f"counterfact:{cf},{zsre}")
+
+
 def test_the_easyedit_counterfact_files_make_a_stream_of_over_18000_edits():
     from alphaedit.eval.datasets import load_dataset as load
 

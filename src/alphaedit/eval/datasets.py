@@ -159,8 +159,16 @@ def load_dataset(spec: str, skipped: list[str] | None = None) -> list[EvalRecord
     name, sep, path = spec.partition(":")
     if sep and "," in path:
         records: list[EvalRecord] = []
+        kinds: dict[str, str] = {}  # each kind of record, with the first file that gave it
         for part in path.split(","):
-            records += load_dataset(f"{name}:{part.strip()}", skipped)
+            loaded = load_dataset(f"{name}:{part.strip()}", skipped)
+            for kind in {r.kind for r in loaded}:
+                kinds.setdefault(kind, part.strip())
+            records += loaded
+        if len(kinds) > 1:  # CounterFact's NLL comparisons and zsRE's token accuracies do not average
+            found = ", ".join(f"{kind} records from {file}" for kind, file in kinds.items())
+            raise ValueError(f"--dataset {spec}: a stream must hold one kind of record to be scored as one run, "
+                             f"but it has {found}; evaluate them as separate runs")
         return _without_repeats(records, skipped)
     if name not in ("counterfact", "zsre", "knowedit") or (not sep and name not in PUBLIC_FILES):
         raise ValueError(f"--dataset must be counterfact[:PATH], zsre[:PATH] or knowedit:PATH, got {spec!r}")
