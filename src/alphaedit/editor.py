@@ -349,7 +349,7 @@ class Editor(Persistence):
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
         owners = [source for source, _ in sourced] if self.config.chat_values == "shared" else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
-                                  self.config.v_requests_per_pass, on_unit, owners=owners)
+                                  on_iteration=on_unit, owners=owners)  # rows per pass: the config's
         z, reference, dropped = targets.z.cpu(), None, 0
         if self.config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
             z, reference, dropped = self._anchored(forms, targets)

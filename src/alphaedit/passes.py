@@ -38,6 +38,7 @@ def delta_dtype(model: torch.nn.Module) -> torch.dtype:
     (Adam's small steps vanish in bfloat16), float64 under a float64 one (the reference tests)."""
     return torch.float64 if model.dtype == torch.float64 else torch.float32
 
+
 @dataclass
 class Row:
     """One prompt of one request, and what the loss reads from it."""
