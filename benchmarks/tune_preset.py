@@ -49,7 +49,9 @@ def parse_candidate(text: str) -> dict:
             settings["mlp_out_norm"] = "none"
         elif "=" in item:  # any other EditConfig field, e.g. clamp_norm_factor=1.5
             key, value = item.split("=", 1)
-            settings[key] = float(value)
+            settings[key] = {"true": True, "false": False}.get(value.lower(), None)
+            if settings[key] is None:
+                settings[key] = float(value)
         else:
             settings["early_stop_nll" if rule == "nll" else "early_stop_loss"] = float(item)
     return settings
@@ -65,9 +67,11 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="FIRST-LAST (default: the model's preset or default layers)")
     parser.add_argument("--candidates", default="1.0:10:loss,1.0:25:nll:0.05")
     parser.add_argument("--json", action="store_true", help="print only JSON (one line per candidate)")
+    parser.add_argument("--slices", default="counterfact,zsre", help="which tuning slices (comma-separated)")
     args = parser.parse_args()
 
-    slices = tuning_slices(args.records, args.cf_start)
+    slices = {name: records for name, records in tuning_slices(args.records, args.cf_start).items()
+              if name in args.slices.split(",")}
     corpus = CorpusSpec(str(DATA / "wikitext2_raw" / "wiki.valid.raw"), tokens=args.tokens)
     model, tokenizer = load_model(args.model)
     if args.layers:
