@@ -277,8 +277,8 @@ def test_passes_pack_rows_by_length_and_one_request_per_pass_keeps_them_together
     rows = [row for i, r in enumerate(REQUESTS) for row in _flatten(i, request_rows(tokenizer, r, TEMPLATES))]
     for split in (True, False):
         alone = plan_passes(rows, [0, 2], 1, split)
-        assert [{rows[i].request for i in p} for p in alone] == [{0}, {2}]
-        assert sorted(i for p in alone for i in p) == [i for i, r in enumerate(rows) if r.request in (0, 2)]
+        assert [{rows[i].owner for i in p} for p in alone] == [{0}, {2}]
+        assert sorted(i for p in alone for i in p) == [i for i, r in enumerate(rows) if r.owner in (0, 2)]
         packed = plan_passes(rows, [0, 1, 2], 2, split)
         assert sorted(i for p in packed for i in p) == list(range(len(rows)))
         lengths = [rows[i].suffix_length(split) for p in packed for i in p]

@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -43,15 +44,15 @@ def delta_dtype(model: torch.nn.Module) -> torch.dtype:
 class Row:
     """One prompt of one request, and what the loss reads from it."""
 
-    request: int
+    owner: int  # the request whose δ this row adds (and trains)
     ids: list[int]
     lookup: int  # δ's position: the subject's last token
     reads: list[tuple[int, int, float]]  # NLL terms: (position whose logits predict, token, weight)
     is_kl: bool = False  # the "{subject} is a" row: KL at `lookup`
     is_plain: bool = False  # the plain-template row: h0 is block l_m's output at `lookup`
-    # the form whose h0 a plain row gives, when it is not `request` (a chat form that shares its
+    # the form whose h0 a plain row gives, when it is not `owner` (a chat form that shares its
     # request's δ: its rows add and train that δ, its h0 is its own)
-    form: int | None = None
+    h0_form: int | None = None
 
     def cut(self, split: bool) -> int:
         return self.lookup if split else 0
@@ -70,11 +71,11 @@ def plan_passes(rows: Sequence[Row], active: Sequence[int], requests_per_pass: i
     separate pass then costs less than the padding.
     """
     wanted = set(active)
-    chosen = [i for i, row in enumerate(rows) if row.request in wanted]
+    chosen = [i for i, row in enumerate(rows) if row.owner in wanted]
     if requests_per_pass == 1:
         by_request: dict[int, list[int]] = {}
         for i in chosen:
-            by_request.setdefault(rows[i].request, []).append(i)
+            by_request.setdefault(rows[i].owner, []).append(i)
         return list(by_request.values())
     width = {i: rows[i].suffix_length(split) for i in chosen}
     budget = requests_per_pass * sum(width.values()) / len(wanted)
@@ -139,6 +140,13 @@ def _row_index(rows: list[int]) -> Callable[[torch.device], torch.Tensor]:
     return on
 
 
+class PassOutput(NamedTuple):
+    below: torch.Tensor  # [rows, S, d] block l_m's output without δ over the suffixes
+    token_logp: torch.Tensor  # [reads] log-probs of the read (target) tokens
+    top1: torch.Tensor  # [reads] whether each read token is the argmax
+    kl_logp: torch.Tensor  # [KL rows, V] log-probs at the KL rows' δ position
+
+
 class Pass:
     """One forward over some rows, cut at δ's position when `split` (else whole rows)."""
 
@@ -153,17 +161,17 @@ class Pass:
         steps = torch.arange(self.suffix.input_ids.shape[1])
         # each suffix token's position in its whole row; pads repeat the row's last position
         self.positions = torch.stack([cut + steps.clamp(max=w - 1) for cut, w in zip(self.cuts, self.widths)]).to(device)
-        self.row_request = torch.tensor([row.request for row in rows], device=device)
+        self.row_owner = torch.tensor([row.owner for row in rows], device=device)
         # the NLL terms of these rows (a pass of short rows may hold only KL rows, and none)
-        reads = [(k, pos - cut, token, row.request) for k, (row, cut) in enumerate(zip(rows, self.cuts)) for pos, token, _ in row.reads]
+        reads = [(k, pos - cut, token, row.owner) for k, (row, cut) in enumerate(zip(rows, self.cuts)) for pos, token, _ in row.reads]
         columns = list(zip(*reads)) or [(), (), (), ()]
-        self.read_row, self.read_pos, self.read_token, self.read_request = (torch.tensor(c, dtype=torch.long, device=device) for c in columns)
+        self.read_row, self.read_pos, self.read_token, self.read_owner = (torch.tensor(c, dtype=torch.long, device=device) for c in columns)
         self.read_weight = torch.tensor([w for row in rows for _, _, w in row.reads], dtype=delta_dtype(model), device=device)
         self.kl_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_kl], dtype=torch.long, device=device)
-        self.kl_request = self.row_request[self.kl_rows]
+        self.kl_owner = self.row_owner[self.kl_rows]
         self.plain_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_plain], dtype=torch.long, device=device)
-        self.plain_request = torch.tensor([row.request if row.form is None else row.form for row in rows if row.is_plain],
-                                          dtype=torch.long, device=device)
+        self.plain_form = torch.tensor([row.owner if row.h0_form is None else row.h0_form for row in rows if row.is_plain],
+                                       dtype=torch.long, device=device)
 
     @property
     def prefix_width(self) -> int:
@@ -173,22 +181,19 @@ class Pass:
     def suffix_width(self) -> int:
         return self.suffix.input_ids.shape[1]
 
-    def forward(
-        self, delta: torch.Tensor, z_layer: int, below: torch.Tensor | None, prefix_kv: PrefixKV | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """δ[request] added at block `z_layer`'s output at each row's δ position.
+    def forward(self, delta: torch.Tensor, z_layer: int, below: torch.Tensor | None, prefix_kv: PrefixKV | None) -> PassOutput:
+        """δ[owner] added at block `z_layer`'s output at each row's δ position.
 
         `below`: that block's output without δ over these suffixes, from an earlier pass; when
         given, the blocks up to z_layer are replayed, not run. `prefix_kv`: the prefixes' keys
-        and values (None when nothing was cut). Returns (block output without δ [rows, S, d],
-        log-probs of the read tokens [reads], log-probs at the KL rows' δ position [kl rows, V]).
+        and values (None when nothing was cut).
         """
         captured: dict[str, torch.Tensor] = {}
 
         def add_delta(hidden: torch.Tensor) -> torch.Tensor:
             # with device_map="auto" block l_m may sit on another device than δ
             captured["below"] = hidden.detach()
-            shift = delta[self.row_request.to(delta.device)].to(hidden.device, hidden.dtype)
+            shift = delta[self.row_owner.to(delta.device)].to(hidden.device, hidden.dtype)
             where = (self.suffix.rows.to(hidden.device), self.suffix.lookup.to(hidden.device))
             return hidden.index_put(where, shift, accumulate=True)
 
@@ -210,13 +215,13 @@ class Pass:
         read_logits = output_logits(self.model, self.layout, hidden[self.read_row.to(on), self.read_pos.to(on)]).to(precision)
         tokens = self.read_token.to(read_logits.device)
         token_logp = read_logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0].to(delta.device)
-        self.top1 = (read_logits.detach().argmax(-1) == tokens).to(delta.device)
+        top1 = (read_logits.detach().argmax(-1) == tokens).to(delta.device)
         kl_hidden = hidden[self.kl_rows.to(on), self.suffix.lookup[self.kl_rows].to(on)]
         kl_logp = output_logits(self.model, self.layout, kl_hidden).to(precision).log_softmax(-1).to(delta.device)
-        return captured["below"], token_logp, kl_logp
+        return PassOutput(captured["below"], token_logp, top1, kl_logp)
 
     def plain_outputs(self, below: torch.Tensor) -> torch.Tensor:
-        """h0 of the forms whose plain-template row is in this pass (in `plain_request` order)."""
+        """h0 of the forms whose plain-template row is in this pass (in `plain_form` order)."""
         rows = self.plain_rows.to(below.device)
         return below[rows, self.suffix.lookup[self.plain_rows].to(below.device)]
 
@@ -348,8 +353,8 @@ def prefix_cache_gap(model: PreTrainedModel, layout: Layout, tokenizer: PreTrain
     cache = RowCache(len(rows), cut.suffix_width, cut.prefix_width)
     for chosen, kv in prefix_passes(rows, model, tokenizer):  # as the optimisation computes them, stems shared
         cache.store_prefix(chosen, kv)
-    zero = torch.zeros(max(r.request for r in rows) + 1, layout.hidden_size, device=next(model.parameters()).device, dtype=delta_dtype(model))
+    zero = torch.zeros(max(r.owner for r in rows) + 1, layout.hidden_size, device=next(model.parameters()).device, dtype=delta_dtype(model))
     with torch.no_grad():
-        _, cut_logp, cut_kl = cut.forward(zero, z_layer, None, cache.gather_prefix(list(range(len(rows))), cut.prefix_width))
-        _, plain_logp, plain_kl = plain.forward(zero, z_layer, None, None)
-    return max((cut_logp - plain_logp).abs().max().item(), (cut_kl - plain_kl).abs().max().item())
+        cut_out = cut.forward(zero, z_layer, None, cache.gather_prefix(list(range(len(rows))), cut.prefix_width))
+        plain_out = plain.forward(zero, z_layer, None, None)
+    return max((cut_out.token_logp - plain_out.token_logp).abs().max().item(), (cut_out.kl_logp - plain_out.kl_logp).abs().max().item())

@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
-from .passes import Pass, Row, RowCache, delta_dtype, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
+from .passes import Pass, PassOutput, Row, RowCache, delta_dtype, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
 from .prompts import encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
 
@@ -92,7 +92,7 @@ def _flatten(form: int, rows: TargetRows, owner: int | None = None, share: float
     weight = share / (len(rows.target) * len(rows.target_start))
     flat = [
         Row(owner, ids, lookup, [(start + t, token, weight) for t, token in enumerate(rows.target)], is_plain=j == 0,
-            form=None if owner == form else form)
+            h0_form=None if owner == form else form)
         for j, (ids, lookup, start) in enumerate(zip(rows.ids, rows.lookup, rows.target_start))
     ]
     if owner != form:  # the owner's KL row already keeps the subject's essence
@@ -131,14 +131,14 @@ class _Totals:
     prob: torch.Tensor  # mean target-token probability
     misses: torch.Tensor  # target tokens that are not the top-1 prediction
 
-    def add(self, batch: Pass, token_logp: torch.Tensor, row_kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add(self, batch: Pass, out: PassOutput, row_kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one pass; returns its per-request NLL and KL, still differentiable."""
-        nll = torch.zeros_like(self.nll).index_add(0, batch.read_request, -token_logp * batch.read_weight)
-        kl = torch.zeros_like(self.kl).index_add(0, batch.kl_request, row_kl)
+        nll = torch.zeros_like(self.nll).index_add(0, batch.read_owner, -out.token_logp * batch.read_weight)
+        kl = torch.zeros_like(self.kl).index_add(0, batch.kl_owner, row_kl)
         self.nll += nll.detach()
         self.kl += kl.detach()
-        self.prob.index_add_(0, batch.read_request, token_logp.detach().exp() * batch.read_weight)
-        self.misses.index_add_(0, batch.read_request, (~batch.top1).to(self.misses.dtype))
+        self.prob.index_add_(0, batch.read_owner, out.token_logp.detach().exp() * batch.read_weight)
+        self.misses.index_add_(0, batch.read_owner, (~out.top1).to(self.misses.dtype))
         return nll, kl
 
 
@@ -194,14 +194,14 @@ def compute_targets(
                 batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
                 below = cache.gather_below(chosen, batch.suffix_width) if it > 0 else None
                 with torch.set_grad_enabled(not last):
-                    below, token_logp, kl_logp = batch.forward(leaf, config.z_layer, below, cache.gather_prefix(chosen, batch.prefix_width))
-                kl_rows = [i for i in chosen if rows[i].is_kl]
+                    out = batch.forward(leaf, config.z_layer, below, cache.gather_prefix(chosen, batch.prefix_width))
+                kl_rows, kl_logp = [i for i in chosen if rows[i].is_kl], out.kl_logp
                 if it == 0:
-                    cache.store_below(chosen, below)
-                    h0[batch.plain_request] = batch.plain_outputs(below).to(device, dtype)
+                    cache.store_below(chosen, out.below)
+                    h0[batch.plain_form] = batch.plain_outputs(out.below).to(device, dtype)
                     kl_init.update({i: kl_logp[k].detach() for k, i in enumerate(kl_rows)})
                 init = torch.stack([kl_init[i] for i in kl_rows]) if kl_rows else kl_logp.detach()
-                nll, kl = totals.add(batch, token_logp, config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1))
+                nll, kl = totals.add(batch, out, config.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1))
                 if not last:
                     (nll.sum() + kl.sum()).backward()
             moving = torch.tensor(active, device=device)
@@ -245,12 +245,12 @@ def _prefix_cache_is_exact(model: PreTrainedModel, layout: Layout, tokenizer: Pr
     after a shared stem are checked too), so an architecture whose attention ignores the cache or
     the explicit positions falls back to plain passes instead of optimising against a wrong model.
     """
-    longest = max(rows, key=lambda r: r.lookup).request
-    probed = [r for r in rows if r.request == longest]
+    longest = max(rows, key=lambda r: r.lookup).owner
+    probed = [r for r in rows if r.owner == longest]
     prefixes = row_prefixes(rows)
     stems = shared_stems(prefixes)
-    own = {tuple(prefixes[i][: stems[i]]) for i in stems if rows[i].request == longest and stems[i]}
-    probed += [rows[i] for i in stems if rows[i].request != longest and stems[i] and tuple(prefixes[i][: stems[i]]) in own][:1]
+    own = {tuple(prefixes[i][: stems[i]]) for i in stems if rows[i].owner == longest and stems[i]}
+    probed += [rows[i] for i in stems if rows[i].owner != longest and stems[i] and tuple(prefixes[i][: stems[i]]) in own][:1]
     try:
         gap = prefix_cache_gap(model, layout, tokenizer, probed, z_layer)
     except (TypeError, ValueError) as error:
