@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from alphaedit.cli import app
 from alphaedit.eval.pre_cache import model_digest
+from alphaedit.eval.protocol import _reused_from
 from conftest import WIKITEXT
 
 DATA = WIKITEXT.parent
@@ -78,3 +79,10 @@ def test_the_model_digest_sees_every_weight(llama):
         with torch.no_grad():
             parameter.copy_(kept)
     assert model_digest(model) == before
+
+
+def test_a_run_folder_written_before_the_reuse_record_was_structured_still_reads():
+    assert _reused_from(None) is None
+    assert _reused_from({"file": "f.json (computed t)", "records": 40}) == {"file": "f.json (computed t)", "records": 40}
+    assert _reused_from("f.json (computed t)") == {"file": "f.json (computed t)"}
+    assert _reused_from("f.json (computed t) for its first 1000 records") == {"file": "f.json (computed t)", "records": 1000}

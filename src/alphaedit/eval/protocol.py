@@ -304,8 +304,10 @@ def run_protocol(
     curve = [*progress["curve"], {"edits": len(requests), **{m: post.summary[m] for m in SUCCESS_METRICS}}]
     seconds = sum(r.seconds for r in editor.history)
     notes = [f"resumed after batch {k} (editing time counts each batch once)" for k in progress.get("resumed", [])]
-    if progress.get("pre_reused"):
-        notes.append(f"pre-edit scores reused from {progress['pre_reused']} (the same model, records, settings and scoring code)")
+    reused = _reused_from(progress.get("pre_reused"))
+    if reused is not None:
+        which = f" for its first {reused['records']} records" if reused.get("records") else ""
+        notes.append(f"pre-edit scores reused from {reused['file']}{which} (the same model, records, settings and scoring code)")
     return ProtocolResult(pre, post, curve, progress["norms"], progress["general"], seconds, notes, monitor(editor))
 
 
@@ -327,8 +329,10 @@ def grow_pre(folder: Path, evaluator: Evaluator) -> int:
     summary = {**progress["pre"], **summarise(rows)}
     progress["pre"] = summary
     progress["curve"][0] = {"edits": 0, **{k: summary[k] for k in SUCCESS_METRICS}}
-    if progress.get("pre_reused") and "for its first" not in progress["pre_reused"]:
-        progress["pre_reused"] += f" for its first {start} records"
+    reused = _reused_from(progress.get("pre_reused"))
+    if reused is not None:  # the cached scores cover the records the run had before it first grew
+        reused.setdefault("records", start)
+        progress["pre_reused"] = reused
     for point in progress["curve"][1:]:  # points taken before the run grew are means over the records it had then
         point.setdefault("records", start)
     # the summary first: killed before the rows are written, the next resume scores the new records again
@@ -360,12 +364,12 @@ def _general_scores(evaluator: Evaluator, general: GeneralCheck, edits: int) -> 
 
 def _pre_edit(evaluator: Evaluator, general: GeneralCheck | None, cache: PreEvalCache | None):
     """The unedited model's evaluation and general check (point, rows): from the cache when it holds
-    them, else computed (and stored there). Returns them and the cache file reused, or None."""
+    them, else computed (and stored there). Returns them and {"file": the cache file reused}, or None."""
     key = pre_eval_key(evaluator, general) if cache is not None else None
     stored = cache.load(key) if cache is not None else None
     if stored is not None:
         general_point = (stored["general"], stored["general_rows"]) if general is not None else None
-        return Evaluation(stored["records"], stored["summary"]), general_point, f"{cache.path(key)} (computed {stored['created']})"
+        return Evaluation(stored["records"], stored["summary"]), general_point, {"file": f"{cache.path(key)} (computed {stored['created']})"}
     evaluator.announce("pre-edit evaluation")
     pre = evaluator.evaluate()
     general_point = _general_scores(evaluator, general, 0) if general is not None else None
@@ -373,6 +377,15 @@ def _pre_edit(evaluator: Evaluator, general: GeneralCheck | None, cache: PreEval
         cache.store(key, {"records": pre.records, "summary": pre.summary, "general": general_point and general_point[0],
                           "general_rows": general_point and general_point[1]})
     return pre, general_point, None
+
+
+def _reused_from(value: dict | str | None) -> dict | None:
+    """progress.json's "pre_reused": {"file", and "records" once the run grew past them}, or None.
+    Runs written before 2026-12-03 kept it as text, "FILE (computed ...)[ for its first N records]"."""
+    if not isinstance(value, str):
+        return value
+    file, _, records = value.partition(" for its first ")
+    return {"file": file, "records": int(records.split()[0])} if records else {"file": file}
 
 
 def _latest(editor: Editor, progress: dict) -> dict:
