@@ -44,7 +44,6 @@ from .residual import mlp_contribution, mlp_output_change
 from .teacher_forcing import prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
-from .stats.corpus import IMPORT
 from .targets import TargetResult, compute_targets
 from .updates import LayerStatistics, Update, null_space_projector
 
@@ -179,16 +178,16 @@ class Editor(Persistence):
 
     def _imported_projectors(self) -> dict[int, LayerStatistics]:
         """Projectors imported from AlphaEdit's null_space_project.pt (`--corpus import:FILE.pt`)."""
-        source = self.corpus.corpus
-        if not (source.startswith(IMPORT) and source.endswith((".pt", ".pth"))):
+        if not self.corpus.imports_projectors:
             return {}
+        source = self.corpus.imported
         if not self.method.projects(self.config):
             raise ValueError(f"{self.config.method} without the projection needs second moments; {source} holds only projectors")
         statistics = {}
         for layer in self.config.layers:
             projector = self.cache.load_projector(statistic_description(self.model, self.layout, self.tokenizer, layer, self.corpus))
             if projector is None:
-                raise ValueError(f"no projector imported from {source[len(IMPORT):]} for layer {layer}: run `alphaedit stats --import FILE --layers ...`")
+                raise ValueError(f"no projector imported from {source} for layer {layer}: run `alphaedit stats --import FILE --layers ...`")
             self.projector_rank[layer] = round(float(projector.trace()))
             statistics[layer] = LayerStatistics(None, projector.to(self._device(layer)), self.preserved[layer])
         return statistics

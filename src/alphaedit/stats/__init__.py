@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..layouts import Layout, mlp_out_weight
 from ..progress import progress_bar
 from .cache import StatsCache, config_digest, statistic_description, tokenizer_digest
-from .corpus import IMPORT, SELF, CorpusSpec, document_windows, file_windows, self_windows
+from .corpus import SELF, CorpusSpec, document_windows, file_windows, self_windows
 from .moments import MomentAccumulator, SecondMoment, accumulate_batch, token_batches
 
 __all__ = ["CorpusSpec", "SecondMoment", "StatsCache", "second_moments", "statistic_description", "Workers"]
@@ -104,8 +104,8 @@ def second_moments(
     missing = [layer for layer in layers if layer not in found]
     if not missing:
         return found
-    if spec.corpus.startswith(IMPORT):
-        raise ValueError(f"no statistics imported from {spec.corpus[len(IMPORT):]} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
+    if spec.imported is not None:
+        raise ValueError(f"no statistics imported from {spec.imported} for layers {missing}: run `alphaedit stats --import FILE --layers ...` first")
     if cache is not None and workers.rank == 0:  # whatever the progress setting: a pass can take hours
         _say_why_a_pass_starts(cache, descriptions[missing[0]], missing, spec)
     pass_key = _pass_key({l: descriptions[l] for l in missing}, workers)

@@ -215,10 +215,20 @@ class CorpusSpec:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"corpus sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
 
+    @property
+    def imported(self) -> Path | None:
+        """The file of `import:FILE` (statistics another tool computed), else None."""
+        return Path(self.corpus[len(IMPORT) :]) if self.corpus.startswith(IMPORT) else None
+
+    @property
+    def imports_projectors(self) -> bool:
+        """Does it import AlphaEdit's null_space_project.pt (projectors only, no second moments)?"""
+        return self.imported is not None and self.imported.suffix in (".pt", ".pth")
+
     def description(self) -> dict[str, str]:
-        if self.corpus.startswith(IMPORT):
+        if self.imported is not None:
             # the file's contents decide; budget and windowing were the other tool's
-            return {"corpus": IMPORT + content_digest(Path(self.corpus[len(IMPORT) :]))[:16], "tokens": "-", "max_length": "-", "seed": "-"}
+            return {"corpus": IMPORT + content_digest(self.imported)[:16], "tokens": "-", "max_length": "-", "seed": "-"}
         described = {
             "corpus": describe(self.corpus),
             "tokens": str(self.tokens),
