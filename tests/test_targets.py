@@ -302,7 +302,6 @@ def test_prefixes_run_after_shared_stems_give_each_rows_own_keys_and_values(llam
     each row's rest runs against them. The keys and values equal a plain pass over each whole
     prefix (float64), for rows with and without a stem, in one pass or in many."""
     from alphaedit.passes import prefix_passes, shared_stems
-    from alphaedit.prompts import batch_rows
 
     model, _ = llama64
     requests = [*REQUESTS, EditRequest("{} is a city in", "Madrid", "Spain", None)]
