@@ -26,7 +26,7 @@ from pathlib import Path
 from alphaedit.config import config_for_model
 from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset
-from alphaedit.eval.protocol import EvalSettings, Evaluator, summarise
+from alphaedit.eval.evaluator import EvalSettings, Evaluator, summarise
 from alphaedit.layouts import detect_layout
 from alphaedit.models import load_model
 from alphaedit.stats import CorpusSpec

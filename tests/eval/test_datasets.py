@@ -122,6 +122,24 @@ def test_a_stream_mixing_counterfact_and_zsre_records_is_refused_naming_the_file
         load(f"counterfact:{cf},{zsre}")
 
 
+def test_the_evaluator_refuses_records_of_two_kinds(tmp_path):
+    """The same rule where the scorer is chosen, for records built without the loader."""
+    import json as _json
+
+    from alphaedit.eval.datasets import load_dataset as load
+    from alphaedit.eval.evaluator import EvalSettings, Evaluator
+
+    cf, zsre = tmp_path / "cf.json", tmp_path / "zsre.json"
+    cf.write_text(_json.dumps([{"case_id": 1, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Shanghai",
+                                "ground_truth": "Athens"}]))
+    zsre.write_text(_json.dumps([{"subject": "Tirana", "src": "Which city is twinned with Tirana?", "rephrase": "Tirana's twin?",
+                                  "answers": ["Athens"], "alt": "x", "loc": "nq question: who?", "loc_ans": "y"}]))
+    records = load(f"counterfact:{cf}") + load(f"zsre:{zsre}")
+    with pytest.raises(ValueError, match="records of one kind only, not counterfact and zsre"):
+        Evaluator(None, None, records, EvalSettings())
+    assert Evaluator(None, None, records[1:], EvalSettings()).kind == "zsre"
+
+
 def test_the_easyedit_counterfact_files_make_a_stream_of_over_18000_edits():
     from alphaedit.eval.datasets import load_dataset as load
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from alphaedit.eval.metrics import TfIdf, harmonic_mean, mean, ngram_entropy, perplexity, word_tokenize
-from alphaedit.eval.protocol import summarise
+from alphaedit.eval.evaluator import summarise
 
 
 def test_word_tokenize_splits_punctuation_and_contractions():

@@ -163,9 +163,10 @@ def _check_growth(folder: Path, a: dict, n: int) -> None:
 
 def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..eval.datasets import load_dataset, select, with_questions
+    from ..eval.evaluator import EvalSettings, Evaluator
     from ..eval.general import TASKS, GeneralCheck, load_task_records
     from ..eval.pre_cache import PreEvalCache
-    from ..eval.protocol import EvalSettings, Evaluator, grow_pre, run_protocol
+    from ..eval.protocol import grow_pre, run_protocol
     from ..eval.report import keep_earlier_report, write_report
     from ..files import atomic_write_text
 

@@ -25,49 +25,16 @@ the records it had then (marked with their "records").
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..editor import Editor
 from ..files import atomic_write_text
 from ..layouts import mlp_out_weight
-from ..stats.corpus import documents, file_windows
-from .datasets import EvalRecord
-from .consistency import load_rome
+from .evaluator import GENERAL_PHASE, SUCCESS_METRICS, Evaluation, Evaluator, summarise
 from .general import GeneralCheck, mean_f1
-from .metrics import TfIdf, mean
 from .pre_cache import PreEvalCache, pre_eval_key
-from .scoring import chat_scores, counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
-
-SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
-CHAT_METRICS = ("chat_success", "chat_paraphrase", "chat_locality")  # generation-based (scoring.chat_scores)
-EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc")  # EasyEdit's token accuracies, under EasyEdit's names
-GENERAL_PHASE = "general check"  # the phase name the general check is timed under
-
-
-@dataclass
-class EvalSettings:
-    generation_every: int = 1  # fluency/consistency on every k-th record (generation is slow)
-    sample_seed: int = 0
-    perplexity_corpus: str | None = None  # held-out text; None skips perplexity
-    perplexity_tokens: int = 4096
-    idf_corpus: str | None = None  # text the local stand-in's TF-IDF idf is built from
-    consistency: str = "local"  # or "rome" / "rome:DIR": ROME's idf and attribute snippets (consistency.py)
-    chat_eval: bool = False  # the generation-based evaluation: free answers to questions (scoring.chat_scores)
-    chat_max_tokens: int = 32
-    chat_neighbours: int | None = 4  # neighbour questions per record (None: all)
-
-
-@dataclass
-class Evaluation:
-    records: list[dict]
-    summary: dict[str, float | None]
-
 
 @dataclass
 class ProtocolResult:
@@ -81,97 +48,6 @@ class ProtocolResult:
     # per batch, from the editor's reports: {"edits": n, "weight_growth": {layer: {frobenius, spectral}},
     # "value_norm", "value_shift", "null_space_rank"} (monitoring, issue 14)
     monitor: list[dict] = field(default_factory=list)
-
-
-class Evaluator:
-    """Evaluates a fixed list of records on whatever state the model is in."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[EvalRecord], settings: EvalSettings,
-                 on_phase: Callable[[str], None] | None = None):
-        self.model, self.tokenizer, self.records, self.settings = model, tokenizer, records, settings
-        # An evaluation of thousands of records takes minutes per phase on a CPU: `on_phase` hears
-        # each phase start (with the time it took the last time, as an estimate) and end.
-        self.on_phase = on_phase
-        self.took: dict[str, float] = {}  # seconds, per phase, of its latest run
-        self.rome = load_rome(settings.consistency) if settings.consistency != "local" else None
-        if self.rome is not None:
-            self.tfidf = self.rome.tfidf
-        else:
-            self.tfidf = TfIdf(documents(settings.idf_corpus)) if settings.idf_corpus else None
-        self.windows = (
-            file_windows(settings.perplexity_corpus, tokenizer, settings.perplexity_tokens, 256) if settings.perplexity_corpus else []
-        )
-
-    def announce(self, what: str) -> None:
-        if self.on_phase is not None:
-            self.on_phase(what)
-
-    def evaluation_seconds(self) -> float:
-        """How long `evaluate` took the last time, by its timed phases (0 before any): the general
-        check, which runs on its own schedule, is not part of it."""
-        return sum(t for phase, t in self.took.items() if phase != GENERAL_PHASE)
-
-    @contextmanager
-    def phase(self, name: str, size: str) -> Iterator[None]:
-        """Time one phase and tell `on_phase` when it starts (what it does, and how long it took
-        the last time) and ends."""
-        before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
-        self.announce(f"{name} ({size}{before}) …")
-        start = time.perf_counter()
-        yield
-        self.took[name] = time.perf_counter() - start
-        self.announce(f"{name}: done in {_duration(self.took[name])}")
-
-    def scores(self, start: int = 0) -> list[dict]:
-        """Per-record scores of records[start:]."""
-        records = self.records[start:]
-        kind = records[0].kind
-        with self.phase("teacher-forced scores", f"{len(records)} records"):
-            per_record = (counterfact_scores if kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, records)
-        with self.phase("generative success", f"{len(records)} records"):
-            success = generative_success(self.model, self.tokenizer, records)
-        rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
-        if self.settings.chat_eval:
-            with self.phase("chat answers", f"{len(records)} records"):
-                chat = chat_scores(self.model, self.tokenizer, records, self.settings.chat_max_tokens, self.settings.chat_neighbours)
-            for row, answers in zip(rows, chat):
-                row.update(answers)
-        return rows
-
-    def evaluate(self, with_generation: bool = True, start: int = 0) -> Evaluation:
-        """Every record's scores and their summary (with the perplexity, which is the model's, not a
-        record's). `start`: only records[start:], without the perplexity — the new records of a grown
-        run, sampled for fluency as they would be in an evaluation of all records."""
-        per_record = self.scores(start)
-        sampled = [i for i, r in enumerate(self.records) if r.generation_prompts][:: self.settings.generation_every]
-        sampled = [i for i in sampled if i >= start]
-        if with_generation and sampled and self.tfidf is not None:
-            chosen = [self.records[i] for i in sampled]
-            references = [self.rome.texts(r.relation_id, r.target_new_id) if self.rome else r.reference_texts for r in chosen]
-            with self.phase("fluency and consistency", f"{sum(len(r.generation_prompts) for r in chosen)} texts of {len(chosen)} records"):
-                generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references)
-            for i, g in zip(sampled, generated):
-                per_record[i - start].update(g)
-        for rec, row in zip(self.records[start:], per_record):
-            row["case_id"] = rec.case_id
-        summary = summarise(per_record)
-        if self.windows and start == 0:
-            with self.phase("perplexity", f"{len(self.windows)} windows"):
-                summary["perplexity"] = wikitext_perplexity(self.model, self.tokenizer, self.windows)
-        return Evaluation(per_record, summary)
-
-
-def _duration(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def summarise(per_record: list[dict]) -> dict[str, float | None]:
-    """Means over records, ×100 as the paper reports (fluency too: ≈600 for fluent text)."""
-    summary: dict[str, float | None] = {}
-    for metric in (*SUCCESS_METRICS, "fluency", "consistency", *EASYEDIT_METRICS, *CHAT_METRICS):
-        value = mean(r[metric] for r in per_record if r.get(metric) is not None)
-        summary[metric] = None if value is None else 100 * value
-    return summary
 
 
 def monitor(editor: Editor) -> list[dict]:

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..files import atomic_write_text
 from ..plots import figure
 from .general import mean_f1
-from .protocol import CHAT_METRICS, SUCCESS_METRICS, ProtocolResult
+from .evaluator import CHAT_METRICS, SUCCESS_METRICS
+from .protocol import ProtocolResult
 
 TABLE_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "generative_success", "perplexity")
 
