@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 
 from alphaedit.layouts import detect_layout
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw"
+# ../shared/data beside the checkout; ALPHAEDIT_SHARED_DATA elsewhere (the GPU machine has none: device_first.sh)
+SHARED_DATA = Path(os.environ.get("ALPHAEDIT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+WIKITEXT = SHARED_DATA / "wikitext2_raw"
 EOS, BOS = "<|endoftext|>", "<s>"
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the

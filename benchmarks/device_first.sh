@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The first command on a lent GPU machine (GPU.md): the GPU benchmarks and the GPU-only test, in
+# one go, each under its own time limit, results under $OUT. Needs .device/kit from
+# benchmarks/device_kit.sh carried along:
+#   run(command="bash benchmarks/device_first.sh", carry=[".device/kit"], timeout_s=540)
+# Prints a short table last. `DEVICE=cpu SHAPE=tiny bash benchmarks/device_first.sh` runs the
+# same plumbing on a CPU in a minute (a smoke test of this script, not a measurement; PYTHON
+# names an interpreter with torch, e.g. PYTHON=.venv/bin/python).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+kit=$root/.device/kit
+out=${OUT:-$root/.device/out}
+device=${DEVICE:-cuda}
+shape=${SHAPE:-llama3-8b}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+site=$(mktemp -d)
+"$python" -m pip install -q --no-index --no-deps --target "$site" "$kit"/wheels/*.whl 2>&1 | tail -2
+export PYTHONPATH="$site:$root/src:$root/benchmarks" ALPHAEDIT_HOME=$(mktemp -d)
+# the machine has no ../shared/data: the tests read the kit's copy (conftest.SHARED_DATA), the
+# benchmarks are given its paths
+data=${ALPHAEDIT_SHARED_DATA:-$root/../shared/data}
+[[ -e $data/wikitext2_raw/wiki.valid.raw ]] || data=$kit/data
+export ALPHAEDIT_SHARED_DATA=$data
+"$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/versions.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$out/gpu.txt"
+
+status=()
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.out" 2> "$out/$name.err"
+  local rc=$?
+  status+=("$(printf '%-14s rc %-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+}
+tokens=$([[ $device == cpu ]] && echo 2000 || echo 200000)
+step edit_speed 300 "$python" benchmarks/edit_speed.py --device "$device" --shape "$shape" --sequential-edits 5 \
+    --tokenizer "$kit/tokenizer" --requests "$data/counterfact/counterfact_test.json" \
+    --corpus "$data/wikitext2_raw/wiki.valid.raw" --json $([[ $device == cpu ]] && echo --edits 4 --steps 3)
+step stats_speed 120 "$python" benchmarks/stats_speed.py --device "$device" --shape "$shape" --tokens "$tokens" --json
+step test_devices 120 "$python" -m pytest -q -p no:cacheprovider tests/test_devices.py -rs
+
+echo
+printf '%s\n' "${status[@]}"
+"$python" - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+try:
+    e = json.loads((out / "edit_speed.out").read_text())
+    print(f"edit_speed: {e['model']}, {e['machine']}")
+    for p in e["paths"]:
+        print(f"  {p['path']:<36} {p['edits']:>4} edits {p['s_per_edit']:8.3f} s/edit  peak {p.get('peak_gib', 0):5.1f} GiB")
+except Exception as error:
+    print("edit_speed: no JSON", error)
+try:
+    s = json.loads((out / "stats_speed.out").read_text())
+    print(f"stats_speed: {s['model']}: one pass {s['one_pass_tokens_per_s']:.0f} tok/s ({s['one_pass_dtype']}), "
+          f"per layer fp32 {s['per_layer_fp32_tokens_per_s']:.0f} tok/s, 44M tokens {s['hours_for_44M_tokens_one_pass']:.2f} h")
+except Exception as error:
+    print("stats_speed: no JSON", error)
+print("test_devices:", (out / "test_devices.out").read_text().strip().splitlines()[-1:] )
+PY
