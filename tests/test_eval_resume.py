@@ -154,3 +154,45 @@ def test_general_options_are_checked_before_anything_runs(tiny_model_folder, tmp
     result = _cli(tiny_model_folder, tmp_path, "--dataset", f"counterfact:{COUNTERFACT}", "--out", str(out), *extra)
     assert result.exit_code == 2 and message in result.output
     assert not out.exists()  # nothing written
+
+
+def test_a_curve_of_the_edited_records_equals_a_shorter_runs_final_evaluation(tiny_model_folder, tmp_path):
+    """--curve-of edited: the point after k batches is the mean over the records edited so far, the
+    same numbers a run of only those records ends with; --curve-sample spreads a smaller sample."""
+    def command(out: Path, n: int, *extra: str) -> list[str]:
+        return ["eval", "--model", str(tiny_model_folder), "--dataset", f"counterfact:{COUNTERFACT}", "--n", str(n), "--batch-size", "2",
+                "--steps", "3", "--layers", "1-2", "--corpus", str(WIKITEXT), "--tokens", "2000", "--out", str(out), "--json", *extra]
+
+    runs = {name: _run(command(tmp_path / name, n, *extra), tmp_path / "home") for name, n, extra in [
+        ("edited", 6, ("--every", "1", "--curve-of", "edited")),
+        ("sampled", 6, ("--every", "1", "--curve-of", "edited", "--curve-sample", "2")),
+        ("four", 4, ()),
+    ]}
+    for name, result in runs.items():
+        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+    edited, sampled, four = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("edited", "sampled", "four"))
+    metrics = ("efficacy", "generalization", "specificity", "generative_success")
+    assert [(p["edits"], p.get("records")) for p in edited["curve"]] == [(0, None), (2, 2), (4, 4), (6, None)]
+    assert edited["curve"][2]["of"] == "edited"
+    for m in metrics:  # after 4 edits, over the 4 edited records: what the 4-record run ends with
+        assert edited["curve"][2][m] == pytest.approx(four["post"][m], abs=1e-6), m
+    assert edited["post"] == sampled["post"]  # the sample changes what is measured along the way, not the run
+    assert [(p["edits"], p.get("records")) for p in sampled["curve"]] == [(0, None), (2, 2), (4, 2), (6, None)]
+    assert sampled["curve"][1] == edited["curve"][1]  # 2 of 2 edited records: the same point
+    assert "| 4 |" in (tmp_path / "edited" / "summary.md").read_text() and "4 edited |" in (tmp_path / "edited" / "summary.md").read_text()
+    assert any("the records edited so far, at most 2" in note for note in sampled["notes"])
+
+    refused = _cli(tiny_model_folder, tmp_path, "--dataset", f"counterfact:{COUNTERFACT}", "--out", str(tmp_path / "x"), "--curve-of", "edited")
+    assert refused.exit_code == 2 and "give --every K too" in refused.output and not (tmp_path / "x").exists()
+
+
+def test_a_curve_sample_is_spread_over_the_records_it_stands_for():
+    from alphaedit.eval.protocol import Schedule
+
+    assert Schedule(10, 1).curve_records(300, 1000) is None  # all records, as the paper's figures
+    assert Schedule(10, 1, curve_of="edited").curve_records(300, 1000) == list(range(300))
+    assert Schedule(10, 1, curve_of="edited", curve_sample=4).curve_records(300, 1000) == [0, 75, 150, 225]
+    assert Schedule(10, 1, curve_sample=4).curve_records(300, 1000) == [0, 250, 500, 750]
+    assert Schedule(10, 1, curve_of="edited", curve_sample=400).curve_records(300, 1000) == list(range(300))
+    with pytest.raises(ValueError, match="curve_of must be one of all, edited"):
+        Schedule(10, 1, curve_of="some")

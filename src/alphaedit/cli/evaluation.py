@@ -79,6 +79,8 @@ def evaluate(
     project: ProjectOption = None,
     method_option: MethodOptionOption = None,
     every: Annotated[Optional[int], typer.Option(min=1, help="Also evaluate every K batches (curves).")] = None,
+    curve_of: Annotated[str, typer.Option(help="What a curve point (--every) evaluates: 'all' records, edited or not yet (the paper's figures), or the records 'edited' so far (do the edits made still hold?).")] = "all",
+    curve_sample: Annotated[Optional[int], typer.Option(min=1, help="At most this many records per curve point, evenly spread over those it evaluates (a long run's points then cost minutes, not hours).")] = None,
     select_seed: Annotated[Optional[int], typer.Option(help="Draw the N records with this seed (default: the first N, as the reference code).")] = None,
     generation_every: Annotated[int, typer.Option(min=1, help="Fluency/consistency on every k-th record only (generation is slow).")] = 1,
     general: Annotated[Optional[Path], typer.Option(help="Folder of the six general-capability tasks (sst2, mrpc, cola, rte, mmlu, nli .jsonl: the authors' glue_eval subsets), scored before the first batch and after the last.")] = None,
@@ -166,7 +168,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..eval.evaluator import EvalSettings, Evaluator
     from ..eval.general import TASKS, GeneralCheck, load_task_records
     from ..eval.pre_cache import PreEvalCache
-    from ..eval.protocol import grow_pre, run_protocol
+    from ..eval.protocol import CURVE_OF, grow_pre, run_protocol
     from ..eval.report import keep_earlier_report, write_report
     from ..files import atomic_write_text
 
@@ -200,6 +202,10 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             rome_folder(consistency)  # fetched or checked before the model loads
         except ValueError as e:
             _fail(str(e))
+    if a.get("curve_of", "all") not in CURVE_OF:
+        _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
+    if (a.get("curve_of", "all") != "all" or a.get("curve_sample")) and not a["every"]:
+        _fail("--curve-of and --curve-sample choose the records of the curve points: give --every K too")
     if a.get("chat_values", "own") not in CHAT_VALUES:
         _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
     if not resuming:
@@ -234,7 +240,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
         try:
             result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
-                                  PreEvalCache() if a.get("pre_cache", True) else None)
+                                  PreEvalCache() if a.get("pre_cache", True) else None,
+                                  a.get("curve_of", "all"), a.get("curve_sample"))  # run.json from before these options: all
         except (ValueError, RequestError) as e:
             _fail(str(e))
     result.notes += _eval_notes(records, settings)
@@ -250,6 +257,10 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                             + (", plus the general check the shorter run took after its last batch" if extra else "")
                             + (f"; curve points before {grown['from']} edits are means over the first {grown['from']} records" if a["every"] else "")
                             + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
+    if a["every"] and (a.get("curve_of", "all") != "all" or a.get("curve_sample")):
+        which = "the records edited so far" if a.get("curve_of") == "edited" else "all records"
+        result.notes.append(f"curve points between the first and the last evaluate {which}"
+                            + (f", at most {a['curve_sample']} of them evenly spread" if a.get("curve_sample") else ""))
     if skipped:
         result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
                             f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")

@@ -7,7 +7,7 @@ The sequential protocol (protocol.py) calls it before, during and after a run.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -87,9 +87,9 @@ class Evaluator:
         self.took[name] = time.perf_counter() - start
         self.announce(f"{name}: done in {_duration(self.took[name])}")
 
-    def scores(self, start: int = 0) -> list[dict]:
-        """Per-record scores of records[start:]."""
-        records = self.records[start:]
+    def scores(self, start: int = 0, indices: Sequence[int] | None = None) -> list[dict]:
+        """Per-record scores of records[start:], or of the records at `indices`."""
+        records = self.records[start:] if indices is None else [self.records[i] for i in indices]
         with self.phase("teacher-forced scores", f"{len(records)} records"):
             per_record = (counterfact_scores if self.kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, records)
         with self.phase("generative success", f"{len(records)} records"):

@@ -86,13 +86,34 @@ class RunFolder:
         return [json.loads(line) for line in (self.root / name).read_text(encoding="utf-8").splitlines()]
 
 
+CURVE_OF = ("all", "edited")  # what a curve point between the first and the last evaluates
+
+
 @dataclass
 class Schedule:
-    """Which measurements follow which batch (counted from 1)."""
+    """Which measurements follow which batch (counted from 1), and of which records."""
 
     batches: int
     every: int | None = None  # teacher-forced metrics every K batches (curves)
     general_every: int | None = None  # the general check every G batches (and always after the last)
+    # a curve point of "all" records (edited or not yet: the paper's figures) or of the records
+    # "edited" so far (a lifelong run's question: do the edits made hold?), at most curve_sample
+    # of them, evenly spread over the sequence (a 10,000-record evaluation per point costs hours)
+    curve_of: str = "all"
+    curve_sample: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.curve_of not in CURVE_OF:
+            raise ValueError(f"curve_of must be one of {', '.join(CURVE_OF)}, not {self.curve_of!r}")
+
+    def curve_records(self, edits: int, total: int) -> list[int] | None:
+        """Indices of the records a curve point after `edits` edits evaluates (None: all `total`)."""
+        count = edits if self.curve_of == "edited" else total
+        if self.curve_of == "all" and not self.curve_sample:
+            return None
+        if self.curve_sample and count > self.curve_sample:
+            return sorted({k * count // self.curve_sample for k in range(self.curve_sample)})
+        return list(range(count))
 
     def curve_after(self, k: int) -> bool:
         return bool(self.every) and k % self.every == 0 and k < self.batches  # the last one is the post-edit evaluation
@@ -111,16 +132,19 @@ def run_protocol(
     general_every: int | None = None,
     on_batch: Callable[[int, dict], None] | None = None,
     pre_cache: PreEvalCache | None = None,
+    curve_of: str = "all",
+    curve_sample: int | None = None,
 ) -> ProtocolResult:
     """Run the protocol into `folder`, or continue the run it holds (the editor replayed from its state).
 
     `on_batch(edits done, latest measurements)` runs after each batch's measurements are committed;
-    `pre_cache` serves the pre-edit evaluation when an earlier run computed the same one.
+    `pre_cache` serves the pre-edit evaluation when an earlier run computed the same one; `curve_of`
+    and `curve_sample`: which records a curve point evaluates (Schedule).
     """
     run = RunFolder(folder)
     requests = [r.request for r in evaluator.records]
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    schedule = Schedule(len(batches), every, general_every)
+    schedule = Schedule(len(batches), every, general_every, curve_of, curve_sample)
     _check_replayed(editor, batches)
     progress = run.progress()
     if progress is not None:
@@ -155,9 +179,12 @@ def run_protocol(
         if "norms" in todo:
             progress["norms"].append({"edits": edits, **weight_norms(editor)})
         if "curve" in todo:
-            evaluator.announce(f"evaluation after {edits} edits")
-            point = summarise(evaluator.scores())
-            progress["curve"].append({"edits": edits, **{m: point[m] for m in SUCCESS_METRICS}})
+            chosen = schedule.curve_records(edits, len(requests))
+            evaluator.announce(f"evaluation after {edits} edits" + ("" if chosen is None else f", of {len(chosen)} records"))
+            point = summarise(evaluator.scores(indices=chosen))
+            # "records": how many the point is a mean over (a grown run marks its earlier points so too)
+            of = {} if chosen is None else {"of": schedule.curve_of, "records": len(chosen)}
+            progress["curve"].append({"edits": edits, **{m: point[m] for m in SUCCESS_METRICS}, **of})
         if "general" in todo:
             progress["general"].append(_general_point(run, evaluator, general, edits))
         progress["batches"] = k

@@ -98,7 +98,20 @@ def markdown_table(summary: dict) -> str:
         )
     setting += "\n\n"
     notes = "".join(f"\n- {note}" for note in summary.get("notes", []))
-    return setting + head + rows + general_tables(summary.get("general", [])) + ("\nNotes:" + notes + "\n" if notes else "")
+    return setting + head + rows + curve_table(summary.get("curve", [])) + general_tables(summary.get("general", [])) + (
+        "\nNotes:" + notes + "\n" if notes else "")
+
+
+def curve_table(points: list[dict]) -> str:
+    """The editing metrics at every evaluation (--every), when there were any between the first and the last."""
+    if len(points) < 3:
+        return ""
+    text = "\nAgainst the number of edits (records: how many a point is a mean over, where not all):\n\n"
+    text += f"| edits | {' | '.join(SUCCESS_METRICS)} | records |\n|---|{'---|' * (len(SUCCESS_METRICS) + 1)}\n"
+    for point in points:
+        records = f"{point['records']}" + (" edited" if point.get("of") == "edited" else "") if "records" in point else "all"
+        text += f"| {point['edits']} | {' | '.join(_cell(point.get(m)) for m in SUCCESS_METRICS)} | {records} |\n"
+    return text
 
 
 def general_tables(points: list[dict]) -> str:
