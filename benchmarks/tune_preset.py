@@ -11,7 +11,8 @@ per request and the seconds per edit. The winner becomes the model's preset in c
         --candidates "1.0:10:loss,1.0:25:nll:0.05" [--json]
 
 A candidate is V_LR:STEPS:RULE[:THRESHOLD][:FIELD=VALUE...] with RULE `loss` (the authors' total-loss stop) or
-`nll` (stop once the target NLL is below THRESHOLD); `--layers` sets the edited block;
+`nll` (stop once the target NLL is below THRESHOLD), FIELD any EditConfig field (a number, or
+true/false); `--layers` sets the edited block; `--slices zsre` tunes on one kind only;
 `mlp_out_norm=none` edits as if the blocks added the MLP output unnormalised (residual.py's
 mapping off, for comparison on Gemma).
 """
