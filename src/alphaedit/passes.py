@@ -68,7 +68,7 @@ def plan_passes(rows: Sequence[Row], active: Sequence[int], requests_per_pass: i
     suffix length and cut greedily into passes of at most `requests_per_pass` requests' worth
     of tokens (padding included); a pass also ends where the next, longer row would add more
     than PADDING_ALLOWANCE of that budget in padding to the rows already in it, since a
-    separate pass then costs less than the padding.
+    separate pass then costs less than the padding (_by_budget, the same packer as the prefixes').
     """
     wanted = set(active)
     chosen = [i for i, row in enumerate(rows) if row.owner in wanted]
@@ -79,16 +79,7 @@ def plan_passes(rows: Sequence[Row], active: Sequence[int], requests_per_pass: i
         return list(by_request.values())
     width = {i: rows[i].suffix_length(split) for i in chosen}
     budget = requests_per_pass * sum(width.values()) / len(wanted)
-    passes: list[list[int]] = []
-    current: list[int] = []
-    for i in sorted(chosen, key=width.__getitem__):
-        padded = (len(current) + 1) * width[i]
-        added_padding = len(current) * (width[i] - (width[current[-1]] if current else 0))
-        if current and (padded > budget or added_padding > budget * PADDING_ALLOWANCE):
-            passes.append(current)
-            current = []
-        current.append(i)
-    return passes + [current]
+    return list(_by_budget(sorted(chosen, key=width.__getitem__), width.__getitem__, budget, padding="added"))
 
 
 class RowCache:
@@ -287,17 +278,19 @@ def shared_stems(prefixes: dict[int, list[int]], min_length: int = 2) -> dict[in
     return {i: length if length >= min_length else 0 for i, length in stem.items()}
 
 
-def _by_budget(members: list[int], width: Callable[[int], int], tokens_per_pass: int) -> Iterator[list[int]]:
-    """Consecutive runs of `members` (sorted by width) whose padded size fits the budget and
-    whose padding stays within PADDING_ALLOWANCE of it (a prefix pass is a single forward, so
-    a pass more costs little, unlike padding)."""
+def _by_budget(members: list[int], width: Callable[[int], int], tokens_per_pass: float, padding: str = "total") -> Iterator[list[int]]:
+    """Consecutive runs of `members` (sorted by width) whose padded size fits the budget and whose
+    padding stays within PADDING_ALLOWANCE of it: all of a run's padding ("total": a prefix pass
+    runs once, so a pass more costs little, unlike padding), or what the next, wider member would
+    add to the members already in the run ("added": the optimisation's passes run every step)."""
     start = 0
     while start < len(members):
         end, real = start + 1, width(members[start])
         while end < len(members):
-            wider = width(members[end])
-            padded = (end - start + 1) * wider
-            if padded > tokens_per_pass or padded - (real + wider) > tokens_per_pass * PADDING_ALLOWANCE:
+            wider, count = width(members[end]), end - start
+            padded = (count + 1) * wider
+            excess = padded - (real + wider) if padding == "total" else count * (wider - width(members[end - 1]))
+            if padded > tokens_per_pass or excess > tokens_per_pass * PADDING_ALLOWANCE:
                 break
             end, real = end + 1, real + wider
         yield members[start:end]
