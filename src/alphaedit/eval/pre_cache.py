@@ -25,10 +25,12 @@ import torch
 from .. import generate, prompts, teacher_forcing
 from ..files import alphaedit_home, atomic_write_text, content_digest
 from ..stats.cache import config_digest, tensors_digest, tokenizer_digest
-from . import consistency, general as general_module, metrics, questions, scoring
+from . import consistency, evaluator as evaluator_module, general as general_module, metrics, questions, scoring
 
 FORMAT = "1"
-SCORING_MODULES = (scoring, metrics, general_module, consistency, questions, teacher_forcing, generate, prompts)
+# what decides a pre-edit score: a change to any of them computes it again (evaluator: which records,
+# scorers and summary; the rest: the scores themselves)
+SCORING_MODULES = (evaluator_module, scoring, metrics, general_module, consistency, questions, teacher_forcing, generate, prompts)
 
 
 def model_digest(model: torch.nn.Module) -> str:
