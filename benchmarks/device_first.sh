@@ -14,10 +14,12 @@ out=${OUT:-$root/.device/out}
 device=${DEVICE:-cuda}
 shape=${SHAPE:-llama3-8b}
 python=${PYTHON:-python3}
+[[ -d $kit/wheels ]] || { echo "no $kit: run benchmarks/device_kit.sh here and carry .device/kit" >&2; exit 2; }
 mkdir -p "$out"
 site=$(mktemp -d)
 "$python" -m pip install -q --no-index --no-deps --target "$site" "$kit"/wheels/*.whl 2>&1 | tail -2
-export PYTHONPATH="$site:$root/src:$root/benchmarks" ALPHAEDIT_HOME=$(mktemp -d)
+# the kit's wheels last: where the machine has a package (packaging, pygments), its own copy wins
+export PYTHONPATH="$root/src:$root/benchmarks:$site" ALPHAEDIT_HOME=$(mktemp -d)
 # the machine has no ../shared/data: the tests read the kit's copy (conftest.SHARED_DATA), the
 # benchmarks are given its paths
 data=${ALPHAEDIT_SHARED_DATA:-$root/../shared/data}
@@ -30,16 +32,17 @@ status=()
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.out" 2> "$out/$name.err"
+  timeout -k 10 "$limit" "$@" > "$out/$name.out" 2> "$out/$name.err"
   local rc=$?
   status+=("$(printf '%-14s rc %-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
 }
 tokens=$([[ $device == cpu ]] && echo 2000 || echo 200000)
-step edit_speed 300 "$python" benchmarks/edit_speed.py --device "$device" --shape "$shape" --sequential-edits 5 \
+# limits: 90 + 240 + 90 s, within the run's 540 s with room for the installs and the table
+step test_devices 90 "$python" -m pytest -q -p no:cacheprovider tests/test_devices.py -rs
+step edit_speed 240 "$python" benchmarks/edit_speed.py --device "$device" --shape "$shape" --sequential-edits 5 \
     --tokenizer "$kit/tokenizer" --requests "$data/counterfact/counterfact_test.json" \
     --corpus "$data/wikitext2_raw/wiki.valid.raw" --json $([[ $device == cpu ]] && echo --edits 4 --steps 3)
-step stats_speed 120 "$python" benchmarks/stats_speed.py --device "$device" --shape "$shape" --tokens "$tokens" --json
-step test_devices 120 "$python" -m pytest -q -p no:cacheprovider tests/test_devices.py -rs
+step stats_speed 90 "$python" benchmarks/stats_speed.py --device "$device" --shape "$shape" --tokens "$tokens" --json
 
 echo
 printf '%s\n' "${status[@]}"
@@ -60,5 +63,6 @@ try:
           f"per layer fp32 {s['per_layer_fp32_tokens_per_s']:.0f} tok/s, 44M tokens {s['hours_for_44M_tokens_one_pass']:.2f} h")
 except Exception as error:
     print("stats_speed: no JSON", error)
-print("test_devices:", (out / "test_devices.out").read_text().strip().splitlines()[-1:] )
+lines = (out / "test_devices.out").read_text().strip().splitlines() if (out / "test_devices.out").exists() else []
+print("test_devices:", lines[-1] if lines else "no output")
 PY

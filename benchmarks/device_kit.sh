@@ -3,7 +3,7 @@
 # transformers but no network, no pytest, no accelerate and no ../shared/data (GPU.md): the
 # SmolLM2 tokenizer (the random 8B-shaped models' tokenizer), the two data files the benchmarks
 # and tests/test_devices.py read, and the wheels of pytest and accelerate. Writes .device/kit/
-# (git-ignored; ~10 MiB, under the 64 MiB a command may carry). Run here, from the project root,
+# (git-ignored; ~8 MiB, under the 64 MiB a command may carry). Run here, from the project root,
 # after `make install` (it copies the tokenizer from the converted SmolLM2 folder).
 #
 #   bash benchmarks/device_kit.sh
@@ -22,7 +22,7 @@ $py -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:200], open(sys.
     ../shared/data/counterfact/counterfact_test.json "$kit/data/counterfact/counterfact_test.json"
 # pure-Python wheels for any Python 3 (tomli and exceptiongroup only matter below 3.11), and
 # psutil's abi3 one (any CPython 3): installed there with --no-index --no-deps
-$py -m pip download -q --no-deps --only-binary=:all: --platform any -d "$kit/wheels" \
+$py -m pip download -q --no-deps --only-binary=:all: --platform any --python-version 3.10 -d "$kit/wheels" \
     pytest pluggy iniconfig pygments packaging exceptiongroup tomli accelerate
 $py -m pip download -q --no-deps --only-binary=:all: -d "$kit/wheels" psutil
 du -sh "$kit"

@@ -71,8 +71,11 @@ def main() -> None:
     parser.add_argument("--slices", default="counterfact,zsre", help="which tuning slices (comma-separated)")
     args = parser.parse_args()
 
-    slices = {name: records for name, records in tuning_slices(args.records, args.cf_start).items()
-              if name in args.slices.split(",")}
+    slices = tuning_slices(args.records, args.cf_start)
+    unknown = sorted(set(args.slices.split(",")) - set(slices))
+    if unknown:
+        parser.error(f"--slices: unknown slice {unknown[0]!r} (choose from {', '.join(slices)})")
+    slices = {name: records for name, records in slices.items() if name in args.slices.split(",")}
     corpus = CorpusSpec(str(DATA / "wikitext2_raw" / "wiki.valid.raw"), tokens=args.tokens)
     model, tokenizer = load_model(args.model)
     if args.layers:

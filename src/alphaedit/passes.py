@@ -283,6 +283,8 @@ def _by_budget(members: list[int], width: Callable[[int], int], tokens_per_pass:
     padding stays within PADDING_ALLOWANCE of it: all of a run's padding ("total": a prefix pass
     runs once, so a pass more costs little, unlike padding), or what the next, wider member would
     add to the members already in the run ("added": the optimisation's passes run every step)."""
+    if padding not in ("total", "added"):
+        raise ValueError(f"padding must be total or added, not {padding!r}")
     start = 0
     while start < len(members):
         end, real = start + 1, width(members[start])

@@ -140,6 +140,31 @@ def test_the_evaluator_refuses_records_of_two_kinds(tmp_path):
     assert Evaluator(None, None, records[1:], EvalSettings()).kind == "zsre"
 
 
+def test_the_final_evaluations_estimate_scales_a_sampled_phase_to_all_records(tmp_path):
+    """A curve point over a sample times its per-record phases; the ETA of the final evaluation
+    (all records) scales them, and the next phase's announced estimate is for its own size."""
+    import json as _json
+    import time
+
+    from alphaedit.eval.datasets import load_dataset as load
+    from alphaedit.eval.evaluator import EvalSettings, Evaluator
+
+    cf = tmp_path / "cf.json"
+    cf.write_text(_json.dumps([{"case_id": k, "prompt": "The twin city of {} is", "subject": f"Town {k}", "target_new": "Shanghai",
+                                "ground_truth": "Athens"} for k in range(10)]))
+    heard: list[str] = []
+    evaluator = Evaluator(None, None, load(f"counterfact:{cf}"), EvalSettings(), on_phase=heard.append)
+    with evaluator.phase("teacher-forced scores", "2 records", 2):
+        time.sleep(0.2)
+    with evaluator.phase("perplexity", "1 window"):  # not per record: counted as it took
+        time.sleep(0.1)
+    took = evaluator.took
+    assert evaluator.evaluation_seconds() == pytest.approx(took["teacher-forced scores"] * 5 + took["perplexity"])
+    with evaluator.phase("teacher-forced scores", "4 records", 4):
+        pass
+    assert "about" in heard[-2] and "at the last pace" in heard[-2]
+
+
 def test_the_easyedit_counterfact_files_make_a_stream_of_over_18000_edits():
     from alphaedit.eval.datasets import load_dataset as load
 

@@ -150,6 +150,15 @@ def evaluate(
     _run_eval(args, Path(out_dir), resuming=resume is not None, as_json=as_json)
 
 
+def _earlier_points(a: dict, before: int) -> str:
+    """What the curve points a grown run took before it grew are means over."""
+    if a.get("curve_of", "all") == "edited":
+        return ""  # the records edited so far: the same as in a run started with more records
+    if a.get("curve_sample"):
+        return f"; curve points before {before} edits are means over a sample of the first {before} records"
+    return f"; curve points before {before} edits are means over the first {before} records"
+
+
 def _check_growth(folder: Path, a: dict, n: int) -> None:
     """A run can go on to n records (the first n of its dataset) when that gives the same sequence
     of batches as a run started with n: its records are the first ones and its batches whole."""
@@ -173,6 +182,10 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..files import atomic_write_text
 
     _parse_layers(a["layers"])
+    if a.get("curve_of", "all") not in CURVE_OF:  # run.json of a run begun before these options: all
+        _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
+    if (a.get("curve_of", "all") != "all" or a.get("curve_sample")) and not a["every"]:
+        _fail("--curve-of and --curve-sample choose the records of the curve points: give --every K too")
     skipped: list[str] = []
     try:
         records = select(load_dataset(a["dataset"], skipped), a["n"], a["select_seed"])
@@ -202,10 +215,6 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             rome_folder(consistency)  # fetched or checked before the model loads
         except ValueError as e:
             _fail(str(e))
-    if a.get("curve_of", "all") not in CURVE_OF:
-        _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
-    if (a.get("curve_of", "all") != "all" or a.get("curve_sample")) and not a["every"]:
-        _fail("--curve-of and --curve-sample choose the records of the curve points: give --every K too")
     if a.get("chat_values", "own") not in CHAT_VALUES:
         _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
     if not resuming:
@@ -255,7 +264,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         result.notes.append(f"grown from {grown['from']} to {grown['to']} records ({grown['at']}, `eval --resume DIR --n {grown['to']}`): the "
                             f"same batches and measurements as a run started with {grown['to']}"
                             + (", plus the general check the shorter run took after its last batch" if extra else "")
-                            + (f"; curve points before {grown['from']} edits are means over the first {grown['from']} records" if a["every"] else "")
+                            + (_earlier_points(a, grown["from"]) if a["every"] else "")
                             + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
     if a["every"] and (a.get("curve_of", "all") != "all" or a.get("curve_sample")):
         which = "the records edited so far" if a.get("curve_of") == "edited" else "all records"

@@ -58,6 +58,9 @@ class Evaluator:
         # each phase start (with the time it took the last time, as an estimate) and end.
         self.on_phase = on_phase
         self.took: dict[str, float] = {}  # seconds, per phase, of its latest run
+        # seconds per record of the phases that score records one by one, from their latest run: a
+        # curve point over a sample (or a grown run's new records) says little about all of them
+        self.pace: dict[str, float] = {}
         self.rome = load_rome(settings.consistency) if settings.consistency != "local" else None
         if self.rome is not None:
             self.tfidf = self.rome.tfidf
@@ -72,31 +75,37 @@ class Evaluator:
             self.on_phase(what)
 
     def evaluation_seconds(self) -> float:
-        """How long `evaluate` took the last time, by its timed phases (0 before any): the general
+        """About how long `evaluate` of all records takes, from the timed phases' latest runs (0
+        before any): a per-record phase at its pace, the others as long as they took. The general
         check, which runs on its own schedule, is not part of it."""
-        return sum(t for phase, t in self.took.items() if phase != GENERAL_PHASE)
+        return sum(self.pace[p] * len(self.records) if p in self.pace else t for p, t in self.took.items() if p != GENERAL_PHASE)
 
     @contextmanager
-    def phase(self, name: str, size: str) -> Iterator[None]:
-        """Time one phase and tell `on_phase` when it starts (what it does, and how long it took
-        the last time) and ends."""
-        before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
+    def phase(self, name: str, size: str, records: int | None = None) -> Iterator[None]:
+        """Time one phase and tell `on_phase` when it starts (what it does, and an estimate from its
+        last run: scaled to `records` for a phase that scores them one by one) and ends."""
+        if records and name in self.pace:
+            before = f", about {_duration(self.pace[name] * records)} at the last pace"
+        else:
+            before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
         self.announce(f"{name} ({size}{before}) …")
         start = time.perf_counter()
         yield
         self.took[name] = time.perf_counter() - start
+        if records:
+            self.pace[name] = self.took[name] / records
         self.announce(f"{name}: done in {_duration(self.took[name])}")
 
     def scores(self, start: int = 0, indices: Sequence[int] | None = None) -> list[dict]:
         """Per-record scores of records[start:], or of the records at `indices`."""
         records = self.records[start:] if indices is None else [self.records[i] for i in indices]
-        with self.phase("teacher-forced scores", f"{len(records)} records"):
+        with self.phase("teacher-forced scores", f"{len(records)} records", len(records)):
             per_record = (counterfact_scores if self.kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, records)
-        with self.phase("generative success", f"{len(records)} records"):
+        with self.phase("generative success", f"{len(records)} records", len(records)):
             success = generative_success(self.model, self.tokenizer, records)
         rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
         if self.settings.chat_eval:
-            with self.phase("chat answers", f"{len(records)} records"):
+            with self.phase("chat answers", f"{len(records)} records", len(records)):
                 chat = chat_scores(self.model, self.tokenizer, records, self.settings.chat_max_tokens, self.settings.chat_neighbours)
             for row, answers in zip(rows, chat):
                 row.update(answers)

@@ -1,7 +1,8 @@
 """The paper's sequential protocol (ALGORITHM.md §3.1), resumable, on any model and method.
 
 N records are edited in sequential batches of B by one Editor. Every record is evaluated before
-the first batch and after the last (optionally also every K batches, for curves), and the six-task
+the first batch and after the last; optionally also every K batches, for curves: all records (the
+paper's figures) or the ones edited so far, all or a sample of them (Schedule). The six-task
 general-capability check (general.py) runs before the first batch, every G batches and after the
 last (the paper's Fig. 4).
 
@@ -18,8 +19,9 @@ skipped, and continues: the final numbers equal an uninterrupted run's. A run ca
 with more records (the first N of the same dataset), it scores the new records on the unedited model
 (grow_pre, before the replay), keeps its earlier report (report.keep_earlier_report), takes the measurements
 the longer schedule calls for after its last batch, and continues — again to the numbers of a run
-started with all the records, except the curve points taken before it grew: those are means over
-the records it had then (marked with their "records").
+started with all the records, except the curve points of all records taken before it grew: those
+are means over the records it had then (marked with their "records"; a point of the records edited
+so far is the same in both).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from .pre_cache import PreEvalCache, pre_eval_key
 class ProtocolResult:
     pre: Evaluation
     post: Evaluation
-    curve: list[dict] = field(default_factory=list)  # {"edits": n, metric: value, ...}
+    # {"edits": n, metric: value, ...; "records": how many a point is a mean over, where not all,
+    # and "of": "all" or "edited" for a point of a chosen set (Schedule.curve_records)}
+    curve: list[dict] = field(default_factory=list)
     norms: list[dict] = field(default_factory=list)  # {"edits": n, "layer": ‖W‖_F, ...}
     general: list[dict] = field(default_factory=list)  # {"edits": n, "scores": {task: {f1, f1_label, mcc, ...}}}
     seconds_editing: float = 0.0

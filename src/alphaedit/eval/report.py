@@ -131,7 +131,9 @@ def general_tables(points: list[dict]) -> str:
 
 def plot_curves(result: ProtocolResult, path: Path) -> None:
     edits = [p["edits"] for p in result.curve]
-    with figure(path, "metrics against number of edits", "number of edits", "score (%)") as ax:
+    edited = any(p.get("of") == "edited" for p in result.curve)
+    title = "metrics against number of edits" + (" (points between: the records edited so far)" if edited else "")
+    with figure(path, title, "number of edits", "score (%)") as ax:
         for metric in SUCCESS_METRICS:
             ax.plot(edits, [p[metric] for p in result.curve], marker="o", label=metric)
         ax.set_ylim(0, 100)
