@@ -108,32 +108,30 @@ def test_several_files_chain_into_one_stream_without_repeated_subject_and_prompt
     assert len(load(f"counterfact:{a}", [])) == 2  # one file: as published
 
 
-def test_a_stream_mixing_counterfact_and_zsre_records_is_refused_naming_the_files(tmp_path):
-    import json as _json
+def _one_file_of_each_kind(folder: Path) -> tuple[Path, Path]:
+    """A CounterFact file and a zsRE file of one record each."""
+    cf, zsre = folder / "cf.json", folder / "zsre.json"
+    cf.write_text(json.dumps([{"case_id": 1, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Shanghai",
+                                "ground_truth": "Athens"}]))
+    zsre.write_text(json.dumps([{"subject": "Tirana", "src": "Which city is twinned with Tirana?", "rephrase": "Tirana's twin?",
+                                  "answers": ["Athens"], "alt": "x", "loc": "nq question: who?", "loc_ans": "y"}]))
+    return cf, zsre
 
+
+def test_a_stream_mixing_counterfact_and_zsre_records_is_refused_naming_the_files(tmp_path):
     from alphaedit.eval.datasets import load_dataset as load
 
-    cf, zsre = tmp_path / "cf.json", tmp_path / "zsre.json"
-    cf.write_text(_json.dumps([{"case_id": 1, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Shanghai",
-                                "ground_truth": "Athens"}]))
-    zsre.write_text(_json.dumps([{"subject": "Tirana", "src": "Which city is twinned with Tirana?", "rephrase": "Tirana's twin?",
-                                  "answers": ["Athens"], "alt": "x", "loc": "nq question: who?", "loc_ans": "y"}]))
+    cf, zsre = _one_file_of_each_kind(tmp_path)
     with pytest.raises(ValueError, match=r"counterfact records from .*cf\.json, zsre records from .*zsre\.json; evaluate them as separate"):
         load(f"counterfact:{cf},{zsre}")
 
 
 def test_the_evaluator_refuses_records_of_two_kinds(tmp_path):
     """The same rule where the scorer is chosen, for records built without the loader."""
-    import json as _json
-
     from alphaedit.eval.datasets import load_dataset as load
     from alphaedit.eval.evaluator import EvalSettings, Evaluator
 
-    cf, zsre = tmp_path / "cf.json", tmp_path / "zsre.json"
-    cf.write_text(_json.dumps([{"case_id": 1, "prompt": "The twin city of Tirana is", "subject": "Tirana", "target_new": "Shanghai",
-                                "ground_truth": "Athens"}]))
-    zsre.write_text(_json.dumps([{"subject": "Tirana", "src": "Which city is twinned with Tirana?", "rephrase": "Tirana's twin?",
-                                  "answers": ["Athens"], "alt": "x", "loc": "nq question: who?", "loc_ans": "y"}]))
+    cf, zsre = _one_file_of_each_kind(tmp_path)
     records = load(f"counterfact:{cf}") + load(f"zsre:{zsre}")
     with pytest.raises(ValueError, match="records of one kind only, not counterfact and zsre"):
         Evaluator(None, None, records, EvalSettings())
