@@ -141,14 +141,13 @@ def test_the_evaluator_refuses_records_of_two_kinds(tmp_path):
 def test_the_final_evaluations_estimate_scales_a_sampled_phase_to_all_records(tmp_path):
     """A curve point over a sample times its per-record phases; the ETA of the final evaluation
     (all records) scales them, and the next phase's announced estimate is for its own size."""
-    import json as _json
     import time
 
     from alphaedit.eval.datasets import load_dataset as load
     from alphaedit.eval.evaluator import EvalSettings, Evaluator
 
     cf = tmp_path / "cf.json"
-    cf.write_text(_json.dumps([{"case_id": k, "prompt": "The twin city of {} is", "subject": f"Town {k}", "target_new": "Shanghai",
+    cf.write_text(json.dumps([{"case_id": k, "prompt": "The twin city of {} is", "subject": f"Town {k}", "target_new": "Shanghai",
                                 "ground_truth": "Athens"} for k in range(10)]))
     heard: list[str] = []
     evaluator = Evaluator(None, None, load(f"counterfact:{cf}"), EvalSettings(), on_phase=heard.append)
