@@ -150,13 +150,12 @@ def evaluate(
     _run_eval(args, Path(out_dir), resuming=resume is not None, as_json=as_json)
 
 
-def _earlier_points(a: dict, before: int) -> str:
+def _earlier_points(curve_of: str, curve_sample: int | None, before: int) -> str:
     """What the curve points a grown run took before it grew are means over."""
-    if a.get("curve_of", "all") == "edited":
+    if curve_of == "edited":
         return ""  # the records edited so far: the same as in a run started with more records
-    if a.get("curve_sample"):
-        return f"; curve points before {before} edits are means over a sample of the first {before} records"
-    return f"; curve points before {before} edits are means over the first {before} records"
+    sample = "a sample of " if curve_sample else ""
+    return f"; curve points before {before} edits are means over {sample}the first {before} records"
 
 
 def _check_growth(folder: Path, a: dict, n: int) -> None:
@@ -182,9 +181,11 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..files import atomic_write_text
 
     _parse_layers(a["layers"])
-    if a.get("curve_of", "all") not in CURVE_OF:  # run.json of a run begun before these options: all
-        _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
-    if (a.get("curve_of", "all") != "all" or a.get("curve_sample")) and not a["every"]:
+    curve_of, curve_sample = a.get("curve_of", "all"), a.get("curve_sample")  # run.json from before these options: all
+    if curve_of not in CURVE_OF:
+        _fail(f"--curve-of {curve_of}: choose {' or '.join(CURVE_OF)}")
+    curve_chosen = curve_of != "all" or bool(curve_sample)  # the curve points evaluate a chosen set of records
+    if curve_chosen and not a["every"]:
         _fail("--curve-of and --curve-sample choose the records of the curve points: give --every K too")
     skipped: list[str] = []
     try:
@@ -249,8 +250,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
         try:
             result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
-                                  PreEvalCache() if a.get("pre_cache", True) else None,
-                                  a.get("curve_of", "all"), a.get("curve_sample"))  # run.json from before these options: all
+                                  PreEvalCache() if a.get("pre_cache", True) else None, curve_of, curve_sample)
         except (ValueError, RequestError) as e:
             _fail(str(e))
     result.notes += _eval_notes(records, settings)
@@ -264,12 +264,12 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         result.notes.append(f"grown from {grown['from']} to {grown['to']} records ({grown['at']}, `eval --resume DIR --n {grown['to']}`): the "
                             f"same batches and measurements as a run started with {grown['to']}"
                             + (", plus the general check the shorter run took after its last batch" if extra else "")
-                            + (_earlier_points(a, grown["from"]) if a["every"] else "")
+                            + (_earlier_points(curve_of, curve_sample, grown["from"]) if a["every"] else "")
                             + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
-    if a["every"] and (a.get("curve_of", "all") != "all" or a.get("curve_sample")):
-        which = "the records edited so far" if a.get("curve_of") == "edited" else "all records"
+    if curve_chosen:
+        which = "the records edited so far" if curve_of == "edited" else "all records"
         result.notes.append(f"curve points between the first and the last evaluate {which}"
-                            + (f", at most {a['curve_sample']} of them evenly spread" if a.get("curve_sample") else ""))
+                            + (f", at most {curve_sample} of them evenly spread" if curve_sample else ""))
     if skipped:
         result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
                             f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")

@@ -115,8 +115,8 @@ class Schedule:
         count = edits if self.curve_of == "edited" else total
         if self.curve_of == "all" and not self.curve_sample:
             return None
-        if self.curve_sample and count > self.curve_sample:
-            return sorted({k * count // self.curve_sample for k in range(self.curve_sample)})
+        if self.curve_sample and count > self.curve_sample:  # steps over 1: distinct, increasing
+            return [k * count // self.curve_sample for k in range(self.curve_sample)]
         return list(range(count))
 
     def curve_after(self, k: int) -> bool:
