@@ -76,6 +76,11 @@ def test_a_finished_run_grown_to_more_records_ends_where_a_run_started_with_them
     assert short.returncode == 0, short.stderr[-2000:]
     earlier = json.loads((out / "summary.json").read_text())
     assert [p["edits"] for p in earlier["curve"]] == [0, 2, 4] and earlier["n"] == 4
+    # as if begun by a version before these options: each takes its default on resuming
+    run_json = json.loads((out / "run.json").read_text())
+    newer = ("curve_of", "curve_sample", "chat", "chat_values", "chat_eval", "chat_max_tokens", "chat_neighbours", "consistency",
+             "sampling", "stop_most_probable", "anchor_values", "pre_cache")
+    (out / "run.json").write_text(json.dumps({**run_json, "args": {k: v for k, v in run_json["args"].items() if k not in newer}}))
 
     grown = _run(["eval", "--resume", str(out), "--n", "6", "--json"], tmp_path / "home")
     assert grown.returncode == 0, grown.stderr[-2000:]

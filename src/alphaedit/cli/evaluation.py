@@ -135,11 +135,13 @@ def evaluate(
         if given:
             _fail(f"--resume continues {resume} with the settings it was started with; leave out {', '.join(option[g] for g in given)} "
                   "(--n may be given: it grows the run to more records)")
-        args = recorded
+        # An option newer than the run takes its default here, once; a new option's default must
+        # therefore be the behaviour runs had before it existed (as every option's is today).
+        args = {**args, **recorded}
         out_dir = resume
         if grow and n != recorded["n"]:
-            _check_growth(resume, recorded, n)
-            args = {**recorded, "n": n}
+            _check_growth(resume, args, n)
+            args = {**args, "n": n}
     else:
         if dataset is None or out_dir is None:
             _fail("give --dataset and --out for a new run (or --resume DIR to continue one)")
@@ -181,7 +183,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..files import atomic_write_text
 
     _parse_layers(a["layers"])
-    curve_of, curve_sample = a.get("curve_of", "all"), a.get("curve_sample")  # run.json from before these options: all
+    curve_of, curve_sample = a["curve_of"], a["curve_sample"]
     if curve_of not in CURVE_OF:
         _fail(f"--curve-of {curve_of}: choose {' or '.join(CURVE_OF)}")
     curve_chosen = curve_of != "all" or bool(curve_sample)  # the curve points evaluate a chosen set of records
@@ -192,7 +194,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         records = select(load_dataset(a["dataset"], skipped), a["n"], a["select_seed"])
     except (ValueError, RequestError) as e:
         _fail(str(e))
-    if a.get("chat"):  # run.json of a run begun before these options: neither
+    if a["chat"]:
         records = with_questions(records)
     tasks = [t.strip() for t in a["general_tasks"].split(",")] if a["general_tasks"] else list(TASKS)
     if a["general"] is None and (a["general_every"] or a["general_tasks"]):
@@ -206,7 +208,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                 load_task_records(Path(a["general"]), task, a["general_tests"])  # a bad folder fails before the model loads
         except (OSError, ValueError) as e:
             _fail(str(e))
-    consistency = a.get("consistency", "local")  # run.json of a run begun before this option: local
+    consistency = a["consistency"]
     if consistency != "local":
         if not (consistency == "rome" or consistency.startswith("rome:")):
             _fail(f"--consistency {consistency}: choose rome, rome:DIR or local")
@@ -216,7 +218,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             rome_folder(consistency)  # fetched or checked before the model loads
         except ValueError as e:
             _fail(str(e))
-    if a.get("chat_values", "own") not in CHAT_VALUES:
+    if a["chat_values"] not in CHAT_VALUES:
         _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
     if not resuming:
         atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
@@ -230,19 +232,19 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
     settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
                             perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
-                            consistency=consistency, chat_eval=bool(a.get("chat_eval")), chat_max_tokens=a.get("chat_max_tokens", 32),
-                            chat_neighbours=a.get("chat_neighbours", 4) or None)
+                            consistency=consistency, chat_eval=a["chat_eval"], chat_max_tokens=a["chat_max_tokens"],
+                            chat_neighbours=a["chat_neighbours"] or None)
     evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
     grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
     if Journal.exists(state):
         editor = _replay(state, lm, tokenizer)
     else:
         config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
-                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], bool(a.get("stop_most_probable")),
-                              bool(a.get("anchor_values")))
-        config.chat = bool(a.get("chat"))  # the records carry questions only with --chat
-        config.chat_values = a.get("chat_values", "own")  # run.json of a run begun before this option: own
-        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a.get("sampling")), a["model"],
+                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], a["stop_most_probable"],
+                              a["anchor_values"])
+        config.chat = a["chat"]  # the records carry questions only with --chat
+        config.chat_values = a["chat_values"]
+        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]), a["model"],
                              show_progress=False)
     general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
@@ -250,7 +252,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
         try:
             result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
-                                  PreEvalCache() if a.get("pre_cache", True) else None, curve_of, curve_sample)
+                                  PreEvalCache() if a["pre_cache"] else None, curve_of, curve_sample)
         except (ValueError, RequestError) as e:
             _fail(str(e))
     result.notes += _eval_notes(records, settings)
@@ -282,7 +284,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": bool(a.get("chat")), "chat_values": c.chat_values, "chat_eval": bool(a.get("chat_eval")),
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": a["chat"], "chat_values": c.chat_values, "chat_eval": a["chat_eval"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)
