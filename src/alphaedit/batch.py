@@ -43,6 +43,7 @@ class BatchReport:
     null_space_rank: dict[str, int] = field(default_factory=dict)
     value_reference: float | None = None  # NAS's μ (EditConfig.value_anchor), measured on the first batch
     values_dropped: int = 0  # requests whose anchored value was dropped (‖v*‖ > 2μ): their edit not written
+    kept_columns: int = 0  # zero-change columns in the solve: kept subjects' forms (EditRequest.keep_subjects)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ One batch (ALGORITHM.md §1.10):
     for idx, l in enumerate(layers):
         K = keys(l) on the current model;  R = (Z − z_current) / (layers left)
         (R as W_out's output where the block normalises it before the residual add: residual.py)
+        (and columns of R = 0 at the keys of subjects the requests keep: keep_subjects)
         W_l += Δ = method's closed form(K, R, statistics of l)  (methods/, projected or not)
     the method's finish (RECT's mask) and restraint (PRUNE's) on the batch's updates
     C_p += K Kᵀ (the keys read above, each already the edited model's; read again after a
@@ -22,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -303,6 +304,8 @@ class Editor(Persistence):
         forms = [form for _, form in sourced]  # one column of K and R per form
         with clock("z"):
             values = self._target_values(sourced, templates, on_unit)
+        with clock("keys"):
+            kept = self._kept_keys(requests)
         keys: dict[int, torch.Tensor] = {}
         deltas: dict[int, Update] = {}
         weights_before: dict[int, torch.Tensor] = {}  # only for a method that finishes its updates (RECT)
@@ -317,7 +320,7 @@ class Editor(Persistence):
                 resid = (values.z - current.z_current) / (len(layers) - i)  # the residual stream's share of this layer
                 if self.method.finish is not None:
                     weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
-                deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer])
+                deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer], kept.get(layer))
                 self._add_to_weight(layer, deltas[layer], sign=1)
             if on_unit is not None:
                 on_unit()
@@ -339,6 +342,7 @@ class Editor(Persistence):
         with clock("check"):
             efficacy = self._efficacy(requests)  # on the weights the model carries (after finish and restraint)
         report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds)
+        report.kept_columns = len(next(iter(kept.values()))) if kept else 0
         self._record(AppliedBatch(report, list(requests), deltas, preserved_keys))
         return report
 
@@ -355,12 +359,15 @@ class Editor(Persistence):
         return _TargetValues(targets, z, reference, dropped)
 
     def _solve_layer(self, layer: int, keys: torch.Tensor, plain_keys: torch.Tensor, resid: torch.Tensor,
-                     statistics: LayerStatistics) -> Update:
-        """Δ of one layer for keys [u, d0] and the residual share [u, d] it must add."""
+                     statistics: LayerStatistics, kept: torch.Tensor | None = None) -> Update:
+        """Δ of one layer for keys [u, d0] and the residual share [u, d] it must add, and no change
+        at the kept keys [m, d0] (zero columns of R)."""
         # what W_out must add for it, judged at the plain prompt, where z_current is read
         # (mapped at the template-averaged key instead, Gemma-3-270M's first 10 CounterFact
         # edits took less: Eff 80 against 100, BENCHMARKS.md)
         resid = mlp_output_change(self.model, self.layout, layer, plain_keys, resid)
+        if kept is not None:  # [u + m, d0], [u + m, d]
+            keys, resid = torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, resid.new_zeros(len(kept), resid.shape[1])])
         device = self._device(layer)
         return self.method.layer_update(keys.to(device).T, resid.to(device).T, statistics, self.config).to("cpu")
 
@@ -436,6 +443,17 @@ class Editor(Persistence):
         if not (self.config.chat and has_chat_template(self.tokenizer)):
             return plain
         return [*plain, *((i, chat_form(self.tokenizer, r)) for i, r in plain if r.question is not None)]
+
+    def _kept_keys(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
+        """Per layer, the keys [m, d0] of every kept subject under its request's prompt (and, with
+        chat-aware editing, its question in the chat template): columns whose output W_out must not
+        change, so an edit does not spread to subjects whose keys share the prompt's (the same
+        relation). Read once, on the model before the batch's update and on the plain prompt, the
+        form a neighbour is asked in; none when no request keeps a subject."""
+        kept = [replace(r, subject=s, keep_subjects=()) for r in requests for s in r.keep_subjects]
+        if not kept:
+            return {}
+        return compute_keys(self.model, self.layout, self.tokenizer, self.edit_forms(kept), [PLAIN_TEMPLATE], self.config.layers).keys
 
     def _guard_before(self, batch: list[EditRequest]) -> _GuardSnapshot | None:
         """With a guard: the state to put back if it refuses this batch, and the probes' answers now."""

@@ -91,6 +91,9 @@ class EditRequest:
     # the prompt is a rendered chat turn, so no context template goes in front of it and the answer
     # follows the assistant's header without a leading space.
     chat_turn: bool = False
+    # Other subjects for which this prompt (and question) must keep its answer: the solve asks W_out
+    # not to change at their keys, so the edit does not spread to them (Editor._kept_keys).
+    keep_subjects: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Built directly (not parsed), a request must still be usable: one slot for the subject.
@@ -121,6 +124,8 @@ class EditRequest:
             record["case_id"] = self.case_id
         if self.question is not None:
             record["question"] = self.question
+        if self.keep_subjects:
+            record["keep_subjects"] = list(self.keep_subjects)
         return record
 
 
@@ -312,6 +317,20 @@ def _target_true(raw: _Raw, where: _Where) -> str | None:
     return text
 
 
+def _keep_subjects(record: Mapping, subject: str, where: _Where) -> tuple[str, ...]:
+    value = record.get("keep_subjects", [])
+    fix = 'give a list of other subjects whose answer to this prompt must not change, e.g. "keep_subjects": ["Lyon", "Nice"], or leave it out'
+    if not isinstance(value, list):
+        raise _error(where, "keep_subjects", f"must be a list of strings, got {_describe(value)}", fix)
+    for i, kept in enumerate(value):
+        if not isinstance(kept, str) or not kept.strip():
+            raise _error(where, f"keep_subjects[{i}]", f"must be a non-empty string, got {_describe(kept)}", fix)
+        if kept.strip() == subject.strip():
+            raise _error(where, f"keep_subjects[{i}]", f"is the edited subject {subject!r}: its answer is the one that changes",
+                         "list other subjects only")
+    return tuple(value)
+
+
 def _case_id(raw: _Raw, where: _Where) -> int | str | None:
     field, value = raw.case_id
     if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
@@ -343,6 +362,7 @@ def _parse_record(record: object, where: _Where) -> EditRequest:
         target_true=target_true,
         case_id=_case_id(raw, where),
         question=_question(raw, subject, where),
+        keep_subjects=_keep_subjects(record, subject, where),
     )
 
 
@@ -360,7 +380,15 @@ def _raw_case_id(record: object) -> object:
 
 def _check_conflicts(pairs: Sequence[tuple[_Where, EditRequest]]) -> None:
     first: dict[tuple[str, str], tuple[_Where, EditRequest]] = {}
+    kept = {(s, r.prompt): (w, r) for w, r in pairs for s in r.keep_subjects}
     for where, request in pairs:
+        keeper = kept.get((request.subject, request.prompt))
+        if keeper is not None:  # one batch cannot both change and keep the same prompt's answer
+            raise RequestError(
+                f"{where.source}, {keeper[0].label()} and {where.label()}: {keeper[0].label()} keeps the answer of subject "
+                f"{request.subject!r} to prompt {request.prompt!r} (keep_subjects), which {where.label()} edits — drop it from "
+                "keep_subjects, or apply the two in separate batches"
+            )
         key = (request.subject, request.prompt)
         if key not in first:
             first[key] = (where, request)

@@ -116,6 +116,7 @@ def evaluate(
     chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
     chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
+    keep_same_relation: Annotated[int, typer.Option(min=0, help="Keep K subjects of the same relation per edit (CounterFact; drawn from records not evaluated, never one an evaluated record names): the solve asks W_out not to change their answer, so that an edit spreads less to its neighbours (EditRequest.keep_subjects).")] = 0,
     pre_cache: Annotated[bool, typer.Option("--pre-cache/--no-pre-cache", help="Reuse the unedited model's evaluation when an earlier run computed the same one (same model, records, settings and scoring code; kept under $ALPHAEDIT_HOME/pre-eval).")] = True,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
     as_json: JsonOption = False,
@@ -168,13 +169,16 @@ def _check_growth(folder: Path, a: dict, n: int) -> None:
     if a["select_seed"] is not None:
         _fail(f"--n: the run in {folder} drew its records with --select-seed {a['select_seed']}; a draw of {n} is another set, "
               "so it cannot grow (start a new run with --out)")
+    if a["keep_same_relation"]:
+        _fail(f"--n: the run in {folder} keeps subjects drawn from the records it does not evaluate (--keep-same-relation); "
+              "grown, some of them would be evaluated, so it cannot grow (start a new run with --out)")
     if a["n"] % a["batch_size"]:
         _fail(f"--n: the run in {folder} ended with a partial batch ({a['n']} records in batches of {a['batch_size']}); "
               "grown, its batches would not be those of a run started with more records (start a new run with --out)")
 
 
 def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
-    from ..eval.datasets import load_dataset, select, with_questions
+    from ..eval.datasets import load_dataset, select, with_kept_subjects, with_questions
     from ..eval.evaluator import EvalSettings, Evaluator
     from ..eval.general import TASKS, GeneralCheck, load_task_records
     from ..eval.pre_cache import PreEvalCache
@@ -191,7 +195,10 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         _fail("--curve-of and --curve-sample choose the records of the curve points: give --every K too")
     skipped: list[str] = []
     try:
-        records = select(load_dataset(a["dataset"], skipped), a["n"], a["select_seed"])
+        dataset = load_dataset(a["dataset"], skipped)
+        records = select(dataset, a["n"], a["select_seed"])
+        if a["keep_same_relation"]:
+            records = with_kept_subjects(records, dataset, a["keep_same_relation"])
     except (ValueError, RequestError) as e:
         _fail(str(e))
     if a["chat"]:
@@ -272,6 +279,10 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         which = "the records edited so far" if curve_of == "edited" else "all records"
         result.notes.append(f"curve points between the first and the last evaluate {which}"
                             + (f", at most {curve_sample} of them evenly spread" if curve_sample else ""))
+    if a["keep_same_relation"]:
+        kept = [len(r.request.keep_subjects) for r in records]
+        result.notes.append(f"each edit kept up to {a['keep_same_relation']} subjects of its relation unchanged (--keep-same-relation; "
+                            f"{sum(kept) / len(kept):.1f} on average), drawn from the dataset's other records")
     if skipped:
         result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
                             f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")
@@ -284,7 +295,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": a["chat"], "chat_values": c.chat_values, "chat_eval": a["chat_eval"],
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": a["chat"], "chat_values": c.chat_values, "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
     summary = write_report(result, out_dir, meta)

@@ -242,3 +242,30 @@ def select(records: list[EvalRecord], n: int, seed: int | None) -> list[EvalReco
     if seed is None:
         return records[:n]
     return random.Random(seed).sample(records, n)
+
+
+def with_kept_subjects(records: list[EvalRecord], dataset: list[EvalRecord], k: int, seed: int = 0) -> list[EvalRecord]:
+    """The records with `keep_subjects` on each edit request: k subjects of other records of the
+    dataset with the same relation (`alphaedit eval --keep-same-relation K`), so that an edit is
+    solved not to change the relation's answer for them. Drawn from the records not being
+    evaluated, and never a subject that an evaluated record names (its own, or in its neighbourhood
+    and paraphrase prompts): the kept subjects must not be the ones the evaluation tests."""
+    if any(rec.relation_id is None for rec in records):
+        raise ValueError("--keep-same-relation draws subjects of the same relation, which only CounterFact records carry "
+                         "(a relation_id); leave it out for this dataset")
+    evaluated = {id(rec) for rec in records}
+    named = [rec.request.subject for rec in records] + [p for rec in records for p in (*rec.neighbourhood, *rec.paraphrases)]
+    text = "\n".join(named)
+    pool: dict[str, list[str]] = {}
+    for rec in dataset:
+        subject = rec.request.subject
+        if id(rec) in evaluated or subject in text or subject in pool.get(rec.relation_id, ()):
+            continue
+        pool.setdefault(rec.relation_id, []).append(subject)
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        candidates = pool.get(rec.relation_id, [])
+        kept = tuple(rng.sample(candidates, min(k, len(candidates))))
+        out.append(dataclasses.replace(rec, request=dataclasses.replace(rec.request, keep_subjects=kept)))
+    return out
