@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from alphaedit.config import EditConfig
-from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset, select, with_kept_subjects
 from alphaedit.keys import compute_keys
 from alphaedit.prompts import PLAIN_TEMPLATE, chat_form
 from alphaedit.requests import EditRequest, RequestError, check_conflicts, parse_requests
-from alphaedit.stats import CorpusSpec, StatsCache
 from alphaedit.updates import LayerStatistics
 from conftest import WIKITEXT
-from test_chat import chat_tokenizer  # noqa: F401 (fixture)
+from test_chat import _editor, chat_tokenizer  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,12 +46,6 @@ def test_a_kept_column_is_the_penalty_on_the_change_at_its_key():
     assert (kept @ Kk).norm() < 0.5 * (plain @ Kk).norm()
 
 
-def _editor(model, layout, tokenizer, tmp_path) -> Editor:
-    config = EditConfig(method="memit", layers=[1, 2], v_num_grad_steps=12, v_lr=0.5, context_template_length=6,
-                        mom2_update_weight=1e-3, nullspace_threshold=0.5, chat=True)
-    corpus = CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64)
-    return Editor(model, tokenizer, config, layout=layout, corpus=corpus, cache=StatsCache(tmp_path / "home"), show_progress=False)
-
 
 def test_the_editor_keeps_the_kept_subjects_answers_in_plain_and_chat_form(llama, chat_tokenizer, tmp_path):  # noqa: F811
     """Each kept subject under the request's prompt and its chat question is a column of the solve
@@ -66,7 +58,7 @@ def test_the_editor_keeps_the_kept_subjects_answers_in_plain_and_chat_form(llama
     edited_forms = [EDIT, chat_form(chat_tokenizer, EDIT)]
     changes = {}
     for keep in (False, True):
-        editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path)
+        editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)  # MEMIT, as test_chat
         before = {l: editor._math_weight(l).clone() for l in (1, 2)}
         k_kept = compute_keys(editor.model, layout, chat_tokenizer, kept_forms, [PLAIN_TEMPLATE], [1, 2]).keys
         k_edit = compute_keys(editor.model, layout, chat_tokenizer, edited_forms, [PLAIN_TEMPLATE], [1, 2]).keys
@@ -99,9 +91,7 @@ def test_kept_subjects_are_read_checked_and_written_back():
 
 
 def test_eval_draws_kept_subjects_of_the_same_relation_outside_what_it_evaluates():
-    from conftest import WIKITEXT as _w
-
-    dataset = load_dataset(f"counterfact:{_w.parent / 'counterfact' / 'counterfact_test.json'}")
+    dataset = load_dataset(f"counterfact:{WIKITEXT.parent / 'counterfact' / 'counterfact_test.json'}")
     records = select(dataset, 30, None)
     kept = with_kept_subjects(records, dataset, 4)
     named = " ".join(r.request.subject + " " + " ".join(r.neighbourhood + r.paraphrases) for r in records)
@@ -111,7 +101,7 @@ def test_eval_draws_kept_subjects_of_the_same_relation_outside_what_it_evaluates
         for s in rec.request.keep_subjects:
             assert by_subject[s] == rec.relation_id and s not in named
     assert with_kept_subjects(records, dataset, 4) == kept  # drawn with a fixed seed
-    zsre = load_dataset(f"zsre:{_w.parent / 'zsre' / 'zsre_mend_eval_portability_gpt4.json'}")[:3]
+    zsre = load_dataset(f"zsre:{WIKITEXT.parent / 'zsre' / 'zsre_mend_eval_portability_gpt4.json'}")[:3]
     with pytest.raises(ValueError, match="only CounterFact records carry"):
         with_kept_subjects(zsre, zsre, 2)
 

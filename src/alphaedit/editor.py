@@ -341,8 +341,8 @@ class Editor(Persistence):
                 self._add_to_preserved(layer, keys[layer], sign=1)
         with clock("check"):
             efficacy = self._efficacy(requests)  # on the weights the model carries (after finish and restraint)
-        report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds)
-        report.kept_columns = len(next(iter(kept.values()))) if kept else 0
+        kept_columns = len(next(iter(kept.values()))) if kept else 0
+        report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
         self._record(AppliedBatch(report, list(requests), deltas, preserved_keys))
         return report
 
@@ -384,7 +384,7 @@ class Editor(Persistence):
             deltas[layer] = finished
 
     def _report(self, requests: list[EditRequest], forms: list[EditRequest], values: _TargetValues, deltas: dict[int, Update],
-                efficacy: float | None, started: str, seconds: float, phases: dict[str, float]) -> BatchReport:
+                efficacy: float | None, started: str, seconds: float, phases: dict[str, float], kept_columns: int) -> BatchReport:
         targets, per_form = values.targets, len(forms)
         return BatchReport(
             index=self._next_id(),
@@ -404,6 +404,7 @@ class Editor(Persistence):
             null_space_rank={str(l): r for l, r in self.projector_rank.items()},
             value_reference=values.reference,
             values_dropped=values.dropped,
+            kept_columns=kept_columns,
         )
 
     def _anchored(self, forms: list[EditRequest], targets) -> tuple[torch.Tensor, float, int]:

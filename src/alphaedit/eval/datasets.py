@@ -256,11 +256,13 @@ def with_kept_subjects(records: list[EvalRecord], dataset: list[EvalRecord], k: 
     evaluated = {id(rec) for rec in records}
     named = [rec.request.subject for rec in records] + [p for rec in records for p in (*rec.neighbourhood, *rec.paraphrases)]
     text = "\n".join(named)
-    pool: dict[str, list[str]] = {}
+    pool: dict[str, list[str]] = {}  # relation -> subjects, in dataset order (the draw is seeded)
+    pooled: set[tuple[str, str]] = set()
     for rec in dataset:
         subject = rec.request.subject
-        if id(rec) in evaluated or subject in text or subject in pool.get(rec.relation_id, ()):
+        if id(rec) in evaluated or (rec.relation_id, subject) in pooled or subject in text:
             continue
+        pooled.add((rec.relation_id, subject))
         pool.setdefault(rec.relation_id, []).append(subject)
     rng = random.Random(seed)
     out = []
