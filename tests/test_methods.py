@@ -285,3 +285,14 @@ def test_a_bool_option_given_as_text_is_parsed_not_truthy():
     assert _typed(field, "false") is False and _typed(field, "True") is True and _typed(field, "0") is False
     with pytest.raises(ValueError, match="flag: 'maybe' is not a bool"):
         _typed(field, "maybe")
+
+
+def test_a_report_row_names_the_method_its_projection_and_its_stabilisers():
+    from alphaedit.cli.common import _method_label
+
+    assert _method_label(EditConfig(method="alphaedit")) == "alphaedit"
+    assert _method_label(EditConfig(method="alphaedit", project=False)) == "alphaedit without projection"
+    assert _method_label(EditConfig(method="rect", project=True)) == "rect + projection"
+    assert _method_label(EditConfig(method="alphaedit", value_anchor=True)) == "alphaedit, NAS value anchoring"
+    assert (_method_label(EditConfig(method="encore", project=True, stop_when_most_probable=True))
+            == "encore + projection, most-probable stop")

@@ -206,8 +206,14 @@ def _print_whole(table: Table) -> None:
 
 
 def _method_label(config: EditConfig) -> str:
-    """The method as a table row names it: "rect + projection", "alphaedit", "alphaedit without projection"."""
+    """The method as a table row names it: "rect + projection", "alphaedit", "alphaedit without
+    projection", with the stabilisers it runs with ("alphaedit, NAS value anchoring"), so that a
+    report's row says what ran without its run.json."""
     method = get_method(config.method)
     if method.projects(config) == method.projected_by_default:
-        return config.method
-    return f"{config.method} + projection" if method.projects(config) else f"{config.method} without projection"
+        label = config.method
+    else:
+        label = f"{config.method} + projection" if method.projects(config) else f"{config.method} without projection"
+    stabilisers = [name for name, on in (("NAS value anchoring", config.value_anchor),
+                                         ("most-probable stop", config.stop_when_most_probable)) if on]
+    return ", ".join([label, *stabilisers])
