@@ -178,31 +178,53 @@ def _check_growth(folder: Path, a: dict, n: int) -> None:
 
 
 def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
-    from ..eval.datasets import load_dataset, select, with_kept_subjects, with_questions
+    """The protocol for the options `a` (run.json's "args"): check them, record the run, then
+    pre-edit evaluation, the sequence with its periodic checks, the final evaluation and the report."""
     from ..eval.evaluator import EvalSettings, Evaluator
-    from ..eval.general import TASKS, GeneralCheck, load_task_records
+    from ..eval.general import GeneralCheck
     from ..eval.pre_cache import PreEvalCache
-    from ..eval.protocol import CURVE_OF, grow_pre, run_protocol
+    from ..eval.protocol import grow_pre, run_protocol
     from ..eval.report import keep_earlier_report, write_report
-    from ..files import atomic_write_text
+
+    tasks = _check_eval_options(a)  # everything that needs no model fails before it loads
+    records, skipped = _eval_records(a)
+    run_file = _record_run(a, out_dir, resuming)
+    keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
+    lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
+    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
+                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
+                            consistency=a["consistency"], chat_eval=a["chat_eval"], chat_max_tokens=a["chat_max_tokens"],
+                            chat_neighbours=a["chat_neighbours"] or None)
+    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
+    grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
+    editor = _replay(out_dir / "state", lm, tokenizer) if Journal.exists(out_dir / "state") else _eval_editor(a, lm, tokenizer)
+    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
+    editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
+    with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
+        try:
+            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
+                                  PreEvalCache() if a["pre_cache"] else None, a["curve_of"], a["curve_sample"])
+        except (ValueError, RequestError) as e:
+            _fail(str(e))
+    result.notes += _eval_notes(records, settings) + _run_notes(a, records, skipped, run_file, editor, tasks if general else None, out_dir)
+    summary = write_report(result, out_dir, _run_meta(a, records, editor, lm))
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print((out_dir / "summary.md").read_text())
+    out.print(f"report in {out_dir}")
+
+
+def _check_eval_options(a: dict) -> list[str]:
+    """Refuse what cannot run, before anything loads; the general check's tasks."""
+    from ..eval.general import TASKS, load_task_records
+    from ..eval.protocol import CURVE_OF
 
     _parse_layers(a["layers"])
-    curve_of, curve_sample = a["curve_of"], a["curve_sample"]
-    if curve_of not in CURVE_OF:
-        _fail(f"--curve-of {curve_of}: choose {' or '.join(CURVE_OF)}")
-    curve_chosen = curve_of != "all" or bool(curve_sample)  # the curve points evaluate a chosen set of records
-    if curve_chosen and not a["every"]:
+    if a["curve_of"] not in CURVE_OF:
+        _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
+    if _curve_chosen(a) and not a["every"]:
         _fail("--curve-of and --curve-sample choose the records of the curve points: give --every K too")
-    skipped: list[str] = []
-    try:
-        dataset = load_dataset(a["dataset"], skipped)
-        records = select(dataset, a["n"], a["select_seed"])
-        if a["keep_same_relation"]:
-            records = with_kept_subjects(records, dataset, a["keep_same_relation"])
-    except (ValueError, RequestError) as e:
-        _fail(str(e))
-    if a["chat"]:
-        records = with_questions(records)
     tasks = [t.strip() for t in a["general_tasks"].split(",")] if a["general_tasks"] else list(TASKS)
     if a["general"] is None and (a["general_every"] or a["general_tasks"]):
         _fail("--general-every and --general-tasks need --general DIR (the folder of the six tasks' .jsonl files)")
@@ -227,83 +249,103 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             _fail(str(e))
     if a["chat_values"] not in CHAT_VALUES:
         _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
+    return tasks
+
+
+def _curve_chosen(a: dict) -> bool:
+    """Whether the curve points evaluate a chosen set of records rather than all of them."""
+    return a["curve_of"] != "all" or bool(a["curve_sample"])
+
+
+def _eval_records(a: dict) -> tuple[list, list[str]]:
+    """The evaluated records (with their kept subjects and chat questions where asked), and the
+    dataset's records left out as invalid or repeated."""
+    from ..eval.datasets import load_dataset, select, with_kept_subjects, with_questions
+
+    skipped: list[str] = []
+    try:
+        dataset = load_dataset(a["dataset"], skipped)
+        records = select(dataset, a["n"], a["select_seed"])
+        if a["keep_same_relation"]:
+            records = with_kept_subjects(records, dataset, a["keep_same_relation"])
+    except (ValueError, RequestError) as e:
+        _fail(str(e))
+    return (with_questions(records) if a["chat"] else records), skipped
+
+
+def _record_run(a: dict, out_dir: Path, resuming: bool) -> dict:
+    """run.json: written by a new run; on resume with a larger --n (now that the records are known
+    to exist), rewritten with the new args and the growth appended to its "grown" list."""
+    from ..files import atomic_write_text
+
     if not resuming:
         atomic_write_text(out_dir / "run.json", json.dumps({"args": a}, indent=1))
     run_file = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-    if run_file["args"]["n"] != a["n"]:  # grown (--resume DIR --n M), now that the records are known to exist
+    if run_file["args"]["n"] != a["n"]:
         grown = {"from": run_file["args"]["n"], "to": a["n"], "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         run_file = {**run_file, "args": a, "grown": [*run_file.get("grown", []), grown]}
         atomic_write_text(out_dir / "run.json", json.dumps(run_file, indent=1))
-    keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
-    state = out_dir / "state"
-    lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
-    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
-                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
-                            consistency=consistency, chat_eval=a["chat_eval"], chat_max_tokens=a["chat_max_tokens"],
-                            chat_neighbours=a["chat_neighbours"] or None)
-    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
-    grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
-    if Journal.exists(state):
-        editor = _replay(state, lm, tokenizer)
-    else:
-        config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
-                              a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], a["stop_most_probable"],
-                              a["anchor_values"])
-        config.chat = a["chat"]  # the records carry questions only with --chat
-        config.chat_values = a["chat_values"]
-        editor = _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]), a["model"],
-                             show_progress=False)
-    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
-    editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
-    batches = -(-len(records) // a["batch_size"])
-    with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
-        try:
-            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
-                                  PreEvalCache() if a["pre_cache"] else None, curve_of, curve_sample)
-        except (ValueError, RequestError) as e:
-            _fail(str(e))
-    result.notes += _eval_notes(records, settings)
+    return run_file
+
+
+def _eval_editor(a: dict, lm, tokenizer):
+    """A new run's editor, configured from its options."""
+    config = _edit_config(lm, a["method"], a["layers"], a["steps"], a["lr"], a["prefix_cache"], a["projector_rule"], a["threshold"],
+                          a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], a["stop_most_probable"],
+                          a["anchor_values"])
+    config.chat = a["chat"]  # the records carry questions only with --chat
+    config.chat_values = a["chat_values"]
+    return _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]),
+                       a["model"], show_progress=False)
+
+
+def _run_notes(a: dict, records: list, skipped: list[str], run_file: dict, editor, tasks: list[str] | None, out_dir: Path) -> list[str]:
+    """What the report must say about how this run was made (its notes), beyond the evaluation's own."""
+    notes = []
     if editor.config.chat and any(r.request.question is not None for r in records):
-        result.notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
-                            "were also written in the chat template, each as a column of its own"
-                            + (", sharing its request's δ (--chat-values shared)" if editor.config.chat_values == "shared" else ""))
+        notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
+                     "were also written in the chat template, each as a column of its own"
+                     + (", sharing its request's δ (--chat-values shared)" if editor.config.chat_values == "shared" else ""))
     for grown in run_file.get("grown", []):
         earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
-        extra = general is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)
-        result.notes.append(f"grown from {grown['from']} to {grown['to']} records ({grown['at']}, `eval --resume DIR --n {grown['to']}`): the "
-                            f"same batches and measurements as a run started with {grown['to']}"
-                            + (", plus the general check the shorter run took after its last batch" if extra else "")
-                            + (_earlier_points(curve_of, curve_sample, grown["from"]) if a["every"] else "")
-                            + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
-    if curve_chosen:
-        which = "the records edited so far" if curve_of == "edited" else "all records"
-        result.notes.append(f"curve points between the first and the last evaluate {which}"
-                            + (f", at most {curve_sample} of them evenly spread" if curve_sample else ""))
+        extra = tasks is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)
+        notes.append(f"grown from {grown['from']} to {grown['to']} records ({grown['at']}, `eval --resume DIR --n {grown['to']}`): the "
+                     f"same batches and measurements as a run started with {grown['to']}"
+                     + (", plus the general check the shorter run took after its last batch" if extra else "")
+                     + (_earlier_points(a["curve_of"], a["curve_sample"], grown["from"]) if a["every"] else "")
+                     + (f"; its report is kept in {earlier}" if earlier.is_dir() else ""))
+    if _curve_chosen(a):
+        which = "the records edited so far" if a["curve_of"] == "edited" else "all records"
+        notes.append(f"curve points between the first and the last evaluate {which}"
+                     + (f", at most {a['curve_sample']} of them evenly spread" if a["curve_sample"] else ""))
     if a["keep_same_relation"]:
         kept = [len(r.request.keep_subjects) for r in records]
-        result.notes.append(f"each edit kept up to {a['keep_same_relation']} subjects of its relation unchanged (--keep-same-relation; "
-                            f"{sum(kept) / len(kept):.1f} on average), drawn from the dataset's other records")
+        notes.append(f"each edit kept up to {a['keep_same_relation']} subjects of its relation unchanged (--keep-same-relation; "
+                     f"{sum(kept) / len(kept):.1f} on average), drawn from the dataset's other records")
     if skipped:
-        result.notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
-                            f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")
-    if general is not None:
-        result.notes.append(f"general capability: {', '.join(tasks)}, {a['general_tests']} records each, zero-shot, before the first batch, "
-                            + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")
+        notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
+                     f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")
+    if tasks is not None:
+        notes.append(f"general capability: {', '.join(tasks)}, {a['general_tests']} records each, zero-shot, before the first batch, "
+                     + (f"every {a['general_every']} batches and " if a["general_every"] else "") + "after the last; RTE in GLUE's label coding")
+    return notes
+
+
+def _run_meta(a: dict, records: list, editor, lm) -> dict:
+    """The report's description of the run: model, data, method and its settings, the z optimisation's
+    preset and how many steps it took."""
     c = editor.config
-    meta = {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"], "batches": batches, "method": c.method, "consistency_source": consistency,
+    history = editor.history
+    return {"model": a["model"], "dataset": a["dataset"], "n": len(records), "batch_size": a["batch_size"],
+            "batches": -(-len(records) // a["batch_size"]), "method": c.method, "consistency_source": a["consistency"],
             "projected": editor.method.projects(c), "method_label": _method_label(c), "method_options": asdict(editor.method.option_values(c)),
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": a["chat"], "chat_values": c.chat_values, "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"],
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "chat": a["chat"], "chat_values": c.chat_values,
+            "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
-            "mean_z_steps": sum(r.z_steps * r.requests for r in editor.history) / max(1, sum(r.requests for r in editor.history))}
-    summary = write_report(result, out_dir, meta)
-    if as_json:
-        out.print_json(json.dumps(summary))
-        return
-    out.print((out_dir / "summary.md").read_text())
-    out.print(f"report in {out_dir}")
+            "mean_z_steps": sum(r.z_steps * r.requests for r in history) / max(1, sum(r.requests for r in history))}
 
 
 @contextmanager
