@@ -186,7 +186,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..eval.protocol import grow_pre, run_protocol
     from ..eval.report import keep_earlier_report, write_report
 
-    tasks = _check_eval_options(a)  # everything that needs no model fails before it loads
+    tasks = _check_eval_options(a)  # everything that needs no model fails before it loads; None: no general check
     records, skipped = _eval_records(a)
     run_file = _record_run(a, out_dir, resuming)
     keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
@@ -197,8 +197,9 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                             chat_neighbours=a["chat_neighbours"] or None)
     evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
     grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
-    editor = _replay(out_dir / "state", lm, tokenizer) if Journal.exists(out_dir / "state") else _eval_editor(a, lm, tokenizer)
-    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if a["general"] else None
+    state = out_dir / "state"
+    editor = _replay(state, lm, tokenizer) if Journal.exists(state) else _eval_editor(a, lm, tokenizer)
+    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if tasks is not None else None
     editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
     with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
         try:
@@ -206,7 +207,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
                                   PreEvalCache() if a["pre_cache"] else None, a["curve_of"], a["curve_sample"])
         except (ValueError, RequestError) as e:
             _fail(str(e))
-    result.notes += _eval_notes(records, settings) + _run_notes(a, records, skipped, run_file, editor, tasks if general else None, out_dir)
+    result.notes += _eval_notes(records, settings) + _run_notes(a, records, skipped, run_file, editor, tasks, out_dir)
     summary = write_report(result, out_dir, _run_meta(a, records, editor, lm))
     if as_json:
         out.print_json(json.dumps(summary))
@@ -215,8 +216,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     out.print(f"report in {out_dir}")
 
 
-def _check_eval_options(a: dict) -> list[str]:
-    """Refuse what cannot run, before anything loads; the general check's tasks."""
+def _check_eval_options(a: dict) -> list[str] | None:
+    """Refuse what cannot run, before anything loads; the general check's tasks (None without --general)."""
     from ..eval.general import TASKS, load_task_records
     from ..eval.protocol import CURVE_OF
 
@@ -249,7 +250,7 @@ def _check_eval_options(a: dict) -> list[str]:
             _fail(str(e))
     if a["chat_values"] not in CHAT_VALUES:
         _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
-    return tasks
+    return tasks if a["general"] is not None else None
 
 
 def _curve_chosen(a: dict) -> bool:
@@ -300,7 +301,8 @@ def _eval_editor(a: dict, lm, tokenizer):
 
 
 def _run_notes(a: dict, records: list, skipped: list[str], run_file: dict, editor, tasks: list[str] | None, out_dir: Path) -> list[str]:
-    """What the report must say about how this run was made (its notes), beyond the evaluation's own."""
+    """What the report must say about how this run was made (its notes), beyond the evaluation's own;
+    `tasks`: the general check's, None without one."""
     notes = []
     if editor.config.chat and any(r.request.question is not None for r in records):
         notes.append(f"chat-aware editing (--chat): {sum(r.request.question is not None for r in records)} requests with a question "
