@@ -175,6 +175,23 @@ def _check_journal(state: Path) -> int:
     return len(ids)
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What a commit changes about a file: its inode (replaced by rename) and its size; None while absent."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size
+
+
+def _wait_for_change(path: Path, before: tuple[int, int] | None, process: subprocess.Popen, timeout: float) -> None:
+    """Polls (without opening it, so the writer is never disturbed) until `path` is replaced or the process ends."""
+    deadline = time.monotonic() + timeout
+    while _stamp(path) == before and process.poll() is None:
+        assert time.monotonic() < deadline, f"no commit to {path} within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
 def test_sigkill_at_random_moments_never_leaves_a_half_written_journal(tiny_model_folder, llama, tokenizer, tmp_path):
     requests = tmp_path / "edits.jsonl"
     requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS * 2))
@@ -188,9 +205,14 @@ def test_sigkill_at_random_moments_never_leaves_a_half_written_journal(tiny_mode
 
     rng = random.Random(0)
     committed = 0
-    for _ in range(12):  # each kill restarts the CLI (seconds of imports): twelve random moments cover the phases
+    for attempt in range(12):  # each kill restarts the CLI (seconds of imports): twelve random moments cover the phases
+        index_before = _stamp(state / INDEX)
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, duration))
+        if attempt % 2:  # every other kill lands after this run's first commit, however slow the machine is today
+            _wait_for_change(state / INDEX, index_before, process, timeout=20 * duration)
+            time.sleep(rng.uniform(0.0, duration / 4))
+        else:  # the others anywhere in the run, start-up and model loading included
+            time.sleep(rng.uniform(0.2, duration))
         process.send_signal(signal.SIGKILL)
         process.wait()
         now = _check_journal(state)
