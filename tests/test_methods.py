@@ -19,6 +19,7 @@ from alphaedit.layouts import mlp_out_weight
 from alphaedit.methods import METHODS, Method, get_method, register
 from alphaedit.methods.emmet import EmmetOptions, equality_constrained_solve
 from alphaedit.methods.encore import EncoreOptions
+from alphaedit.methods.projection import projected_solve
 from alphaedit.methods.prune import PruneOptions, restrain_spectrum
 from alphaedit.methods.rect import RectOptions, keep_largest_relative_change
 from alphaedit.updates import LayerStatistics, LowRankDelta, MaskedDelta, update_from_tensors
@@ -67,6 +68,24 @@ def test_encore_equals_its_closed_form_and_its_norm_penalty_shrinks_the_update(p
         norms.append(float(delta.norm()))
     assert norms[0] > norms[1] > norms[2]
     assert get_method("encore").keeps_preserved(config)  # C_p accumulates without the projection
+
+
+def test_the_projected_solve_equals_its_closed_form_and_alpha_shrinks_the_update(problem):
+    K, R, C0, _ = problem
+    g = torch.Generator().manual_seed(2)
+    Kp = torch.randn(D0, 4, dtype=torch.float64, generator=g)
+    evals, evecs = torch.linalg.eigh(C0)
+    P = evecs[:, evals < evals.median()] @ evecs[:, evals < evals.median()].T  # half of C0's directions
+    stats = LayerStatistics(C0.float(), P.float(), (Kp @ Kp.T).float())
+    norms = []
+    for alpha in (1.0, 10.0, 100.0):
+        config = EditConfig(method="alphaedit", l2_alpha=alpha, solve_dtype="float64")
+        delta = projected_solve(K.float(), R.float(), stats, config).dense().double()
+        expected = R @ K.T @ P @ torch.linalg.inv(Kp @ Kp.T @ P + K @ K.T @ P + alpha * torch.eye(D0, dtype=torch.float64))  # Eq. 14
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(delta @ P, delta, rtol=1e-5, atol=1e-6)  # the update lives in the null space
+        norms.append(float(delta.norm()))
+    assert norms[0] > norms[1] > norms[2]
 
 
 def test_rect_keeps_the_largest_relative_changes(problem):
@@ -213,6 +232,36 @@ def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_f
     assert again.exit_code == 2 and "--project/--no-project True" in again.output
 
 
+def test_l2_from_the_command_line_is_the_projected_solves_alpha(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from conftest import WIKITEXT
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
+              "--corpus", str(WIKITEXT), "--tokens", "2000", "--json"]
+    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    for refused, says in ((["--l2", "0"], "--l2 0.0: α must be positive"),
+                          (["--l2", "100", "--method", "memit"], "memit runs without the projection here: add --project")):
+        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "refused").exists()
+    norms = {}
+    for alpha in ("10", "1000"):
+        state = tmp_path / f"alpha-{alpha}"
+        done = CliRunner().invoke(app, [*common, "--state", str(state), "--l2", alpha], env=env)
+        assert done.exit_code == 0, done.output
+        assert json.loads((state / "header.json").read_text())["config"]["l2_alpha"] == float(alpha)
+        norms[alpha] = json.loads(done.stdout)["batches"][0]["delta_norms"]
+    assert set(norms["10"]) == {"1", "2"}
+    for layer in norms["10"]:  # a hundred times the penalty: a smaller update of every edited W_out
+        assert norms["1000"][layer] < norms["10"][layer]
+    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "alpha-10"), "--l2", "20"], env=env)
+    assert again.exit_code == 2 and "--l2 10.0" in again.output
+
+
 def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_folder, tmp_path):
     from typer.testing import CliRunner
 
@@ -296,3 +345,5 @@ def test_a_report_row_names_the_method_its_projection_and_its_stabilisers():
     assert _method_label(EditConfig(method="alphaedit", value_anchor=True)) == "alphaedit, NAS value anchoring"
     assert (_method_label(EditConfig(method="encore", project=True, stop_when_most_probable=True))
             == "encore + projection, most-probable stop")
+    assert _method_label(EditConfig(method="alphaedit", l2_alpha=100.0)) == "alphaedit, α 100"
+    assert _method_label(EditConfig(method="memit", l2_alpha=100.0)) == "memit"  # α weighs only the projected solve

@@ -19,7 +19,7 @@ from ..guard import Guard, GuardTripped
 from ..journal import Journal, JournalError
 from ..requests import RequestError, load_requests
 from .common import (
-    AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, LayersOption, LayoutOption, LrOption, MaxLengthOption,
+    AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
     _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
@@ -56,6 +56,7 @@ def edit(
     stop_rule: StopRuleOption = None,
     stop_nll: StopNllOption = None,
     clamp: ClampOption = None,
+    l2: L2Option = None,
     prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
     threshold: ThresholdOption = None,
@@ -74,7 +75,7 @@ def edit(
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     journal = _state_journal(state)
     if journal is not None:
-        given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp,
+        given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
                      projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
                      seed=_seed_for(seed, sampling), sampling=sampling,
                      layout=json.loads(layout) if layout else None)
@@ -86,7 +87,7 @@ def edit(
 
     def new_config(lm) -> EditConfig:
         config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
-                              project, method_option, stop_most_probable, anchor_values)
+                              project, method_option, stop_most_probable, anchor_values, l2)
         config.chat = chat
         return config
 
@@ -170,6 +171,7 @@ _CONTINUATION = {
     "stop_rule": ("--stop-rule", lambda c, corpus: c.early_stop_rule),
     "stop_nll": ("--stop-nll", lambda c, corpus: c.early_stop_nll),
     "clamp": ("--clamp", lambda c, corpus: c.clamp_norm_factor),
+    "l2": ("--l2", lambda c, corpus: c.l2_alpha),
     "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),
     "threshold": ("--threshold", lambda c, corpus: c.nullspace_threshold),
     "corpus": ("--corpus", lambda c, corpus: corpus["corpus"]),
