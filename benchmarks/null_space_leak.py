@@ -8,7 +8,9 @@ of P, the share of C0's trace inside P (the corpus keys' energy the projection d
 and the same share, ‖K P‖²_F / ‖K‖²_F, for the keys of sample texts: the statistics' own windows,
 held-out text and edit-like prompts (CounterFact neighbourhood prompts). With --state, the
 relative change of the MLP output that the journal's summed update makes at those keys, the
-mean over tokens of ‖(ΣΔ) k‖ / ‖W0 k‖, keys read on the unedited model.
+mean over tokens of ‖(ΣΔ) k‖ / ‖W0 k‖, keys read on the unedited model; and the mean energy
+‖Pk‖² of the first batch's edited keys inside each projector's range, the scale that AlphaEdit's
+α (`--l2`) is weighed against in the solve (the paper's 10 is small next to SmolLM2's 24–45).
 
     python benchmarks/null_space_leak.py --state RUN/state [--batches N] [--held-out FILE] [--dataset counterfact:FILE] [--json]
     python benchmarks/null_space_leak.py --model smollm2-135m --corpus FILE --tokens 100000 [--rules absolute:0.02,energy:0.9]
@@ -72,11 +74,20 @@ def summed_updates(state: str, layers: list[int], batches: int | None = None) ->
     return total
 
 
+def first_batch_keys(state: str, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The edited keys of the journal's first applied batch, {layer: [u, d0]} float64."""
+    journal = Journal.open(state)
+    tensors = journal.batch(journal.applied_batch_ids()[0]).tensors()
+    return {l: tensors[f"layer.{l}.keys"].double() for l in layers}
+
+
 def leak(model, layout: Layout, moments: dict[int, torch.Tensor], rules: list[tuple[str, float]],
-         texts: dict[str, list[list[int]]], updates: dict[int, torch.Tensor] | None = None) -> dict:
+         texts: dict[str, list[list[int]]], updates: dict[int, torch.Tensor] | None = None,
+         edited: dict[int, torch.Tensor] | None = None) -> dict:
     """Per layer: for each rule the rank of P, C0's trace share in P and each text kind's key
     energy share in P; with `updates` (Σ Δ per layer, math orientation [d, d0]) the mean relative
-    output change ‖ΣΔ k‖ / ‖W0 k‖ per text kind."""
+    output change ‖ΣΔ k‖ / ‖W0 k‖ per text kind; with `edited` (keys [u, d0] per layer) their mean
+    ‖Pk‖² per rule (absolute, to compare with α)."""
     layers = sorted(moments)
     keys = {name: read_keys(model, layout, rows, layers) for name, rows in texts.items()}
     out = {"layers": layers, "rules": [f"{r}:{v:g}" for r, v in rules], "texts": {n: sum(map(len, rows)) for n, rows in texts.items()},
@@ -91,6 +102,8 @@ def leak(model, layout: Layout, moments: dict[int, torch.Tensor], rules: list[tu
             row = {"rank": rank, "corpus_trace_share": float((projector @ c0).trace()) / total}
             for name, per_layer in keys.items():
                 row[name] = float((per_layer[l] @ projector).norm() ** 2 / per_layer[l].norm() ** 2)
+            if edited is not None:
+                row["edited_energy"] = float(((edited[l] @ projector) ** 2).sum(-1).mean())
             per_rule[f"{rule}:{value:g}"] = row
         out["projection"][str(l)] = per_rule
         if updates is not None:
@@ -130,17 +143,20 @@ def main() -> None:
     if args.dataset:
         prompts = [p for r in load_dataset(args.dataset)[: args.texts] for p in r.neighbourhood[:1]]
         texts["prompts"] = [bos_prefix(tokenizer) + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    result = leak(model, layout, moments, parse_rules(args.rules), texts, summed_updates(args.state, layers, args.batches) if args.state else None)
+    result = leak(model, layout, moments, parse_rules(args.rules), texts, summed_updates(args.state, layers, args.batches) if args.state else None,
+                  first_batch_keys(args.state, layers) if args.state else None)
     result["model"], result["state"] = model_spec, args.state
     if args.json:
         print(json.dumps(result))
         return
     kinds = list(texts)
     print(f"{model_spec}: share of key energy inside the projector's range (what an update may change), per layer and rule")
-    print(" | ".join(["layer", "rule", "rank", "C0 trace", *kinds]))
+    edited = ["edited keys' ‖Pk‖² (vs α)"] if args.state else []
+    print(" | ".join(["layer", "rule", "rank", "C0 trace", *kinds, *edited]))
     for l in result["layers"]:
         for rule, row in result["projection"][str(l)].items():
-            print(" | ".join([str(l), rule, str(row["rank"]), f"{row['corpus_trace_share']:.3f}", *[f"{row[k]:.3f}" for k in kinds]]))
+            print(" | ".join([str(l), rule, str(row["rank"]), f"{row['corpus_trace_share']:.3f}", *[f"{row[k]:.3f}" for k in kinds],
+                              *([f"{row['edited_energy']:.1f}"] if args.state else [])]))
     if result["output_change"]:
         print(f"\n{args.state}: mean ‖(ΣΔ) k‖ / ‖W0 k‖ per token")
         print(" | ".join(["layer", *kinds]))

@@ -145,7 +145,8 @@ def test_null_space_leak_measures_what_the_projector_leaves_and_what_the_edits_c
     texts = {"a": [tokenizer("The Eiffel Tower is in Paris")["input_ids"]],
              "b": [tokenizer("Danielle Darrieux speaks French")["input_ids"], tokenizer("The Seine flows")["input_ids"]]}
     updates = module.summed_updates(str(tmp_path / "state"), [1, 2])
-    result = module.leak(model, layout, moments, module.parse_rules("absolute:0.5,energy:0.9"), texts, updates)
+    edited = module.first_batch_keys(str(tmp_path / "state"), [1, 2])
+    result = module.leak(model, layout, moments, module.parse_rules("absolute:0.5,energy:0.9"), texts, updates, edited)
     assert result["texts"] == {"a": len(texts["a"][0]), "b": len(texts["b"][0]) + len(texts["b"][1])}
     for layer in (1, 2):
         c0 = moments[layer].double()
@@ -167,6 +168,8 @@ def test_null_space_leak_measures_what_the_projector_leaves_and_what_the_edits_c
             basis = vectors[:, mask]
             for name, k in keys.items():
                 assert row[name] == pytest.approx(float((k @ basis).norm() ** 2 / k.norm() ** 2), rel=1e-6, abs=1e-9)
+            first = editor.batches[0].keys[layer].double()  # [u, d0]: one ‖Pk‖² per edited key
+            assert row["edited_energy"] == pytest.approx(sum(float((k @ basis).norm() ** 2) for k in first) / len(first), rel=1e-6)
         assert result["projection"][str(layer)]["energy:0.9"]["corpus_trace_share"] <= 0.1 + 1e-9
         total = sum(b.deltas[layer].dense().double() for b in editor.batches)
         weight = mlp_out_weight(model, layout, layer).detach().double()
