@@ -260,6 +260,14 @@ def test_l2_from_the_command_line_is_the_projected_solves_alpha(tiny_model_folde
         assert norms["1000"][layer] < norms["10"][layer]
     again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "alpha-10"), "--l2", "20"], env=env)
     assert again.exit_code == 2 and "--l2 10.0" in again.output
+    # eval refuses them before it loads a model or records the run (a run.json would make the folder a run)
+    for refused, says in ((["--l2", "-1"], "α must be positive"), (["--method", "rect", "--no-project", "--l2", "5"], "add --project"),
+                          (["--method", "rect", "--method-option", "keep=3"], "method rect has no option 'keep'")):
+        run = tmp_path / "run"
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run), *refused],
+                                    env=env)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not run.exists()
 
 
 def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_folder, tmp_path):

@@ -142,20 +142,29 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False,
                  l2: float | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
-    if l2 is not None and not l2 > 0:
-        _fail(f"--l2 {l2}: α must be positive (the projected solve's P(KKᵀ + C_p) is singular without it); the default is 10")
+    _check_method_choice(method, project, method_option, l2)
     try:
-        config = config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
+        return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
                                 early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
                                 method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
                                 value_anchor=anchor or None, l2_alpha=l2)
     except ValueError as e:
         _fail(str(e))
+
+
+def _check_method_choice(method: str, project: bool | None, method_option: list[str] | None, l2: float | None) -> None:
+    """The method, its options, the projection and α fit together; checked without a model, so
+    that `eval` refuses them before it loads one or records the run."""
+    if l2 is not None and not l2 > 0:
+        _fail(f"--l2 {l2}: α must be positive (the projected solve's P(KKᵀ + C_p) is singular without it); the default is 10")
+    try:
+        config = EditConfig(method=method, project=project, method_options=_method_options(method_option) or {})
+    except ValueError as e:
+        _fail(str(e))
     if l2 is not None and not get_method(config.method).projects(config):
         _fail(f"--l2 weighs ‖Δ‖² in the projected solve, and {config.method} runs without the projection here: "
               f"add --project, or leave --l2 out")
-    return config
 
 
 def _method_options(given: list[str] | None) -> dict[str, str] | None:

@@ -23,7 +23,7 @@ from .common import (
     AnchorOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
-    _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
+    _check_method_choice, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
 )
 
 
@@ -223,6 +223,7 @@ def _check_eval_options(a: dict) -> list[str] | None:
     from ..eval.protocol import CURVE_OF
 
     _parse_layers(a["layers"])
+    _check_method_choice(a["method"], a["project"], a["method_option"], a["l2"])
     if a["curve_of"] not in CURVE_OF:
         _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
     if _curve_chosen(a) and not a["every"]:
