@@ -10,7 +10,7 @@ held-out text and edit-like prompts (CounterFact neighbourhood prompts). With --
 relative change of the MLP output that the journal's summed update makes at those keys, the
 mean over tokens of ‖(ΣΔ) k‖ / ‖W0 k‖, keys read on the unedited model; and the mean energy
 ‖Pk‖² of the first batch's edited keys inside each projector's range, the scale that AlphaEdit's
-α (`--l2`) is weighed against in the solve (the paper's 10 is small next to SmolLM2's 24–45).
+α (`--l2`) is weighed against in the solve (the paper's 10 is small next to SmolLM2's 30–48).
 
     python benchmarks/null_space_leak.py --state RUN/state [--batches N] [--held-out FILE] [--dataset counterfact:FILE] [--json]
     python benchmarks/null_space_leak.py --model smollm2-135m --corpus FILE --tokens 100000 [--rules absolute:0.02,energy:0.9]
