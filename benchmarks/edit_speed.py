@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -134,7 +135,13 @@ def main() -> None:
     layers = config_for_model(model.config).layers
     layout = detect_layout(model)
     base = {l: mlp_out_weight(model, layout, l).detach().clone() for l in layers}
-    results = [run_variant(model, tokenizer, requests, corpus, cache, base, p, steps) for p in paths]
+    results = []
+    for path in paths:
+        start = time.perf_counter()
+        results.append(run_variant(model, tokenizer, requests, corpus, cache, base, path, steps))
+        # each path as it ends, on stderr: a run stopped at its time limit still says what it measured
+        print(f"path done in {time.perf_counter() - start:.0f} s (statistics included): {json.dumps(results[-1])}",
+              file=sys.stderr, flush=True)
 
     summary = {
         "date": date.today().isoformat(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -89,6 +90,7 @@ def main() -> None:
     fast_dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model, tokenizer, layers, spec = _model(shape, args.device, fast_dtype)
     one_pass = _run(model, tokenizer, layers, spec, tokens, args.device, per_layer=False)
+    print(f"one pass: {one_pass:.0f} tokens/s", file=sys.stderr, flush=True)  # survives a time limit
     if args.device != "cpu":
         model = model.float()
     per_layer = _run(model, tokenizer, layers, spec, tokens, args.device, per_layer=True)

@@ -42,7 +42,7 @@ def test_each_report_measures_the_growth_of_the_edited_matrices_against_the_base
         growth = reports[-1].weight_growth[str(layer)]
         assert growth["frobenius"] == pytest.approx(float(now.norm() / base[layer].norm()), rel=1e-5)
         spectral = torch.linalg.svdvals(now)[0] / torch.linalg.svdvals(base[layer])[0]
-        assert growth["spectral"] == pytest.approx(float(spectral), rel=1e-4)
+        assert growth["spectral"] == pytest.approx(float(spectral), rel=1e-9)  # float64 either way
         assert growth["frobenius"] != 1.0  # the edit did change the matrix
     assert reports[-1].null_space_rank == {str(l): r for l, r in editor.projector_rank.items()} and reports[-1].null_space_rank
 
