@@ -23,6 +23,7 @@ from alphaedit.config import EditConfig
 from alphaedit.editor import Editor
 from alphaedit.journal import INDEX, Journal, JournalError
 from alphaedit.layouts import mlp_out_weight, weight_delta_as_stored
+from alphaedit.locks import JOURNAL_WRITE_FILE
 from alphaedit.requests import EditRequest
 from alphaedit.stats import CorpusSpec, StatsCache
 from conftest import WIKITEXT
@@ -119,8 +120,10 @@ def test_deltas_only_export_reproduces_the_edit(edited, llama, tmp_path):
 
 
 def test_journal_holds_only_json_and_safetensors(edited, tmp_path):
-    files = [p for p in (tmp_path / "state").rglob("*") if p.is_file()]
+    files = [p for p in (tmp_path / "state").rglob("*") if p.is_file() and p.name != JOURNAL_WRITE_FILE]
     assert files and all(p.suffix in (".json", ".safetensors") for p in files)
+    # beside them, the write lock (locks.py): one line of text naming its last holder, never read as data
+    assert (tmp_path / "state" / JOURNAL_WRITE_FILE).read_text().startswith("a journal write (pid ")
 
 
 def test_a_path_escaping_the_journal_is_refused(edited, tmp_path):

@@ -19,6 +19,7 @@ from .config import EditConfig, describe_preset
 from .files import atomic_save_tensors, commit
 from .journal import Journal, JournalError
 from .layouts import Layout
+from .locks import journal_write_lock
 from .requests import parse_requests
 from .stats import CorpusSpec, StatsCache
 from .updates import LowRankDelta
@@ -70,22 +71,24 @@ class Persistence:
         # Reuse the journal this editor last wrote to: reopening verifies every file's checksum,
         # which would make a long sequence of per-batch saves quadratic.
         root = Path(directory).resolve()
-        if self._journal is not None and self._journal.root.resolve() == root and self._journal.unchanged_on_disk():
-            journal = self._journal
-        else:
-            journal = Journal.open(root) if Journal.exists(root) else Journal.create(root, self.header())
-        self._journal = journal
-        if journal.header["base_identity"] != self.base_identity:
-            raise JournalError(f"{directory} belongs to another base model; save to a new folder")
-        written = len(journal.entries)
-        if [(e["kind"], e.get("id", e.get("batch"))) for e in journal.entries] != self.events[:written]:
-            raise JournalError(f"{directory} holds a different edit history than this editor; save to a new folder")
-        for kind, batch_id in self.events[written:]:
-            if kind == "batch":
-                batch = self._batch(batch_id)
-                journal.append_batch(batch_id, [r.to_dict() for r in batch.requests], asdict(batch.report), batch.tensors())
+        Journal.check_new(root)  # a file, or a damaged state, is refused before anything is created
+        with journal_write_lock(root):  # read, check and append as one step against other processes
+            if self._journal is not None and self._journal.root.resolve() == root and self._journal.unchanged_on_disk():
+                journal = self._journal
             else:
-                journal.append_revert(batch_id, now())
+                journal = Journal.open(root) if Journal.exists(root) else Journal.create(root, self.header())
+            self._journal = journal
+            if journal.header["base_identity"] != self.base_identity:
+                raise JournalError(f"{directory} belongs to another base model; save to a new folder")
+            written = len(journal.entries)
+            if [(e["kind"], e.get("id", e.get("batch"))) for e in journal.entries] != self.events[:written]:
+                raise JournalError(f"{directory} holds a different edit history than this editor; save to a new folder")
+            for kind, batch_id in self.events[written:]:
+                if kind == "batch":
+                    batch = self._batch(batch_id)
+                    journal.append_batch(batch_id, [r.to_dict() for r in batch.requests], asdict(batch.report), batch.tensors())
+                else:
+                    journal.append_revert(batch_id, now())
         return journal
 
     @classmethod

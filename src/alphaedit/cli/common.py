@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.table import Table
 from ..config import EditConfig, config_for_model, describe_preset
 from ..methods import get_method
 from ..journal import Journal, JournalError
+from ..locks import FolderInUse, claim_folder
 
 
 app = typer.Typer(
@@ -71,6 +73,22 @@ def _fail(message: str) -> None:
     # one line, never wrapped at the terminal's width: it names the input and the fix
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _claimed(folder: Path, command: str) -> Iterator[None]:
+    """Hold `folder` for the block (locks.py): another live alphaedit process holding it is refused
+    in one line that names it. Released on leaving the block, a failure included, so that a
+    command run in-process (tests, notebooks) leaves no claim behind."""
+    try:
+        handle = claim_folder(folder, command)
+    except FolderInUse as e:
+        _fail(str(e))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def _open_journal(state: Path) -> Journal:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,7 +23,7 @@ from .common import (
     AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
-    _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
+    _claimed, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
     app, console, out,
 )
 
@@ -96,11 +97,24 @@ def edit(
     editor.max_prompt_tokens = max_prompt_tokens
     if guard:
         editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
-    started = time.perf_counter()
-    try:
-        reports = editor.edit(parsed, batch_size, on_batch=lambda _: editor.save_state(state))
-    except (RequestError, GuardTripped) as e:
-        _fail(str(e))
+
+    with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
+        claimed = state.exists()  # a new state is claimed when its first batch is committed
+        if claimed:
+            claims.enter_context(_claimed(state, "alphaedit edit"))
+
+        def commit(_) -> None:
+            nonlocal claimed
+            if not claimed:
+                claims.enter_context(_claimed(state, "alphaedit edit"))
+                claimed = True
+            editor.save_state(state)
+
+        started = time.perf_counter()
+        try:
+            reports = editor.edit(parsed, batch_size, on_batch=commit)
+        except (RequestError, GuardTripped) as e:
+            _fail(str(e))
     summary = {
         "state": str(state),
         "method": editor.config.method,

@@ -23,7 +23,7 @@ from .common import (
     AnchorOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
-    _check_method_choice, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
+    _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
 )
 
 
@@ -189,32 +189,34 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
 
     tasks = _check_eval_options(a)  # everything that needs no model fails before it loads; None: no general check
     records, skipped = _eval_records(a)
-    run_file = _record_run(a, out_dir, resuming)
-    keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
-    lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
-    settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
-                            perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
-                            consistency=a["consistency"], chat_eval=a["chat_eval"], chat_max_tokens=a["chat_max_tokens"],
-                            chat_neighbours=a["chat_neighbours"] or None)
-    evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
-    grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
-    state = out_dir / "state"
-    editor = _replay(state, lm, tokenizer) if Journal.exists(state) else _eval_editor(a, lm, tokenizer)
-    general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if tasks is not None else None
-    editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
-    with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
-        try:
-            result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
-                                  PreEvalCache() if a["pre_cache"] else None, a["curve_of"], a["curve_sample"])
-        except (ValueError, RequestError) as e:
-            _fail(str(e))
-    result.notes += _eval_notes(records, settings) + _run_notes(a, records, skipped, run_file, editor, tasks, out_dir)
-    summary = write_report(result, out_dir, _run_meta(a, records, editor, lm))
-    if as_json:
-        out.print_json(json.dumps(summary))
-        return
-    out.print((out_dir / "summary.md").read_text())
-    out.print(f"report in {out_dir}")
+    # one process per run folder, for its whole life; its state too, so that `revert` waits for it
+    with _claimed(out_dir, "alphaedit eval"), _claimed(out_dir / "state", "alphaedit eval"):
+        run_file = _record_run(a, out_dir, resuming)
+        keep_earlier_report(out_dir, len(records))  # a grown run's earlier report, into at-N-edits/
+        lm, tokenizer = _load(a["model"], a["dtype"], a["device"], a["trust_remote_code"])
+        settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
+                                perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
+                                consistency=a["consistency"], chat_eval=a["chat_eval"], chat_max_tokens=a["chat_max_tokens"],
+                                chat_neighbours=a["chat_neighbours"] or None)
+        evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
+        grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
+        state = out_dir / "state"
+        editor = _replay(state, lm, tokenizer) if Journal.exists(state) else _eval_editor(a, lm, tokenizer)
+        general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if tasks is not None else None
+        editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
+        with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
+            try:
+                result = run_protocol(editor, evaluator, a["batch_size"], out_dir, a["every"], general, a["general_every"], on_batch,
+                                      PreEvalCache() if a["pre_cache"] else None, a["curve_of"], a["curve_sample"])
+            except (ValueError, RequestError) as e:
+                _fail(str(e))
+        result.notes += _eval_notes(records, settings) + _run_notes(a, records, skipped, run_file, editor, tasks, out_dir)
+        summary = write_report(result, out_dir, _run_meta(a, records, editor, lm))
+        if as_json:
+            out.print_json(json.dumps(summary))
+            return
+        out.print((out_dir / "summary.md").read_text())
+        out.print(f"report in {out_dir}")
 
 
 def _check_eval_options(a: dict) -> list[str] | None:

@@ -17,7 +17,7 @@ from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
     DeviceOption, DtypeOption, JsonOption, LayersOption, ModelOption, ProjectOption, StepsOption, TrustOption, _corpus_spec,
-    _edit_config, _fail, _parse_layers, app, console, out,
+    _claimed, _edit_config, _fail, _parse_layers, app, console, out,
 )
 from .editing import _check_continuation, _state_editor, _state_journal
 
@@ -75,7 +75,8 @@ def serve(
 
     bench = Workbench(editor, state, exports or state.with_name(state.name + "-exports"), max_requests=max_requests, max_queue=max_queue)
     console.print(f"serving {spec} with {state} on http://{host}:{port}/ (API docs at /docs, OpenAI clients at /v1)", soft_wrap=True)
-    uvicorn.run(create_app(bench, token, max_body), host=host, port=port, log_level="warning")
+    with _claimed(state, f"alphaedit serve on {host}:{port}"):  # the state is the server's while it runs
+        uvicorn.run(create_app(bench, token, max_body), host=host, port=port, log_level="warning")
 
 
 @app.command()

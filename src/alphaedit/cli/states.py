@@ -13,8 +13,9 @@ import typer
 from rich.table import Table
 
 from ..journal import Journal, JournalError
+from ..locks import journal_write_lock
 from .common import (
-    DeviceOption, DtypeOption, JsonOption, TrustOption, _dtype_for, _fail, _load, _open_journal, _print_whole, _replay, app,
+    DeviceOption, DtypeOption, JsonOption, TrustOption, _claimed, _dtype_for, _fail, _load, _open_journal, _print_whole, _replay, app,
     out,
 )
 
@@ -65,11 +66,14 @@ def revert(
     that contained it, so they usually still hold but are not what a sequence without that
     batch would have produced.
     """
-    journal = _open_journal(state)
-    try:
-        journal.append_revert(batch, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    except JournalError as e:
-        _fail(str(e))
+    _open_journal(state)  # a missing or damaged state is refused before anything is created
+    # not while a running edit, eval or serve holds the state
+    with _claimed(state, "alphaedit revert"), journal_write_lock(state):
+        journal = _open_journal(state)
+        try:
+            journal.append_revert(batch, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        except JournalError as e:
+            _fail(str(e))
     later = [b for b in journal.applied_batch_ids() if b > batch]
     note = f"; batches {later} were computed with it applied and stay as they are" if later else ""
     out.print(f"batch {batch} reverted{note}")
@@ -116,10 +120,13 @@ def recover(
     state: Annotated[Path, typer.Option("--state", "-s", help="A state folder whose journal.json was lost.")],
 ) -> None:
     """Rebuild a lost journal.json from the state's header.json, batch manifests and revert files."""
-    try:
-        journal = Journal.recover(state)
-    except JournalError as e:
-        _fail(str(e))
+    if not state.is_dir():
+        _fail(f"--state {state}: no such folder; give the state folder whose journal.json was lost")
+    with _claimed(state, "alphaedit recover"), journal_write_lock(state):
+        try:
+            journal = Journal.recover(state)
+        except JournalError as e:
+            _fail(str(e))
     batches, reverts = journal.batch_ids(), sorted(journal.reverted())
     out.print(f"rebuilt {state / 'journal.json'}: {len(batches)} batches, {len(reverts)} reverted {reverts if reverts else ''}".rstrip())
 
