@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The long sequential-editing runs of BENCHMARKS.md (issues 10 and 14), one after another, each
+# resumable: a run with a summary.md is done and skipped, one with a run.json is continued with
+# `alphaedit eval --resume`, any other is started. Run it again after a kill, a reboot or a new
+# session and it carries on where it stopped.
+#
+#   bash benchmarks/long_runs.sh [NAME ...]        # default: every run below, in order
+#   RUNS=~/alphaedit-runs (default) holds the run folders, the frozen code and the logs.
+#   DRY=1 bash benchmarks/long_runs.sh             # say what each run would do, run nothing
+#
+# The code is frozen: the first start checks out this repository's HEAD (or $CODE_COMMIT) as a
+# worktree under $RUNS/code-<commit>, and every later start and resume of the queue uses that
+# folder, so editing src/ meanwhile changes no run midway. Use this project's .venv (make install).
+# Pause for a test suite with `kill -STOP -- -<pid>` / `kill -CONT -- -<pid>` (the pid is in
+# $RUNS/queue.pid; timings of a paused run stay right, its ETA does not).
+set -uo pipefail
+root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+RUNS=${RUNS:-$HOME/alphaedit-runs}
+mkdir -p "$RUNS"
+commit_file=$RUNS/code.commit
+dry=${DRY:-0}
+if [[ -s $commit_file ]]; then commit=$(cat "$commit_file"); else commit=$(git -C "$root" rev-parse "${CODE_COMMIT:-HEAD}"); fi
+code=$RUNS/code-${commit:0:7}
+if [[ $dry != 1 ]]; then
+  [[ -s $commit_file ]] || echo "$commit" > "$commit_file"
+  [[ -d $code/src ]] || git -C "$root" worktree add -f --detach "$code" "$commit" > /dev/null || exit 1
+  echo $$ > "$RUNS/queue.pid"
+fi
+
+data=$root/../shared/data
+cf_stream=counterfact:$data/counterfact_easyedit/counterfact-edit.json,$data/counterfact_easyedit/counterfact-train.json
+protocol=(--batch-size 100 --corpus "$data/wikitext2_raw/wiki.valid.raw" --tokens 100000
+          --perplexity-corpus "$data/wikitext2_raw/wiki.test.raw" --generation-every 50
+          --general "$data/glue_eval")
+# name | arguments beyond the protocol's
+declare -A args=(
+  [cf2000-alphaedit-l2-40]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --general-every 5 --method alphaedit --l2 40"
+  [cf10k-alphaedit-l2-40]="--dataset $cf_stream --n 10000 --general-every 10 --method alphaedit --l2 40"
+  [cf10k-alphaedit]="--dataset $cf_stream --n 10000 --general-every 10 --method alphaedit"
+  [cf10k-alphaedit-nas]="--dataset $cf_stream --n 10000 --general-every 10 --method alphaedit --anchor-values"
+)
+order=(cf2000-alphaedit-l2-40 cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)
+(( $# )) && order=("$@")
+
+alphaedit() { PYTHONPATH=$code/src "$root/.venv/bin/python" -m alphaedit "$@"; }
+for name in "${order[@]}"; do
+  [[ -n ${args[$name]:-} ]] || { echo "no run named $name (known: ${!args[*]})" >&2; exit 2; }
+  out=$RUNS/$name
+  if [[ -f $out/summary.md ]]; then echo "$name: done"; continue; fi
+  echo "$name: $( [[ -f $out/run.json ]] && echo resuming || echo starting ) $(date -u +%FT%TZ), code ${commit:0:7}"
+  if [[ $dry == 1 ]]; then
+    [[ -f $out/run.json ]] && echo "  alphaedit eval --resume $out" || echo "  alphaedit eval ${protocol[*]} ${args[$name]} --out $out"
+    continue
+  fi
+  if [[ -f $out/run.json ]]; then
+    alphaedit eval --resume "$out" >> "$RUNS/$name.log" 2>&1
+  else
+    # shellcheck disable=SC2086  # the arguments above are space-separated words
+    alphaedit eval "${protocol[@]}" ${args[$name]} --out "$out" >> "$RUNS/$name.log" 2>&1
+  fi
+  rc=$?
+  (( rc == 0 )) || { echo "$name: stopped with exit status $rc (see $RUNS/$name.log); run the queue again to resume" >&2; exit "$rc"; }
+done
