@@ -101,3 +101,19 @@ def edited_state(llama, tokenizer, tmp_path) -> Path:
     editor.edit(REQUESTS, batch_size=2, on_batch=lambda _: editor.save_state(state))
     assert json.loads((state / "journal.json").read_text())["entries"]
     return state
+
+
+def test_edit_refuses_a_state_another_process_holds_before_the_model_loads(edited_state, tmp_path):
+    requests = tmp_path / "more.jsonl"
+    requests.write_text(json.dumps({"prompt": "{} plays", "subject": "Lionel Messi", "target_new": "tennis"}) + "\n")
+    before = (edited_state / "journal.json").read_bytes()
+    holder = _holder(edited_state, "alphaedit eval")
+    try:
+        # a model that does not exist: the claim is refused before anything would load it
+        result = runner.invoke(app, ["edit", "--model", str(tmp_path / "no-such-model"), "--requests", str(requests),
+                                     "--state", str(edited_state)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2 and f"in use by alphaedit eval (pid {holder.pid}" in result.output
+    assert (edited_state / "journal.json").read_bytes() == before

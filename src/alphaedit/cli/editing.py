@@ -74,34 +74,33 @@ def edit(
         _fail(str(e))
     _parse_layers(layers)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
-    journal = _state_journal(state)
-    if journal is not None:
-        given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
-                     projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
-                     seed=_seed_for(seed, sampling), sampling=sampling,
-                     layout=json.loads(layout) if layout else None)
-        _check_continuation(state, journal.header, given)
-        parsed = _without_repeats(journal, parsed, allow_repeat)
-        if not parsed:
-            out.print(f"nothing to do: every request is already in {state}")
-            return
-
-    def new_config(lm) -> EditConfig:
-        config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
-                              project, method_option, stop_most_probable, anchor_values, l2)
-        config.chat = chat
-        return config
-
-    editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
-                                 lambda: _corpus_spec(corpus, tokens, max_length, seed, sampling))
-    editor.max_prompt_tokens = max_prompt_tokens
-    if guard:
-        editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
-
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
-        claimed = state.exists()  # a new state is claimed when its first batch is committed
+        claimed = state.is_dir()  # a new state is claimed when its first batch is committed
         if claimed:
-            claims.enter_context(_claimed(state, "alphaedit edit"))
+            claims.enter_context(_claimed(state, "alphaedit edit"))  # before its journal is read
+        journal = _state_journal(state)
+        if journal is not None:
+            given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
+                         projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
+                         seed=_seed_for(seed, sampling), sampling=sampling,
+                         layout=json.loads(layout) if layout else None)
+            _check_continuation(state, journal.header, given)
+            parsed = _without_repeats(journal, parsed, allow_repeat)
+            if not parsed:
+                out.print(f"nothing to do: every request is already in {state}")
+                return
+
+        def new_config(lm) -> EditConfig:
+            config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
+                                  project, method_option, stop_most_probable, anchor_values, l2)
+            config.chat = chat
+            return config
+
+        editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
+                                     lambda: _corpus_spec(corpus, tokens, max_length, seed, sampling))
+        editor.max_prompt_tokens = max_prompt_tokens
+        if guard:
+            editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
 
         def commit(_) -> None:
             nonlocal claimed
@@ -115,26 +114,26 @@ def edit(
             reports = editor.edit(parsed, batch_size, on_batch=commit)
         except (RequestError, GuardTripped) as e:
             _fail(str(e))
-    summary = {
-        "state": str(state),
-        "method": editor.config.method,
-        "layers": editor.config.layers,
-        "requests": len(parsed),
-        "seconds": time.perf_counter() - started,
-        "projector_rank": editor.projector_rank,
-        "batches": [asdict(r) for r in reports],
-    }
-    if as_json:
-        out.print_json(json.dumps(summary))
-        return
-    table = Table(title=f"{len(parsed)} edits into {spec} ({editor.config.method}, layers {editor.config.layers[0]}-{editor.config.layers[-1]})")
-    for column in ("batch", "requests", "seconds", "z steps", "target p", "efficacy"):
-        table.add_column(column, justify="right")
-    for r in reports:
-        efficacy = "-" if r.efficacy is None else f"{100 * r.efficacy:.0f}%"
-        table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
-    out.print(table)
-    out.print(f"state saved in {state}")
+        summary = {
+            "state": str(state),
+            "method": editor.config.method,
+            "layers": editor.config.layers,
+            "requests": len(parsed),
+            "seconds": time.perf_counter() - started,
+            "projector_rank": editor.projector_rank,
+            "batches": [asdict(r) for r in reports],
+        }
+        if as_json:
+            out.print_json(json.dumps(summary))
+            return
+        table = Table(title=f"{len(parsed)} edits into {spec} ({editor.config.method}, layers {editor.config.layers[0]}-{editor.config.layers[-1]})")
+        for column in ("batch", "requests", "seconds", "z steps", "target p", "efficacy"):
+            table.add_column(column, justify="right")
+        for r in reports:
+            efficacy = "-" if r.efficacy is None else f"{100 * r.efficacy:.0f}%"
+            table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
+        out.print(table)
+        out.print(f"state saved in {state}")
 
 
 def _state_journal(state: Path) -> Journal | None:
