@@ -26,7 +26,7 @@ runner = CliRunner()
 COUNTERFACT = WIKITEXT.parent / "counterfact" / "counterfact_test.json"
 
 
-def _holder(folder: Path, purpose: str, lock_file: str = CLAIM_FILE, seconds: float = 60.0) -> subprocess.Popen:
+def _holder(folder: Path, purpose: str, lock_file: str | None = None, seconds: float = 60.0) -> subprocess.Popen:
     """Another process that claims `folder` and keeps it for `seconds`; returns once it holds it."""
     code = (f"import sys, time; from alphaedit.locks import claim_folder; h = claim_folder({str(folder)!r}, {purpose!r}, "
             f"lock_file={lock_file!r}); print('held', flush=True); time.sleep({seconds})")
@@ -45,8 +45,9 @@ def test_a_claimed_folder_is_refused_with_its_holder_and_freed_when_the_holder_i
         holder.wait()
     # SIGKILL gives no chance to clean up: the operating system drops the lock with the process
     handle = claim_folder(tmp_path / "run", "a test")
-    assert f"a test (pid {os.getpid()}" in (tmp_path / "run" / CLAIM_FILE).read_text()
+    assert f"a test (pid {os.getpid()}" in (tmp_path / "run" / CLAIM_FILE).read_text()  # the killed holder's line, replaced
     handle.close()
+    assert not (tmp_path / "run" / CLAIM_FILE).exists()  # released: the folder as it was
     with folder_claimed(tmp_path / "run", "again"):  # released by close: claimable at once
         pass
 

@@ -11,8 +11,8 @@
                                     added to C_p
         manifest.json               the batch id and the sha256 of the three files above
     STATE/reverts/000003.json       one per revert: when, and where it sits among the entries
-    STATE/.journal-write.lock       the write lock, and .alphaedit.lock a command's claim
-                                    (locks.py): one line naming the last holder
+    STATE/.journal-write.lock       the write lock (locks.py): one line naming its last holder;
+                                    .alphaedit.lock names the command that holds the state, while it runs
 
 A batch folder is written under a temporary name, renamed into place, and only then listed in
 the index, so a kill at any moment leaves the journal with or without the whole batch. Every

@@ -11,11 +11,14 @@ of one run would interleave their batches. So:
   short *write lock*, waiting for another writer's write to end, so library users who share a
   state between processes get the journal's "different edit history" error instead of a loss.
 
-Both are `fcntl.flock` locks on a file in the folder. The operating system drops them when the
-process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock to
-clear by hand; the file stays, holding the last holder's description. Where the platform has no
-flock (Windows), nothing is locked. Locks are per open file, so one process must not claim the
-same lock file twice: the two kinds use different files.
+Both are `fcntl.flock` locks, which the operating system drops when the process ends, however
+it ends (SIGKILL included), so a killed run never leaves a stale lock to clear by hand. A claim
+locks the folder itself and, while held, keeps one line naming its holder in `.alphaedit.lock`
+(removed on release; a killed holder's stale line is only ever read while a live process holds
+the lock, and that process rewrote it), so a command refused for bad input leaves the folder as it
+was. The write lock is a file of its own, `.journal-write.lock`, kept: one process may hold a claim
+and a write lock on the same folder, which two flocks on the folder itself would not allow. Where
+the platform has no flock (Windows), nothing is locked.
 """
 
 from __future__ import annotations
@@ -40,42 +43,63 @@ class FolderInUse(ValueError):
     """Another live process holds the folder."""
 
 
-def claim_folder(folder: str | os.PathLike, purpose: str, *, lock_file: str = CLAIM_FILE, wait_s: float = 0.0) -> IO[str] | None:
-    """Hold `folder` (created if missing) until the returned handle is closed or the process ends.
+class Claim:
+    """A held claim (claim_folder); `close` releases it."""
 
-    `purpose` describes the holder to a refused process ("alphaedit eval"). Waits up to `wait_s`
-    seconds for another holder, then raises FolderInUse naming it and the way out.
+    def __init__(self, folder: Path, lock: int | IO[str], note: Path | None):
+        self.folder, self._lock, self._note = folder, lock, note
+
+    def close(self) -> None:
+        if self._lock is None:
+            return
+        if self._note is not None:
+            self._note.unlink(missing_ok=True)  # before the release: the next holder's line is never removed
+        _release(self._lock)
+        self._lock = None
+
+
+def _release(lock: int | IO[str]) -> None:
+    """Closing the descriptor (the folder's) or the file is what drops a flock."""
+    if isinstance(lock, int):
+        os.close(lock)
+    else:
+        lock.close()
+
+
+def claim_folder(folder: str | os.PathLike, purpose: str, *, lock_file: str | None = None, wait_s: float = 0.0) -> Claim | None:
+    """Hold `folder` (created if missing) until the returned claim is closed or the process ends.
+
+    Locks the folder itself, or, with `lock_file`, that file in it (created and kept). `purpose`
+    describes the holder to a refused process ("alphaedit eval"). Waits up to `wait_s` seconds for
+    another holder, then raises FolderInUse naming it and the way out. None where nothing is locked.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         return None
-    handle = open(folder / lock_file, "a+", encoding="utf-8")
+    note = folder / (lock_file or CLAIM_FILE)
+    lock = open(note, "a+", encoding="utf-8") if lock_file else os.open(folder, os.O_RDONLY)
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                handle.close()
+                _release(lock)
+                holder = note.read_text(encoding="utf-8").strip() if note.exists() else ""
                 raise FolderInUse(
-                    f"{folder} is in use by {holder}. Nothing was changed. Wait for that process to finish (or stop it: "
-                    "a stopped or killed run resumes from its last committed batch), or use another folder"
+                    f"{folder} is in use by {holder or 'another process'}. Nothing was changed. Wait for that process to finish "
+                    "(or stop it: a stopped or killed run resumes from its last committed batch), or use another folder"
                 ) from None
             time.sleep(0.05)
     since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{purpose} (pid {os.getpid()}, since {since})\n")
-    handle.flush()
-    return handle
+    note.write_text(f"{purpose} (pid {os.getpid()}, since {since})\n", encoding="utf-8")
+    return Claim(folder, lock, None if lock_file else note)
 
 
 @contextmanager
-def folder_claimed(folder: str | os.PathLike, purpose: str, *, lock_file: str = CLAIM_FILE, wait_s: float = 0.0) -> Iterator[None]:
+def folder_claimed(folder: str | os.PathLike, purpose: str, *, lock_file: str | None = None, wait_s: float = 0.0) -> Iterator[None]:
     """`claim_folder` for the length of a `with` block."""
     handle = claim_folder(folder, purpose, lock_file=lock_file, wait_s=wait_s)
     try:
