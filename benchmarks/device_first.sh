@@ -43,7 +43,7 @@ tokens=$([[ $device == cpu ]] && echo 2000 || echo 50000)  # 50,000 on the H200:
 # STATS_TOKENS=n SEQUENTIAL=n). Both benchmarks report each finished part on stderr, so a part
 # stopped at its limit still shows in the table below.
 [[ ${SKIP_TESTS:-0} == 1 ]] || step test_devices 90 "$python" -m pytest -q -p no:cacheprovider tests/test_devices.py -rs
-step edit_speed "${EDIT_LIMIT:-300}" "$python" benchmarks/edit_speed.py --device "$device" --shape "$shape" --sequential-edits "${SEQUENTIAL:-5}" \
+step edit_speed "${EDIT_LIMIT:-300}" "$python" benchmarks/edit_speed.py --device "$device" --shape "$shape" --sequential-edits "${SEQUENTIAL:-3}" \
     --tokenizer "$kit/tokenizer" --requests "$data/counterfact/counterfact_test.json" \
     --corpus "$data/wikitext2_raw/wiki.valid.raw" --json $([[ $device == cpu ]] && echo --edits 4 --steps 3)
 step stats_speed "${STATS_LIMIT:-70}" "$python" benchmarks/stats_speed.py --device "$device" --shape "$shape" --tokens "${STATS_TOKENS:-$tokens}" --json
