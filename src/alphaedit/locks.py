@@ -14,9 +14,9 @@ of one run would interleave their batches. So:
 Both are `fcntl.flock` locks, which the operating system drops when the process ends, however
 it ends (SIGKILL included), so a killed run never leaves a stale lock to clear by hand. A claim
 locks the folder itself and, while held, keeps one line naming its holder in `.alphaedit.lock`
-(removed on release; a killed holder's stale line is only ever read while a live process holds
-the lock, and that process rewrote it), so a command refused for bad input leaves the folder as it
-was. The write lock is a file of its own, `.journal-write.lock`, kept: one process may hold a claim
+(removed on release, so a command refused for bad input after claiming leaves the folder as it
+was; a killed holder's line stays until the next holder rewrites it, and is only read by a process
+refused while someone holds the lock). The write lock is a file of its own, `.journal-write.lock`, kept: one process may hold a claim
 and a write lock on the same folder, which two flocks on the folder itself would not allow. Where
 the platform has no flock (Windows), nothing is locked.
 """
