@@ -65,7 +65,10 @@ except Exception as error:
     for line in err.read_text().splitlines() if err.exists() else []:
         if line.startswith("path done"):
             head, _, body = line.partition(": ")
-            p = json.loads(body)
+            try:
+                p = json.loads(body)
+            except ValueError:
+                continue  # cut off mid-line by the time limit
             print(f"  {p['path']:<36} {p['edits']:>4} edits {p['s_per_edit']:8.3f} s/edit  peak {p.get('peak_gib', 0):5.1f} GiB  ({head})")
 try:
     s = json.loads((out / "stats_speed.out").read_text())
@@ -74,7 +77,9 @@ try:
 except Exception as error:
     print("stats_speed: no JSON", error)
     err = out / "stats_speed.err"
-    print("  " + " ".join(err.read_text().split()[-4:]) if err.exists() else "")
+    for line in err.read_text().splitlines() if err.exists() else []:
+        if line.startswith("one pass:"):
+            print("  " + line)
 lines = (out / "test_devices.out").read_text().strip().splitlines() if (out / "test_devices.out").exists() else []
 print("test_devices:", lines[-1] if lines else "no output")
 PY

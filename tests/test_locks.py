@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import alphaedit
 from alphaedit.cli import app
 from alphaedit.journal import Journal
 from alphaedit.locks import CLAIM_FILE, JOURNAL_WRITE_FILE, FolderInUse, claim_folder, folder_claimed
@@ -30,7 +31,8 @@ def _holder(folder: Path, purpose: str, lock_file: str | None = None, seconds: f
     """Another process that claims `folder` and keeps it for `seconds`; returns once it holds it."""
     code = (f"import sys, time; from alphaedit.locks import claim_folder; h = claim_folder({str(folder)!r}, {purpose!r}, "
             f"lock_file={lock_file!r}); print('held', flush=True); time.sleep({seconds})")
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(alphaedit.__file__).parents[1])}  # the code under test
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -85,12 +87,12 @@ def test_a_journal_write_waits_for_another_processs_write_to_end(llama, tokenize
     editor = _editor(copy.deepcopy(model), layout, tokenizer, tmp_path / "home")
     editor.edit(REQUESTS[:2], batch_size=2)
     state = tmp_path / "state"
-    holder = _holder(state, "a journal write", JOURNAL_WRITE_FILE, seconds=1.5)
+    holder = _holder(state, "a journal write", JOURNAL_WRITE_FILE, seconds=3.0)
     started = time.monotonic()
     editor.save_state(state)
     waited = time.monotonic() - started
     holder.wait()
-    assert waited > 0.5, f"save_state did not wait for the other write (took {waited:.2f} s)"
+    assert waited > 1.0, f"save_state did not wait for the other write (took {waited:.2f} s)"
     assert Journal.open(state).batch_ids() == [0]
 
 
@@ -118,3 +120,27 @@ def test_edit_refuses_a_state_another_process_holds_before_the_model_loads(edite
         holder.wait()
     assert result.exit_code == 2 and f"in use by alphaedit eval (pid {holder.pid}" in result.output
     assert (edited_state / "journal.json").read_bytes() == before
+
+
+def test_serve_refuses_a_state_another_process_holds_before_the_model_loads(edited_state, tmp_path):
+    holder = _holder(edited_state, "alphaedit edit")
+    try:
+        result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-such-model"), "--state", str(edited_state)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2 and f"in use by alphaedit edit (pid {holder.pid}" in result.output
+
+
+def test_a_file_system_without_flock_gets_a_warning_not_a_traceback(tmp_path, monkeypatch):
+    import errno
+
+    from alphaedit import locks
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock it here .*carries on without the guard"):
+        assert claim_folder(tmp_path / "nfs", "alphaedit eval") is None
+    assert not (tmp_path / "nfs" / CLAIM_FILE).exists()

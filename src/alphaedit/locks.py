@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,8 +94,17 @@ def claim_folder(folder: str | os.PathLike, purpose: str, *, lock_file: str | No
                     "(or stop it: a stopped or killed run resumes from its last committed batch), or use another folder"
                 ) from None
             time.sleep(0.05)
-    since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    note.write_text(f"{purpose} (pid {os.getpid()}, since {since})\n", encoding="utf-8")
+        except OSError as e:  # a file system without flock (NFS locks no directory, ENOLCK): no guard, said once
+            _release(lock)
+            warnings.warn(f"{folder}: cannot lock it here ({e.strerror}); alphaedit carries on without the guard "
+                          "against a second process writing the same folder", stacklevel=2)
+            return None
+    try:
+        since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        note.write_text(f"{purpose} (pid {os.getpid()}, since {since})\n", encoding="utf-8")
+    except BaseException:
+        _release(lock)  # never keep a lock nobody can release
+        raise
     return Claim(folder, lock, None if lock_file else note)
 
 

@@ -18,6 +18,7 @@ from ..config import EditConfig
 from ..methods import DEFAULT_METHOD, METHODS, get_method
 from ..guard import Guard, GuardTripped
 from ..journal import Journal, JournalError
+from ..locks import FolderInUse
 from ..requests import RequestError, load_requests
 from .common import (
     AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
@@ -112,7 +113,7 @@ def edit(
         started = time.perf_counter()
         try:
             reports = editor.edit(parsed, batch_size, on_batch=commit)
-        except (RequestError, GuardTripped) as e:
+        except (RequestError, GuardTripped, JournalError, FolderInUse) as e:  # the last two from a batch's commit
             _fail(str(e))
         summary = {
             "state": str(state),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -54,28 +55,34 @@ def serve(
         _fail(f"--host {host}: give an IP address such as 127.0.0.1 (or 0.0.0.0 with --token)")
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
-    journal = _state_journal(state)
-    if journal is not None:
-        _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
-                                                        corpus=corpus, tokens=tokens))
+    purpose = f"alphaedit serve on {host}:{port}"
+    with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
+        claimed = state.is_dir()  # an existing state before its journal is read and the model loads
+        if claimed:
+            claims.enter_context(_claimed(state, purpose))
+        journal = _state_journal(state)
+        if journal is not None:
+            _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
+                                                            corpus=corpus, tokens=tokens))
 
-    def new_config(lm) -> EditConfig:
-        config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project)
-        config.chat = chat
-        return config
+        def new_config(lm) -> EditConfig:
+            config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project)
+            config.chat = chat
+            return config
 
-    editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
-                                 lambda: _corpus_spec(corpus, tokens, None, None))
-    editor.show_progress = False
-    if guard:
-        editor.guard = Guard()
-    import uvicorn
+        editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
+                                     lambda: _corpus_spec(corpus, tokens, None, None))
+        editor.show_progress = False
+        if guard:
+            editor.guard = Guard()
+        import uvicorn
 
-    from ..serve import Workbench, create_app
+        from ..serve import Workbench, create_app
 
-    bench = Workbench(editor, state, exports or state.with_name(state.name + "-exports"), max_requests=max_requests, max_queue=max_queue)
-    console.print(f"serving {spec} with {state} on http://{host}:{port}/ (API docs at /docs, OpenAI clients at /v1)", soft_wrap=True)
-    with _claimed(state, f"alphaedit serve on {host}:{port}"):  # the state is the server's while it runs
+        bench = Workbench(editor, state, exports or state.with_name(state.name + "-exports"), max_requests=max_requests, max_queue=max_queue)
+        console.print(f"serving {spec} with {state} on http://{host}:{port}/ (API docs at /docs, OpenAI clients at /v1)", soft_wrap=True)
+        if not claimed:  # a new state: once the model has loaded, as the server starts
+            claims.enter_context(_claimed(state, purpose))
         uvicorn.run(create_app(bench, token, max_body), host=host, port=port, log_level="warning")
 
 
