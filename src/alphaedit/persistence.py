@@ -71,7 +71,8 @@ class Persistence:
         # Reuse the journal this editor last wrote to: reopening verifies every file's checksum,
         # which would make a long sequence of per-batch saves quadratic.
         root = Path(directory).resolve()
-        Journal.check_new(root)  # a file, or a damaged state, is refused before anything is created
+        if not Journal.exists(root):
+            Journal.check_new(root)  # a file, or a damaged state, is refused before the lock creates anything
         with journal_write_lock(root):  # read, check and append as one step against other processes
             if self._journal is not None and self._journal.root.resolve() == root and self._journal.unchanged_on_disk():
                 journal = self._journal

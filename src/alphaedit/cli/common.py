@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -89,6 +90,23 @@ def _claimed(folder: Path, command: str) -> Iterator[None]:
     finally:
         if handle is not None:
             handle.close()
+
+
+def _state_claim(claims: ExitStack, state: Path, command: str) -> Callable[[], None]:
+    """Hold a state folder for a command's life (entered into `claims`): an existing state at once,
+    before its journal is read and the model loads; a new one when the returned function is first
+    called, as it is first written, so that a command refused before then leaves no folder."""
+    held = False
+
+    def hold() -> None:
+        nonlocal held
+        if not held:
+            claims.enter_context(_claimed(state, command))
+            held = True
+
+    if state.is_dir():
+        hold()
+    return hold
 
 
 def _open_journal(state: Path) -> Journal:

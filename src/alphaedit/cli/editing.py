@@ -24,8 +24,8 @@ from .common import (
     AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
-    _claimed, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
-    app, console, out,
+    _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
+    _state_claim, app, console, out,
 )
 
 
@@ -76,9 +76,7 @@ def edit(
     _parse_layers(layers)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
-        claimed = state.is_dir()  # a new state is claimed when its first batch is committed
-        if claimed:
-            claims.enter_context(_claimed(state, "alphaedit edit"))  # before its journal is read
+        hold_state = _state_claim(claims, state, "alphaedit edit")  # a new state: at its first batch's commit
         journal = _state_journal(state)
         if journal is not None:
             given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
@@ -104,10 +102,7 @@ def edit(
             editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
 
         def commit(_) -> None:
-            nonlocal claimed
-            if not claimed:
-                claims.enter_context(_claimed(state, "alphaedit edit"))
-                claimed = True
+            hold_state()
             editor.save_state(state)
 
         started = time.perf_counter()

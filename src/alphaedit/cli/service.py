@@ -18,7 +18,7 @@ from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
     DeviceOption, DtypeOption, JsonOption, LayersOption, ModelOption, ProjectOption, StepsOption, TrustOption, _corpus_spec,
-    _claimed, _edit_config, _fail, _parse_layers, app, console, out,
+    _edit_config, _fail, _parse_layers, _state_claim, app, console, out,
 )
 from .editing import _check_continuation, _state_editor, _state_journal
 
@@ -55,11 +55,8 @@ def serve(
         _fail(f"--host {host}: give an IP address such as 127.0.0.1 (or 0.0.0.0 with --token)")
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
-    purpose = f"alphaedit serve on {host}:{port}"
     with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
-        claimed = state.is_dir()  # an existing state before its journal is read and the model loads
-        if claimed:
-            claims.enter_context(_claimed(state, purpose))
+        hold_state = _state_claim(claims, state, f"alphaedit serve on {host}:{port}")  # a new state: as the server starts
         journal = _state_journal(state)
         if journal is not None:
             _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
@@ -81,8 +78,7 @@ def serve(
 
         bench = Workbench(editor, state, exports or state.with_name(state.name + "-exports"), max_requests=max_requests, max_queue=max_queue)
         console.print(f"serving {spec} with {state} on http://{host}:{port}/ (API docs at /docs, OpenAI clients at /v1)", soft_wrap=True)
-        if not claimed:  # a new state: once the model has loaded, as the server starts
-            claims.enter_context(_claimed(state, purpose))
+        hold_state()
         uvicorn.run(create_app(bench, token, max_body), host=host, port=port, log_level="warning")
 
 

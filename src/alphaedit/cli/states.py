@@ -66,10 +66,11 @@ def revert(
     that contained it, so they usually still hold but are not what a sequence without that
     batch would have produced.
     """
-    _open_journal(state)  # a missing or damaged state is refused before anything is created
+    journal = _open_journal(state)  # a missing or damaged state is refused before anything is created
     # not while a running edit, eval or serve holds the state
     with _claimed(state, "alphaedit revert"), journal_write_lock(state):
-        journal = _open_journal(state)
+        if not journal.unchanged_on_disk():  # written by another process before the claim
+            journal = _open_journal(state)
         try:
             journal.append_revert(batch, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         except JournalError as e:
