@@ -7,12 +7,16 @@
 #   bash benchmarks/long_runs.sh [NAME ...]        # default: every run below, in order
 #   RUNS=~/alphaedit-runs (default) holds the run folders, the frozen code and the logs.
 #   DRY=1 bash benchmarks/long_runs.sh             # say what each run would do, run nothing
+#   (nohup setsid bash benchmarks/long_runs.sh > ~/alphaedit-runs/queue.log 2>&1 &)
+#                                                  # in the background, past the session's end
 #
 # The code is frozen: the first start checks out this repository's HEAD (or $CODE_COMMIT) as a
 # worktree under $RUNS/code-<commit>, and every later start and resume of the queue uses that
 # folder, so editing src/ meanwhile changes no run midway. Use this project's .venv (make install).
 # Pause for a test suite with `kill -STOP -- -<pid>` / `kill -CONT -- -<pid>` (the pid is in
-# $RUNS/queue.pid; timings of a paused run stay right, its ETA does not).
+# $RUNS/queue.pid and, started with setsid as above, is also its process group's, so the signal
+# reaches the running evaluation too; timings of a paused run stay right, its ETA does not).
+# Edit this file only while no queue runs: bash reads a script as it goes.
 set -uo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 RUNS=${RUNS:-$HOME/alphaedit-runs}

@@ -67,3 +67,16 @@ def test_monitoring_survives_the_journal(llama, tokenizer, tmp_path):
     loaded = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
     assert loaded.history[0].weight_growth == editor.history[0].weight_growth
     assert loaded.history[0].value_shift == editor.history[0].value_shift
+
+
+@pytest.mark.parametrize("shape", [(5, 37), (37, 5), (16, 16)])
+def test_norms_summed_over_slices_equal_float64_references(shape):
+    """‖W‖_F and σ_max from a Gram matrix summed over slices of the long side (3 columns at a
+    time here, so the last slice is short) equal the float64 norm and largest singular value."""
+    from alphaedit.editor import _norms
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    fro, spectral = _norms(weight, chunk=3)
+    exact = weight.double()
+    assert fro == pytest.approx(float(torch.linalg.matrix_norm(exact)), rel=1e-12)
+    assert spectral == pytest.approx(float(torch.linalg.svdvals(exact)[0]), rel=1e-9)

@@ -93,18 +93,24 @@ class _GuardSnapshot:
     answers: list[int]  # their next tokens now
 
 
-def _norms(weight: torch.Tensor) -> tuple[float, float]:
+def _norms(weight: torch.Tensor, chunk: int = 2048) -> tuple[float, float]:
     """(‖W‖_F, σ_max(W)) in float64, on the weight's own device.
 
-    σ_max² is the largest eigenvalue of the smaller Gram matrix (W Wᵀ or WᵀW): a symmetric
-    eigenvalue problem of the model's width rather than an SVD of W_out. On SmolLM2 either takes
-    milliseconds; at Llama-3-8B's 4096×14336 the SVD on a CPU took seconds per layer, after every
-    batch, which the GPU benchmark measured as edit time.
+    σ_max² is the largest eigenvalue of the smaller Gram matrix G (W Wᵀ or WᵀW): a symmetric
+    eigenvalue problem of the model's width rather than an SVD of W_out (at Llama-3-8B's
+    4096×14336 the SVD on a CPU took seconds per layer, after every batch), and ‖W‖_F² = tr G.
+    G is summed over slices of the long side, so the float64 copy is one slice at a time (a
+    whole 8B W_out in float64 is 0.47 GB more on a GPU that holds the model).
     """
-    w = weight.detach().double()
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    w = weight.detach()
+    wide = w.shape[0] <= w.shape[1]
+    n = min(w.shape)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=w.device)
+    for start in range(0, max(w.shape), chunk):
+        part = (w[:, start : start + chunk] if wide else w[start : start + chunk].T).double()  # [n, ≤chunk]
+        gram += part @ part.T
     sigma_max = torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()
-    return float(torch.linalg.matrix_norm(w)), float(sigma_max)
+    return float(gram.diagonal().sum().sqrt()), float(sigma_max)
 
 
 class Editor(Persistence):
