@@ -255,6 +255,17 @@ def test_export_and_apply_commands(tiny_model_folder, tokenizer, tmp_path, monke
         assert torch.equal(weight, applied.state_dict()[name]), name
     assert not torch.equal(exported.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)
 
+    # --force replaces a saved model (apply's too), never a folder that holds anything else
+    again = ["apply", "--state", str(state), "--model", str(tiny_model_folder), "--out", str(tmp_path / "applied")]
+    refused = runner.invoke(app, again)
+    assert refused.exit_code == 2 and "--force" in refused.output
+    assert runner.invoke(app, [*again, "--force"]).exit_code == 0
+    (tmp_path / "exported" / "notes.txt").write_text("mine")
+    (tmp_path / "exported" / "eval").mkdir()
+    kept = runner.invoke(app, ["export", "--state", str(state), "--out", str(tmp_path / "exported"), "--force"])
+    assert kept.exit_code == 2 and "eval/, notes.txt" in kept.output and "even with --force" in kept.output
+    assert (tmp_path / "exported" / "notes.txt").read_text() == "mine" and (tmp_path / "exported" / "eval").is_dir()
+
     result = runner.invoke(app, ["export", "--state", str(state), "--out", str(tmp_path / "deltas.safetensors"), "--deltas-only"])
     assert result.exit_code == 0, result.output
     deltas = load_file(str(tmp_path / "deltas.safetensors"))

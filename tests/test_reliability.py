@@ -61,6 +61,25 @@ def test_recover_rebuilds_the_lost_journal_with_its_reverts(edited, llama, token
     assert again.exit_code == 2 and "nothing to recover" in again.output
 
 
+def test_a_cut_journal_is_named_by_every_command_and_recover_rebuilds_it_keeping_the_damaged_one(edited, tmp_path):
+    state = tmp_path / "state"
+    original = (state / INDEX).read_text()
+    (state / INDEX).write_text(original[:100])  # cut by a disk fault (ours write atomically)
+    for command in (["log"], ["revert", "0"]):
+        line = _one_line_error(runner.invoke(app, [*command, "--state", str(state)]))
+        assert "not valid JSON" in line and f"alphaedit recover --state {state}" in line
+
+    result = runner.invoke(app, ["recover", "--state", str(state)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((state / INDEX).read_text()) == json.loads(original)
+    (kept,) = state.glob(f"{INDEX}.damaged-*")
+    assert kept.read_text() == original[:100] and kept.name in result.output
+
+    (state / INDEX).unlink()  # lost altogether: log says so, and what to run, like edit
+    line = _one_line_error(runner.invoke(app, ["log", "--state", str(state)]))
+    assert "no journal.json" in line and "alphaedit recover" in line
+
+
 def test_recover_refuses_a_tampered_batch_and_a_gap(edited, tmp_path):
     state = tmp_path / "state"
     (state / INDEX).unlink()
@@ -252,18 +271,23 @@ def test_continuing_a_state_refuses_contradicting_options_and_skips_repeats(tiny
     header = Journal.open(state).header
     before = _tree(state)
     requests = tmp_path / "edits.jsonl"
-    for option, value, recorded in (("--steps", "5", "--steps 3"), ("--tokens", "999", "--tokens 2000"),
-                                    ("--corpus", str(tmp_path / "missing"), f"--corpus {WIKITEXT}"),
-                                    ("--layers", "0-1", f"--layers {header['config']['layers'][0]}-{header['config']['layers'][-1]}"),
-                                    ("--lr", "0.3", f"--lr {header['config']['v_lr']}")):
-        result = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), option, value])
+    for given, recorded in ((["--steps", "5"], "--steps 3"), (["--tokens", "999"], "--tokens 2000"),
+                            (["--corpus", str(tmp_path / "missing")], f"--corpus {WIKITEXT}"),
+                            (["--layers", "0-1"], f"--layers {header['config']['layers'][0]}-{header['config']['layers'][-1]}"),
+                            (["--lr", "0.3"], f"--lr {header['config']['v_lr']}"),
+                            # the switches too: a state made with chat-aware editing on does not go on without it
+                            (["--no-chat"], "--chat/--no-chat True"), (["--anchor-values"], "--anchor-values False"),
+                            (["--stop-most-probable"], "--stop-most-probable False")):
+        result = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), *given])
         line = _one_line_error(result)
         assert recorded in line and "cannot continue" in line
     assert _tree(state) == before
 
-    # the same two requests again (a rerun after a kill): skipped, and said so
+    # the same two requests again (a rerun after a kill): skipped, and said so; with --json, in JSON
     again = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state)])
     assert again.exit_code == 0 and "already in" in again.output
+    again = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), "--chat", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout) == {"state": str(state), "requests": 0, "skipped": 2, "batches": []}
     assert _tree(state) == before
     forced = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), "--allow-repeat", "--steps", "3"])
     assert forced.exit_code == 0, forced.output

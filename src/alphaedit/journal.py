@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class Journal:
         self.root = root
         self.index = index
         self._stamp: tuple[int, int] | None = self._index_stamp() if (root / INDEX).exists() else None
+        self.damaged_index: Path | None = None  # where `recover` kept a journal.json it could not open
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -112,14 +114,23 @@ class Journal:
 
     @classmethod
     def recover(cls, root: str | os.PathLike) -> Journal:
-        """Rebuild a lost journal.json from header.json, the batch manifests and the revert files.
+        """Rebuild a lost or damaged journal.json from header.json, the batch manifests and the
+        revert files.
 
         Every batch file is checked against its manifest and the batch ids must run 0, 1, 2, ...
-        without a gap; anything else is refused with the reason, and nothing is written.
+        without a gap; anything else is refused with the reason, and nothing is written. A
+        journal.json that cannot be opened is kept, moved aside (`damaged_index` names where),
+        once the rebuilt one is complete; one that opens is left alone.
         """
         path = Path(root)
+        damaged = None
         if cls.exists(path):
-            raise JournalError(f"{path} already has a {INDEX}; nothing to recover (`alphaedit log` reads it)")
+            try:
+                cls.open(path)
+            except JournalError as e:
+                damaged = e
+            else:
+                raise JournalError(f"{path} already has a {INDEX} that opens; nothing to recover (`alphaedit log` reads it)")
         if not (path / HEADER).is_file():
             raise JournalError(f"{path} has no {HEADER} (written by alphaedit since 2026-12-02): the journal cannot be rebuilt")
         try:
@@ -159,6 +170,9 @@ class Journal:
         entries += [{k: v for k, v in r.items() if k != "position"} for r in pending]
         journal = cls(path, {"format": JOURNAL_FORMAT, "header": header, "entries": entries})
         journal._verify()
+        if damaged is not None:  # kept for whoever wants to see what went wrong
+            journal.damaged_index = path / f"{INDEX}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            os.replace(path / INDEX, journal.damaged_index)
         atomic_write_text(path / INDEX, json.dumps(journal.index, indent=1))
         journal._stamp = journal._index_stamp()
         return journal
@@ -168,11 +182,13 @@ class Journal:
         """Open and verify: format, entry paths and every file's checksum."""
         path = Path(root)
         if not cls.exists(path):
+            cls.check_new(path)  # batch folders without a journal: damaged, and `recover` is the way out
             raise JournalError(f"{path} is not an alphaedit state: it has no {INDEX}")
         try:
             index = json.loads((path / INDEX).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise JournalError(f"{path / INDEX} is not valid JSON ({e.msg}); the journal is corrupted") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise JournalError(f"{path / INDEX} is not valid JSON ({getattr(e, 'msg', e)}); the journal is damaged. If the batch "
+                               f"folders are intact, `alphaedit recover --state {path}` rebuilds it (keeping this one aside)") from e
         if not isinstance(index, dict) or index.get("format") != JOURNAL_FORMAT:
             found = index.get("format") if isinstance(index, dict) else type(index).__name__
             raise JournalError(f"{path / INDEX}: unsupported journal format {found!r} (this alphaedit reads {JOURNAL_FORMAT})")
@@ -180,7 +196,7 @@ class Journal:
             if not isinstance(index.get(key), kind):
                 raise JournalError(
                     f"{path / INDEX} has no valid '{key}' ({kind.__name__}); the journal is damaged. "
-                    f"If the batch folders are intact, move {INDEX} aside and run `alphaedit recover --state {path}`"
+                    f"If the batch folders are intact, `alphaedit recover --state {path}` rebuilds it (keeping this one aside)"
                 )
         journal = cls(path, index)
         journal._verify()

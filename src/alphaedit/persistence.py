@@ -4,6 +4,7 @@ exports. `Editor` inherits this, so editor.py holds the batch algorithm alone.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -28,11 +29,18 @@ from .updates import LowRankDelta
 E = TypeVar("E", bound="Persistence")
 
 
+# What save_pretrained writes for a causal LM and its tokenizer: the only files an export replaces.
+SAVED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                     "pytorch_model*.bin.index.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
+                     "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt", "*.gguf")
+
+
 def check_export_folder(target: Path, overwrite: bool = False) -> bool:
     """May the edited model be written to the folder `target`? True if it replaces one there.
 
-    An export never overwrites without `overwrite`, and never replaces a folder that holds no
-    saved model (config.json): a mistyped path must not cost the user a folder.
+    An export never overwrites without `overwrite`, and replaces only a folder that holds a saved
+    model (config.json) and nothing else: a mistyped path, or notes kept beside a model, must not
+    cost the user a file.
     """
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file; the edited model is written to a folder")
@@ -42,6 +50,12 @@ def check_export_folder(target: Path, overwrite: bool = False) -> bool:
         raise FileExistsError(f"{target} exists and is not empty; choose a new folder or pass --force to replace the model in it")
     if not (target / "config.json").is_file():
         raise FileExistsError(f"{target} is not empty and holds no saved model (no config.json); it will not be replaced, even with --force")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir()
+                     if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in SAVED_MODEL_FILES))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(f"{target} holds more than a saved model ({shown}); it will not be replaced, even with --force: "
+                              "move those out or choose a new folder")
     return True
 
 

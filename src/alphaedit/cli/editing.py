@@ -45,7 +45,7 @@ def edit(
     sampling: SamplingOption = None,
     stop_most_probable: MostProbableOption = False,
     anchor_values: AnchorOption = False,
-    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (a new state; a continued state keeps its own).")] = True,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (default on for a new state; a continued state keeps its own).")] = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse (and take back) a batch after which any edited W_out's largest singular value exceeds --guard-growth × the base model's, or more than --guard-drift of the probe prompts change their next token; the journal keeps the batches before it.")] = False,
     guard_growth: Annotated[float, typer.Option(min=1.0, help="--guard: the largest σ_max(W) / σ_max(W_base) accepted.")] = 1.5,
     guard_drift: Annotated[float, typer.Option(min=0.0, max=1.0, help="--guard: the largest share of probe prompts whose next token may change in one batch.")] = 0.10,
@@ -73,26 +73,32 @@ def edit(
         parsed = load_requests(requests)  # validate before loading anything heavy: a bad file changes nothing
     except RequestError as e:
         _fail(str(e))
+    submitted = len(parsed)
     _parse_layers(layers)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
         hold_state = _state_claim(claims, state, "alphaedit edit")  # a new state: at its first batch's commit
         journal = _state_journal(state)
         if journal is not None:
-            given = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
+            options = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
                          projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
                          seed=_seed_for(seed, sampling), sampling=sampling,
-                         layout=json.loads(layout) if layout else None)
-            _check_continuation(state, journal.header, given)
+                         layout=json.loads(layout) if layout else None, chat=chat,
+                         # on/off flags: only switching one on can contradict the state
+                         stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None)
+            _check_continuation(state, journal.header, options)
             parsed = _without_repeats(journal, parsed, allow_repeat)
             if not parsed:
-                out.print(f"nothing to do: every request is already in {state}")
+                if as_json:
+                    out.print_json(json.dumps({"state": str(state), "requests": 0, "skipped": submitted, "batches": []}))
+                else:
+                    out.print(f"nothing to do: every request is already in {state}")
                 return
 
         def new_config(lm) -> EditConfig:
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2)
-            config.chat = chat
+            config.chat = True if chat is None else chat
             return config
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -115,6 +121,7 @@ def edit(
             "method": editor.config.method,
             "layers": editor.config.layers,
             "requests": len(parsed),
+            "skipped": submitted - len(parsed),  # already in the state (see --allow-repeat)
             "seconds": time.perf_counter() - started,
             "projector_rank": editor.projector_rank,
             "batches": [asdict(r) for r in reports],
@@ -188,6 +195,9 @@ _CONTINUATION = {
     "max_length": ("--max-length", lambda c, corpus: corpus["max_length"]),
     "seed": ("--seed", lambda c, corpus: corpus["seed"]),
     "sampling": ("--sampling", lambda c, corpus: corpus.get("sampling", "stream")),
+    "chat": ("--chat/--no-chat", lambda c, corpus: c.chat),
+    "stop_most_probable": ("--stop-most-probable", lambda c, corpus: c.stop_when_most_probable),
+    "anchor_values": ("--anchor-values", lambda c, corpus: c.value_anchor),
 }
 
 

@@ -37,7 +37,7 @@ def serve(
     tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget of the statistics corpus for a new state.")] = None,
     layers: LayersOption = None,
     steps: StepsOption = None,
-    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write requests that have a \"question\" also in the chat template (a new state).")] = True,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write requests that have a \"question\" also in the chat template (default on for a new state; a continued state keeps its own).")] = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse batches that grow the matrices or drift probe answers too far (see `edit --guard`).")] = False,
     max_requests: Annotated[int, typer.Option(min=1, help="Most edit requests in one submission.")] = 1000,
     max_queue: Annotated[int, typer.Option(min=1, help="Most submissions waiting; more are answered 429.")] = 16,
@@ -60,11 +60,11 @@ def serve(
         journal = _state_journal(state)
         if journal is not None:
             _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
-                                                            corpus=corpus, tokens=tokens))
+                                                            corpus=corpus, tokens=tokens, chat=chat))
 
         def new_config(lm) -> EditConfig:
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project)
-            config.chat = chat
+            config.chat = True if chat is None else chat
             return config
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,

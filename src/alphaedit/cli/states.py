@@ -85,7 +85,7 @@ def export(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder (or file, with --deltas-only) to write.")],
     deltas_only: Annotated[bool, typer.Option(help="Write only the updates: low-rank factors per layer, one small safetensors file.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out (a deltas file, or a folder holding a saved model).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out (a deltas file, or a folder of save_pretrained's files only).")] = False,
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
 ) -> None:
@@ -118,9 +118,9 @@ def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
 
 @app.command()
 def recover(
-    state: Annotated[Path, typer.Option("--state", "-s", help="A state folder whose journal.json was lost.")],
+    state: Annotated[Path, typer.Option("--state", "-s", help="A state folder whose journal.json was lost or damaged.")],
 ) -> None:
-    """Rebuild a lost journal.json from the state's header.json, batch manifests and revert files."""
+    """Rebuild a lost or damaged journal.json from the state's header.json, batch manifests and revert files."""
     if not state.is_dir():
         _fail(f"--state {state}: no such folder; give the state folder whose journal.json was lost")
     with _claimed(state, "alphaedit recover"), journal_write_lock(state):
@@ -129,7 +129,10 @@ def recover(
         except JournalError as e:
             _fail(str(e))
     batches, reverts = journal.batch_ids(), sorted(journal.reverted())
-    out.print(f"rebuilt {state / 'journal.json'}: {len(batches)} batches, {len(reverts)} reverted {reverts if reverts else ''}".rstrip())
+    out.print(f"rebuilt {state / 'journal.json'}: {len(batches)} batches, {len(reverts)} reverted {reverts if reverts else ''}".rstrip(),
+              soft_wrap=True, highlight=False)
+    if journal.damaged_index is not None:
+        out.print(f"the damaged one is kept as {journal.damaged_index}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -137,6 +140,7 @@ def apply(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to replay.")],
     model: Annotated[str, typer.Option("--model", "-m", help="A fresh copy of the base model (id or folder); refused if its identity differs.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder for the edited model.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a model saved in --out before (a folder of save_pretrained's files only).")] = False,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -144,7 +148,7 @@ def apply(
     """Replay the journal onto a fresh copy of the base model and save the result."""
 
     header = _open_journal(state).header
-    _check_export_target(out_dir, False, False)
+    _check_export_target(out_dir, False, force)
     lm, tokenizer = _load(model, _dtype_for(header, dtype), device, trust_remote_code)
     editor = _replay(state, lm, tokenizer)
-    out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir)}")
+    out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir, overwrite=force)}")
