@@ -42,11 +42,13 @@ lifelong="--n 10000 --generation-every 50 --general-every 10 --every 10 --curve-
 declare -A args=(
   [cf2000-alphaedit-l2-40]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40"
   [zsre1000-alphaedit-l2-40]="--dataset zsre:$data/zsre/zsre_mend_eval_portability_gpt4.json --n 1000 --general-every 5 --method alphaedit --l2 40"
+  # a wider block: eight edited layers instead of the preset's five, more key dimensions for 2,000 edits to share
+  [cf2000-alphaedit-l2-40-wide]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --layers 3-10"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   [cf10k-alphaedit]="--dataset $cf_stream $lifelong --method alphaedit"
   [cf10k-alphaedit-nas]="--dataset $cf_stream $lifelong --method alphaedit --anchor-values"
 )
-order=(cf2000-alphaedit-l2-40 zsre1000-alphaedit-l2-40 cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)
+order=(cf2000-alphaedit-l2-40 zsre1000-alphaedit-l2-40 cf2000-alphaedit-l2-40-wide cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)
 (( $# )) && order=("$@")
 
 alphaedit() { PYTHONPATH=$code/src "$root/.venv/bin/python" -m alphaedit "$@"; }

@@ -270,6 +270,10 @@ def test_export_and_apply_commands(tiny_model_folder, tokenizer, tmp_path, monke
     assert result.exit_code == 0, result.output
     deltas = load_file(str(tmp_path / "deltas.safetensors"))
     assert deltas["layer.1.left"].shape[1] == 2  # two batches of one request: rank 2 in all
+    for bad in (tmp_path / "deltas.safetensors" / "x.safetensors", tmp_path / "deltas.safetensors" / "model"):
+        command = ["export", "--state", str(state), "--out", str(bad)] + (["--deltas-only"] if bad.suffix else [])
+        result = runner.invoke(app, command)  # under a file: one line, no traceback
+        assert result.exit_code == 2 and "cannot write there" in result.output and "Traceback" not in result.output
 
     other = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
     with torch.no_grad():

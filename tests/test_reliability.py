@@ -15,7 +15,7 @@ from alphaedit.cli import app
 from alphaedit.journal import INDEX, Journal, JournalError
 from alphaedit.stats import CorpusSpec, StatsCache, second_moments
 from conftest import WIKITEXT
-from test_journal import _cli_state, edited  # noqa: F401  (the fixture)
+from test_journal import REQUESTS, _cli_state, edited  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 runner = CliRunner()
@@ -344,3 +344,31 @@ def test_a_changed_corpus_file_is_not_served_its_old_statistics(llama, tokenizer
     second = second_moments(model, layout, tokenizer, [1], spec, cache, show_progress=False)[1].moment
     fresh = second_moments(model, layout, tokenizer, [1], spec, None, show_progress=False)[1].moment
     assert not torch.equal(first, second) and torch.equal(second, fresh)
+
+
+def test_ctrl_c_during_an_edit_says_what_was_committed_and_the_rerun_continues(tiny_model_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    from alphaedit.editor import Editor
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:3]))
+    command = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--state", str(tmp_path / "state"),
+               "--batch-size", "1", "--steps", "3", "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    real, calls = Editor._edit_batch, []
+
+    def interrupted_in_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Editor, "_edit_batch", interrupted_in_the_second_batch)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "interrupted: 1 batch(es), 1 of 3 request(s), were committed" in " ".join(result.output.split())
+    assert Journal.open(tmp_path / "state").batch_ids() == [0]
+
+    monkeypatch.setattr(Editor, "_edit_batch", real)
+    again = runner.invoke(app, command)
+    assert again.exit_code == 0 and "skipping 1 of 3" in again.output
+    assert Journal.open(tmp_path / "state").batch_ids() == [0, 1, 2]

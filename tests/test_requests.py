@@ -293,7 +293,8 @@ def test_jsonl_syntax_error_names_file_and_line(tmp_path):
 
 
 def test_other_extension_tries_json_then_jsonl(tmp_path):
-    assert len(load_requests(write(tmp_path, "r.txt", json.dumps([memit(), memit()])))) == 2
+    with pytest.warns(UserWarning, match="record 2 repeats record 1 exactly"):
+        assert len(load_requests(write(tmp_path, "r.txt", json.dumps([memit(), memit()])))) == 2
     jsonl = json.dumps(memit()) + "\n" + json.dumps(memit(subject="Tiger Woods")) + "\n"
     assert len(load_requests(write(tmp_path, "r.data", jsonl))) == 2
     with pytest.raises(RequestError, match=r"r2\.data, line 2, column \d+: not valid JSON"):
@@ -362,3 +363,24 @@ def test_real_zsre_all_records_parse():
     requests = load_requests(ZSRE, allow_conflicts=True)
     assert len(requests) == 1037
     assert all(r.prompt.count("{}") == 1 and r.target_new for r in requests)
+
+
+def test_a_near_miss_of_a_request_field_and_an_exact_repeat_are_said_not_refused(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    records = [memit(tagret_true="basketball"), memit(subject="Tom Brady", tagret_true="football"),
+               memit(questions=["Which sport?"]), memit()]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    with pytest.warns(UserWarning) as said:
+        requests = load_requests(path)
+    messages = [str(w.message) for w in said]
+    assert any("record 1 (line 1) (and 1 more records): field 'tagret_true' is not a request field and is ignored; "
+               "did you mean 'target_true'?" in m for m in messages)
+    assert any("field 'questions'" in m and "'question'" in m for m in messages)
+    assert any("record 3 (line 3) repeats record 1 (line 1) exactly (2 repeats in all); both are applied" in m for m in messages)
+    assert len(requests) == 4 and requests[0].target_true is None  # nothing refused, the typo ignored
+
+
+@pytest.mark.parametrize("path", [COUNTERFACT, EASYEDIT, ZSRE])
+def test_real_datasets_load_without_a_near_miss_warning(path, recwarn):
+    load_requests(path, allow_conflicts=True)
+    assert not [w for w in recwarn if "not a request field" in str(w.message)]

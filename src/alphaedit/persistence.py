@@ -131,8 +131,8 @@ class Persistence:
         )
         if editor.base_identity != header["base_identity"]:
             raise JournalError(
-                f"{directory} was made on another base model (identity {header['base_identity']}, "
-                f"this model has {editor.base_identity}); load the unedited model it started from"
+                f"{directory} was made on another base model ({header['model']}, identity {header['base_identity']}; "
+                f"this model has {editor.base_identity}); load the unedited model it started from, {header['model']}"
             )
         editor.templates = header["templates"]
         editor.apply_journal(journal)

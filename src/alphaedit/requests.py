@@ -45,7 +45,8 @@ writes it when the true answer is unknown) is stored as ``None``.
 Two requests with the same subject and prompt but different new targets
 contradict each other (the solver would average them), so a batch holding
 both is rejected unless ``allow_conflicts=True``.  Identical duplicates are
-harmless and both are kept.  Real datasets have such conflicts (several
+harmless and both are kept (:func:`load_requests` warns about them, and about a
+field that is a typo of a request field, such as ``tagret_true``).  Real datasets have such conflicts (several
 "twin city" facts per city in CounterFact), so loaders for whole datasets
 pass ``allow_conflicts=True`` and call :func:`check_conflicts` per batch.
 """
@@ -53,8 +54,10 @@ pass ``allow_conflicts=True`` and call :func:`check_conflicts` per batch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +74,9 @@ PLACEHOLDER = "{}"
 GOLD_ANSWER_FIELDS = ("answers", "ground_truth")  # a dataset's true answer, not a claim about the model
 _NO_ANSWER = "<|endoftext|>"
 _MISSING = object()
+# the fields a request is read from (formats 2 and 3, and CounterFact's requested_rewrite); a
+# record's other fields are the dataset's own and are ignored, unless one is a near miss of these
+REQUEST_FIELDS = ("prompt", "subject", "target_new", "target_true", "ground_truth", "case_id", "question", "keep_subjects")
 
 
 class RequestError(ValueError):
@@ -174,6 +180,23 @@ class _Raw:
     target_true: tuple[str, object]
     case_id: tuple[str, object]
     question: tuple[str, object] = ("question", None)
+
+
+def _near_misses(record: Mapping) -> list[tuple[str, str]]:
+    """(field, the request field it is a typo of) for each field of `record` (and of its
+    requested_rewrite) within a typo of a request field the record lacks: "tagret_true" would be
+    ignored without a word, and the edit would lose its efficacy check. A warning, not an error:
+    datasets carry fields of their own that may lie that close ("questions" beside "question")."""
+    found = []
+    for fields, prefix in ((record, ""), (record.get("requested_rewrite"), "requested_rewrite.")):
+        if not isinstance(fields, Mapping):
+            continue
+        for key in fields:
+            if isinstance(key, str) and key not in REQUEST_FIELDS:
+                close = difflib.get_close_matches(key, REQUEST_FIELDS, n=1, cutoff=0.8)
+                if close and close[0] not in fields:
+                    found.append((prefix + key, prefix + close[0]))
+    return found
 
 
 def _extract(record: Mapping, where: _Where) -> _Raw:
@@ -297,7 +320,8 @@ def _target_text(field: str, value: object, where: _Where, allow_list: bool) -> 
 
 def _target_new(raw: _Raw, where: _Where) -> str:
     field, value = raw.target_new
-    fix = 'give the text the model should produce after the edit, e.g. "target_new": {"str": "English"}'
+    example = '{"str": "English"}' if field.startswith("requested_rewrite.") else '"English"'  # each format's own way
+    fix = f'give the text the model should produce after the edit, e.g. "{field.split(".")[-1]}": {example}'
     if value is _MISSING or value is None:
         raise _error(where, field, "is missing", fix)
     # Only zsRE's "answers" is a list by design; a list elsewhere is ambiguous.
@@ -406,7 +430,7 @@ def _check_conflicts(pairs: Sequence[tuple[_Where, EditRequest]]) -> None:
 
 def _parse(
     records: Iterable[object], source: str, lines: Sequence[int] | None, allow_conflicts: bool
-) -> list[EditRequest]:
+) -> list[tuple[_Where, EditRequest]]:
     pairs = []
     for i, record in enumerate(records):
         where = _Where(source, i + 1, _raw_case_id(record), lines[i] if lines else None)
@@ -415,7 +439,32 @@ def _parse(
         raise RequestError(f"{source} has no requests — add at least one record with prompt, subject and target_new")
     if not allow_conflicts:
         _check_conflicts(pairs)
-    return [request for _, request in pairs]
+    return pairs
+
+
+def _warn_about_a_users_file(records: Sequence[object], pairs: list[tuple[_Where, EditRequest]]) -> None:
+    """What a file of requests probably did not mean, said but not refused: a field within a typo
+    of a request field (ignored as the dataset's own), and a request given twice (applied twice)."""
+    misses: dict[tuple[str, str], list[_Where]] = {}  # (field, what it is a typo of) -> records
+    for record, (where, _) in zip(records, pairs):
+        for miss in _near_misses(record) if isinstance(record, Mapping) else ():
+            misses.setdefault(miss, []).append(where)
+    for (field, meant), found in misses.items():
+        others = f" (and {len(found) - 1} more records)" if len(found) > 1 else ""
+        warnings.warn(f"{found[0]}{others}: field '{field}' is not a request field and is ignored; did you mean '{meant}'?",
+                      stacklevel=3)
+    first: dict[str, _Where] = {}
+    repeats = []
+    for where, request in pairs:
+        key = json.dumps(request.to_dict(), sort_keys=True)
+        if key in first:
+            repeats.append((where, first[key]))
+        else:
+            first[key] = where
+    if repeats:
+        (where, earlier), more = repeats[0], f" ({len(repeats)} repeats in all)" if len(repeats) > 1 else ""
+        warnings.warn(f"{where} repeats {earlier.label()} exactly{more}; both are applied (leave the repeat out to edit it once)",
+                      stacklevel=3)
 
 
 def parse_requests(
@@ -429,7 +478,7 @@ def parse_requests(
     ``allow_conflicts`` (use it for whole datasets, then check each batch
     with :func:`check_conflicts`).
     """
-    return _parse(records, source, None, allow_conflicts)
+    return [request for _, request in _parse(records, source, None, allow_conflicts)]
 
 
 def check_conflicts(requests: Sequence[EditRequest], source: str = "<input>") -> None:
@@ -519,4 +568,6 @@ def load_requests(path: str | os.PathLike, *, allow_conflicts: bool = False) -> 
         records, lines = _jsonl_records(text, source)
     else:
         records, lines = _guess_records(text, source)
-    return _parse(records, source, lines, allow_conflicts)
+    pairs = _parse(records, source, lines, allow_conflicts)
+    _warn_about_a_users_file(records, pairs)
+    return [request for _, request in pairs]

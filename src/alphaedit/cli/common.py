@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -29,6 +30,18 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+
+
+@app.callback()
+def _one_line_warnings(ctx: typer.Context) -> None:
+    # While a command runs, a warning is said to the user in one line, like an error, not as the
+    # source line that raised it; the usual display comes back when the command ends.
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        console.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True, highlight=False)
+
+    original = warnings.showwarning
+    warnings.showwarning = show
+    ctx.call_on_close(lambda: setattr(warnings, "showwarning", original))
 
 ModelOption = Annotated[
     Optional[str],

@@ -107,15 +107,24 @@ def edit(
         if guard:
             editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
 
-        def commit(_) -> None:
+        committed = []
+
+        def commit(report) -> None:
             hold_state()
             editor.save_state(state)
+            committed.append(report)
 
         started = time.perf_counter()
         try:
             reports = editor.edit(parsed, batch_size, on_batch=commit)
         except (RequestError, GuardTripped, JournalError, FolderInUse) as e:  # the last two from a batch's commit
             _fail(str(e))
+        except KeyboardInterrupt:
+            done = sum(r.requests for r in committed)
+            console.print(f"interrupted: {len(committed)} batch(es), {done} of {len(parsed)} request(s), were committed to {state} "
+                          "before it; the batch in progress was not. The same command continues (requests already in the "
+                          "state are skipped)", soft_wrap=True, highlight=False)
+            raise typer.Exit(130)
         summary = {
             "state": str(state),
             "method": editor.config.method,

@@ -36,10 +36,11 @@ def methods(as_json: JsonOption = False) -> None:
         out.print_json(json.dumps(rows))
         return
     table = Table(title="editing methods (--method NAME; --project/--no-project switches AlphaEdit's null-space projection on any of them)")
+    # a narrow terminal folds the cells, never cuts them: an option's default is what one looks for
     for column in ("method", "what it does", "projection", "options (--method-option NAME=VALUE)", "follows"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
-        options = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["options"].items()) or "–"
+        options = "\n".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["options"].items()) or "–"
         table.add_row(row["name"], row["summary"], "on" if row["projected_by_default"] else "off", options, row["source"])
     out.print(table)
 

@@ -5,9 +5,10 @@ journal.json."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 import typer
 from rich.table import Table
@@ -95,8 +96,19 @@ def export(
     _check_export_target(out_dir, deltas_only, force)  # before the model loads: a refusal costs nothing
     lm, tokenizer = _load(header["model"], header["dtype"], device, trust_remote_code)
     editor = _replay(state, lm, tokenizer)
-    written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir, overwrite=force)
+    with _writing(out_dir):
+        written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir, overwrite=force)
     out.print(f"wrote {written}")
+
+
+@contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """A target that cannot be written (a file where a folder must be, no permission, a full
+    disk) is one line naming it; the export wrote nothing there (it writes aside, then renames)."""
+    try:
+        yield
+    except OSError as e:
+        _fail(f"--out {target}: cannot write there ({e.strerror or e}); choose another path")
 
 
 def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
@@ -151,4 +163,6 @@ def apply(
     _check_export_target(out_dir, False, force)
     lm, tokenizer = _load(model, _dtype_for(header, dtype), device, trust_remote_code)
     editor = _replay(state, lm, tokenizer)
-    out.print(f"replayed {len(editor.batches)} batches; wrote {editor.export(out_dir, overwrite=force)}")
+    with _writing(out_dir):
+        written = editor.export(out_dir, overwrite=force)
+    out.print(f"replayed {len(editor.batches)} batches; wrote {written}")
