@@ -142,7 +142,9 @@ def _accumulate(model, layout, tokenizer, layers, spec, cache, show_progress, ch
     windows = _windows(model, tokenizer, spec, cache, show_progress)
     batches = list(token_batches(windows, spec.batch_tokens))
     total = sum(len(w) for i, b in enumerate(batches) if workers.takes(i) for w in b)
-    with progress_bar(f"statistics ({spec.corpus})", total=total, enabled=show_progress) as advance:
+    # the corpus by its file name: a long path would squeeze the count and the ETA out of the line
+    shown = spec.corpus.rstrip("/").rsplit("/", 1)[-1] if "/" in spec.corpus and not spec.corpus.startswith("hf:") else spec.corpus
+    with progress_bar(f"statistics ({shown})", total=total, enabled=show_progress) as advance:
         advance(sum(len(w) for i, b in enumerate(batches[:done_batches]) if workers.takes(i) for w in b))
         for index in range(done_batches, len(batches)):
             if workers.takes(index):
