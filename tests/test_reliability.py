@@ -151,11 +151,14 @@ def test_export_refuses_to_overwrite_unless_forced(tiny_model_folder, tmp_path, 
 
     model_dir = tmp_path / "model"
     assert runner.invoke(app, ["export", "--state", str(state), "--out", str(model_dir)]).exit_code == 0
-    (model_dir / "marker").write_text("old export")
     assert runner.invoke(app, ["export", "--state", str(state), "--out", str(model_dir)]).exit_code == 2
-    assert (model_dir / "marker").exists()
+    (model_dir / "marker").write_text("the user's")  # a file save_pretrained does not write: --force keeps off it too
+    forced = runner.invoke(app, ["export", "--state", str(state), "--out", str(model_dir), "--force"])
+    assert forced.exit_code == 2 and "marker" in forced.output and (model_dir / "marker").read_text() == "the user's"
+    (model_dir / "marker").unlink()
+    (model_dir / "config.json").write_text("{}")  # an older export's, replaced
     assert runner.invoke(app, ["export", "--state", str(state), "--out", str(model_dir), "--force"]).exit_code == 0
-    assert not (model_dir / "marker").exists() and (model_dir / "config.json").is_file()
+    assert json.loads((model_dir / "config.json").read_text())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-")]  # nothing left aside
 
 
