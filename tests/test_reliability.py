@@ -375,3 +375,16 @@ def test_ctrl_c_during_an_edit_says_what_was_committed_and_the_rerun_continues(t
     again = runner.invoke(app, command)
     assert again.exit_code == 0 and "skipping 1 of 3" in again.output
     assert Journal.open(tmp_path / "state").batch_ids() == [0, 1, 2]
+
+
+def test_the_cli_says_a_warning_in_one_line_and_restores_the_usual_display(tmp_path):
+    import warnings
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text(json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome", "tagret_true": "France"}))
+    before = warnings.showwarning
+    result = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(tmp_path / "s"), "--model", str(tmp_path / "none")])
+    assert result.exit_code == 2  # no such model: refused after the file was read
+    said = [line for line in result.output.splitlines() if "tagret_true" in line]
+    assert len(said) == 1 and said[0].startswith("warning: ") and said[0].endswith("did you mean 'target_true'?")
+    assert "UserWarning" not in result.output and warnings.showwarning is before
