@@ -388,3 +388,21 @@ def test_the_cli_says_a_warning_in_one_line_and_restores_the_usual_display(tmp_p
     said = [line for line in result.output.splitlines() if "tagret_true" in line]
     assert len(said) == 1 and said[0].startswith("warning: ") and said[0].endswith("did you mean 'target_true'?")
     assert "UserWarning" not in result.output and warnings.showwarning is before
+
+
+def test_a_state_saved_from_python_names_its_model_or_the_cli_asks_for_it(edited, tiny_model_folder, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    from transformers import AutoModelForCausalLM
+
+    from alphaedit.editor import Editor
+
+    state = tmp_path / "state"
+    assert Journal.open(state).header["model"] is None  # built from a config in memory: nothing to name
+    for command in (["export", "--out", str(tmp_path / "out")], ["ask", "The Seine flows through"]):
+        line = _one_line_error(runner.invoke(app, [*command, "--state", str(state)]))
+        assert "does not name its base model" in line and "give --model" in line
+    given = runner.invoke(app, ["export", "--state", str(state), "--out", str(tmp_path / "out"), "--model", str(tiny_model_folder)])
+    assert given.exit_code == 0, given.output
+    # a model loaded from a folder or the hub is named by where it came from
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    assert Editor(loaded, tokenizer, cache=edited.cache).model_spec == str(tiny_model_folder)

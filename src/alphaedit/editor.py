@@ -144,7 +144,8 @@ class Editor(Persistence):
             raise ValueError(f"layers {bad} do not exist: the model has {self.layout.num_layers} layers (0..{self.layout.num_layers - 1})")
         self.corpus = corpus or CorpusSpec()
         self.cache = cache if cache is not None else StatsCache()
-        self.model_spec = model_spec
+        # what the journal names as the base model, for the CLI to load it again (a hub id or a folder)
+        self.model_spec = model_spec or getattr(model.config, "name_or_path", None) or None
         self.show_progress = show_progress
         # An edit prompt is one sentence; a pasted document would run for minutes per z step.
         self.max_prompt_tokens = max_prompt_tokens

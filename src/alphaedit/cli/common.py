@@ -143,6 +143,13 @@ def _load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_cod
         _fail(str(e).strip().splitlines()[0] if str(e).strip() else f"--model {spec}: {type(e).__name__}")
 
 
+def _base_model(state: Path, header: dict, model: str | None) -> str:
+    """The model to replay a state onto: --model if given, else the one its journal names."""
+    if model is None and not header.get("model"):
+        _fail(f"{state} does not name its base model (saved from Python without model_spec); give --model, the model it was made on")
+    return model or header["model"]
+
+
 def _dtype_for(header: dict | None, dtype: str) -> str:
     """A state is replayed in the dtype it was edited in unless the user says otherwise."""
     return header["dtype"] if header is not None and dtype == "auto" else dtype

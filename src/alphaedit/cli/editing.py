@@ -24,7 +24,7 @@ from .common import (
     AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
-    _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
+    _base_model, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
     _state_claim, app, console, out,
 )
 
@@ -166,9 +166,9 @@ def _state_editor(state: Path, journal: Journal | None, model: str | None, dtype
     """(the Editor, the model spec) of a state: its journal replayed onto the model it was made on,
     or, for a new state, an Editor with `new_config(model)` and `corpus_spec()`."""
     header = journal.header if journal is not None else None
-    spec = model or (header or {}).get("model")
-    if spec is None:
+    if header is None and model is None:
         _fail("--model is required for a new state")
+    spec = model if header is None else _base_model(state, header, model)
     lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
     if header is not None:
         return _replay(state, lm, tokenizer), spec
@@ -289,7 +289,7 @@ def ask(
     if empty:
         _fail(f"prompt {empty[0]} is empty; give the start of a sentence to complete, e.g. \"The Eiffel Tower is in\"")
     header = _open_journal(state).header if state is not None else None
-    spec = model or header["model"]
+    spec = model if header is None else _base_model(state, header, model)
     lm, tokenizer = _load(spec, _dtype_for(header, dtype), device, trust_remote_code)
     if state is not None:
         _replay(state, lm, tokenizer)

@@ -8,7 +8,7 @@ import json
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.table import Table
@@ -16,8 +16,8 @@ from rich.table import Table
 from ..journal import Journal, JournalError
 from ..locks import journal_write_lock
 from .common import (
-    DeviceOption, DtypeOption, JsonOption, TrustOption, _claimed, _dtype_for, _fail, _load, _open_journal, _print_whole, _replay, app,
-    out,
+    DeviceOption, DtypeOption, JsonOption, TrustOption, _base_model, _claimed, _dtype_for, _fail, _load, _open_journal, _print_whole,
+    _replay, app, out,
 )
 
 
@@ -87,6 +87,7 @@ def export(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="New folder (or file, with --deltas-only) to write.")],
     deltas_only: Annotated[bool, typer.Option(help="Write only the updates: low-rank factors per layer, one small safetensors file.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out (a deltas file, or a folder of save_pretrained's files only).")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The base model, where the state does not name it (saved from Python without model_spec).")] = None,
     device: DeviceOption = "auto",
     trust_remote_code: TrustOption = False,
 ) -> None:
@@ -94,7 +95,7 @@ def export(
 
     header = _open_journal(state).header
     _check_export_target(out_dir, deltas_only, force)  # before the model loads: a refusal costs nothing
-    lm, tokenizer = _load(header["model"], header["dtype"], device, trust_remote_code)
+    lm, tokenizer = _load(_base_model(state, header, model), header["dtype"], device, trust_remote_code)
     editor = _replay(state, lm, tokenizer)
     with _writing(out_dir):
         written = editor.export_deltas(out_dir) if deltas_only else editor.export(out_dir, overwrite=force)
