@@ -132,11 +132,15 @@ def test_export_refuses_to_overwrite_unless_forced(tiny_model_folder, tmp_path, 
     state = _cli_state(tiny_model_folder, tmp_path)
     deltas = tmp_path / "deltas.safetensors"
     deltas.write_bytes(b"precious")
-    refused = runner.invoke(app, ["export", "--state", str(state), "--out", str(deltas), "--deltas-only"])
-    assert refused.exit_code == 2 and "--force" in refused.output
-    assert deltas.read_bytes() == b"precious"
+    for extra in ([], ["--force"]):  # not an export of updates: not even --force replaces it
+        refused = runner.invoke(app, ["export", "--state", str(state), "--out", str(deltas), "--deltas-only", *extra])
+        assert refused.exit_code == 2 and ("--force" in refused.output if not extra else "not an export of updates" in refused.output)
+        assert deltas.read_bytes() == b"precious"
+    deltas.unlink()
+    assert runner.invoke(app, ["export", "--state", str(state), "--out", str(deltas), "--deltas-only"]).exit_code == 0
+    assert runner.invoke(app, ["export", "--state", str(state), "--out", str(deltas), "--deltas-only"]).exit_code == 2
     forced = runner.invoke(app, ["export", "--state", str(state), "--out", str(deltas), "--deltas-only", "--force"])
-    assert forced.exit_code == 0, forced.output
+    assert forced.exit_code == 0, forced.output  # an earlier export of updates is replaced
     assert load_file(str(deltas))["layer.1.left"].shape[1] == 2
 
     folder = tmp_path / "notes"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import AppliedBatch, BatchReport, now
@@ -57,6 +58,25 @@ def check_export_folder(target: Path, overwrite: bool = False) -> bool:
         raise FileExistsError(f"{target} holds more than a saved model ({shown}); it will not be replaced, even with --force: "
                               "move those out or choose a new folder")
     return True
+
+
+def check_deltas_file(target: Path, overwrite: bool = False) -> None:
+    """May the updates be written to the file `target`? Never over a folder, never over a file
+    without `overwrite`, and even with it only over an earlier export of updates (a safetensors
+    file whose metadata names a base identity): a mistyped --out must not cost the user a file."""
+    if target.is_dir():
+        raise FileExistsError(f"{target} is a folder; the updates are one file (e.g. {target / 'deltas.safetensors'})")
+    if not target.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} exists; choose a new file name or pass --force to replace it")
+    try:
+        with safe_open(str(target), framework="pt") as f:
+            ours = "base_identity" in (f.metadata() or {})
+    except Exception:  # not safetensors at all: safetensors raises its own error types
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{target} is not an export of updates (no alphaedit metadata); it will not be replaced, even with --force")
 
 
 class Persistence:

@@ -115,16 +115,10 @@ def _writing(target: Path) -> Iterator[None]:
 def _check_export_target(target: Path, deltas_only: bool, force: bool) -> None:
     """An export never overwrites what is there unless --force says so, and never deletes a
     folder that does not hold a saved model (a mistyped --out must not cost the user a folder)."""
-    if deltas_only:
-        if target.is_dir():
-            _fail(f"--out {target} is a folder; --deltas-only writes one file (e.g. {target / 'deltas.safetensors'})")
-        if target.exists() and not force:
-            _fail(f"--out {target} exists; choose a new file name or pass --force to replace it")
-        return
-    from ..persistence import check_export_folder
+    from ..persistence import check_deltas_file, check_export_folder
 
     try:
-        check_export_folder(target, overwrite=force)
+        (check_deltas_file if deltas_only else check_export_folder)(target, overwrite=force)
     except FileExistsError as e:
         _fail(f"--out {e}")
 

@@ -26,7 +26,7 @@ import torch
 from ..editor import Editor
 from ..generate import Sampling, decoding_options, end_of_turn_ids, generate_rows, prompt_ids, seeded, until_end
 from ..guard import GuardTripped
-from ..persistence import check_export_folder
+from ..persistence import check_deltas_file, check_export_folder
 from ..plots import figure
 from ..prompts import chat_text, pad_id
 from ..requests import EditRequest, RequestError
@@ -182,13 +182,10 @@ class Workbench:
     def export(self, name: str, deltas_only: bool = False, force: bool = False) -> Path:
         """Write the edited model (or only its updates) to `name` inside the export folder."""
         target = self._export_path(name, deltas_only)
-        if deltas_only and target.exists() and not force:
-            raise Refused(f"{name} exists in the export folder; choose a new name or pass force", 409)
-        if not deltas_only:
-            try:
-                check_export_folder(target, overwrite=force)
-            except FileExistsError as e:
-                raise Refused(str(e).replace(str(target), name), 409) from None
+        try:
+            (check_deltas_file if deltas_only else check_export_folder)(target, overwrite=force)
+        except FileExistsError as e:
+            raise Refused(str(e).replace(str(target), name).replace("--force", "force"), 409) from None
         with self.lock:
             written = self.editor.export_deltas(target) if deltas_only else self.editor.export(target, overwrite=force)
         return written.relative_to(self.exports.resolve())
