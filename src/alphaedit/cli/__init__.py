@@ -5,10 +5,12 @@
     stats     compute or import the preserved-knowledge statistics C0 (cached, resumable)
     log       list a state's batches          revert   undo one batch
     export    write the edited model or just its updates
+    recover   rebuild a lost or damaged journal.json from the batch folders
     apply     replay a state onto a fresh copy of the base model
-    recover   rebuild a lost journal.json from the batch folders
-    eval      the paper's protocol: edit N records in batches, evaluate before and after (resumable)
     methods   the editing methods and their options
+    compare   runs side by side: one table per model, dataset and number of edits, and plots
+    eval      the paper's protocol: edit N records in batches, evaluate before and after (resumable)
+    multihop  MQuAKE portability: edit single hops, ask the multi-hop question
     serve     a local workbench: HTTP API, web page and OpenAI-compatible endpoint for the edited model
     demo      ten edits to the bundled SmolLM2, before/after
 

@@ -55,7 +55,7 @@ CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledg
 TokensOption = Annotated[int, typer.Option(min=1, help="Token budget of the statistics corpus.")]
 LayersOption = Annotated[Optional[str], typer.Option(help="Edited layers, e.g. '3-7' (default: the preset for this model's shape).")]
 StepsOption = Annotated[Optional[int], typer.Option(min=1, help="Maximum z optimisation steps (default: preset).")]
-LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules live, as JSON overriding detection, e.g. \'{"mlp_out": "mlp.down_proj"}\' (keys: blocks, mlp_out, final_norm, lm_head).')]
+LayoutOption = Annotated[Optional[str], typer.Option(help='Where the modules live, as JSON overriding detection, e.g. \'{"mlp_out": "mlp.down_proj"}\' (keys: blocks, mlp_out, mlp_out_norm, final_norm, lm_head).')]
 RuleOption = Annotated[Optional[str], typer.Option(help="Null-space projector rule: absolute (the paper's code), relative, energy or rank.")]
 ThresholdOption = Annotated[Optional[float], typer.Option(help="The rule's value (default 2e-2, the paper's absolute eigenvalue threshold).")]
 LrOption = Annotated[Optional[float], typer.Option(help="z optimisation learning rate (default: preset).")]

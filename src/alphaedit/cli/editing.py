@@ -1,5 +1,5 @@
 """`alphaedit edit` (requests into a state folder, batch by batch) and `alphaedit ask` (complete
-prompts with the edited model, or the unedited one beside it)."""
+prompts with the edited model, or with an unedited one given by --model)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def edit(
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
                                      lambda: _corpus_spec(corpus, tokens, max_length, seed, sampling))
         editor.max_prompt_tokens = max_prompt_tokens
+        editor.config.v_prefix_cache = prefix_cache  # exact either way, so a continued state may switch it too
         if guard:
             editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
 
