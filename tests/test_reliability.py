@@ -283,7 +283,8 @@ def test_continuing_a_state_refuses_contradicting_options_and_skips_repeats(tiny
                             (["--layers", "0-1"], f"--layers {header['config']['layers'][0]}-{header['config']['layers'][-1]}"),
                             (["--lr", "0.3"], f"--lr {header['config']['v_lr']}"),
                             # the switches too: a state made with chat-aware editing on does not go on without it
-                            (["--no-chat"], "--chat/--no-chat True"), (["--anchor-values"], "--anchor-values False"),
+                            (["--no-chat"], "--chat/--no-chat True"), (["--chat-values", "shared"], "--chat-values own"),
+                            (["--anchor-values"], "--anchor-values False"),
                             (["--stop-most-probable"], "--stop-most-probable False")):
         result = runner.invoke(app, ["edit", "--requests", str(requests), "--state", str(state), *given])
         line = _one_line_error(result)
@@ -410,3 +411,16 @@ def test_a_state_saved_from_python_names_its_model_or_the_cli_asks_for_it(edited
     # a model loaded from a folder or the hub is named by where it came from
     loaded = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
     assert Editor(loaded, tokenizer, cache=edited.cache).model_spec == str(tiny_model_folder)
+
+
+def test_edit_takes_chat_values_for_a_new_state_and_refuses_an_unknown_one(tiny_model_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text(json.dumps(REQUESTS[0].to_dict()))
+    command = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--state", str(tmp_path / "state"),
+               "--steps", "3", "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    line = _one_line_error(runner.invoke(app, [*command, "--chat-values", "mine"]))
+    assert "--chat-values mine: choose own or shared" in line and not (tmp_path / "state").exists()
+    result = runner.invoke(app, [*command, "--chat-values", "shared"])
+    assert result.exit_code == 0, result.output
+    assert Journal.open(tmp_path / "state").header["config"]["chat_values"] == "shared"

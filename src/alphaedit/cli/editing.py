@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import EditConfig
+from ..config import CHAT_VALUES, EditConfig
 from ..methods import DEFAULT_METHOD, METHODS, get_method
 from ..guard import Guard, GuardTripped
 from ..journal import Journal, JournalError
@@ -46,6 +46,7 @@ def edit(
     stop_most_probable: MostProbableOption = False,
     anchor_values: AnchorOption = False,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (default on for a new state; a continued state keeps its own).")] = None,
+    chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, what a chat form's column asks of W_out: 'own' (a z of its own; the default for a new state) or 'shared' (its request's δ, optimised on the plain and chat prompts together). A continued state keeps its own.")] = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse (and take back) a batch after which any edited W_out's largest singular value exceeds --guard-growth × the base model's, or more than --guard-drift of the probe prompts change their next token; the journal keeps the batches before it.")] = False,
     guard_growth: Annotated[float, typer.Option(min=1.0, help="--guard: the largest σ_max(W) / σ_max(W_base) accepted.")] = 1.5,
     guard_drift: Annotated[float, typer.Option(min=0.0, max=1.0, help="--guard: the largest share of probe prompts whose next token may change in one batch.")] = 0.10,
@@ -75,6 +76,8 @@ def edit(
         _fail(str(e))
     submitted = len(parsed)
     _parse_layers(layers)
+    if chat_values is not None and chat_values not in CHAT_VALUES:
+        _fail(f"--chat-values {chat_values}: choose {' or '.join(CHAT_VALUES)}")
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
         hold_state = _state_claim(claims, state, "alphaedit edit")  # a new state: at its first batch's commit
@@ -83,7 +86,7 @@ def edit(
             options = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2,
                          projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
                          seed=_seed_for(seed, sampling), sampling=sampling,
-                         layout=json.loads(layout) if layout else None, chat=chat,
+                         layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
                          stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None)
             _check_continuation(state, journal.header, options)
@@ -99,6 +102,7 @@ def edit(
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2)
             config.chat = True if chat is None else chat
+            config.chat_values = chat_values or config.chat_values
             return config
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -206,6 +210,7 @@ _CONTINUATION = {
     "seed": ("--seed", lambda c, corpus: corpus["seed"]),
     "sampling": ("--sampling", lambda c, corpus: corpus.get("sampling", "stream")),
     "chat": ("--chat/--no-chat", lambda c, corpus: c.chat),
+    "chat_values": ("--chat-values", lambda c, corpus: c.chat_values),
     "stop_most_probable": ("--stop-most-probable", lambda c, corpus: c.stop_when_most_probable),
     "anchor_values": ("--anchor-values", lambda c, corpus: c.value_anchor),
 }
