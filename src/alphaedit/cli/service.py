@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import EditConfig
+from ..config import CHAT_VALUES, EditConfig
 from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
@@ -38,6 +38,7 @@ def serve(
     layers: LayersOption = None,
     steps: StepsOption = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write requests that have a \"question\" also in the chat template (default on for a new state; a continued state keeps its own).")] = None,
+    chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, 'own' or 'shared' values for the chat forms (a new state; see `edit --help`).")] = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse batches that grow the matrices or drift probe answers too far (see `edit --guard`).")] = False,
     max_requests: Annotated[int, typer.Option(min=1, help="Most edit requests in one submission.")] = 1000,
     max_queue: Annotated[int, typer.Option(min=1, help="Most submissions waiting; more are answered 429.")] = 16,
@@ -55,16 +56,20 @@ def serve(
         _fail(f"--host {host}: give an IP address such as 127.0.0.1 (or 0.0.0.0 with --token)")
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
+    if chat_values is not None and chat_values not in CHAT_VALUES:
+        _fail(f"--chat-values {chat_values}: choose {' or '.join(CHAT_VALUES)}")
     with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
         hold_state = _state_claim(claims, state, f"alphaedit serve on {host}:{port}")  # a new state: as the server starts
         journal = _state_journal(state)
         if journal is not None:
             _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
-                                                            corpus=corpus, tokens=tokens, chat=chat))
+                                                            corpus=corpus, tokens=tokens, chat=chat,
+                                                            chat_values=chat_values))
 
         def new_config(lm) -> EditConfig:
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project)
             config.chat = True if chat is None else chat
+            config.chat_values = chat_values or config.chat_values
             return config
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
