@@ -123,12 +123,12 @@ class Journal:
         once the rebuilt one is complete; one that opens is left alone.
         """
         path = Path(root)
-        damaged = None
+        damaged = False
         if cls.exists(path):
             try:
                 cls.open(path)
-            except JournalError as e:
-                damaged = e
+            except JournalError:
+                damaged = True
             else:
                 raise JournalError(f"{path} already has a {INDEX} that opens; nothing to recover (`alphaedit log` reads it)")
         if not (path / HEADER).is_file():
@@ -170,7 +170,7 @@ class Journal:
         entries += [{k: v for k, v in r.items() if k != "position"} for r in pending]
         journal = cls(path, {"format": JOURNAL_FORMAT, "header": header, "entries": entries})
         journal._verify()
-        if damaged is not None:  # kept for whoever wants to see what went wrong
+        if damaged:  # kept for whoever wants to see what went wrong
             journal.damaged_index = path / f"{INDEX}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
             os.replace(path / INDEX, journal.damaged_index)
         atomic_write_text(path / INDEX, json.dumps(journal.index, indent=1))

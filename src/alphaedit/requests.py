@@ -447,7 +447,7 @@ def _warn_about_a_users_file(records: Sequence[object], pairs: list[tuple[_Where
     of a request field (ignored as the dataset's own), and a request given twice (applied twice)."""
     misses: dict[tuple[str, str], list[_Where]] = {}  # (field, what it is a typo of) -> records
     for record, (where, _) in zip(records, pairs):
-        for miss in _near_misses(record) if isinstance(record, Mapping) else ():
+        for miss in _near_misses(record):
             misses.setdefault(miss, []).append(where)
     for (field, meant), found in misses.items():
         others = f" (and {len(found) - 1} more records)" if len(found) > 1 else ""

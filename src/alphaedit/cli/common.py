@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import EditConfig, config_for_model, describe_preset
+from ..config import CHAT_VALUES, EditConfig, config_for_model, describe_preset
 from ..methods import get_method
 from ..journal import Journal, JournalError
 from ..locks import FolderInUse, claim_folder
@@ -148,6 +148,18 @@ def _base_model(state: Path, header: dict, model: str | None) -> str:
     if model is None and not header.get("model"):
         _fail(f"{state} does not name its base model (saved from Python without model_spec); give --model, the model it was made on")
     return model or header["model"]
+
+
+def _check_chat_values(chat_values: str | None) -> None:
+    if chat_values is not None and chat_values not in CHAT_VALUES:
+        _fail(f"--chat-values {chat_values}: choose {' or '.join(CHAT_VALUES)}")
+
+
+def _with_chat(config: EditConfig, chat: bool | None, chat_values: str | None) -> EditConfig:
+    """A new state's chat-aware editing: on unless --no-chat, with --chat-values or the config's own."""
+    config.chat = True if chat is None else chat
+    config.chat_values = chat_values or config.chat_values
+    return config
 
 
 def _dtype_for(header: dict | None, dtype: str) -> str:

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import CHAT_VALUES, EditConfig
+from ..config import EditConfig
 from ..methods import DEFAULT_METHOD, METHODS, get_method
 from ..guard import Guard, GuardTripped
 from ..journal import Journal, JournalError
@@ -24,8 +24,8 @@ from .common import (
     AnchorOption, ClampOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
-    _base_model, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
-    _state_claim, app, console, out,
+    _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
+    _state_claim, _with_chat, app, console, out,
 )
 
 
@@ -76,8 +76,7 @@ def edit(
         _fail(str(e))
     submitted = len(parsed)
     _parse_layers(layers)
-    if chat_values is not None and chat_values not in CHAT_VALUES:
-        _fail(f"--chat-values {chat_values}: choose {' or '.join(CHAT_VALUES)}")
+    _check_chat_values(chat_values)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
         hold_state = _state_claim(claims, state, "alphaedit edit")  # a new state: at its first batch's commit
@@ -101,9 +100,7 @@ def edit(
         def new_config(lm) -> EditConfig:
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2)
-            config.chat = True if chat is None else chat
-            config.chat_values = chat_values or config.chat_values
-            return config
+            return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
                                      lambda: _corpus_spec(corpus, tokens, max_length, seed, sampling))

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import CHAT_VALUES, describe_preset
+from ..config import describe_preset
 from ..methods import DEFAULT_METHOD, METHODS
 from ..progress import progress_bar
 from ..journal import Journal
@@ -23,7 +23,7 @@ from .common import (
     AnchorOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
-    _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
+    _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
 )
 
 
@@ -253,8 +253,7 @@ def _check_eval_options(a: dict) -> list[str] | None:
             rome_folder(consistency)  # fetched or checked before the model loads
         except ValueError as e:
             _fail(str(e))
-    if a["chat_values"] not in CHAT_VALUES:
-        _fail(f"--chat-values {a['chat_values']}: choose {' or '.join(CHAT_VALUES)}")
+    _check_chat_values(a["chat_values"])
     return tasks if a["general"] is not None else None
 
 

@@ -13,12 +13,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import CHAT_VALUES, EditConfig
+from ..config import EditConfig
 from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
     DeviceOption, DtypeOption, JsonOption, LayersOption, ModelOption, ProjectOption, StepsOption, TrustOption, _corpus_spec,
-    _edit_config, _fail, _parse_layers, _state_claim, app, console, out,
+    _check_chat_values, _edit_config, _fail, _parse_layers, _state_claim, _with_chat, app, console, out,
 )
 from .editing import _check_continuation, _state_editor, _state_journal
 
@@ -56,8 +56,7 @@ def serve(
         _fail(f"--host {host}: give an IP address such as 127.0.0.1 (or 0.0.0.0 with --token)")
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
-    if chat_values is not None and chat_values not in CHAT_VALUES:
-        _fail(f"--chat-values {chat_values}: choose {' or '.join(CHAT_VALUES)}")
+    _check_chat_values(chat_values)
     with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
         hold_state = _state_claim(claims, state, f"alphaedit serve on {host}:{port}")  # a new state: as the server starts
         journal = _state_journal(state)
@@ -67,10 +66,7 @@ def serve(
                                                             chat_values=chat_values))
 
         def new_config(lm) -> EditConfig:
-            config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project)
-            config.chat = True if chat is None else chat
-            config.chat_values = chat_values or config.chat_values
-            return config
+            return _with_chat(_edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project), chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
                                      lambda: _corpus_spec(corpus, tokens, None, None))

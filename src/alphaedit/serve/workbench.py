@@ -97,7 +97,7 @@ class Workbench:
 
     @property
     def model_name(self) -> str:
-        return self.editor.model_spec or getattr(self.editor.model.config, "_name_or_path", "") or "model"
+        return self.editor.model_spec or "model"
 
     def close(self) -> None:
         """Stop the worker after the job in flight (queued jobs are dropped, their batches unapplied)."""
