@@ -32,23 +32,7 @@ if [[ $dry != 1 ]]; then
 fi
 
 data=$root/../shared/data
-cf_stream=counterfact:$data/counterfact_easyedit/counterfact-edit.json,$data/counterfact_easyedit/counterfact-train.json
-protocol=(--batch-size 100 --corpus "$data/wikitext2_raw/wiki.valid.raw" --tokens 100000
-          --perplexity-corpus "$data/wikitext2_raw/wiki.test.raw" --general "$data/glue_eval")
-# the 10,000-edit runs: the six tasks and the norms every 1,000 edits, and there a curve point of
-# Eff/Gen/Spe over 500 of the records edited so far (does what was edited still hold?)
-lifelong="--n 10000 --generation-every 50 --general-every 10 --every 10 --curve-of edited --curve-sample 500"
-# name | arguments beyond the protocol's
-declare -A args=(
-  [cf2000-alphaedit-l2-40]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40"
-  [zsre1000-alphaedit-l2-40]="--dataset zsre:$data/zsre/zsre_mend_eval_portability_gpt4.json --n 1000 --general-every 5 --method alphaedit --l2 40"
-  # a wider block: eight edited layers instead of the preset's five, more key dimensions for 2,000 edits to share
-  [cf2000-alphaedit-l2-40-wide]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --layers 3-10"
-  [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
-  [cf10k-alphaedit]="--dataset $cf_stream $lifelong --method alphaedit"
-  [cf10k-alphaedit-nas]="--dataset $cf_stream $lifelong --method alphaedit --anchor-values"
-)
-order=(cf2000-alphaedit-l2-40 zsre1000-alphaedit-l2-40 cf2000-alphaedit-l2-40-wide cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)
+source "$root/benchmarks/runs_table.sh"  # protocol, args, order
 (( $# )) && order=("$@")
 
 alphaedit() { PYTHONPATH=$code/src "$root/.venv/bin/python" -m alphaedit "$@"; }

@@ -1,0 +1,23 @@
+# The long sequential-editing runs of BENCHMARKS.md (issues 10 and 14): one table, sourced by
+# benchmarks/long_runs.sh (this machine's CPU, one run after another) and
+# benchmarks/device_runs.sh (a lent GPU, several side by side). Set `data` (the folder holding
+# counterfact/, counterfact_easyedit/, zsre/, wikitext2_raw/ and glue_eval/) before sourcing.
+# shellcheck shell=bash disable=SC2034  # the arrays are read by the scripts that source this
+
+cf_stream=counterfact:$data/counterfact_easyedit/counterfact-edit.json,$data/counterfact_easyedit/counterfact-train.json
+protocol=(--batch-size 100 --corpus "$data/wikitext2_raw/wiki.valid.raw" --tokens 100000
+          --perplexity-corpus "$data/wikitext2_raw/wiki.test.raw" --general "$data/glue_eval")
+# the 10,000-edit runs: the six tasks and the norms every 1,000 edits, and there a curve point of
+# Eff/Gen/Spe over 500 of the records edited so far (does what was edited still hold?)
+lifelong="--n 10000 --generation-every 50 --general-every 10 --every 10 --curve-of edited --curve-sample 500"
+# name | arguments beyond the protocol's
+declare -A args=(
+  [cf2000-alphaedit-l2-40]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40"
+  [zsre1000-alphaedit-l2-40]="--dataset zsre:$data/zsre/zsre_mend_eval_portability_gpt4.json --n 1000 --general-every 5 --method alphaedit --l2 40"
+  # a wider block: eight edited layers instead of the preset's five, more key dimensions for 2,000 edits to share
+  [cf2000-alphaedit-l2-40-wide]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --layers 3-10"
+  [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
+  [cf10k-alphaedit]="--dataset $cf_stream $lifelong --method alphaedit"
+  [cf10k-alphaedit-nas]="--dataset $cf_stream $lifelong --method alphaedit --anchor-values"
+)
+order=(cf2000-alphaedit-l2-40 zsre1000-alphaedit-l2-40 cf2000-alphaedit-l2-40-wide cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)
