@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The long sequential-editing runs of benchmarks/runs_table.sh on a lent GPU (GPU.md), with the
-# real SmolLM2 and the real data: several runs side by side on the one GPU (a 135M model leaves
-# most of an H200 idle, and a run spends much of its time launching small kernels). The device
+# real SmolLM2 and the real data, one run or several side by side on the one GPU (three shared an
+# H200 at 0.10-0.15 s per edit each, 2026-12-04; one 10,000-edit run takes about 11 minutes of
+# its throughput, so a session's 15 device minutes hold one, BENCHMARKS.md). The device
 # has no network and takes 64 MiB of carried files per command, and the model's GGUF is 98 MB,
 # so it travels in two parts over two commands run back to back (the machine keeps /tmp ~30 s).
 #
 #   bash benchmarks/device_runs.sh kit                                    # here: .device/runs/{p1,p2}
 #   run(command="bash benchmarks/device_runs.sh part1", carry=[".device/runs/p1"], timeout_s=60)
-#   run(command="bash benchmarks/device_runs.sh start NAME... && bash benchmarks/device_runs.sh collect 420",
+#   run(command="bash benchmarks/device_runs.sh start [NAME...] && bash benchmarks/device_runs.sh collect 420",
 #       carry=[".device/runs/p2"], timeout_s=480)                         # at once after part1
 #   run(command="bash benchmarks/device_runs.sh collect 240", timeout_s=300)   # optional, at once: the runs go on
 #
@@ -70,7 +71,7 @@ start() {  # device: the named runs, each in its own session so that it outlives
   setup || return $?
   environment
   source "$root/benchmarks/runs_table.sh"
-  (( $# )) || set -- cf2000-alphaedit-l2-40-wide cf10k-alphaedit-l2-40 cf10k-alphaedit
+  (( $# )) || set -- "${order[0]}"  # one 10,000-edit run fills a session's device minutes (BENCHMARKS.md)
   "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   # the model's conversion and the statistics of every layer any run edits, once, before the runs

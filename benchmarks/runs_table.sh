@@ -20,4 +20,6 @@ declare -A args=(
   [cf10k-alphaedit]="--dataset $cf_stream $lifelong --method alphaedit"
   [cf10k-alphaedit-nas]="--dataset $cf_stream $lifelong --method alphaedit --anchor-values"
 )
-order=(cf2000-alphaedit-l2-40 zsre1000-alphaedit-l2-40 cf2000-alphaedit-l2-40-wide cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)
+# what a queue runs when no names are given: the runs BENCHMARKS.md still lacks (the 2,000- and
+# 1,000-edit runs above are measured and recorded there; name one to run it again)
+order=(cf10k-alphaedit-l2-40 cf10k-alphaedit cf10k-alphaedit-nas)

@@ -213,3 +213,36 @@ def test_paraphrase_split_groups_records_by_the_paraphrase_wording_and_later_edi
     done = subprocess.run([sys.executable, str(BENCHMARKS / "paraphrase_split.py"), str(run)], capture_output=True, text=True,
                           timeout=300, env={"ALPHAEDIT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0 and "does not list the first 5 records" in done.stderr
+
+
+def test_plot_curves_reads_unfinished_runs_and_takes_the_blocks_last_layer_by_number(tmp_path):
+    """progress.json of runs cut short (no summary.json) plot; the growth follows the highest
+    layer as a number ("10" after "9", not "9" as text), relative to its unedited norm."""
+    plot_curves = _benchmark("plot_curves")
+    runs = []
+    for name, growth in (("wide", 1.5), ("short", None)):
+        run = tmp_path / name
+        run.mkdir()
+        layers = [str(layer) for layer in range(3, 11)]
+        progress = {
+            "curve": [{"edits": 0, "efficacy": 30.0, "generalization": 30.0, "specificity": 70.0, "generative_success": 0.5},
+                      {"edits": 100, "efficacy": 90.0, "generalization": 80.0, "specificity": 65.0, "generative_success": None,
+                       "of": "edited", "records": 50}],
+            "general": [{"edits": 0, "scores": {"sst2": {"f1_label": 0.5}, "rte": {"f1_label": 0.3}}}] if growth else [],
+            "norms": [{"edits": 0, **{layer: 100.0 for layer in layers}},
+                      {"edits": 100, **{layer: 100.0 for layer in layers}, "10": 100.0 * (growth or 1.2), "9": 300.0}],
+        }
+        (run / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+        runs.append(run)
+    series = plot_curves.series(runs[0])
+    assert series["layer"] == "10"
+    assert series["growth"] == [(0, 1.0), (100, 1.5)]
+    assert series["general"] == [(0, pytest.approx(40.0))]
+    out = tmp_path / "figure.png"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "plot_curves.py"), *map(str, runs), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wrong = subprocess.run([sys.executable, str(BENCHMARKS / "plot_curves.py"), *map(str, runs), "--out", str(out), "--label", "one"],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "one --label per run" in wrong.stderr

@@ -1,0 +1,72 @@
+"""Curves of one or more `alphaedit eval` runs side by side, finished or not: each run's curve
+points (--every), the six tasks' mean F1 (--general-every) and the last edited layer's growth,
+read from the run folder's progress.json (written as the run goes, so a run cut short plots too).
+
+    python benchmarks/plot_curves.py RUN [RUN ...] --out figure.png [--label NAME ...] [--title TEXT]
+
+One PNG of six panels: Eff, Gen, Spe and generative success at the curve points, the general
+check, and the weight growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+PANELS = (("efficacy", "Eff"), ("generalization", "Gen"), ("specificity", "Spe"), ("generative_success", "gen. success"))
+
+
+def series(folder: Path) -> dict:
+    progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+    general = [(g["edits"], 100 * mean(s["f1_label"] for s in g["scores"].values())) for g in progress.get("general", [])]
+    norms = progress.get("norms", [])
+    growth = []
+    if norms:
+        last = max(norms[0], key=lambda layer: int(layer) if layer != "edits" else -1)  # the block's last layer grows most
+        growth = [(n["edits"], n[last] / norms[0][last]) for n in norms]
+    return {"curve": progress.get("curve", []), "general": general, "growth": growth, "layer": last if norms else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--label", action="append", help="a name per run (default: the folder's)")
+    parser.add_argument("--title", default="sequential edits")
+    a = parser.parse_args()
+    labels = a.label or [run.name for run in a.runs]
+    if len(labels) != len(a.runs):
+        parser.error("give one --label per run")
+    data = [series(run) for run in a.runs]
+    from matplotlib.figure import Figure  # the object API, as alphaedit.plots: no global pyplot state
+
+    fig = Figure(figsize=(13, 7))
+    axes = list(fig.subplots(2, 3).flat)
+    for ax, (key, name) in zip(axes, PANELS):
+        for label, d in zip(labels, data):
+            points = [p for p in d["curve"] if p.get(key) is not None]
+            ax.plot([p["edits"] for p in points], [p[key] for p in points], marker="o", label=label)
+        edited = any(p.get("of") == "edited" for d in data for p in d["curve"])
+        ax.set(title=f"{name}{' of the records edited so far' if edited else ''}", xlabel="edits", ylabel="%")
+    ax = axes[4]
+    for label, d in zip(labels, data):
+        ax.plot(*zip(*d["general"]), marker="o", label=label)
+    ax.set(title="six tasks: mean F1 of the most probable label", xlabel="edits", ylabel="%")
+    ax = axes[5]
+    for label, d in zip(labels, data):
+        ax.plot(*zip(*d["growth"]), label=f"{label} (layer {d['layer']})")
+    ax.set(title="growth of the last edited W_out", xlabel="edits", ylabel="‖W‖_F / ‖W₀‖_F")
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(a.title)
+    fig.tight_layout()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, format="png", dpi=90)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
