@@ -16,6 +16,8 @@ declare -A args=(
   [zsre1000-alphaedit-l2-40]="--dataset zsre:$data/zsre/zsre_mend_eval_portability_gpt4.json --n 1000 --general-every 5 --method alphaedit --l2 40"
   # a wider block: eight edited layers instead of the preset's five, more key dimensions for 2,000 edits to share
   [cf2000-alphaedit-l2-40-wide]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --layers 3-10"
+  # α 40 with norm-anchored values: does NAS add to the strongest lever? (ranks the stabilisers at 2,000)
+  [cf2000-alphaedit-l2-40-nas]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --anchor-values"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   [cf10k-alphaedit]="--dataset $cf_stream $lifelong --method alphaedit"
   [cf10k-alphaedit-nas]="--dataset $cf_stream $lifelong --method alphaedit --anchor-values"

@@ -425,3 +425,15 @@ def test_edit_takes_chat_values_for_a_new_state_and_refuses_an_unknown_one(tiny_
     result = runner.invoke(app, [*command, "--chat-values", "shared"])
     assert result.exit_code == 0, result.output
     assert Journal.open(tmp_path / "state").header["config"]["chat_values"] == "shared"
+
+
+def test_the_command_line_loads_without_transformers():
+    """`alphaedit --help` and a mistyped option answer in about a second: importing the CLI must not
+    import transformers (seconds on a laptop); a command loads it when it loads a model."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sys, alphaedit.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -10,11 +10,14 @@ import copy
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .prompts import PLAIN_TEMPLATE, bos_prefix, pad_id
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module, and transformers takes seconds to import
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)

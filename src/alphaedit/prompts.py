@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from .requests import EditRequest, RequestError
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module, and transformers takes seconds to import
+    from transformers import PreTrainedTokenizerBase
 
 PLAIN_TEMPLATE = "{}"
 _SUBJECT_MARK = "\ue000"  # a private-use character: stands for the subject while the chat template renders
