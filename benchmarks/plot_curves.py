@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from statistics import mean
+
+from alphaedit.eval.general import mean_f1
 
 PANELS = (("efficacy", "Eff"), ("generalization", "Gen"), ("specificity", "Spe"), ("generative_success", "gen. success"))
 
 
 def series(folder: Path) -> dict:
     progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
-    general = [(g["edits"], 100 * mean(s["f1_label"] for s in g["scores"].values())) for g in progress.get("general", [])]
+    general = [(g["edits"], 100 * mean_f1(g["scores"])) for g in progress.get("general", [])]
     norms = progress.get("norms", [])
     growth = []
     if norms:
@@ -44,12 +45,12 @@ def main() -> None:
 
     fig = Figure(figsize=(13, 7))
     axes = list(fig.subplots(2, 3).flat)
+    of = " of the records edited so far" if any(p.get("of") == "edited" for d in data for p in d["curve"]) else ""
     for ax, (key, name) in zip(axes, PANELS):
         for label, d in zip(labels, data):
             points = [p for p in d["curve"] if p.get(key) is not None]
             ax.plot([p["edits"] for p in points], [p[key] for p in points], marker="o", label=label)
-        edited = any(p.get("of") == "edited" for d in data for p in d["curve"])
-        ax.set(title=f"{name}{' of the records edited so far' if edited else ''}", xlabel="edits", ylabel="%")
+        ax.set(title=f"{name}{of}", xlabel="edits", ylabel="%")
     ax = axes[4]
     for label, d in zip(labels, data):
         ax.plot(*zip(*d["general"]), marker="o", label=label)
