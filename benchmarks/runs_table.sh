@@ -18,6 +18,9 @@ declare -A args=(
   [cf2000-alphaedit-l2-40-wide]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --layers 3-10"
   # α 40 with norm-anchored values: does NAS add to the strongest lever? (ranks the stabilisers at 2,000)
   [cf2000-alphaedit-l2-40-nas]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --anchor-values"
+  # MEMIT-seq, the recursive least squares of RLSEdit (arXiv 2601.15686): no projection, every earlier
+  # batch's keys in the solve; RLSEdit's Woodbury recursion computes exactly this matrix
+  [cf2000-memit-seq]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method memit-seq"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   [cf10k-alphaedit]="--dataset $cf_stream $lifelong --method alphaedit"
   [cf10k-alphaedit-nas]="--dataset $cf_stream $lifelong --method alphaedit --anchor-values"
