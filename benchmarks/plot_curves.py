@@ -1,6 +1,8 @@
 """Curves of one or more `alphaedit eval` runs side by side, finished or not: each run's curve
 points (--every), the six tasks' mean F1 (--general-every) and the last edited layer's growth,
-read from the run folder's progress.json (written as the run goes, so a run cut short plots too).
+read from the run folder's summary.json once the run has finished (its curve ends with the final
+evaluation over every edited record) or else from progress.json (written as the run goes, so a run
+cut short plots too).
 
     python benchmarks/plot_curves.py RUN [RUN ...] --out figure.png [--label NAME ...] [--title TEXT]
 
@@ -20,7 +22,8 @@ PANELS = (("efficacy", "Eff"), ("generalization", "Gen"), ("specificity", "Spe")
 
 
 def series(folder: Path) -> dict:
-    progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+    finished = folder / "summary.json"  # the same keys as progress.json, and the final point on the curve
+    progress = json.loads((finished if finished.exists() else folder / "progress.json").read_text(encoding="utf-8"))
     general = [(g["edits"], 100 * mean_f1(g["scores"])) for g in progress.get("general", [])]
     norms = progress.get("norms", [])
     growth = []

@@ -246,3 +246,20 @@ def test_plot_curves_reads_unfinished_runs_and_takes_the_blocks_last_layer_by_nu
     wrong = subprocess.run([sys.executable, str(BENCHMARKS / "plot_curves.py"), *map(str, runs), "--out", str(out), "--label", "one"],
                            capture_output=True, text=True, timeout=300)
     assert wrong.returncode != 0 and "one --label per run" in wrong.stderr
+
+
+def test_plot_curves_reads_a_finished_run_from_its_summary_with_the_final_point(tmp_path):
+    """Once a run has its summary.json, the curve ends with the final evaluation (every edited
+    record), which progress.json does not hold; a run without one still plots from progress.json."""
+    plot_curves = _benchmark("plot_curves")
+    point = {"edits": 100, "efficacy": 90.0, "generalization": 80.0, "specificity": 65.0, "generative_success": 10.0}
+    progress = {"curve": [{**point, "edits": 0}, {**point, "of": "edited", "records": 50}],
+                "general": [], "norms": [{"edits": 0, "3": 10.0}, {"edits": 100, "3": 12.0}]}
+    (tmp_path / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+    assert [p["edits"] for p in plot_curves.series(tmp_path)["curve"]] == [0, 100]
+    summary = {**progress, "curve": [*progress["curve"], {**point, "edits": 200, "efficacy": 70.0}],
+               "norms": [*progress["norms"], {"edits": 200, "3": 15.0}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    series = plot_curves.series(tmp_path)
+    assert [(p["edits"], p["efficacy"]) for p in series["curve"]] == [(0, 90.0), (100, 90.0), (200, 70.0)]
+    assert series["growth"][-1] == (200, 1.5)
