@@ -11,8 +11,14 @@ relative change of the MLP output that the journal's summed update makes at thos
 mean over tokens of ‖(ΣΔ) k‖ / ‖W0 k‖, keys read on the unedited model; and the mean energy
 ‖Pk‖² of the first batch's edited keys inside each projector's range, the scale that AlphaEdit's
 α (`--l2`) is weighed against in the solve (the paper's 10 is small next to SmolLM2's 30–48).
+With --room K, how full the null space gets over a long run (issue 14): every K batches, the
+directions of the null space in which the earlier batches' keys weigh more than α in the solve
+(eigenvalues of Uᵀ C_p U, U the null space's basis, C_p = Σ K_pᵀ K_p), and the share of the next
+batch's keys' null-space energy that falls in them: an edit there can only be written by moving
+what the earlier ones wrote.
 
     python benchmarks/null_space_leak.py --state RUN/state [--batches N] [--held-out FILE] [--dataset counterfact:FILE] [--json]
+    python benchmarks/null_space_leak.py --state RUN/state --room 10 [--rules absolute:0.02]
     python benchmarks/null_space_leak.py --model smollm2-135m --corpus FILE --tokens 100000 [--rules absolute:0.02,energy:0.9]
 """
 
@@ -32,7 +38,7 @@ from alphaedit.models import load_model
 from alphaedit.prompts import bos_prefix
 from alphaedit.stats import CorpusSpec, StatsCache, second_moments
 from alphaedit.stats.corpus import file_windows
-from alphaedit.updates import null_space_projector, update_from_tensors
+from alphaedit.updates import null_space_mask, null_space_projector, update_from_tensors
 
 DEFAULT_RULES = "absolute:0.02,energy:0.8,energy:0.9,energy:0.99"
 
@@ -81,6 +87,34 @@ def first_batch_keys(state: str, layers: list[int]) -> dict[int, torch.Tensor]:
     return {l: tensors[f"layer.{l}.keys"].double() for l in layers}
 
 
+def batch_keys(state: str, layers: list[int]) -> list[dict[int, torch.Tensor]]:
+    """The edited keys of every applied batch, in order: [{layer: [u, d0]}] float64."""
+    journal = Journal.open(state)
+    return [{l: tensors[f"layer.{l}.keys"].double() for l in layers}
+            for tensors in (journal.batch(b).tensors() for b in journal.applied_batch_ids())]
+
+
+def room(moment: torch.Tensor, rule: tuple[str, float], keys: list[torch.Tensor], alpha: float, every: int = 10) -> dict:
+    """How full one layer's null space gets as batches accumulate. `keys`: each batch's edited keys
+    [u, d0]. Before every `every`-th batch (and the last): how many null-space directions the
+    earlier keys weigh more than α (and 10 α) in the projected solve, and the share of that batch's
+    keys' null-space energy falling in the first kind."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    basis = vectors[:, null_space_mask(values, rule[1], rule[0])]  # U [d0, r]
+    earlier = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)  # Uᵀ C_p U  [r, r]
+    rows = []
+    for index, k in enumerate(keys):
+        inside = k.double() @ basis  # [u, r]: the keys' coordinates in the null space
+        if index % every == 0 or index == len(keys) - 1:
+            weights, directions = torch.linalg.eigh(earlier)
+            crowded = directions[:, weights > alpha]
+            rows.append({"batch": index, "edits_before": sum(len(b) for b in keys[:index]),
+                         "above_alpha": int((weights > alpha).sum()), "above_10_alpha": int((weights > 10 * alpha).sum()),
+                         "share": float((inside @ crowded).norm() ** 2 / inside.norm() ** 2)})
+        earlier += inside.T @ inside
+    return {"rank": basis.shape[1], "alpha": alpha, "rows": rows}
+
+
 def leak(model, layout: Layout, moments: dict[int, torch.Tensor], rules: list[tuple[str, float]],
          texts: dict[str, list[list[int]]], updates: dict[int, torch.Tensor] | None = None,
          edited: dict[int, torch.Tensor] | None = None) -> dict:
@@ -124,8 +158,12 @@ def main() -> None:
     parser.add_argument("--held-out", help="a text file the statistics did not read (e.g. WikiText-2 test)")
     parser.add_argument("--dataset", help="edit-like prompts: the neighbourhood prompts of this dataset's first records")
     parser.add_argument("--batches", type=int, help="with --state: the first N applied batches only (default all)")
+    parser.add_argument("--room", type=int, metavar="K", help="with --state: how full the null space gets, every K batches "
+                        "(the first rule's projector, α from the journal)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.room and not args.state:
+        raise SystemExit("--room reads a journal: give --state")
     if args.state:
         header = Journal.open(args.state).header
         model_spec, layers, spec = header["model"], header["config"]["layers"], CorpusSpec(**header["corpus"])
@@ -137,6 +175,21 @@ def main() -> None:
     layout = detect_layout(model)
     layers = layers or config_for_model(model.config).layers
     moments = {l: m.moment for l, m in second_moments(model, layout, tokenizer, layers, spec, StatsCache(), show_progress=False).items()}
+    if args.room:
+        rule, alpha = parse_rules(args.rules)[0], float(header["config"]["l2_alpha"])
+        keys = batch_keys(args.state, layers)
+        result = {"state": args.state, "rule": f"{rule[0]}:{rule[1]:g}",
+                  "layers": {str(l): room(moments[l], rule, [k[l] for k in keys], alpha, args.room) for l in layers}}
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(f"{args.state}: null-space directions the earlier keys weigh more than α = {alpha:g} (10 α), and the share of "
+              f"the next batch's null-space key energy in them ({result['rule']})")
+        print(" | ".join(["edits before", *[f"layer {l} (rank {result['layers'][str(l)]['rank']})" for l in layers]]))
+        for i, row in enumerate(result["layers"][str(layers[0])]["rows"]):
+            cells = [result["layers"][str(l)]["rows"][i] for l in layers]
+            print(" | ".join([str(row["edits_before"]), *[f"{c['above_alpha']} ({c['above_10_alpha']}), {c['share']:.3f}" for c in cells]]))
+        return
     texts = {"corpus": file_windows(spec.corpus, tokenizer, args.texts * 63, 64)}
     if args.held_out:
         texts["held-out"] = file_windows(args.held_out, tokenizer, args.texts * 63, 64)

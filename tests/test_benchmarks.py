@@ -182,6 +182,39 @@ def test_null_space_leak_measures_what_the_projector_leaves_and_what_the_edits_c
         assert torch.allclose(first_two, sum(b.deltas[layer].dense().double() for b in editor.batches[:2]), atol=1e-6)
 
 
+def test_null_space_room_counts_the_directions_earlier_keys_hold_against_a_full_space_reference(llama, tokenizer, tmp_path):
+    """`room` works in the null space's coordinates; the reference in the full key space: the
+    eigenvalues of P C_p P above α (P = U Uᵀ, C_p the earlier batches' Σ kkᵀ) and the share of the
+    batch's ‖K P‖² along their eigenvectors, one batch at a time in float64."""
+    from alphaedit.config import EditConfig
+    from alphaedit.updates import null_space_mask
+
+    module = _benchmark("null_space_leak")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+    editor = _three_batch_journal(model, layout, tokenizer, tmp_path, config)
+    keys = module.batch_keys(str(tmp_path / "state"), [1, 2])
+    assert len(keys) == 3 and all(torch.equal(k[2], b.keys[2].double()) for k, b in zip(keys, editor.batches))
+    for layer in (1, 2):
+        moment = editor.statistics()[layer].second_moment.cpu().double()
+        values, vectors = torch.linalg.eigh(moment)
+        basis = vectors[:, null_space_mask(values, 0.5, "absolute")]
+        projector = basis @ basis.T  # [d0, d0]
+        batches = [k[layer] for k in keys]
+        alpha = 0.5 * float((batches[0] @ projector).norm() ** 2) / len(batches[0])  # half a first key's energy: some directions cross it
+        result = module.room(moment, ("absolute", 0.5), batches, alpha, every=1)
+        assert result["rank"] == basis.shape[1] and [r["edits_before"] for r in result["rows"]] == [0, 2, 3]
+        for index, row in enumerate(result["rows"]):
+            earlier = sum((k.T @ k for k in batches[:index]), torch.zeros_like(moment))
+            weights, directions = torch.linalg.eigh(projector @ earlier @ projector)
+            assert row["above_alpha"] == int((weights > alpha).sum())
+            assert row["above_10_alpha"] == int((weights > 10 * alpha).sum())
+            inside = batches[index] @ projector
+            expected = float((inside @ directions[:, weights > alpha]).norm() ** 2 / inside.norm() ** 2)
+            assert row["share"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert result["rows"][0]["above_alpha"] == 0 and result["rows"][-1]["above_alpha"] >= 1
+
+
 def test_paraphrase_split_groups_records_by_the_paraphrase_wording_and_later_edits(tmp_path):
     facts = [  # (subject, question, paraphrase, answer); subjects 0/2 and 1/3 are edited twice
         ("Alpha Co", "Who founded Alpha Co?", "Who was the founder of Alpha Co?", "Ann"),      # keeps "?"
