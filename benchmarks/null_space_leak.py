@@ -82,16 +82,15 @@ def summed_updates(state: str, layers: list[int], batches: int | None = None) ->
 
 def first_batch_keys(state: str, layers: list[int]) -> dict[int, torch.Tensor]:
     """The edited keys of the journal's first applied batch, {layer: [u, d0]} float64."""
-    journal = Journal.open(state)
-    tensors = journal.batch(journal.applied_batch_ids()[0]).tensors()
-    return {l: tensors[f"layer.{l}.keys"].double() for l in layers}
+    return batch_keys(state, layers, batches=1)[0]
 
 
-def batch_keys(state: str, layers: list[int]) -> list[dict[int, torch.Tensor]]:
-    """The edited keys of every applied batch, in order: [{layer: [u, d0]}] float64."""
+def batch_keys(state: str, layers: list[int], batches: int | None = None) -> list[dict[int, torch.Tensor]]:
+    """The edited keys of every applied batch (of the first `batches` when given), in order:
+    [{layer: [u, d0]}] float64."""
     journal = Journal.open(state)
     return [{l: tensors[f"layer.{l}.keys"].double() for l in layers}
-            for tensors in (journal.batch(b).tensors() for b in journal.applied_batch_ids())]
+            for tensors in (journal.batch(b).tensors() for b in journal.applied_batch_ids()[:batches])]
 
 
 def room(moment: torch.Tensor, rule: tuple[str, float], keys: list[torch.Tensor], alpha: float, every: int = 10) -> dict:
@@ -102,16 +101,17 @@ def room(moment: torch.Tensor, rule: tuple[str, float], keys: list[torch.Tensor]
     values, vectors = torch.linalg.eigh(moment.double())
     basis = vectors[:, null_space_mask(values, rule[1], rule[0])]  # U [d0, r]
     earlier = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)  # Uᵀ C_p U  [r, r]
-    rows = []
+    rows, edits_before = [], 0
     for index, k in enumerate(keys):
         inside = k.double() @ basis  # [u, r]: the keys' coordinates in the null space
         if index % every == 0 or index == len(keys) - 1:
             weights, directions = torch.linalg.eigh(earlier)
             crowded = directions[:, weights > alpha]
-            rows.append({"batch": index, "edits_before": sum(len(b) for b in keys[:index]),
+            rows.append({"batch": index, "edits_before": edits_before,
                          "above_alpha": int((weights > alpha).sum()), "above_10_alpha": int((weights > 10 * alpha).sum()),
                          "share": float((inside @ crowded).norm() ** 2 / inside.norm() ** 2)})
         earlier += inside.T @ inside
+        edits_before += len(k)
     return {"rank": basis.shape[1], "alpha": alpha, "rows": rows}
 
 
