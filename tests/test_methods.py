@@ -270,6 +270,46 @@ def test_l2_from_the_command_line_is_the_projected_solves_alpha(tiny_model_folde
         assert not run.exists()
 
 
+def test_mom2_weight_from_the_command_line_is_the_unprojected_solves_lambda(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from alphaedit.cli.common import _method_label
+    from alphaedit.config import EditConfig
+    from conftest import WIKITEXT
+
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
+              "--corpus", str(WIKITEXT), "--tokens", "2000", "--json", "--method", "memit-seq"]
+    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    for refused, says in ((["--mom2-weight", "0"], "--mom2-weight 0.0: λ must be positive"),
+                          (["--mom2-weight", "100", "--project"], "memit-seq runs with the projection here: add --no-project")):
+        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "refused").exists()
+    norms = {}
+    for lam in ("10", "100000"):
+        state = tmp_path / f"lambda-{lam}"
+        done = CliRunner().invoke(app, [*common, "--state", str(state), "--mom2-weight", lam], env=env)
+        assert done.exit_code == 0, done.output
+        assert json.loads((state / "header.json").read_text())["config"]["mom2_update_weight"] == float(lam)
+        norms[lam] = json.loads(done.stdout)["batches"][0]["delta_norms"]
+    for layer in norms["10"]:  # C0 weighed ten thousand times more: a smaller update of every edited W_out
+        assert norms["100000"][layer] < norms["10"][layer]
+    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "lambda-10"), "--mom2-weight", "20"], env=env)
+    assert again.exit_code == 2 and "--mom2-weight 10.0" in again.output
+    assert _method_label(EditConfig(method="memit-seq", mom2_update_weight=1000.0)) == "memit-seq, λ 1000"
+    assert _method_label(EditConfig(method="memit-seq")) == "memit-seq"
+    # eval refuses them before it loads a model or records the run
+    for refused, says in ((["--mom2-weight", "-5"], "λ must be positive"), (["--mom2-weight", "5"], "alphaedit runs with the projection here")):
+        run = tmp_path / "run"
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run), *refused],
+                                    env=env)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not run.exists()
+
+
 def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_folder, tmp_path):
     from typer.testing import CliRunner
 
