@@ -21,6 +21,9 @@ declare -A args=(
   # MEMIT-seq, the recursive least squares of RLSEdit (arXiv 2601.15686): no projection, every earlier
   # batch's keys in the solve; RLSEdit's Woodbury recursion computes exactly this matrix
   [cf2000-memit-seq]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method memit-seq"
+  # MEMIT-seq with a fifth of MEMIT's λ: at 15000 it keeps what it writes but writes 82% of each batch
+  # (BENCHMARKS.md); does a weaker pull towards C0 write more and still keep it? (needs code of 99427bb or later)
+  [cf2000-memit-seq-lam3000]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method memit-seq --mom2-weight 3000"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   # the same with three more layers' null spaces: at 10,000 edits the five layers' room is full (BENCHMARKS.md)
   [cf10k-alphaedit-l2-40-wide]="--dataset $cf_stream $lifelong --method alphaedit --l2 40 --layers 3-10"
@@ -29,4 +32,4 @@ declare -A args=(
 )
 # what a queue runs when no names are given: the runs BENCHMARKS.md still lacks (the 2,000- and
 # 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there; name one to run it again)
-order=(cf10k-alphaedit-l2-40-wide cf10k-alphaedit cf10k-alphaedit-nas)
+order=(cf10k-alphaedit-l2-40-wide cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-nas)
