@@ -19,6 +19,7 @@ RENAMED = {"z_requests_per_pass": "v_requests_per_pass", "z_prefix_cache": "v_pr
 
 
 CHAT_VALUES = ("own", "shared")  # EditConfig.chat_values
+SPREADS = ("sequential", "joint")  # EditConfig.spread
 
 
 @dataclass
@@ -64,6 +65,13 @@ class EditConfig:
     l2_alpha: float = 10.0  # AlphaEdit's α (hparams "L2")
     mom2_update_weight: float = 15000.0  # MEMIT's λ
     solve_dtype: str = "float32"  # "float64" for extra stability
+    # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
+    # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
+    # or "joint" (not in the paper; the projected solve only: one solve over the whole block, each
+    # layer taking what its own null-space room allows, methods/projection.py). On SmolLM2 the
+    # authors' loop leaves over half of every update to the block's last layer, whose room then
+    # runs out first over long sequences (BENCHMARKS.md)
+    spread: str = "sequential"
     # chat-aware editing (not in the paper): a request that carries a question is also written in
     # the tokenizer's chat template (question as the user's turn, target_new as the answer), as a
     # column of its own with its own z, when the tokenizer has a chat template
@@ -98,6 +106,11 @@ class EditConfig:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
         if self.chat_values not in CHAT_VALUES:
             raise ValueError(f"chat_values must be one of {', '.join(CHAT_VALUES)}, not {self.chat_values!r}")
+        if self.spread not in SPREADS:
+            raise ValueError(f"spread must be one of {', '.join(SPREADS)}, not {self.spread!r}")
+        if self.spread == "joint" and not get_method(self.method).projects(self):
+            raise ValueError(f"spread joint shares the projected solve over the block, and {self.method} runs without the "
+                             "projection here: add the projection (--project), or keep the sequential spread")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
 

@@ -66,6 +66,7 @@ SamplingOption = Annotated[Optional[str], typer.Option(help="How a text corpus b
 ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of the z optimisation, as a multiple of ‖h0‖ (default: preset; the paper's 0.75).")]
 L2Option = Annotated[Optional[float], typer.Option("--l2", help="α of the projected solve (the authors' \"L2\", default 10): the weight of ‖Δ‖² against the edits' residuals; larger values shrink every update (a Frobenius-norm penalty, as ENCORE's), trading efficacy for slower weight growth over long sequences.")]
 Mom2WeightOption = Annotated[Optional[float], typer.Option("--mom2-weight", help="λ of the unprojected solves (MEMIT, MEMIT-seq, PRUNE, RECT, EMMET, ENCORE; the authors' \"mom2_update_weight\", default: preset, 15000 on SmolLM2): the weight of the preserved keys' second moment C0 against the edits' residuals; smaller values let each batch's edits take more fully at more cost to what C0 preserves.")]
+SpreadOption = Annotated[Optional[str], typer.Option(help="How a batch's residual is shared among the edited layers: 'sequential' (the authors' loop, the default: layer i of L takes 1/(L − i) of what is still missing) or 'joint' (not in the paper; projected solve only: one solve over the whole block, each layer taking what its null-space room allows, so the block's last layer no longer carries most of every update).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
 AnchorOption = Annotated[bool, typer.Option("--anchor-values", help="NAS: rescale every target value v* = m + δ to the norm measured on the first batch (on the unedited model), against the norm growth that collapses long sequences.")]
 MostProbableOption = Annotated[bool, typer.Option("--stop-most-probable", help="Also stop a request's z optimisation once its new object is the top-1 prediction at every target token of every prompt (ENCORE's most-probable early stopping; pair with --method encore for lifelong runs).")]
@@ -209,21 +210,21 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  projector_rule: str | None, threshold: float | None, stop_rule: str | None = None,
                  stop_nll: float | None = None, clamp: float | None = None, project: bool | None = None,
                  method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False,
-                 l2: float | None = None, *, mom2_weight: float | None = None) -> EditConfig:
+                 l2: float | None = None, *, mom2_weight: float | None = None, spread: str | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
-    _check_method_choice(method, project, method_option, l2, mom2_weight)
+    _check_method_choice(method, project, method_option, l2, mom2_weight, spread)
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
                                 early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
                                 method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
-                                value_anchor=anchor or None, l2_alpha=l2, mom2_update_weight=mom2_weight)
+                                value_anchor=anchor or None, l2_alpha=l2, mom2_update_weight=mom2_weight, spread=spread)
     except ValueError as e:
         _fail(str(e))
 
 
 def _check_method_choice(method: str, project: bool | None, method_option: list[str] | None, l2: float | None,
-                         mom2_weight: float | None = None) -> None:
+                         mom2_weight: float | None = None, spread: str | None = None) -> None:
     """The method, its options, the projection, α and λ fit together; checked without a model, so
     that `eval` refuses them before it loads one or records the run."""
     if l2 is not None and not l2 > 0:
@@ -232,7 +233,8 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
         _fail(f"--mom2-weight {mom2_weight}: λ must be positive (λ C0 + K Kᵀ is singular without it when a batch has fewer "
               "keys than the layer has dimensions); the presets' is 15000")
     try:
-        config = EditConfig(method=method, project=project, method_options=_method_options(method_option) or {})
+        config = EditConfig(method=method, project=project, method_options=_method_options(method_option) or {},
+                            **({"spread": spread} if spread is not None else {}))
     except ValueError as e:
         _fail(str(e))
     if l2 is not None and not get_method(config.method).projects(config):
@@ -311,5 +313,6 @@ def _method_label(config: EditConfig) -> str:
                                          ("most-probable stop", config.stop_when_most_probable),
                                          (f"α {config.l2_alpha:g}", method.projects(config) and config.l2_alpha != EditConfig.l2_alpha),
                                          (f"λ {config.mom2_update_weight:g}",
-                                          not method.projects(config) and config.mom2_update_weight != EditConfig.mom2_update_weight)) if on]
+                                          not method.projects(config) and config.mom2_update_weight != EditConfig.mom2_update_weight),
+                                         ("joint spread", config.spread == "joint")) if on]
     return ", ".join([label, *stabilisers])

@@ -38,3 +38,42 @@ def projected_solve(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatist
     lhs = P @ (K @ K.T + stats.preserved.to(dtype)) + config.l2_alpha * eye  # [d0, d0]
     right = torch.linalg.solve(lhs, P @ K)  # V [d0, u]
     return LowRankDelta(R.float(), right.float())
+
+
+def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, stats: dict[int, LayerStatistics],
+                          config: EditConfig) -> dict[int, LowRankDelta]:
+    """The projected solve over the whole block at once (`spread="joint"`, not in the paper).
+
+    The authors' loop gives layer i of L a 1/(L − i) share of the residual still missing; the
+    projected solve writes only part of a share (α shrinks it), the rest passes to the next layer,
+    and the block's last layer ends up with over half of every update: its null space fills first
+    (BENCHMARKS.md). Here every layer's Δ_l = Δ_l P_l is chosen together, for the one residual R:
+
+        min  ‖Σ_l Δ_l K_l − R‖² + Σ_l (‖Δ_l K_p,l‖² + α ‖Δ_l‖²)
+
+        V_l = P_l (P_l C_p,l P_l + α I)⁻¹ P_l K_l          [d0, u]   what a unit of residual asks of layer l
+        G   = Σ_l K_lᵀ V_l                                [u, u]
+        Δ_l = R (I + G)⁻¹ V_lᵀ                            [d, d0]
+
+    so each layer takes the part its own room allows. With one layer it is `projected_solve`
+    (push-through identity). It assumes, as the residual's spreading does, that a layer's MLP
+    output reaches the last edited layer unchanged (no norm after the MLP).
+    """
+    dtype = getattr(torch, config.solve_dtype)
+    R = resid.to(dtype)  # [d, u]
+    asks: dict[int, torch.Tensor] = {}
+    G = torch.zeros(R.shape[1], R.shape[1], dtype=dtype, device=R.device)  # [u, u]
+    for layer, layer_keys in keys.items():
+        if stats[layer].projector is None:
+            raise ValueError("the projected update needs the null-space projector of this layer")
+        P = stats[layer].projector.to(dtype)  # [d0, d0]
+        K = layer_keys.to(dtype)  # [d0, u]
+        eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
+        metric = P @ stats[layer].preserved.to(dtype) @ P + config.l2_alpha * eye  # [d0, d0], commutes with P
+        V = P @ torch.linalg.solve(metric, P @ K)  # [d0, u]
+        asks[layer] = V
+        G = G + (K.T @ V).to(G.device)
+    # E = R (I + G)⁻¹: the residual as the block's layers share it; I + G is symmetric
+    shared = torch.linalg.solve(torch.eye(G.shape[0], dtype=dtype, device=G.device) + G, R.T).T  # [d, u]
+    # each layer its own copy of the shared factor: a journal stores every layer's factors apart
+    return {layer: LowRankDelta(shared.float().clone(), V.float().to(shared.device)) for layer, V in asks.items()}
