@@ -1,5 +1,6 @@
-"""The joint spread (`EditConfig.spread="joint"`): one projected solve over the edited block, against
-a float64 reference that stacks the layers into one least-squares problem, and on a tiny model."""
+"""The joint spread (`EditConfig.spread="joint"`): each layer's part of one projected solve over the
+layers still to write, against a float64 reference that stacks the layers into one least-squares
+problem, and on a tiny model."""
 
 from __future__ import annotations
 
@@ -85,21 +86,29 @@ def test_the_joint_spread_is_refused_where_it_does_not_apply(tokenizer, vocab_si
         _editor(_post_norm_model("gemma2", vocab_size), tokenizer, tmp_path, spread="joint")
 
 
-def test_a_joint_batch_applies_the_joint_solve_of_the_keys_and_residual_read_before_it(llama, tokenizer, tmp_path):
-    """On the tiny model: the batch's Δ are the joint solve of the keys and the residual on the model
-    before it, each layer's W_out moves by its Δ, and C_p takes the keys of the edited model."""
+def test_a_joint_batch_writes_each_layers_part_of_a_solve_over_the_layers_still_to_write(llama, tokenizer, tmp_path):
+    """On the tiny model: the first layer's Δ is its part of the joint solve over the whole block on
+    the model before the batch; the last layer, with nothing after it, takes the authors' solve of
+    all that is still missing; C_p takes the keys of the edited model."""
     model, layout = llama
     editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, spread="joint")
     editor.edit(REQUESTS[:2])  # a first batch, so that the second sees C_p
-    templates, layers = editor.context_templates(), editor.config.layers
+    templates, layers, z_layer = editor.context_templates(), editor.config.layers, editor.config.z_layer
     z = editor._target_values(editor._sourced_forms(REQUESTS[2:]), templates, None).z
-    before = compute_keys(editor.model, layout, tokenizer, REQUESTS[2:], templates, layers, z_layer=editor.config.z_layer)
     weights, preserved = _weights(editor), {l: c.clone() for l, c in editor.preserved.items()}
-    expected = joint_projected_solve({l: before.keys[l].T for l in layers}, (z - before.z_current).T, editor.statistics(), editor.config)
+    before = compute_keys(editor.model, layout, tokenizer, REQUESTS[2:], templates, layers, z_layer=z_layer)
+    plan = joint_projected_solve({l: before.keys[l].T for l in layers}, (z - before.z_current).T, editor.statistics(), editor.config)
+    first, last = layers[0], layers[-1]
+    # what the last layer sees once the first is written: the reference applies the first Δ itself
+    edited = copy.deepcopy(editor)
+    edited._add_to_weight(first, plan[first], sign=1)
+    then = compute_keys(edited.model, layout, tokenizer, REQUESTS[2:], templates, [last], z_layer=z_layer)
+    alone = projected_solve(then.keys[last].T, (z - then.z_current).T, editor.statistics()[last], editor.config)
     editor.edit(REQUESTS[2:])
     after = compute_keys(editor.model, layout, tokenizer, REQUESTS[2:], templates, layers).keys
+    torch.testing.assert_close(_weights(editor)[first] - weights[first], plan[first].dense(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_weights(editor)[last] - weights[last], alone.dense(), rtol=1e-4, atol=1e-6)
     for layer in layers:
-        torch.testing.assert_close(_weights(editor)[layer] - weights[layer], expected[layer].dense(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(editor.preserved[layer] - preserved[layer], after[layer].T @ after[layer], rtol=1e-4, atol=1e-6)
 
 

@@ -67,8 +67,9 @@ class EditConfig:
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
-    # or "joint" (not in the paper; the projected solve only: one solve over the whole block, each
-    # layer taking what its own null-space room allows, methods/projection.py). On SmolLM2 the
+    # or "joint" (not in the paper; the projected solve only: layer by layer as the authors' loop,
+    # each layer's Δ its part of one solve over the layers still to write, so that each takes what
+    # its own null-space room allows, methods/projection.py). On SmolLM2 the
     # authors' loop leaves over half of every update to the block's last layer, whose room then
     # runs out first over long sequences (BENCHMARKS.md)
     spread: str = "sequential"

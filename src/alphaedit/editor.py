@@ -8,8 +8,8 @@ One batch (ALGORITHM.md §1.10):
         (R as W_out's output where the block normalises it before the residual add: residual.py)
         (and columns of R = 0 at the keys of subjects the requests keep: keep_subjects)
         W_l += Δ = method's closed form(K, R, statistics of l)  (methods/, projected or not)
-    (spread="joint", not in the paper: the keys and one residual read once, and one projected
-     solve over the whole block in place of the loop: methods/projection.py)
+        (spread="joint", not in the paper: Δ is this layer's part of one projected solve over the
+         layers still to write, for the whole missing residual: methods/projection.py)
     the method's finish (RECT's mask) and restraint (PRUNE's) on the batch's updates
     C_p += K Kᵀ (the keys read above, each already the edited model's; read again after a
                  finish or restraint, which change the lower layers under the upper keys)
@@ -36,7 +36,7 @@ from .anchor import anchored_values, reference_norm
 from .generate import generate_context_templates
 from .guard import Guard, GuardTripped
 from .journal import Journal
-from .keys import KeyReader, compute_keys
+from .keys import KeyPass, KeyReader, compute_keys
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_as_math, weight_delta_as_stored
 from .methods import get_method
 from .methods.projection import joint_projected_solve
@@ -331,34 +331,36 @@ class Editor(Persistence):
         deltas: dict[int, Update] = {}
         weights_before: dict[int, torch.Tensor] = {}  # only for a method that finishes its updates (RECT)
         reader = KeyReader(self.model, self.layout, self.tokenizer, forms, templates)
-        if self.config.spread == "joint":  # one solve over the block in place of the loop (not in the paper)
-            keys, deltas, weights_before = self._write_block_jointly(reader, values.z, statistics, kept, clock, on_unit)
-        else:
-            for i, layer in enumerate(layers):
-                with clock("keys"):
-                    # only W_out of the layers already done has changed: the blocks below the last
-                    # one are replayed from the previous read
-                    current = reader.read([layer], z_layer=self.config.z_layer, unchanged_below=layers[i - 1] if i else 0)
-                    keys[layer] = current.keys[layer]
-                with clock("solve"):
-                    resid = (values.z - current.z_current) / (len(layers) - i)  # the residual stream's share of this layer
-                    if self.method.finish is not None:
-                        weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
+        for i, layer in enumerate(layers):
+            # the joint spread plans the layers still to write together, so it reads their keys too
+            ahead = layers[i:] if self.config.spread == "joint" else [layer]
+            with clock("keys"):
+                # only W_out of the layers already done has changed: the blocks below the last
+                # one are replayed from the previous read
+                current = reader.read(ahead, z_layer=self.config.z_layer, unchanged_below=layers[i - 1] if i else 0)
+                keys[layer] = current.keys[layer]
+            with clock("solve"):
+                if self.method.finish is not None:
+                    weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
+                missing = values.z - current.z_current  # [u, d] what the residual stream still lacks at the z layer
+                if self.config.spread == "joint":
+                    deltas[layer] = self._joint_share(layer, ahead, current, missing, statistics, kept)
+                else:
+                    resid = missing / (len(layers) - i)  # the residual stream's share of this layer
                     deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer], kept.get(layer))
-                    self._add_to_weight(layer, deltas[layer], sign=1)
-                if on_unit is not None:
-                    on_unit()
+                self._add_to_weight(layer, deltas[layer], sign=1)
+            if on_unit is not None:
+                on_unit()
         with clock("solve"):
             self._finish(deltas, weights_before)
             self._restrain(deltas, sign=1)
         # C_p takes the batch's keys on the model as it now is. A layer's key (the input of its
         # W_out) depends only on the layers below it, all updated by the time it was read above,
         # so for most methods those keys are already the post-edit ones. RECT's mask and PRUNE's
-        # restraint change the lower layers after the upper layers' keys were read, and the joint
-        # spread reads every layer's keys before any changes: read again.
+        # restraint change the lower layers after the upper layers' keys were read: read again.
         preserved_keys: dict[int, torch.Tensor] = {}
         if self.method.keeps_preserved(self.config):
-            if self.method.finish is not None or self.method.restrain is not None or self.config.spread == "joint":
+            if self.method.finish is not None or self.method.restrain is not None:
                 with clock("keys"):
                     keys = reader.read(layers).keys
             preserved_keys = keys
@@ -396,29 +398,19 @@ class Editor(Persistence):
         device = self._device(layer)
         return self.method.layer_update(keys.to(device).T, resid.to(device).T, statistics, self.config).to("cpu")
 
-    def _write_block_jointly(self, reader: KeyReader, z: torch.Tensor, statistics: dict[int, LayerStatistics],
-                             kept: dict[int, torch.Tensor], clock: _PhaseClock, on_unit: Callable[[], None] | None):
-        """`spread="joint"`: every layer's keys and the residual read once, on the model before the
-        batch, and one projected solve over the block (methods/projection.py) in place of the
-        loop's per-layer shares; each Δ applied. Returns the keys read, the Δ and, for a method
-        that finishes its updates, the weights before them."""
-        layers = self.config.layers
-        with clock("keys"):
-            current = reader.read(layers, z_layer=self.config.z_layer)
-        with clock("solve"):
-            resid = z - current.z_current  # [u, d] the whole residual, for the block to share
-            keys = {l: current.keys[l] for l in layers}  # [u, d0] each
-            if kept:  # no change at the kept subjects' keys: zero columns of R
-                keys = {l: torch.cat([keys[l], kept[l].to(keys[l].dtype)]) for l in layers}
-                resid = torch.cat([resid, resid.new_zeros(len(kept[layers[0]]), resid.shape[1])])
-            deltas = joint_projected_solve({l: keys[l].to(self._device(l)).T for l in layers}, resid.T, statistics, self.config)
-            weights_before = {l: self._math_weight(l).to("cpu", copy=True) for l in layers} if self.method.finish is not None else {}
-            for layer in layers:
-                deltas[layer] = deltas[layer].to("cpu")
-                self._add_to_weight(layer, deltas[layer], sign=1)
-        for _ in layers if on_unit is not None else []:
-            on_unit()
-        return {l: current.keys[l] for l in layers}, deltas, weights_before
+    def _joint_share(self, layer: int, ahead: list[int], current: KeyPass, missing: torch.Tensor, statistics: dict[int, LayerStatistics],
+                     kept: dict[int, torch.Tensor]) -> Update:
+        """`spread="joint"`: this layer's Δ in one projected solve over the layers still to write
+        (`ahead`, this one first) for the whole missing residual [u, d] (methods/projection.py); the
+        layers after it are planned again on the model as it will then be."""
+        keys = {l: current.keys[l] for l in ahead}  # [u, d0] each
+        resid = missing
+        if kept:  # no change at the kept subjects' keys: zero columns of R
+            keys = {l: torch.cat([keys[l], kept[l].to(keys[l].dtype)]) for l in ahead}
+            resid = torch.cat([resid, resid.new_zeros(len(kept[ahead[0]]), resid.shape[1])])
+        plan = joint_projected_solve({l: keys[l].to(self._device(l)).T for l in ahead}, resid.T,
+                                     {l: statistics[l] for l in ahead}, self.config)
+        return plan[layer].to("cpu")
 
     def _finish(self, deltas: dict[int, Update], weights_before: dict[int, torch.Tensor]) -> None:
         """A method with a finish step (RECT) solved each layer with its whole Δ in place; the

@@ -42,7 +42,7 @@ def projected_solve(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatist
 
 def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, stats: dict[int, LayerStatistics],
                           config: EditConfig) -> dict[int, LowRankDelta]:
-    """The projected solve over the whole block at once (`spread="joint"`, not in the paper).
+    """The projected solve over several layers at once (`spread="joint"`, not in the paper).
 
     The authors' loop gives layer i of L a 1/(L − i) share of the residual still missing; the
     projected solve writes only part of a share (α shrinks it), the rest passes to the next layer,
@@ -57,7 +57,9 @@ def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, st
 
     so each layer takes the part its own room allows. With one layer it is `projected_solve`
     (push-through identity). It assumes, as the residual's spreading does, that a layer's MLP
-    output reaches the last edited layer unchanged (no norm after the MLP).
+    output reaches the last edited layer unchanged (no norm after the MLP). The editor keeps the
+    authors' loop around it: at each layer it solves over the layers still to write, applies that
+    layer's Δ alone and plans the rest again on the model as it then is (editor.py).
     """
     dtype = getattr(torch, config.solve_dtype)
     R = resid.to(dtype)  # [d, u]
