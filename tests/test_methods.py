@@ -210,17 +210,24 @@ def test_a_method_added_through_the_registry_alone_is_usable_everywhere(llama, t
     assert get_method("memit").option_defaults() == {}
 
 
-def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_folder, tmp_path):
-    from typer.testing import CliRunner
-
-    from alphaedit.cli import app
+def tiny_edit_command(tiny_model_folder, tmp_path) -> tuple[list[str], dict[str, str]]:
+    """`alphaedit edit` of the first two requests on the tiny model, to which a test adds --state and
+    its options, and the environment to run it in (a home of its own)."""
     from conftest import WIKITEXT
 
     requests = tmp_path / "edits.jsonl"
     requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
-    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
-              "--corpus", str(WIKITEXT), "--tokens", "2000"]
-    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    command = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
+               "--corpus", str(WIKITEXT), "--tokens", "2000"]
+    return command, {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+
+
+def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     bad = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "bad"), "--method", "rect", "--method-option", "keep=3"], env=env)
     assert bad.exit_code == 2 and "method rect has no option 'keep' (its options: keep_percent)" in bad.output
     state = tmp_path / "state"
@@ -228,7 +235,7 @@ def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_f
     assert done.exit_code == 0, done.output
     config = json.loads((state / "header.json").read_text())["config"]
     assert config["method"] == "rect" and config["project"] is True and config["method_options"] == {"keep_percent": 20.0}
-    again = CliRunner().invoke(app, [*common[:3], "--requests", str(requests), "--state", str(state), "--no-project"], env=env)
+    again = CliRunner().invoke(app, [*common[:3], "--requests", str(tmp_path / "edits.jsonl"), "--state", str(state), "--no-project"], env=env)
     assert again.exit_code == 2 and "--project/--no-project True" in again.output
 
 
@@ -236,13 +243,9 @@ def test_l2_from_the_command_line_is_the_projected_solves_alpha(tiny_model_folde
     from typer.testing import CliRunner
 
     from alphaedit.cli import app
-    from conftest import WIKITEXT
 
-    requests = tmp_path / "edits.jsonl"
-    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
-    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
-              "--corpus", str(WIKITEXT), "--tokens", "2000", "--json"]
-    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    common = [*common, "--json"]
     for refused, says in ((["--l2", "0"], "--l2 0.0: α must be positive"),
                           (["--l2", "100", "--method", "memit"], "memit runs without the projection here: add --project")):
         result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
@@ -276,13 +279,9 @@ def test_mom2_weight_from_the_command_line_is_the_unprojected_solves_lambda(tiny
     from alphaedit.cli import app
     from alphaedit.cli.common import _method_label
     from alphaedit.config import EditConfig
-    from conftest import WIKITEXT
 
-    requests = tmp_path / "edits.jsonl"
-    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
-    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
-              "--corpus", str(WIKITEXT), "--tokens", "2000", "--json", "--method", "memit-seq"]
-    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    common = [*common, "--json", "--method", "memit-seq"]
     for refused, says in ((["--mom2-weight", "0"], "--mom2-weight 0.0: λ must be positive"),
                           (["--mom2-weight", "100", "--project"], "memit-seq runs with the projection here: add --no-project")):
         result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
@@ -314,14 +313,11 @@ def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_fol
     from typer.testing import CliRunner
 
     from alphaedit.cli import app
-    from conftest import WIKITEXT
 
-    requests = tmp_path / "edits.jsonl"
-    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     state = tmp_path / "state"
-    done = CliRunner().invoke(app, ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
-                                    "--corpus", str(WIKITEXT), "--tokens", "2000", "--state", str(state), "--method", "encore",
-                                    "--method-option", "norm_lambda=50", "--stop-most-probable"], env={"ALPHAEDIT_HOME": str(tmp_path / "home")})
+    done = CliRunner().invoke(app, [*common, "--state", str(state), "--method", "encore",
+                                    "--method-option", "norm_lambda=50", "--stop-most-probable"], env=env)
     assert done.exit_code == 0, done.output
     config = json.loads((state / "header.json").read_text())["config"]
     assert config["method"] == "encore" and config["method_options"] == {"norm_lambda": 50.0} and config["stop_when_most_probable"] is True
@@ -331,14 +327,10 @@ def test_anchored_values_from_the_command_line(tiny_model_folder, tmp_path):
     from typer.testing import CliRunner
 
     from alphaedit.cli import app
-    from conftest import WIKITEXT
 
-    requests = tmp_path / "edits.jsonl"
-    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     state = tmp_path / "state"
-    done = CliRunner().invoke(app, ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
-                                    "--corpus", str(WIKITEXT), "--tokens", "2000", "--state", str(state), "--anchor-values", "--json"],
-                              env={"ALPHAEDIT_HOME": str(tmp_path / "home")})
+    done = CliRunner().invoke(app, [*common, "--state", str(state), "--anchor-values", "--json"], env=env)
     assert done.exit_code == 0, done.output
     assert json.loads((state / "header.json").read_text())["config"]["value_anchor"] is True
     assert json.loads(done.stdout)["batches"][0]["value_reference"] > 0

@@ -134,13 +134,10 @@ def test_spread_from_the_command_line(tiny_model_folder, tmp_path):
 
     from alphaedit.cli import app
     from alphaedit.cli.common import _method_label
-    from conftest import WIKITEXT
+    from test_methods import tiny_edit_command
 
-    requests = tmp_path / "edits.jsonl"
-    requests.write_text("\n".join(json.dumps(r.to_dict()) for r in REQUESTS[:2]))
-    common = ["edit", "--model", str(tiny_model_folder), "--requests", str(requests), "--layers", "1-2", "--steps", "2",
-              "--corpus", str(WIKITEXT), "--tokens", "2000", "--json"]
-    env = {"ALPHAEDIT_HOME": str(tmp_path / "home")}
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    common = [*common, "--json"]
     for refused, says in ((["--spread", "even"], "spread must be one of sequential, joint"),
                           (["--spread", "joint", "--method", "memit"], "memit runs without the projection here")):
         result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)

@@ -116,6 +116,14 @@ def _norms(weight: torch.Tensor, chunk: int = 2048) -> tuple[float, float]:
     return float(gram.diagonal().sum().sqrt()), float(sigma_max)
 
 
+def _with_kept(keys: torch.Tensor, resid: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys [u, d0] and residuals [u, d] with the kept subjects' keys [m, d0] appended as
+    columns that ask for no change (zero residual): [u + m, d0], [u + m, d]."""
+    if kept is None:
+        return keys, resid
+    return torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, resid.new_zeros(len(kept), resid.shape[1])])
+
+
 class Editor(Persistence):
     """Edits a Hugging Face causal LM in place, batch after batch.
 
@@ -393,8 +401,7 @@ class Editor(Persistence):
         # (mapped at the template-averaged key instead, Gemma-3-270M's first 10 CounterFact
         # edits took less: Eff 80 against 100, BENCHMARKS.md)
         resid = mlp_output_change(self.model, self.layout, layer, plain_keys, resid)
-        if kept is not None:  # [u + m, d0], [u + m, d]
-            keys, resid = torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, resid.new_zeros(len(kept), resid.shape[1])])
+        keys, resid = _with_kept(keys, resid, kept)
         device = self._device(layer)
         return self.method.layer_update(keys.to(device).T, resid.to(device).T, statistics, self.config).to("cpu")
 
@@ -403,12 +410,8 @@ class Editor(Persistence):
         """`spread="joint"`: this layer's Δ in one projected solve over the layers still to write
         (`ahead`, this one first) for the whole missing residual [u, d] (methods/projection.py); the
         layers after it are planned again on the model as it will then be."""
-        keys = {l: current.keys[l] for l in ahead}  # [u, d0] each
-        resid = missing
-        if kept:  # no change at the kept subjects' keys: zero columns of R
-            keys = {l: torch.cat([keys[l], kept[l].to(keys[l].dtype)]) for l in ahead}
-            resid = torch.cat([resid, resid.new_zeros(len(kept[ahead[0]]), resid.shape[1])])
-        plan = joint_projected_solve({l: keys[l].to(self._device(l)).T for l in ahead}, resid.T,
+        columns = {l: _with_kept(current.keys[l], missing, kept.get(l)) for l in ahead}  # ([u + m, d0], [u + m, d]) each
+        plan = joint_projected_solve({l: keys.to(self._device(l)).T for l, (keys, _) in columns.items()}, columns[layer][1].T,
                                      {l: statistics[l] for l in ahead}, self.config)
         return plan[layer].to("cpu")
 
