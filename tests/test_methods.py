@@ -210,6 +210,44 @@ def test_a_method_added_through_the_registry_alone_is_usable_everywhere(llama, t
     assert get_method("memit").option_defaults() == {}
 
 
+def test_the_earlier_weight_scales_c_p_in_every_solve_that_reads_it(problem):
+    """β weighs the earlier batches' keys: each solve equals its formula with β C_p (β = 1 the
+    authors'), a larger β moves the earlier keys' outputs less and fits the batch less, β = 0
+    forgets them; a method that never reads C_p refuses a β."""
+    from alphaedit.methods.projection import joint_projected_solve
+
+    K, R, C0, _ = problem
+    g = torch.Generator().manual_seed(3)
+    Kp = torch.randn(D0, 4, dtype=torch.float64, generator=g)
+    evals, evecs = torch.linalg.eigh(C0)
+    P = evecs[:, evals < evals.median()] @ evecs[:, evals < evals.median()].T
+    stats = LayerStatistics(C0.float(), P.float(), (Kp @ Kp.T).float())
+    eye = torch.eye(D0, dtype=torch.float64)
+    formulas = {  # Δ as a function of β, in float64
+        "alphaedit": lambda b: R @ K.T @ P @ torch.linalg.inv(b * Kp @ Kp.T @ P + K @ K.T @ P + 10.0 * eye),
+        "memit-seq": lambda b: R @ K.T @ torch.linalg.inv(5.0 * C0 + b * Kp @ Kp.T + K @ K.T),
+        "encore": lambda b: R @ K.T @ torch.linalg.inv(5.0 * C0 + 20.0 * eye + b * Kp @ Kp.T + K @ K.T),
+    }
+    for method, formula in formulas.items():
+        moved, missed = [], []
+        for beta in (0.0, 1.0, 30.0):
+            config = EditConfig(method=method, mom2_update_weight=5.0, solve_dtype="float64", earlier_weight=beta)
+            delta = get_method(method).layer_update(K.float(), R.float(), stats, config).dense().double()
+            torch.testing.assert_close(delta, formula(beta), rtol=1e-4, atol=1e-5)
+            if method == "alphaedit":  # the joint solve over one layer is the same solve
+                joint = joint_projected_solve({0: K.float()}, R.float(), {0: stats}, config)[0].dense().double()
+                torch.testing.assert_close(joint, delta, rtol=1e-4, atol=1e-5)
+            moved.append(float((delta @ Kp).norm()))
+            missed.append(float((delta @ K - R).norm()))
+        assert moved[0] > moved[1] > moved[2], (method, moved)  # earlier keys held more firmly as β grows
+        assert missed[0] < missed[1] < missed[2], (method, missed)  # at the cost of the batch's own fit
+    with pytest.raises(ValueError, match="memit does not read them"):
+        EditConfig(method="memit", earlier_weight=2.0)
+    with pytest.raises(ValueError, match="finite number"):
+        EditConfig(method="alphaedit", earlier_weight=-1.0)
+    EditConfig(method="rect", project=True, earlier_weight=2.0)  # any method under the projection reads C_p
+
+
 def tiny_edit_command(tiny_model_folder, tmp_path) -> tuple[list[str], dict[str, str]]:
     """`alphaedit edit` of the first two requests on the tiny model, to which a test adds --state and
     its options, and the environment to run it in (a home of its own)."""
@@ -307,6 +345,34 @@ def test_mom2_weight_from_the_command_line_is_the_unprojected_solves_lambda(tiny
                                     env=env)
         assert result.exit_code == 2 and says in result.output, result.output
         assert not run.exists()
+
+
+def test_earlier_weight_from_the_command_line_is_recorded_checked_and_continued(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+    from alphaedit.cli.common import _method_label
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    common = [*common, "--json"]
+    for refused, says in ((["--earlier-weight", "-1"], "--earlier-weight -1.0: β must be a finite number ≥ 0"),
+                          (["--earlier-weight", "2", "--method", "memit"], "memit does not read them here")):
+        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "refused").exists()
+    state = tmp_path / "beta"
+    done = CliRunner().invoke(app, [*common, "--state", str(state), "--earlier-weight", "4"], env=env)
+    assert done.exit_code == 0, done.output
+    assert json.loads((state / "header.json").read_text())["config"]["earlier_weight"] == 4.0
+    again = CliRunner().invoke(app, [*common, "--state", str(state), "--earlier-weight", "1"], env=env)
+    assert again.exit_code == 2 and "--earlier-weight 4.0" in again.output
+    assert _method_label(EditConfig(method="alphaedit", l2_alpha=40.0, earlier_weight=4.0)) == "alphaedit, α 40, β 4"
+    assert _method_label(EditConfig(method="alphaedit")) == "alphaedit"
+    run = tmp_path / "run"  # eval refuses it before it loads a model or records the run
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run),
+                                      "--method", "memit", "--earlier-weight", "3"], env=env)
+    assert result.exit_code == 2 and "memit does not read them here" in result.output, result.output
+    assert not run.exists()
 
 
 def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_folder, tmp_path):

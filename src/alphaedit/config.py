@@ -7,6 +7,7 @@ from its name or path, so a local copy of Llama-3-8B gets the same settings as t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,12 @@ class EditConfig:
     projector_rule: str = "absolute"
     l2_alpha: float = 10.0  # AlphaEdit's α (hparams "L2")
     mom2_update_weight: float = 15000.0  # MEMIT's λ
+    # β, the weight of the earlier batches' keys C_p in every solve that reads them (AlphaEdit,
+    # MEMIT-seq, ENCORE; 1 in the authors' code, not in the paper): a soft penalty on moving what
+    # earlier edits wrote at their keys. Larger values hold earlier edits more firmly against new
+    # ones (an evolving projector that removes their directions is the limit β → ∞) and leave new
+    # edits less room; 0 forgets them (each batch solved as if it were the first)
+    earlier_weight: float = 1.0
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
@@ -112,6 +119,11 @@ class EditConfig:
         if self.spread == "joint" and not get_method(self.method).projects(self):
             raise ValueError(f"spread joint shares the projected solve over the block, and {self.method} runs without the "
                              "projection here: add the projection (--project), or keep the sequential spread")
+        if not (self.earlier_weight >= 0 and math.isfinite(self.earlier_weight)):
+            raise ValueError(f"earlier_weight must be a finite number ≥ 0 (1 is the authors'), got {self.earlier_weight}")
+        if self.earlier_weight != 1.0 and not get_method(self.method).keeps_preserved(self):
+            raise ValueError(f"earlier_weight weighs the earlier batches' keys C_p, and {self.method} does not read them here "
+                             "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 1")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
 

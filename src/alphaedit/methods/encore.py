@@ -3,7 +3,7 @@ without Model Degradation", arXiv 2502.01636): MEMIT-seq with a Frobenius penalt
 so that a long sequence cannot grow the edited matrices without bound.
 
     min_Δ ‖Δ K − R‖² + λ ‖Δ K0‖² + Σ_prev ‖Δ K_p‖² + λ_n ‖Δ‖²_F
-    Δ = R Kᵀ (λ C0 + λ_n I + C_p + K Kᵀ)⁻¹                                     [d, d0]
+    Δ = R Kᵀ (λ C0 + λ_n I + β C_p + K Kᵀ)⁻¹                                   [d, d0]
 
 in float64, λ = config.mom2_update_weight, λ_n = `norm_lambda` (20 in their Llama-3-8B setting).
 The penalty anchors each batch's update to the weights before it, not to the original ones.
@@ -45,7 +45,7 @@ def norm_constrained_solve(keys: torch.Tensor, resid: torch.Tensor, stats: Layer
     K, R = keys.double(), resid.double()  # [d0, u], [d, u]
     d0 = K.shape[0]
     lhs = (config.mom2_update_weight * stats.second_moment.double() + options.norm_lambda * torch.eye(d0, dtype=torch.float64, device=K.device)
-           + stats.preserved.double() + K @ K.T)  # [d0, d0]
+           + config.earlier_weight * stats.preserved.double() + K @ K.T)  # [d0, d0], β C_p with β = 1 in the reference
     return LowRankDelta(R.float(), torch.linalg.solve(lhs, K).float())  # Δ = R (A⁻¹ K)ᵀ, A symmetric
 
 

@@ -2,9 +2,10 @@
 regularised by the preserved keys' second moment C0 (ALGORITHM.md §1.9).
 
 MEMIT:      Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹               V = solve(λ C0 + K Kᵀ, K)         [d0, u]
-MEMIT-seq:  Δ = R Kᵀ (λ C0 + C_p + K Kᵀ)⁻¹         (the earlier batches' keys too)
+MEMIT-seq:  Δ = R Kᵀ (λ C0 + β C_p + K Kᵀ)⁻¹       (the earlier batches' keys too)
 
-in float64, λ = config.mom2_update_weight (15000 for Llama-3-8B). Followed: memit/memit_main.py
+in float64, λ = config.mom2_update_weight (15000 for Llama-3-8B), β = config.earlier_weight (1 in
+the authors' code). Followed: memit/memit_main.py
 L196-201 and memit/memit_seq_main.py L198-203 of jianghoucheng/AlphaEdit. AlphaEdit is MEMIT-seq
 under the projection (alphaedit.py).
 """
@@ -29,7 +30,7 @@ def ridge_solve(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics,
     K, R = keys.double(), resid.double()  # [d0, u], [d, u]
     lhs = config.mom2_update_weight * stats.second_moment.double() + K @ K.T  # [d0, d0]
     if with_preserved:
-        lhs = lhs + stats.preserved.double()
+        lhs = lhs + config.earlier_weight * stats.preserved.double()  # β C_p
     # Δ = R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ since A is symmetric
     return LowRankDelta(R.float(), torch.linalg.solve(lhs, K).float())
 

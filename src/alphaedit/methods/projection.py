@@ -7,8 +7,9 @@ paper's Eq. 14, which the authors' code solves as (AlphaEdit/AlphaEdit_main.py, 
 
     X = solve(P (K Kᵀ + C_p) + α I,  P K Rᵀ),   Δ = Xᵀ   ⇔   Δ = R Kᵀ P (C_p P + K Kᵀ P + α I)⁻¹
 
-Factored as Δ = R Vᵀ with V = solve(P (K Kᵀ + C_p) + α I, P K)  [d0, u], in config.solve_dtype
-(float32 in the authors' code), α = config.l2_alpha (their "L2", 10).
+Factored as Δ = R Vᵀ with V = solve(P (K Kᵀ + β C_p) + α I, P K)  [d0, u], in config.solve_dtype
+(float32 in the authors' code), α = config.l2_alpha (their "L2", 10), β = config.earlier_weight
+(1 in their code: the earlier batches' keys weigh as much as the batch's own).
 
 MEMIT, MEMIT-seq, RECT, PRUNE, EMMET and ENCORE all get this same solve under `--project`: their ridge (or
 constraint metric) on C0 is what the projection replaces. With C_p = 0 it is EMMET's equality-
@@ -35,7 +36,8 @@ def projected_solve(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatist
     P = stats.projector.to(dtype)  # [d0, d0]
     K, R = keys.to(dtype), resid.to(dtype)  # [d0, u], [d, u]
     eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
-    lhs = P @ (K @ K.T + stats.preserved.to(dtype)) + config.l2_alpha * eye  # [d0, d0]
+    C_p = config.earlier_weight * stats.preserved.to(dtype)  # β C_p, β = 1 in the authors' code
+    lhs = P @ (K @ K.T + C_p) + config.l2_alpha * eye  # [d0, d0]
     right = torch.linalg.solve(lhs, P @ K)  # V [d0, u]
     return LowRankDelta(R.float(), right.float())
 
@@ -49,9 +51,9 @@ def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, st
     and the block's last layer ends up with over half of every update: its null space fills first
     (BENCHMARKS.md). Here every layer's Δ_l = Δ_l P_l is chosen together, for the one residual R:
 
-        min  ‖Σ_l Δ_l K_l − R‖² + Σ_l (‖Δ_l K_p,l‖² + α ‖Δ_l‖²)
+        min  ‖Σ_l Δ_l K_l − R‖² + Σ_l (β ‖Δ_l K_p,l‖² + α ‖Δ_l‖²)
 
-        V_l = P_l (P_l C_p,l P_l + α I)⁻¹ P_l K_l          [d0, u]   what a unit of residual asks of layer l
+        V_l = P_l (β P_l C_p,l P_l + α I)⁻¹ P_l K_l        [d0, u]   what a unit of residual asks of layer l
         G   = Σ_l K_lᵀ V_l                                [u, u]
         Δ_l = R (I + G)⁻¹ V_lᵀ                            [d, d0]
 
@@ -71,7 +73,8 @@ def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, st
         P = stats[layer].projector.to(dtype)  # [d0, d0]
         K = layer_keys.to(dtype)  # [d0, u]
         eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
-        metric = P @ stats[layer].preserved.to(dtype) @ P + config.l2_alpha * eye  # [d0, d0], commutes with P
+        C_p = config.earlier_weight * stats[layer].preserved.to(dtype)  # β C_p
+        metric = P @ C_p @ P + config.l2_alpha * eye  # [d0, d0], commutes with P
         V = P @ torch.linalg.solve(metric, P @ K)  # [d0, u]
         asks[layer] = V
         G = G + (K.T @ V).to(G.device)
