@@ -104,6 +104,32 @@ def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, 
     assert result["rows"][0]["1"]["later"] > 0 and result["keys_rank"] == {"1": 4, "2": 4}
 
 
+def test_key_drift_reads_how_far_later_batches_moved_an_earlier_batchs_keys(llama, tokenizer, tmp_path):
+    """From a journal of three AlphaEdit batches: right after the probe batch its keys are the
+    stored ones; after all three the drift equals the keys read on the editor's own edited model
+    against the stored ones; the first edited layer never drifts."""
+    import copy
+
+    from alphaedit.config import EditConfig
+    from alphaedit.keys import compute_keys
+
+    module = _benchmark("key_drift")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+    editor = _three_batch_journal(model, layout, tokenizer, tmp_path, config)
+    result = module.drift(str(tmp_path / "state"), probe=0, after=[1, 3], model=copy.deepcopy(model), tokenizer=tokenizer)
+    assert result["probe_requests"] == 2 and [r["edits_after_probe"] for r in result["rows"]] == [0, 2]
+    first, last = result["rows"]
+    assert first["1"] == pytest.approx(0.0, abs=1e-7) and first["2"] == pytest.approx(0.0, abs=1e-7)
+    stored = editor.batches[0].keys
+    now = compute_keys(editor.model, layout, tokenizer, editor.batches[0].requests, editor.context_templates(), [1, 2]).keys
+    expected = float(((now[2].double() - stored[2].double()).norm(dim=1) / stored[2].double().norm(dim=1)).mean())
+    assert last["2"] == pytest.approx(expected, rel=1e-4) and last["2"] > 100 * max(first["2"], 1e-8)  # the later batches moved them
+    assert last["1"] == pytest.approx(0.0, abs=1e-7)  # nothing below layer 1 was edited
+    with pytest.raises(SystemExit, match="--after must lie in 1..3"):
+        module.drift(str(tmp_path / "state"), probe=0, after=[4], model=model, tokenizer=tokenizer)
+
+
 def test_update_spectrum_reads_the_summed_update_against_the_unedited_weight(llama, tokenizer, tmp_path):
     """From a journal of three batches: σ_max and the Frobenius norm of the summed updates against
     the unedited W_out's, and the count of singular values above σ_max(W_out), as computed from
