@@ -122,3 +122,29 @@ def test_eval_keeps_same_relation_subjects_and_a_run_with_them_does_not_grow(tin
     assert journal and all(len(r["keep_subjects"]) == 2 for f in journal for r in json.loads(f.read_text()))
     grown = _run(["eval", "--resume", str(out), "--n", "6"], tmp_path / "home")
     assert grown.returncode == 2 and "--keep-same-relation" in grown.stderr
+
+
+def test_the_joint_spread_keeps_the_kept_subjects_too(llama, tokenizer, tmp_path):
+    """With the joint spread the kept subjects are columns of the block's one solve (editor._with_kept
+    serves both spreads), asking that the block's summed change at their keys, Σ_l Δ_l k_l, be none:
+    it falls well below what the same edit makes there without them, and the edited subject's
+    summed change stays."""
+    from test_editor import _editor as _alphaedit_editor
+
+    model, layout = llama
+    plain = EditRequest(EDIT.prompt, EDIT.subject, EDIT.target_new, EDIT.target_true)
+    kept_forms = [EditRequest(EDIT.prompt, s, "x") for s in EDIT.keep_subjects]
+    changes = {}
+    for keep in (False, True):
+        # a small α, so that the columns, not the norm penalty, decide what each layer writes
+        editor = _alphaedit_editor((copy.deepcopy(model), layout), tokenizer, tmp_path, spread="joint", l2_alpha=1e-3)
+        layers = editor.config.layers
+        before = {l: editor._math_weight(l).clone() for l in layers}
+        k_kept = compute_keys(editor.model, layout, tokenizer, kept_forms, [PLAIN_TEMPLATE], layers).keys
+        k_edit = compute_keys(editor.model, layout, tokenizer, [plain], [PLAIN_TEMPLATE], layers).keys
+        request = EditRequest(EDIT.prompt, EDIT.subject, EDIT.target_new, EDIT.target_true, keep_subjects=EDIT.keep_subjects) if keep else plain
+        assert editor.edit([request])[0].kept_columns == (3 if keep else 0)
+        summed = {name: sum((editor._math_weight(l) - before[l]) @ keys[l].T for l in layers) for name, keys in (("kept", k_kept), ("edit", k_edit))}
+        changes[keep] = {name: float(change.norm(dim=0).mean()) for name, change in summed.items()}
+    assert changes[True]["kept"] < 0.3 * changes[False]["kept"], changes
+    assert changes[True]["edit"] > 0.5 * changes[False]["edit"], changes

@@ -116,12 +116,16 @@ def _norms(weight: torch.Tensor, chunk: int = 2048) -> tuple[float, float]:
     return float(gram.diagonal().sum().sqrt()), float(sigma_max)
 
 
-def _with_kept(keys: torch.Tensor, resid: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_kept(keys: torch.Tensor, resid: torch.Tensor, kept: torch.Tensor | None,
+               kept_resid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's keys [u, d0] and residuals [u, d] with the kept subjects' keys [m, d0] appended as
-    columns that ask for no change (zero residual): [u + m, d0], [u + m, d]."""
+    columns that ask for no change (zero residual) or, given `kept_resid` [m, d], for that change
+    (the joint spread asks the layers still to write to take back what the layers before them in
+    the batch changed there): [u + m, d0], [u + m, d]."""
     if kept is None:
         return keys, resid
-    return torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, resid.new_zeros(len(kept), resid.shape[1])])
+    asked = resid.new_zeros(len(kept), resid.shape[1]) if kept_resid is None else kept_resid.to(resid.dtype)
+    return torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, asked])
 
 
 class Editor(Persistence):
@@ -352,7 +356,7 @@ class Editor(Persistence):
                     weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
                 missing = values.z - current.z_current  # [u, d] what the residual stream still lacks at the z layer
                 if self.config.spread == "joint":
-                    deltas[layer] = self._joint_share(layer, ahead, current, missing, statistics, kept)
+                    deltas[layer] = self._joint_share(layer, ahead, current, missing, statistics, kept, deltas)
                 else:
                     resid = missing / (len(layers) - i)  # the residual stream's share of this layer
                     deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer], kept.get(layer))
@@ -406,11 +410,15 @@ class Editor(Persistence):
         return self.method.layer_update(keys.to(device).T, resid.to(device).T, statistics, self.config).to("cpu")
 
     def _joint_share(self, layer: int, ahead: list[int], current: KeyPass, missing: torch.Tensor, statistics: dict[int, LayerStatistics],
-                     kept: dict[int, torch.Tensor]) -> Update:
+                     kept: dict[int, torch.Tensor], written: dict[int, Update]) -> Update:
         """`spread="joint"`: this layer's Δ in one projected solve over the layers still to write
         (`ahead`, this one first) for the whole missing residual [u, d] (methods/projection.py); the
-        layers after it are planned again on the model as it will then be."""
-        columns = {l: _with_kept(current.keys[l], missing, kept.get(l)) for l in ahead}  # ([u + m, d0], [u + m, d]) each
+        layers after it are planned again on the model as it will then be. The kept subjects ask
+        the block for no change in all: the layers still to write take back what the batch's layers
+        already `written` changed at their keys (the plan's own assumption: a layer's output
+        reaches the z layer unchanged)."""
+        undo = -sum(kept[l].float().cpu() @ written[l].dense().T for l in written) if kept and written else None  # [m, d]
+        columns = {l: _with_kept(current.keys[l], missing, kept.get(l), undo) for l in ahead}  # ([u + m, d0], [u + m, d]) each
         plan = joint_projected_solve({l: keys.to(self._device(l)).T for l, (keys, _) in columns.items()}, columns[layer][1].T,
                                      {l: statistics[l] for l in ahead}, self.config)
         return plan[layer].to("cpu")
