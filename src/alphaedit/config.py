@@ -71,6 +71,13 @@ class EditConfig:
     # ones (an evolving projector that removes their directions is the limit β → ∞) and leave new
     # edits less room; 0 forgets them (each batch solved as if it were the first)
     earlier_weight: float = 1.0
+    # every N batches (0: never, the authors' code; not in the paper), C_p is rebuilt from the keys
+    # of every applied request as the edited model reads them now. C_p keeps each batch's keys as
+    # they were read when it was edited, but later batches' lower-layer updates move them (on
+    # SmolLM2 layer 7's by 54% after 2,000 more edits: benchmarks/key_drift.py), so the hold on
+    # earlier edits drifts off the directions the model reads them by (BENCHMARKS.md). Costs a key
+    # pass over every earlier request each time
+    earlier_reread: int = 0
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
@@ -124,6 +131,11 @@ class EditConfig:
         if self.earlier_weight != 1.0 and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"earlier_weight weighs the earlier batches' keys C_p, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 1")
+        if self.earlier_reread < 0:
+            raise ValueError(f"earlier_reread must be a number of batches ≥ 0 (0: never, the authors'), got {self.earlier_reread}")
+        if self.earlier_reread and not get_method(self.method).keeps_preserved(self):
+            raise ValueError(f"earlier_reread rebuilds the earlier batches' keys C_p, and {self.method} does not read them here "
+                             "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 0")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
 

@@ -378,6 +378,9 @@ class Editor(Persistence):
             preserved_keys = keys
             for layer in layers:
                 self._add_to_preserved(layer, keys[layer], sign=1)
+            if self._rereads_after(len(self.batches) + 1):  # this batch included
+                with clock("keys"):
+                    self._reread_earlier(also=forms)
         with clock("check"):
             efficacy = self._efficacy(requests)  # on the weights the model carries (after finish and restraint)
         kept_columns = len(next(iter(kept.values()))) if kept else 0
@@ -579,6 +582,23 @@ class Editor(Persistence):
         with torch.no_grad():
             weight.add_(dense.to(weight.dtype), alpha=sign)
 
+    def _rereads_after(self, batches: int) -> bool:
+        """Whether C_p is read again once this many batches have been applied (config.earlier_reread)."""
+        every = self.config.earlier_reread
+        return bool(every) and batches % every == 0 and self.method.keeps_preserved(self.config)
+
+    def _reread_earlier(self, also: Sequence[EditRequest] = ()) -> None:
+        """C_p = Σ kkᵀ over every applied request's forms (and `also`, a batch being applied), keys
+        read on the model as it is now: where the model reads the earlier edits today, not where it
+        read them when they were written. The journal keeps the keys as written; a replay reads
+        again at the same points, so a loaded state carries the same C_p."""
+        forms = [form for batch in self.batches if not batch.reverted for _, form in self._sourced_forms(batch.requests)] + list(also)
+        keys = KeyReader(self.model, self.layout, self.tokenizer, forms, self.context_templates()).read(self.config.layers).keys if forms else {}
+        for layer in self.config.layers:
+            self.preserved[layer].zero_()
+            if forms:
+                self._add_to_preserved(layer, keys[layer], sign=1)
+
     def _add_to_preserved(self, layer: int, keys: torch.Tensor, sign: int) -> None:
         keys = keys.to(self.preserved[layer].device)
         self.preserved[layer].add_(keys.T @ keys, alpha=sign)
@@ -604,10 +624,13 @@ class Editor(Persistence):
             raise ValueError(f"batch {batch_id} is already reverted")
         for layer, delta in batch.deltas.items():
             self._add_to_weight(layer, delta, sign=-1)
-        for layer, keys in batch.keys.items():
-            self._add_to_preserved(layer, keys, sign=-1)
+        if not self.config.earlier_reread:
+            for layer, keys in batch.keys.items():
+                self._add_to_preserved(layer, keys, sign=-1)
         self._restrain(batch.deltas, sign=-1)
         batch.reverted = True
+        if self.config.earlier_reread and self.method.keeps_preserved(self.config):
+            self._reread_earlier()  # C_p was read on a model that carried the batch: read it without
         self.events.append(("revert", batch_id))
 
     def _batch(self, batch_id: int) -> AppliedBatch:

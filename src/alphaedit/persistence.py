@@ -175,6 +175,8 @@ class Persistence:
             for layer, keys in batch.keys.items():
                 self._add_to_preserved(layer, keys, sign=1)
             self._record(batch)
+            if self._rereads_after(len(self.batches)):  # where the edit read C_p again, so does the replay
+                self._reread_earlier()
 
     def export(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the edited model with save_pretrained (plain transformers loads it), atomically.
