@@ -30,6 +30,12 @@ declare -A args=(
   # α 40 with the joint spread: one projected solve over the block instead of the authors' per-layer
   # shares, which leave over half of every update to the last layer (BENCHMARKS.md; code of its commit or later)
   [cf2000-alphaedit-l2-40-joint]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --spread joint"
+  # C_p rebuilt after every batch from the keys the edited model reads now (--earlier-reread 1, code of
+  # 8e2f67e or later): later batches' lower-layer updates move earlier edits' keys (benchmarks/key_drift.py).
+  # Measured in BENCHMARKS.md as cf2000-alphaedit-l2-40-refresh and ...-joint-refresh, made with an
+  # experimental patch whose updates are bit-identical to this option's
+  [cf2000-alphaedit-l2-40-reread]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --earlier-reread 1"
+  [cf2000-alphaedit-l2-40-joint-reread]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --spread joint --earlier-reread 1"
   [cf10k-alphaedit-l2-40-joint]="--dataset $cf_stream $lifelong --method alphaedit --l2 40 --spread joint"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   # the same with three more layers' null spaces: at 10,000 edits the five layers' room is full (BENCHMARKS.md)
