@@ -366,27 +366,33 @@ class Editor(Persistence):
         with clock("solve"):
             self._finish(deltas, weights_before)
             self._restrain(deltas, sign=1)
-        # C_p takes the batch's keys on the model as it now is. A layer's key (the input of its
-        # W_out) depends only on the layers below it, all updated by the time it was read above,
-        # so for most methods those keys are already the post-edit ones. RECT's mask and PRUNE's
-        # restraint change the lower layers after the upper layers' keys were read: read again.
-        preserved_keys: dict[int, torch.Tensor] = {}
-        if self.method.keeps_preserved(self.config):
-            if self.method.finish is not None or self.method.restrain is not None:
-                with clock("keys"):
-                    keys = reader.read(layers).keys
-            preserved_keys = keys
-            for layer in layers:
-                self._add_to_preserved(layer, keys[layer], sign=1)
-            if self._rereads_after(len(self.batches) + 1):  # this batch included
-                with clock("keys"):
-                    self._reread_earlier(also=forms)
+        preserved_keys = self._hold_batch_keys(reader, keys, forms, clock)
         with clock("check"):
             efficacy = self._efficacy(requests)  # on the weights the model carries (after finish and restraint)
         kept_columns = len(next(iter(kept.values()))) if kept else 0
         report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
         self._record(AppliedBatch(report, list(requests), deltas, preserved_keys))
         return report
+
+    def _hold_batch_keys(self, reader: KeyReader, keys: dict[int, torch.Tensor], forms: list[EditRequest],
+                         clock: _PhaseClock) -> dict[int, torch.Tensor]:
+        """C_p takes the batch's keys on the model as it now is; returns them (the journal keeps
+        them), or nothing for a method that keeps no C_p. A layer's key (the input of its W_out)
+        depends only on the layers below it, all updated by the time it was read, so for most
+        methods `keys` are already the post-edit ones; RECT's mask and PRUNE's restraint change the
+        lower layers after the upper layers' keys were read: read again. With earlier_reread, at
+        its points C_p is then rebuilt from every applied request's keys."""
+        if not self.method.keeps_preserved(self.config):
+            return {}
+        if self.method.finish is not None or self.method.restrain is not None:
+            with clock("keys"):
+                keys = reader.read(self.config.layers).keys
+        for layer in self.config.layers:
+            self._add_to_preserved(layer, keys[layer], sign=1)
+        if self._rereads_after(len(self.batches) + 1):  # this batch included
+            with clock("keys"):
+                self._reread_earlier(also=forms)
+        return keys
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit) -> _TargetValues:
         """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured."""
