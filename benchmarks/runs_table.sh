@@ -36,6 +36,9 @@ declare -A args=(
   # experimental patch whose updates are bit-identical to this option's
   [cf2000-alphaedit-l2-40-reread]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --earlier-reread 1"
   [cf2000-alphaedit-l2-40-joint-reread]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --spread joint --earlier-reread 1"
+  # both levers the 2,000-edit runs found: a firmer z stop (each batch written more fully) and C_p re-read
+  # (earlier batches held where the model reads them)
+  [cf2000-alphaedit-l2-40-nll02-reread]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --stop-nll 0.02 --earlier-reread 1"
   [cf10k-alphaedit-l2-40-joint]="--dataset $cf_stream $lifelong --method alphaedit --l2 40 --spread joint"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   # the same with three more layers' null spaces: at 10,000 edits the five layers' room is full (BENCHMARKS.md)
@@ -45,6 +48,6 @@ declare -A args=(
 )
 # what a queue runs when no names are given: the runs BENCHMARKS.md still lacks (the 2,000- and
 # 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there; name one to run it
-# again; cf2000-alphaedit-l2-40-joint is measured too); the wide 10K run was stopped at 4,200 edits
+# again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the wide 10K run was stopped at 4,200 edits
 # on purpose (BENCHMARKS.md) and comes last
-order=(cf2000-alphaedit-l2-40-nll02 cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide)
+order=(cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide)
