@@ -260,6 +260,47 @@ def tiny_edit_command(tiny_model_folder, tmp_path) -> tuple[list[str], dict[str,
     return command, {"ALPHAEDIT_HOME": str(tmp_path / "home")}
 
 
+def assert_edit_refuses(common: list[str], env: dict[str, str], tmp_path, cases) -> None:
+    """Each (extra arguments, message) of `cases` makes `alphaedit edit` exit with status 2, saying the
+    message, and leave no state behind."""
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    for refused, says in cases:
+        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "refused").exists()
+
+
+def assert_recorded_and_kept(common: list[str], env: dict[str, str], state, option: str, value: str, other: str, field: str, recorded) -> None:
+    """`alphaedit edit OPTION VALUE` writes a state whose journal records `field` as `recorded`, and
+    continuing that state with OPTION OTHER is refused, naming the recorded setting."""
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    done = CliRunner().invoke(app, [*common, "--state", str(state), option, value], env=env)
+    assert done.exit_code == 0, done.output
+    assert json.loads((state / "header.json").read_text())["config"][field] == recorded
+    again = CliRunner().invoke(app, [*common, "--state", str(state), option, other], env=env)
+    assert again.exit_code == 2 and f"{option} {recorded}" in again.output, again.output
+
+
+def assert_eval_refuses(tiny_model_folder, env: dict[str, str], tmp_path, arguments: list[str], says: str) -> None:
+    """`alphaedit eval` with these arguments exits with status 2, saying `says`, before it loads a
+    model or records the run (a run.json would make the folder a run)."""
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run),
+                                      *arguments], env=env)
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert not run.exists()
+
+
 def test_cli_method_options_and_projection_are_checked_and_recorded(tiny_model_folder, tmp_path):
     from typer.testing import CliRunner
 
@@ -284,11 +325,8 @@ def test_l2_from_the_command_line_is_the_projected_solves_alpha(tiny_model_folde
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     common = [*common, "--json"]
-    for refused, says in ((["--l2", "0"], "--l2 0.0: α must be positive"),
-                          (["--l2", "100", "--method", "memit"], "memit runs without the projection here: add --project")):
-        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
-        assert result.exit_code == 2 and says in result.output, result.output
-        assert not (tmp_path / "refused").exists()
+    assert_edit_refuses(common, env, tmp_path, ((["--l2", "0"], "--l2 0.0: α must be positive"),
+                                                (["--l2", "100", "--method", "memit"], "memit runs without the projection here: add --project")))
     norms = {}
     for alpha in ("10", "1000"):
         state = tmp_path / f"alpha-{alpha}"
@@ -320,11 +358,8 @@ def test_mom2_weight_from_the_command_line_is_the_unprojected_solves_lambda(tiny
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     common = [*common, "--json", "--method", "memit-seq"]
-    for refused, says in ((["--mom2-weight", "0"], "--mom2-weight 0.0: λ must be positive"),
-                          (["--mom2-weight", "100", "--project"], "memit-seq runs with the projection here: add --no-project")):
-        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
-        assert result.exit_code == 2 and says in result.output, result.output
-        assert not (tmp_path / "refused").exists()
+    assert_edit_refuses(common, env, tmp_path, ((["--mom2-weight", "0"], "--mom2-weight 0.0: λ must be positive"),
+                                                (["--mom2-weight", "100", "--project"], "memit-seq runs with the projection here: add --no-project")))
     norms = {}
     for lam in ("10", "100000"):
         state = tmp_path / f"lambda-{lam}"
@@ -348,31 +383,16 @@ def test_mom2_weight_from_the_command_line_is_the_unprojected_solves_lambda(tiny
 
 
 def test_earlier_weight_from_the_command_line_is_recorded_checked_and_continued(tiny_model_folder, tmp_path):
-    from typer.testing import CliRunner
-
-    from alphaedit.cli import app
     from alphaedit.cli.common import _method_label
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     common = [*common, "--json"]
-    for refused, says in ((["--earlier-weight", "-1"], "--earlier-weight -1.0: β must be a finite number ≥ 0"),
-                          (["--earlier-weight", "2", "--method", "memit"], "memit does not read them here")):
-        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
-        assert result.exit_code == 2 and says in result.output, result.output
-        assert not (tmp_path / "refused").exists()
-    state = tmp_path / "beta"
-    done = CliRunner().invoke(app, [*common, "--state", str(state), "--earlier-weight", "4"], env=env)
-    assert done.exit_code == 0, done.output
-    assert json.loads((state / "header.json").read_text())["config"]["earlier_weight"] == 4.0
-    again = CliRunner().invoke(app, [*common, "--state", str(state), "--earlier-weight", "1"], env=env)
-    assert again.exit_code == 2 and "--earlier-weight 4.0" in again.output
+    assert_edit_refuses(common, env, tmp_path, ((["--earlier-weight", "-1"], "--earlier-weight -1.0: β must be a finite number ≥ 0"),
+                                                (["--earlier-weight", "2", "--method", "memit"], "memit does not read them here")))
+    assert_recorded_and_kept(common, env, tmp_path / "beta", "--earlier-weight", "4", "1", "earlier_weight", 4.0)
     assert _method_label(EditConfig(method="alphaedit", l2_alpha=40.0, earlier_weight=4.0)) == "alphaedit, α 40, β 4"
     assert _method_label(EditConfig(method="alphaedit")) == "alphaedit"
-    run = tmp_path / "run"  # eval refuses it before it loads a model or records the run
-    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run),
-                                      "--method", "memit", "--earlier-weight", "3"], env=env)
-    assert result.exit_code == 2 and "memit does not read them here" in result.output, result.output
-    assert not run.exists()
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--method", "memit", "--earlier-weight", "3"], "memit does not read them here")
 
 
 def test_encore_with_most_probable_stopping_from_the_command_line(tiny_model_folder, tmp_path):

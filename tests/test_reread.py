@@ -5,7 +5,6 @@ in the replay of its journal alike, and after a revert."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from alphaedit.editor import Editor
 from alphaedit.keys import compute_keys
 from alphaedit.stats import StatsCache
 from test_editor import REQUESTS, _editor, _weights
-from test_methods import tiny_edit_command
+from test_methods import assert_edit_refuses, assert_eval_refuses, assert_recorded_and_kept, tiny_edit_command
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,24 +77,14 @@ def test_a_revert_reads_c_p_again_without_the_reverted_batch(llama, tokenizer, t
 
 
 def test_earlier_reread_from_the_command_line(tiny_model_folder, tmp_path):
-    from typer.testing import CliRunner
-
-    from alphaedit.cli import app
     from alphaedit.cli.common import _method_label
     from alphaedit.config import EditConfig
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
-    for refused, says in ((["--earlier-reread", "-1"], "--earlier-reread -1: give a number of batches"),
-                          (["--earlier-reread", "2", "--method", "memit"], "memit does not read them here")):
-        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
-        assert result.exit_code == 2 and says in result.output, result.output
-        assert not (tmp_path / "refused").exists()
-    state = tmp_path / "state"
-    done = CliRunner().invoke(app, [*common, "--state", str(state), "--earlier-reread", "1"], env=env)
-    assert done.exit_code == 0, done.output
-    assert json.loads((state / "header.json").read_text())["config"]["earlier_reread"] == 1
-    again = CliRunner().invoke(app, [*common, "--state", str(state), "--earlier-reread", "3"], env=env)
-    assert again.exit_code == 2 and "--earlier-reread 1" in again.output
+    assert_edit_refuses(common, env, tmp_path, ((["--earlier-reread", "-1"], "--earlier-reread -1: give a number of batches"),
+                                                (["--earlier-reread", "2", "--method", "memit"], "memit does not read them here")))
+    assert_recorded_and_kept(common, env, tmp_path / "state", "--earlier-reread", "1", "3", "earlier_reread", 1)
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--method", "memit", "--earlier-reread", "2"], "memit does not read them here")
     assert _method_label(EditConfig(method="alphaedit", earlier_reread=10)) == "alphaedit, C_p re-read every 10"
     with pytest.raises(ValueError, match="memit does not read them"):
         EditConfig(method="memit", earlier_reread=1)

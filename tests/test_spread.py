@@ -128,30 +128,13 @@ def test_the_joint_spread_writes_more_of_the_residual_than_the_authors_loop(llam
 
 
 def test_spread_from_the_command_line(tiny_model_folder, tmp_path):
-    import json
-
-    from typer.testing import CliRunner
-
-    from alphaedit.cli import app
     from alphaedit.cli.common import _method_label
-    from test_methods import tiny_edit_command
+    from test_methods import assert_edit_refuses, assert_eval_refuses, assert_recorded_and_kept, tiny_edit_command
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     common = [*common, "--json"]
-    for refused, says in ((["--spread", "even"], "spread must be one of sequential, joint"),
-                          (["--spread", "joint", "--method", "memit"], "memit runs without the projection here")):
-        result = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "refused"), *refused], env=env)
-        assert result.exit_code == 2 and says in result.output, result.output
-        assert not (tmp_path / "refused").exists()
-    state = tmp_path / "joint"
-    done = CliRunner().invoke(app, [*common, "--state", str(state), "--spread", "joint"], env=env)
-    assert done.exit_code == 0, done.output
-    assert json.loads((state / "header.json").read_text())["config"]["spread"] == "joint"
-    again = CliRunner().invoke(app, [*common, "--state", str(state), "--spread", "sequential"], env=env)
-    assert again.exit_code == 2 and "--spread joint" in again.output
+    assert_edit_refuses(common, env, tmp_path, ((["--spread", "even"], "spread must be one of sequential, joint"),
+                                                (["--spread", "joint", "--method", "memit"], "memit runs without the projection here")))
+    assert_recorded_and_kept(common, env, tmp_path / "joint", "--spread", "joint", "sequential", "spread", "joint")
     assert _method_label(EditConfig(spread="joint")) == "alphaedit, joint spread"
-    run = tmp_path / "run"  # eval refuses it before it loads a model or records the run
-    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run),
-                                      "--method", "rect", "--spread", "joint"], env=env)
-    assert result.exit_code == 2 and "rect runs without the projection here" in result.output, result.output
-    assert not run.exists()
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--method", "rect", "--spread", "joint"], "rect runs without the projection here")
