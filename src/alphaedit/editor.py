@@ -590,8 +590,8 @@ class Editor(Persistence):
 
     def _rereads_after(self, batches: int) -> bool:
         """Whether C_p is read again once this many batches have been applied (config.earlier_reread)."""
-        every = self.config.earlier_reread
-        return bool(every) and batches % every == 0 and self.method.keeps_preserved(self.config)
+        every = self.config.earlier_reread  # only ever set for a method that keeps C_p (EditConfig refuses it otherwise)
+        return bool(every) and batches % every == 0
 
     def _reread_earlier(self, also: Sequence[EditRequest] = ()) -> None:
         """C_p = Σ kkᵀ over every applied request's forms (and `also`, a batch being applied), keys
@@ -599,11 +599,13 @@ class Editor(Persistence):
         read them when they were written. The journal keeps the keys as written; a replay reads
         again at the same points, so a loaded state carries the same C_p."""
         forms = [form for batch in self.batches if not batch.reverted for _, form in self._sourced_forms(batch.requests)] + list(also)
-        keys = KeyReader(self.model, self.layout, self.tokenizer, forms, self.context_templates()).read(self.config.layers).keys if forms else {}
         for layer in self.config.layers:
             self.preserved[layer].zero_()
-            if forms:
-                self._add_to_preserved(layer, keys[layer], sign=1)
+        if not forms:
+            return
+        keys = KeyReader(self.model, self.layout, self.tokenizer, forms, self.context_templates()).read(self.config.layers).keys
+        for layer in self.config.layers:
+            self._add_to_preserved(layer, keys[layer], sign=1)
 
     def _add_to_preserved(self, layer: int, keys: torch.Tensor, sign: int) -> None:
         keys = keys.to(self.preserved[layer].device)
@@ -630,13 +632,13 @@ class Editor(Persistence):
             raise ValueError(f"batch {batch_id} is already reverted")
         for layer, delta in batch.deltas.items():
             self._add_to_weight(layer, delta, sign=-1)
-        if not self.config.earlier_reread:
-            for layer, keys in batch.keys.items():
-                self._add_to_preserved(layer, keys, sign=-1)
         self._restrain(batch.deltas, sign=-1)
         batch.reverted = True
-        if self.config.earlier_reread and self.method.keeps_preserved(self.config):
+        if self.config.earlier_reread:
             self._reread_earlier()  # C_p was read on a model that carried the batch: read it without
+        else:
+            for layer, keys in batch.keys.items():
+                self._add_to_preserved(layer, keys, sign=-1)
         self.events.append(("revert", batch_id))
 
     def _batch(self, batch_id: int) -> AppliedBatch:

@@ -240,22 +240,21 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
               "keys than the layer has dimensions); the presets' is 15000")
     if earlier_weight is not None and not (earlier_weight >= 0 and math.isfinite(earlier_weight)):
         _fail(f"--earlier-weight {earlier_weight}: β must be a finite number ≥ 0; the authors' is 1")
-    try:
+    if earlier_reread is not None and earlier_reread < 0:
+        _fail(f"--earlier-reread {earlier_reread}: give a number of batches (1 = after every batch), or 0 for never")
+    given = {"spread": spread, "earlier_weight": earlier_weight, "earlier_reread": earlier_reread}
+    try:  # EditConfig refuses a spread, β or re-read the method cannot use
         config = EditConfig(method=method, project=project, method_options=_method_options(method_option) or {},
-                            **({"spread": spread} if spread is not None else {}))
+                            **{name: value for name, value in given.items() if value is not None})
     except ValueError as e:
         _fail(str(e))
     if l2 is not None and not get_method(config.method).projects(config):
         _fail(f"--l2 weighs ‖Δ‖² in the projected solve, and {config.method} runs without the projection here: "
               f"add --project, or leave --l2 out")
     if earlier_weight is not None and not get_method(config.method).keeps_preserved(config):
+        # given at all, even as 1 (which EditConfig cannot tell from its default): refused as --l2 is
         _fail(f"--earlier-weight weighs the earlier batches' keys C_p, and {config.method} does not read them here: use "
               f"alphaedit, memit-seq or encore, add --project, or leave --earlier-weight out")
-    if earlier_reread is not None and earlier_reread < 0:
-        _fail(f"--earlier-reread {earlier_reread}: give a number of batches (1 = after every batch), or 0 for never")
-    if earlier_reread and not get_method(config.method).keeps_preserved(config):
-        _fail(f"--earlier-reread rebuilds the earlier batches' keys C_p, and {config.method} does not read them here: use "
-              f"alphaedit, memit-seq or encore, add --project, or leave --earlier-reread out")
     if mom2_weight is not None and get_method(config.method).projects(config):
         _fail(f"--mom2-weight weighs C0 in the unprojected solves (the projected one has no λ: C0 enters it as the projector), "
               f"and {config.method} runs with the projection here: add --no-project, or leave --mom2-weight out")
