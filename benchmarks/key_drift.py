@@ -23,7 +23,7 @@ import torch
 
 from alphaedit.journal import Journal
 from alphaedit.keys import compute_keys
-from alphaedit.layouts import detect_layout, mlp_out_weight
+from alphaedit.layouts import detect_layout, mlp_out_weight, weight_delta_as_stored
 from alphaedit.models import load_model
 from alphaedit.requests import parse_requests
 from alphaedit.updates import update_from_tensors
@@ -57,8 +57,7 @@ def drift(state: str, probe: int = 0, after: list[int] | None = None, model=None
                 batch = journal.batch(batch_id).tensors()
                 for l in layers:
                     weight = mlp_out_weight(model, layout, l)
-                    delta = update_from_tensors(batch, f"layer.{l}").dense().to(weight.dtype)
-                    weight += delta if delta.shape == weight.shape else delta.T
+                    weight += weight_delta_as_stored(layout, update_from_tensors(batch, f"layer.{l}").dense()).to(weight.dtype)
             done = upto
             keys = compute_keys(model, layout, tokenizer, requests, header["templates"], layers).keys
             row = {"batches": upto, "edits_after_probe": sum(journal.batch(b).report["requests"] for b in applied[probe + 1 : upto])}
