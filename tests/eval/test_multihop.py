@@ -90,3 +90,26 @@ def test_the_multihop_command_reports_before_and_after(tiny_model_folder, tmp_pa
     assert all(len(c["post"]["answers"]) == len(cases[i]["questions"]) for i, c in enumerate(report["cases"]))
     bad = CliRunner().invoke(app, ["multihop", "--dataset", str(tmp_path / "missing.json"), "--model", str(tiny_model_folder)])
     assert bad.exit_code == 2 and "missing.json" in bad.output
+
+
+def test_the_multihop_command_takes_alpha_and_chat_values(tiny_model_folder, tmp_path, monkeypatch):
+    """The setting BENCHMARKS.md recommends for conversation (chat-aware, shared values, α 60) can be
+    measured for portability too; bad values are refused before a model is loaded."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    monkeypatch.setenv("ALPHAEDIT_HOME", str(tmp_path / "home"))
+    data = tmp_path / "mquake.json"
+    data.write_text(json.dumps(json.loads(MQUAKE.read_text())[:1]))
+    base = ["multihop", "--dataset", str(data), "--model", str(tiny_model_folder), "--corpus", str(WIKITEXT), "--tokens", "2000",
+            "--layers", "1-2", "--steps", "2", "--max-tokens", "4", "--json"]
+    result = CliRunner().invoke(app, [*base, "--l2", "60", "--chat", "--chat-values", "shared"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert "α 60" in summary["method"] and summary["chat"] is True and summary["chat_values"] == "shared"
+    for bad, named in ((["--chat-values", "mine"], "--chat-values mine"), (["--l2", "0"], "--l2 0")):
+        refused = CliRunner().invoke(app, ["multihop", "--dataset", str(tmp_path / "missing.json"), "--model", str(tiny_model_folder), *bad])
+        assert refused.exit_code == 2 and named in refused.output, refused.output

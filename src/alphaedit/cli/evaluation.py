@@ -422,6 +422,8 @@ def multihop(
     model: ModelOption = "smollm2-135m",
     method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = DEFAULT_METHOD,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each rewrite also in the chat template, with its MQuAKE question.")] = False,
+    chat_values: Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' or 'shared' (see `eval --help`).")] = "own",
+    l2: L2Option = None,
     corpus: CorpusOption = "self",
     tokens: TokensOption = 20_000,
     layers: LayersOption = None,
@@ -434,24 +436,27 @@ def multihop(
     from ..eval.multihop import load_mquake, run_multihop
     from ..files import atomic_write_text
 
+    _check_chat_values(chat_values)
+    _check_method_choice(method, None, None, l2)
     try:
         cases = load_mquake(dataset, n)
     except (OSError, ValueError, RequestError) as e:
         _fail(f"--dataset {dataset}: {e}")
     lm, tokenizer = _load(model)
-    config = _edit_config(lm, method, layers, steps, None, True, None, None)
-    config.chat = chat
+    config = _edit_config(lm, method, layers, steps, None, True, None, None, l2=l2)
+    config.chat, config.chat_values = chat, chat_values
     editor = _new_editor(lm, tokenizer, config, None, _corpus_spec(corpus, tokens, None, None), model, show_progress=False)
     editor.statistics()
     with progress_bar("multihop (cases)", total=len(cases), enabled=not as_json) as advance:
         report = run_multihop(editor, cases, max_tokens, on_case=lambda _: advance(1))
-    report = {"model": model, "dataset": str(dataset), "n": len(cases), "method": _method_label(config), "chat": chat, **report}
+    report = {"model": model, "dataset": str(dataset), "n": len(cases), "method": _method_label(config), "chat": chat,
+              "chat_values": chat_values if chat else None, **report}
     if out_file is not None:
         atomic_write_text(out_file, json.dumps(report, indent=1))
     if as_json:
         out.print_json(json.dumps({k: v for k, v in report.items() if k != "cases"}))
         return
-    table = Table(title=f"MQuAKE portability, {len(cases)} cases, {report['method']}" + (" + chat-aware" if chat else ""))
+    table = Table(title=f"MQuAKE portability, {len(cases)} cases, {report['method']}" + (f" + chat-aware ({chat_values} values)" if chat else ""))
     for column in ("", "multi-hop, new answer", "multi-hop, old answer", "edited facts answered"):
         table.add_column(column, justify="right")
     for block in ("pre", "post"):
