@@ -330,10 +330,13 @@ def test_concurrent_clients_lose_no_batch_and_no_ask(bench, capsys):
         print(f"\nserve load (tiny model): 400 asks beside 3 edits, p50 {1000 * statistics.median(latencies):.0f} ms, p95 {1000 * q[18]:.0f} ms")
 
 
-def test_serve_refuses_another_address_without_a_token(tmp_path):
+def test_serve_refuses_another_address_without_a_token_and_a_bad_alpha(tmp_path):
     done = subprocess.run([sys.executable, "-m", "alphaedit", "serve", "--state", str(tmp_path / "s"), "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--token" in done.stderr and not (tmp_path / "s").exists()
+    done = subprocess.run([sys.executable, "-m", "alphaedit", "serve", "--state", str(tmp_path / "s"), "--l2", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--l2 0" in done.stderr and not (tmp_path / "s").exists()
 
 
 def _start_server(folder: Path, state: Path, home: Path, *extra: str) -> tuple[subprocess.Popen, httpx.Client]:
@@ -356,7 +359,8 @@ def _start_server(folder: Path, state: Path, home: Path, *extra: str) -> tuple[s
 
 def test_a_server_killed_mid_batch_leaves_a_journal_that_loads_and_serve_continues_it(tiny_model_folder, llama, tokenizer, tmp_path):
     state, home = tmp_path / "state", tmp_path / "home"
-    server, c = _start_server(tiny_model_folder, state, home, "--layers", "1-2", "--steps", "20", "--corpus", str(WIKITEXT), "--tokens", "2000")
+    server, c = _start_server(tiny_model_folder, state, home, "--layers", "1-2", "--steps", "20", "--corpus", str(WIKITEXT), "--tokens", "2000",
+                              "--l2", "40")
     try:
         many = [{**EIFFEL, "subject": f"Tower {i}"} for i in range(40)]
         job = c.post("/api/edits", json={"requests": many, "batch_size": 1}).json()
@@ -378,6 +382,10 @@ def test_a_server_killed_mid_batch_leaves_a_journal_that_loads_and_serve_continu
     refused = subprocess.run([sys.executable, "-m", "alphaedit", "serve", "--state", str(state), "--layers", "0-1"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--layers" in refused.stderr
+    assert journal.header["config"]["l2_alpha"] == 40  # a new state's α, as given
+    refused = subprocess.run([sys.executable, "-m", "alphaedit", "serve", "--state", str(state), "--l2", "60"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--l2" in refused.stderr
     server, c = _start_server(tiny_model_folder, state, home)
     try:
         assert [b["id"] for b in c.get("/api/journal").json()["batches"]] == committed
