@@ -93,8 +93,8 @@ def test_the_multihop_command_reports_before_and_after(tiny_model_folder, tmp_pa
 
 
 def test_the_multihop_command_takes_alpha_and_chat_values(tiny_model_folder, tmp_path, monkeypatch):
-    """The setting BENCHMARKS.md recommends for conversation (chat-aware, shared values, α 60) can be
-    measured for portability too; bad values are refused before a model is loaded."""
+    """Portability can be measured with the settings the 200-edit chat runs compare (chat-aware,
+    shared values, another α); bad values are refused before a model is loaded."""
     import json
 
     from typer.testing import CliRunner

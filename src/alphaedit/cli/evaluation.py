@@ -20,7 +20,7 @@ from ..progress import progress_bar
 from ..journal import Journal
 from ..requests import RequestError
 from .common import (
-    AnchorOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
+    AnchorOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
     _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
@@ -118,7 +118,7 @@ def evaluate(
     stop_most_probable: MostProbableOption = False,
     anchor_values: AnchorOption = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Chat-aware editing: give each edit request a question (CounterFact: its relation's question form; zsRE: its prompt) so that the fact is also written in the tokenizer's chat template.")] = False,
-    chat_values: Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' (a z of its own, from the chat prompt alone) or 'shared' (its request's δ, optimised on the plain and chat prompts together).")] = "own",
+    chat_values: ChatValuesOption = "own",
     chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
     chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
@@ -422,7 +422,7 @@ def multihop(
     model: ModelOption = "smollm2-135m",
     method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = DEFAULT_METHOD,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Write each rewrite also in the chat template, with its MQuAKE question.")] = False,
-    chat_values: Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' or 'shared' (see `eval --help`).")] = "own",
+    chat_values: ChatValuesOption = "own",
     l2: L2Option = None,
     corpus: CorpusOption = "self",
     tokens: TokensOption = 20_000,
