@@ -11,8 +11,8 @@ per request and the seconds per edit. The winner becomes the model's preset in c
         --candidates "1.0:10:loss,1.0:25:nll:0.05" [--json]
 
 A candidate is V_LR:STEPS:RULE[:THRESHOLD][:FIELD=VALUE...] with RULE `loss` (the authors' total-loss stop) or
-`nll` (stop once the target NLL is below THRESHOLD), FIELD any EditConfig field (a number, or
-true/false); `--layers` sets the edited block; `--slices zsre` tunes on one kind only;
+`nll` (stop once the target NLL is below THRESHOLD), FIELD any EditConfig field (a number,
+true/false, or words separated by "|" for a list such as context_template_words); `--layers` sets the edited block; `--slices zsre` tunes on one kind only;
 `mlp_out_norm=none` edits as if the blocks added the MLP output unnormalised (residual.py's
 mapping off, for comparison on Gemma).
 """
@@ -20,11 +20,12 @@ mapping off, for comparison on Gemma).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-from alphaedit.config import config_for_model
+from alphaedit.config import EditConfig, config_for_model
 from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset
 from alphaedit.eval.evaluator import EvalSettings, Evaluator, summarise
@@ -42,6 +43,23 @@ def tuning_slices(records: int, cf_start: int) -> dict[str, list]:
     return {"counterfact": counterfact, "zsre": zsre}
 
 
+def field_value(name: str, text: str):
+    """An EditConfig field's value from text, typed by the field's default: true/false, an int, a
+    float, or a list of words separated by "|" (context_template_words=The|A|In)."""
+    fields = {f.name: f for f in dataclasses.fields(EditConfig)}
+    if name not in fields:
+        raise SystemExit(f"--candidates: {name!r} is not an EditConfig field")
+    field = fields[name]
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if isinstance(default, bool):
+        return {"true": True, "false": False}[text.lower()]
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, list):
+        return text.split("|")
+    return float(text)
+
+
 def parse_candidate(text: str) -> dict:
     lr, steps, rule, *rest = text.split(":")
     settings = {"v_lr": float(lr), "v_num_grad_steps": int(steps), "early_stop_rule": rule}
@@ -50,9 +68,7 @@ def parse_candidate(text: str) -> dict:
             settings["mlp_out_norm"] = "none"
         elif "=" in item:  # any other EditConfig field, e.g. clamp_norm_factor=1.5
             key, value = item.split("=", 1)
-            settings[key] = {"true": True, "false": False}.get(value.lower(), None)
-            if settings[key] is None:
-                settings[key] = float(value)
+            settings[key] = field_value(key, value)
         else:
             settings["early_stop_nll" if rule == "nll" else "early_stop_loss"] = float(item)
     return settings
