@@ -44,13 +44,19 @@ class BatchReport:
     value_reference: float | None = None  # NAS's μ (EditConfig.value_anchor), measured on the first batch
     values_dropped: int = 0  # requests whose anchored value was dropped (‖v*‖ > 2μ): their edit not written
     kept_columns: int = 0  # zero-change columns in the solve: kept subjects' forms (EditRequest.keep_subjects)
+    # rehearsal (EditConfig.rehearse): the share of the earlier requests still standing whose edit
+    # held before this batch (the efficacy test), and how many lapsed ones it wrote again; `requests`
+    # and `efficacy` count the batch's own requests only
+    earlier_held: float | None = None
+    rehearsed: int = 0
 
 
 @dataclass(frozen=True)
 class EditProgress:
-    """Where `Editor.edit` is: its phase ("statistics", "context templates", "editing", "guard
-    check", "committing", "done"), the batch (from 1) of `batches`, and units of work done of
-    `total` (one per z iteration and per layer update; early-stopped iterations count as done)."""
+    """Where `Editor.edit` is: its phase ("statistics", "context templates", "rehearsal check",
+    "editing", "guard check", "committing", "done"), the batch (from 1) of `batches`, and units of
+    work done of `total` (one per z iteration and per layer update; early-stopped iterations count
+    as done)."""
 
     phase: str
     batch: int
@@ -71,6 +77,13 @@ class AppliedBatch:
     deltas: dict[int, Update]  # layer -> Δ (math orientation): low-rank factors, masked for RECT
     keys: dict[int, torch.Tensor]  # layer -> [u, d0] keys added to C_p (empty if the method keeps none)
     reverted: bool = False
+    rehearsed: list[EditRequest] = field(default_factory=list)  # earlier requests written again with it
+
+    @property
+    def written(self) -> list[EditRequest]:
+        """Every request the batch's update was solved for: its own, then the rehearsed ones (the
+        order of the columns of its keys, and of requests.json in the journal)."""
+        return [*self.requests, *self.rehearsed]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -80,7 +93,9 @@ class AppliedBatch:
         return tensors
 
     @classmethod
-    def from_tensors(cls, report: BatchReport, requests: list[EditRequest], tensors: dict[str, torch.Tensor], layers: Sequence[int]) -> AppliedBatch:
+    def from_tensors(cls, report: BatchReport, written: list[EditRequest], tensors: dict[str, torch.Tensor], layers: Sequence[int]) -> AppliedBatch:
+        """The batch from its journal files; `written` as `AppliedBatch.written` lists them."""
         deltas = {l: update_from_tensors(tensors, f"layer.{l}") for l in layers}
         keys = {l: tensors[f"layer.{l}.keys"] for l in layers if f"layer.{l}.keys" in tensors}
-        return cls(report, requests, deltas, keys)
+        own = len(written) - report.rehearsed
+        return cls(report, written[:own], deltas, keys, rehearsed=written[own:])

@@ -78,6 +78,14 @@ class EditConfig:
     # earlier edits drifts off the directions the model reads them by (BENCHMARKS.md). Costs a key
     # pass over every earlier request each time
     earlier_reread: int = 0
+    # every N batches (0: never, the authors' code; not in the paper), rehearsal: before the batch
+    # every earlier request still standing (not reverted, not replaced by a later edit of its
+    # subject and prompt) is checked with the efficacy test, and the lapsed ones, oldest first and
+    # at most as many as the batch has, are written again with it. Later batches undo some of what
+    # earlier ones wrote (on SmolLM2 about one edit in ten over 2,000, BENCHMARKS.md); the journal
+    # already holds every request, so the editor can find and restore them. Costs a teacher-forced
+    # check of every earlier request each time, and the rehearsed requests' z optimisation
+    rehearse: int = 0
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
@@ -131,6 +139,8 @@ class EditConfig:
         if self.earlier_weight != 1.0 and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"earlier_weight weighs the earlier batches' keys C_p, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 1")
+        if self.rehearse < 0:
+            raise ValueError(f"rehearse must be a number of batches ≥ 0 (0: never, the authors'), got {self.rehearse}")
         if self.earlier_reread < 0:
             raise ValueError(f"earlier_reread must be a number of batches ≥ 0 (0: never, the authors'), got {self.earlier_reread}")
         if self.earlier_reread and not get_method(self.method).keeps_preserved(self):

@@ -45,7 +45,7 @@ from .progress import progress_bar
 from .prompts import PLAIN_TEMPLATE, chat_form, has_chat_template
 from .requests import EditRequest, RequestError, check_conflicts
 from .residual import mlp_contribution, mlp_output_change
-from .teacher_forcing import prefers_new
+from .teacher_forcing import continuation_accuracy, prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
 from .targets import TargetResult, compute_targets
@@ -83,6 +83,15 @@ class _TargetValues:
     z: torch.Tensor  # [forms, d] on the CPU: targets.z, or NAS's anchored values
     reference: float | None  # NAS's reference norm μ (None without anchoring)
     dropped: int  # requests NAS dropped
+
+
+@dataclass
+class _Rehearsal:
+    """Before a rehearsing batch: the earlier requests it writes again and the check's result."""
+
+    lapsed: list[EditRequest]  # earlier requests whose edit no longer holds, oldest first
+    held: float | None  # the share of the earlier requests still standing whose edit held
+    seconds: float  # the check's time
 
 
 @dataclass
@@ -285,8 +294,11 @@ class Editor(Persistence):
                     advance(1)
                     tell(progress)
 
-                snapshot = self._guard_before(batch)
-                reports.append(self._edit_batch(batch, on_unit))
+                rehearsal = self._rehearsal(batch) if self._rehearses_before(len(self.batches) + 1) else None
+                if rehearsal is not None:
+                    tell(progress.at("rehearsal check"))
+                snapshot = self._guard_before(batch + (rehearsal.lapsed if rehearsal else []))
+                reports.append(self._edit_batch(batch, on_unit, rehearsal))
                 if snapshot is not None:
                     tell(progress.at("guard check"))
                     self._guard_after(batch, snapshot)  # raises GuardTripped, the batch taken back
@@ -328,11 +340,15 @@ class Editor(Persistence):
                     "sentence naming the subject: shorten it" + (", or raise --max-prompt-tokens" if limit == self.max_prompt_tokens else "")
                 )
 
-    def _edit_batch(self, requests: list[EditRequest], on_unit: Callable[[], None] | None = None) -> BatchReport:
-        """One batch, as the module docstring's loop; each phase timed for the report."""
+    def _edit_batch(self, own: list[EditRequest], on_unit: Callable[[], None] | None = None,
+                    rehearsal: _Rehearsal | None = None) -> BatchReport:
+        """One batch, as the module docstring's loop; each phase timed for the report. The batch
+        writes its own requests and, with rehearsal, the earlier ones that lapsed."""
         started, start = now(), time.perf_counter()
         layers, clock = self.config.layers, _PhaseClock(self.model)
         templates, statistics = self.context_templates(), self.statistics()
+        rehearsed = rehearsal.lapsed if rehearsal else []
+        requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
         forms = [form for _, form in sourced]  # one column of K and R per form
         with clock("z"):
@@ -368,10 +384,14 @@ class Editor(Persistence):
             self._restrain(deltas, sign=1)
         preserved_keys = self._hold_batch_keys(reader, keys, forms, clock)
         with clock("check"):
-            efficacy = self._efficacy(requests)  # on the weights the model carries (after finish and restraint)
+            efficacy = self._efficacy(own)  # on the weights the model carries (after finish and restraint)
         kept_columns = len(next(iter(kept.values()))) if kept else 0
-        report = self._report(requests, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
-        self._record(AppliedBatch(report, list(requests), deltas, preserved_keys))
+        report = self._report(own, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
+        if rehearsal is not None:
+            report.earlier_held, report.rehearsed = rehearsal.held, len(rehearsed)
+            report.phase_seconds["check"] = report.phase_seconds.get("check", 0.0) + rehearsal.seconds
+            report.seconds += rehearsal.seconds
+        self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed)))
         return report
 
     def _hold_batch_keys(self, reader: KeyReader, keys: dict[int, torch.Tensor], forms: list[EditRequest],
@@ -598,7 +618,7 @@ class Editor(Persistence):
         read on the model as it is now: where the model reads the earlier edits today, not where it
         read them when they were written. The journal keeps the keys as written; a replay reads
         again at the same points, so a loaded state carries the same C_p."""
-        forms = [form for batch in self.batches if not batch.reverted for _, form in self._sourced_forms(batch.requests)] + list(also)
+        forms = [form for batch in self.batches if not batch.reverted for _, form in self._sourced_forms(batch.written)] + list(also)
         for layer in self.config.layers:
             self.preserved[layer].zero_()
         if not forms:
@@ -610,6 +630,52 @@ class Editor(Persistence):
     def _add_to_preserved(self, layer: int, keys: torch.Tensor, sign: int) -> None:
         keys = keys.to(self.preserved[layer].device)
         self.preserved[layer].add_(keys.T @ keys, alpha=sign)
+
+    def _rehearses_before(self, batch_number: int) -> bool:
+        """Whether the batch_number-th batch (from 1) rehearses lapsed earlier edits (config.rehearse)."""
+        every = self.config.rehearse
+        return bool(every) and batch_number > 1 and (batch_number - 1) % every == 0
+
+    def _rehearsal(self, batch: list[EditRequest]) -> _Rehearsal:
+        """Which earlier edits no longer hold: every request still standing (the latest edit of its
+        subject and prompt, not reverted) is checked as the batch report's efficacy checks a batch
+        (the new object preferred over the true one; all target tokens top-1 where no true object
+        is known). The lapsed ones are written again with `batch`, oldest first, at most as many as
+        it has requests; none that would conflict with it: a request about a subject the batch
+        edits or keeps (the batch's facts are the newer), or one that keeps a subject it edits."""
+        start = time.perf_counter()
+        standing: dict[tuple[str, str], EditRequest] = {}
+        for applied in self.batches:
+            if applied.reverted:
+                continue
+            for request in applied.requests:
+                standing.pop((request.subject, request.prompt), None)  # re-inserted: ordered by its latest edit
+                standing[(request.subject, request.prompt)] = request
+        earlier = list(standing.values())
+        if not earlier:
+            return _Rehearsal([], None, time.perf_counter() - start)
+        holds = self._holds(earlier)
+        named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
+        lapsed = [r for r, held in zip(earlier, holds)
+                  if not held and r.subject not in named and not named.intersection(r.keep_subjects)]
+        return _Rehearsal(lapsed[: len(batch)], sum(holds) / len(holds), time.perf_counter() - start)
+
+    def _holds(self, requests: list[EditRequest]) -> list[bool]:
+        """Per request: does its edit hold on the model now (the efficacy test)?"""
+        known = [i for i, r in enumerate(requests) if r.target_true]
+        holds = [False] * len(requests)
+        if known:
+            wins = prefers_new(self.model, self.tokenizer, [requests[i].text() for i in known], [requests[i].target_new for i in known],
+                               [requests[i].target_true for i in known], layout=self.layout)
+            for i, win in zip(known, wins.tolist()):
+                holds[i] = bool(win)
+        unknown = [i for i, r in enumerate(requests) if not r.target_true]
+        if unknown:
+            accuracy = continuation_accuracy(self.model, self.tokenizer, [requests[i].text() for i in unknown],
+                                             [requests[i].target_new for i in unknown], layout=self.layout)
+            for i, a in zip(unknown, accuracy):
+                holds[i] = a == 1.0
+        return holds
 
     def _efficacy(self, requests: list[EditRequest]) -> float | None:
         known = [r for r in requests if r.target_true]

@@ -3,7 +3,8 @@
     STATE/journal.json              the index, rewritten atomically: it is the commit point
     STATE/header.json               a copy of the index's header (model, layout, config, ...)
     STATE/batches/000000/           one folder per applied batch
-        requests.json               the batch's requests (MEMIT form)
+        requests.json               the batch's requests (MEMIT form), then any earlier ones it
+                                    wrote again (rehearsal; report.json says how many)
         report.json                 timings and edit-time metrics
         update.safetensors          per layer: Δ = left @ rightᵀ (rank ≤ the batch's forms: its
                                     requests and, with chat-aware editing, their chat forms), RECT's

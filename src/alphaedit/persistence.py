@@ -121,7 +121,7 @@ class Persistence:
             for kind, batch_id in self.events[written:]:
                 if kind == "batch":
                     batch = self._batch(batch_id)
-                    journal.append_batch(batch_id, [r.to_dict() for r in batch.requests], asdict(batch.report), batch.tensors())
+                    journal.append_batch(batch_id, [r.to_dict() for r in batch.written], asdict(batch.report), batch.tensors())
                 else:
                     journal.append_revert(batch_id, now())
         return journal

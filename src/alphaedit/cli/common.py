@@ -71,6 +71,7 @@ L2Option = Annotated[Optional[float], typer.Option("--l2", help="α of the proje
 Mom2WeightOption = Annotated[Optional[float], typer.Option("--mom2-weight", help="λ of the unprojected solves (MEMIT, MEMIT-seq, PRUNE, RECT, EMMET, ENCORE; the authors' \"mom2_update_weight\", default: preset, 15000 on SmolLM2): the weight of the preserved keys' second moment C0 against the edits' residuals; smaller values let each batch's edits take more fully at more cost to what C0 preserves.")]
 EarlierWeightOption = Annotated[Optional[float], typer.Option("--earlier-weight", help="β, the weight of the earlier batches' keys C_p in the solves that read them (AlphaEdit, MEMIT-seq, ENCORE, any method with the projection; 1 in the authors' code, not in the paper): larger values hold earlier edits more firmly against new ones and leave new ones less room; 0 solves each batch as if it were the first.")]
 EarlierRereadOption = Annotated[Optional[int], typer.Option("--earlier-reread", help="Every N batches, rebuild C_p from every applied request's keys as the edited model reads them now (0: never, the authors' code; not in the paper): later batches' lower-layer updates move the keys earlier edits are read by, and the hold on them drifts off (BENCHMARKS.md). Costs a key pass over all earlier requests each time.")]
+RehearseOption = Annotated[Optional[int], typer.Option("--rehearse", help="Every N batches, check every earlier edit before the batch and write the lapsed ones again with it, at most as many as the batch has (0: never, the authors' code; not in the paper). Later batches undo some earlier edits; the journal holds them all, so they can be restored. Costs a teacher-forced check of every earlier request each time.")]
 SpreadOption = Annotated[Optional[str], typer.Option(help="How a batch's residual is shared among the edited layers: 'sequential' (the authors' loop, the default: layer i of L takes 1/(L − i) of what is still missing) or 'joint' (not in the paper; projected solve only: layer by layer as the authors' loop, each layer's update its part of one solve over the layers still to write, so that each takes what its null-space room allows and the block's last layer no longer carries most of every update).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
 AnchorOption = Annotated[bool, typer.Option("--anchor-values", help="NAS: rescale every target value v* = m + δ to the norm measured on the first batch (on the unedited model), against the norm growth that collapses long sequences.")]
@@ -216,23 +217,23 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  stop_nll: float | None = None, clamp: float | None = None, project: bool | None = None,
                  method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False,
                  l2: float | None = None, *, mom2_weight: float | None = None, spread: str | None = None,
-                 earlier_weight: float | None = None, earlier_reread: int | None = None) -> EditConfig:
+                 earlier_weight: float | None = None, earlier_reread: int | None = None, rehearse: int | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
-    _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread)
+    _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread, rehearse)
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
                                 early_stop_rule=stop_rule, early_stop_nll=stop_nll, clamp_norm_factor=clamp, project=project,
                                 method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
                                 value_anchor=anchor or None, l2_alpha=l2, mom2_update_weight=mom2_weight, spread=spread,
-                                earlier_weight=earlier_weight, earlier_reread=earlier_reread)
+                                earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse)
     except ValueError as e:
         _fail(str(e))
 
 
 def _check_method_choice(method: str, project: bool | None, method_option: list[str] | None, l2: float | None,
                          mom2_weight: float | None = None, spread: str | None = None, earlier_weight: float | None = None,
-                         earlier_reread: int | None = None) -> None:
+                         earlier_reread: int | None = None, rehearse: int | None = None) -> None:
     """The method, its options, the projection, α, λ and β fit together; checked without a model, so
     that `eval` refuses them before it loads one or records the run."""
     if l2 is not None and not l2 > 0:
@@ -244,6 +245,8 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
         _fail(f"--earlier-weight {earlier_weight}: β must be a finite number ≥ 0; the authors' is 1")
     if earlier_reread is not None and earlier_reread < 0:
         _fail(f"--earlier-reread {earlier_reread}: give a number of batches (1 = after every batch), or 0 for never")
+    if rehearse is not None and rehearse < 0:
+        _fail(f"--rehearse {rehearse}: give a number of batches (1 = before every batch), or 0 for never")
     given = {"spread": spread, "earlier_weight": earlier_weight, "earlier_reread": earlier_reread}
     try:  # EditConfig refuses a spread, β or re-read the method cannot use
         config = EditConfig(method=method, project=project, method_options=_method_options(method_option) or {},
@@ -333,5 +336,6 @@ def _method_label(config: EditConfig) -> str:
                                           not method.projects(config) and config.mom2_update_weight != EditConfig.mom2_update_weight),
                                          (f"β {config.earlier_weight:g}", config.earlier_weight != EditConfig.earlier_weight),
                                          (f"C_p re-read every {config.earlier_reread}", config.earlier_reread > 0),
+                                         (f"rehearsal every {config.rehearse}", config.rehearse > 0),
                                          ("joint spread", config.spread == "joint")) if on]
     return ", ".join([label, *stabilisers])

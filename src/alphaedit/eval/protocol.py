@@ -299,6 +299,8 @@ def _latest(editor: Editor, progress: dict) -> dict:
     """What a progress line shows: the last batch's own efficacy probe and the newest measurements."""
     report = editor.history[-1]
     latest = {"batch efficacy": None if report.efficacy is None else 100 * report.efficacy, "s/edit": report.seconds / max(1, report.requests)}
+    if report.earlier_held is not None:  # rehearsal's check: how many earlier edits still held before the batch
+        latest.update({"earlier edits held": 100 * report.earlier_held, "rehearsed": report.rehearsed})
     if len(progress["curve"]) > 1:
         latest.update({k: progress["curve"][-1][k] for k in ("efficacy", "specificity")})
     if progress["general"]:

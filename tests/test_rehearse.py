@@ -1,0 +1,139 @@
+"""Rehearsal (`EditConfig.rehearse`): before a batch every earlier edit still standing is checked,
+and the lapsed ones are written again with the batch; the journal keeps them, so a replay and a
+continued run come out alike."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alphaedit.cli import app
+from alphaedit.editor import Editor
+from alphaedit.requests import EditRequest
+from alphaedit.stats import StatsCache
+from alphaedit.teacher_forcing import continuation_accuracy, prefers_new
+from test_editor import REQUESTS, _editor, _weights
+from test_eval_resume import _command
+from test_faults import _run
+from test_methods import assert_edit_refuses, assert_eval_refuses, assert_recorded_and_kept, tiny_edit_command
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# a learning rate so small that one z step leaves the targets where they were: the first batch's
+# edits do not take, so there is something to rehearse
+WEAK = dict(v_lr=1e-4, v_num_grad_steps=1)
+
+
+def _holds(editor: Editor, requests: list[EditRequest]) -> list[bool]:
+    """The reference check, one request at a time: the new object preferred over the true one, or,
+    without a true one, every target token top-1."""
+    out = []
+    for r in requests:
+        if r.target_true:
+            out.append(bool(prefers_new(editor.model, editor.tokenizer, [r.text()], [r.target_new], [r.target_true])[0]))
+        else:
+            out.append(continuation_accuracy(editor.model, editor.tokenizer, [r.text()], [r.target_new])[0] == 1.0)
+    return out
+
+
+def test_the_lapsed_earlier_edits_are_written_again_with_the_next_batch(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, **WEAK)
+    first = editor.edit(REQUESTS[:2])[0]
+    assert first.earlier_held is None and first.rehearsed == 0  # nothing earlier to check
+    holds = _holds(editor, REQUESTS[:2])
+    assert not all(holds), "the weak first batch should leave something to rehearse"
+    lapsed = [r for r, held in zip(REQUESTS[:2], holds) if not held]
+    second = editor.edit(REQUESTS[2:])[0]
+    assert second.earlier_held == pytest.approx(sum(holds) / 2)
+    assert second.rehearsed == len(lapsed) and editor.batches[-1].rehearsed == lapsed
+    assert editor.batches[-1].requests == REQUESTS[2:] and second.requests == 2  # the batch's own count stays its own
+    # the update was solved for every request it wrote: the rehearsed ones' keys are in C_p twice
+    # (once as first written, once now), the batch's own once
+    assert editor.batches[-1].written == [*REQUESTS[2:], *lapsed]
+    assert all(len(k) == 2 + len(lapsed) for k in editor.batches[-1].keys.values())
+
+
+def test_standing_requests_only_and_none_that_conflict_with_the_batch(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, **WEAK)
+    darrieux, tower, river, seine = REQUESTS
+    replaced = EditRequest(tower.prompt, tower.subject, "London", "Paris")  # the same subject and prompt, edited again
+    editor.edit([darrieux, tower, seine])
+    editor.edit([replaced])
+    # before the third batch: the tower stands as "London", not as "Rome"; the batch edits the
+    # Seine again, under another prompt, so its earlier edit is not written back over the new one;
+    # and the river's request (without a true object) is checked by its target tokens
+    batch = [EditRequest("{} is a river in", seine.subject, "Spain", "France"), river]
+    rehearsal = editor._rehearsal(batch)
+    standing = [darrieux, seine, replaced]
+    holds = _holds(editor, standing)
+    assert rehearsal.held == pytest.approx(sum(holds) / len(holds))
+    assert rehearsal.lapsed == [r for r, held in zip(standing, holds) if not held and r is not seine]
+    assert tower not in rehearsal.lapsed
+    # a reverted batch's requests stand no more
+    editor.revert(editor.history[1].index)
+    assert replaced not in editor._rehearsal(batch).lapsed
+    # at most as many as the batch has, oldest first
+    many = editor._rehearsal([river])
+    assert len(many.lapsed) <= 1
+
+
+def test_a_replayed_journal_keeps_the_rehearsed_requests_and_continues_alike(llama, tokenizer, tmp_path):
+    model, layout = llama
+    settings = dict(rehearse=1, earlier_reread=1, **WEAK)  # with the re-read, C_p is rebuilt over the written requests
+    straight = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, **settings)
+    straight.edit(REQUESTS, batch_size=1)
+    assert any(b.rehearsed for b in straight.batches)
+
+    first = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, **settings)
+    first.edit(REQUESTS[:3], batch_size=1)
+    first.save_state(tmp_path / "state")
+    saved = [json.loads(p.read_text()) for p in sorted((tmp_path / "state" / "batches").glob("*/requests.json"))]
+    assert [len(s) for s in saved] == [1 + b.rehearsed for b in first.history]
+    resumed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
+    assert resumed.config.rehearse == 1
+    assert [b.rehearsed for b in resumed.batches] == [b.rehearsed for b in first.batches]
+    assert [b.requests for b in resumed.batches] == [b.requests for b in first.batches]
+    for layer in first.config.layers:
+        torch.testing.assert_close(resumed.preserved[layer], first.preserved[layer], rtol=1e-5, atol=1e-6)
+    resumed.edit(REQUESTS[3:], batch_size=1)
+    assert [b.rehearsed for b in resumed.batches] == [b.rehearsed for b in straight.batches]
+    for layer, weight in _weights(straight).items():
+        torch.testing.assert_close(_weights(resumed)[layer], weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed.preserved[layer], straight.preserved[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_rehearse_from_the_command_line(tiny_model_folder, tmp_path):
+    from alphaedit.cli.common import _method_label
+    from alphaedit.config import EditConfig
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    assert_edit_refuses(common, env, tmp_path, ((["--rehearse", "-1"], "--rehearse -1: give a number of batches"),))
+    assert_recorded_and_kept(common, env, tmp_path / "state", "--rehearse", "1", "3", "rehearse", 1)
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--rehearse", "-2"], "--rehearse -2")
+    assert _method_label(EditConfig(method="alphaedit", rehearse=2)) == "alphaedit, rehearsal every 2"
+    with pytest.raises(ValueError, match="rehearse must be"):
+        EditConfig(rehearse=-1)
+
+
+def test_a_rehearsing_eval_run_grown_ends_as_one_started_with_all_its_records(tiny_model_folder, tmp_path):
+    """The eval protocol matches a resumed state's batches to its records by their own requests,
+    not the rehearsed ones: a 4-record rehearsing run grown to 6 ends where a 6-record run ends."""
+    weak = ["--rehearse", "1", "--lr", "0.0001", "--steps", "1"]
+    reference = _run([*_command(tiny_model_folder, tmp_path / "reference"), *weak], tmp_path / "home")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert "earlier edits held" in reference.stderr
+    out = tmp_path / "grown"
+    short = _run([*_command(tiny_model_folder, out, n=4), *weak], tmp_path / "home")
+    assert short.returncode == 0, short.stderr[-2000:]
+    grown = _run(["eval", "--resume", str(out), "--n", "6", "--json"], tmp_path / "home")
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    want, got = (json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "reference", out))
+    assert got["post"] == want["post"] and got["norms"] == want["norms"]
+    rehearsed = [json.loads(p.read_text())["rehearsed"] for p in sorted((out / "state" / "batches").glob("*/report.json"))]
+    assert rehearsed[0] == 0 and sum(rehearsed) > 0, rehearsed
