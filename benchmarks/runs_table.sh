@@ -42,6 +42,9 @@ declare -A args=(
   # α 40 with rehearsal (--rehearse 1, code of 2c9cb53 or later): before every batch the earlier edits
   # are checked and the lapsed ones written again with it (a one-off run kept 97.9% of 2,000, BENCHMARKS.md)
   [cf2000-alphaedit-l2-40-rehearse]="--dataset counterfact:$data/counterfact/counterfact_test.json --n 2000 --generation-every 50 --general-every 5 --method alphaedit --l2 40 --rehearse 1"
+  # the same over the 10,000-edit stream: does rehearsal hold where the room runs out? (the check grows
+  # with the edits made: ~2 s per 100 earlier ones before every batch, about +2.5 hours over the run)
+  [cf10k-alphaedit-l2-40-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 40 --rehearse 1"
   # α 40 with C_p re-read every 10 batches (--earlier-reread 10, code of 8e2f67e or later): at 2,000 edits
   # the re-read held the oldest edits (89.0 against 84.5); at 10,000 the keys drift further. Every 10
   # batches, not every one: the key pass grows with the edits made (about +20 minutes over the run)
@@ -57,4 +60,4 @@ declare -A args=(
 # 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there; name one to run it
 # again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the wide 10K run was stopped at 4,200 edits
 # on purpose (BENCHMARKS.md) and comes last
-order=(cf2000-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf10k-alphaedit-l2-40-reread10 cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide)
+order=(cf2000-alphaedit-l2-40-rehearse cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf10k-alphaedit-l2-40-reread10 cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide)
