@@ -17,7 +17,7 @@ from ..config import EditConfig
 from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
-    DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, ModelOption, ProjectOption, StepsOption, TrustOption, _corpus_spec,
+    DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, ModelOption, ProjectOption, RehearseOption, StepsOption, TrustOption, _corpus_spec,
     _check_chat_values, _check_method_choice, _edit_config, _fail, _parse_layers, _state_claim, _with_chat, app, console, out,
 )
 from .editing import _check_continuation, _state_editor, _state_journal
@@ -40,6 +40,7 @@ def serve(
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write requests that have a \"question\" also in the chat template (default on for a new state; a continued state keeps its own).")] = None,
     chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, 'own' or 'shared' values for the chat forms (a new state; see `edit --help`).")] = None,
     l2: L2Option = None,
+    rehearse: RehearseOption = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse batches that grow the matrices or drift probe answers too far (see `edit --guard`).")] = False,
     max_requests: Annotated[int, typer.Option(min=1, help="Most edit requests in one submission.")] = 1000,
     max_queue: Annotated[int, typer.Option(min=1, help="Most submissions waiting; more are answered 429.")] = 16,
@@ -58,17 +59,18 @@ def serve(
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
     _check_chat_values(chat_values)
-    _check_method_choice(method or DEFAULT_METHOD, project, None, l2)
+    _check_method_choice(method or DEFAULT_METHOD, project, None, l2, rehearse=rehearse)
     with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
         hold_state = _state_claim(claims, state, f"alphaedit serve on {host}:{port}")  # a new state: as the server starts
         journal = _state_journal(state)
         if journal is not None:
             _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
                                                             corpus=corpus, tokens=tokens, chat=chat,
-                                                            chat_values=chat_values, l2=l2))
+                                                            chat_values=chat_values, l2=l2, rehearse=rehearse))
 
         def new_config(lm) -> EditConfig:
-            return _with_chat(_edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project, l2=l2), chat, chat_values)
+            return _with_chat(_edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project, l2=l2,
+                                           rehearse=rehearse), chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
                                      lambda: _corpus_spec(corpus, tokens, None, None))
