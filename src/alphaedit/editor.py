@@ -2,6 +2,7 @@
 
 One batch (ALGORITHM.md §1.10):
 
+    (rehearse, not in the paper: the earlier requests whose edit lapsed join the batch's requests)
     Z = h0 + argmin δ  for every request at once               (targets.py)
     for idx, l in enumerate(layers):
         K = keys(l) on the current model;  R = (Z − z_current) / (layers left)
