@@ -95,6 +95,8 @@ def test_a_replayed_journal_keeps_the_rehearsed_requests_and_continues_alike(lla
     first.save_state(tmp_path / "state")
     saved = [json.loads(p.read_text()) for p in sorted((tmp_path / "state" / "batches").glob("*/requests.json"))]
     assert [len(s) for s in saved] == [1 + b.rehearsed for b in first.history]
+    listed = CliRunner().invoke(app, ["log", "--state", str(tmp_path / "state")], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "1 +1 rehearsed" in listed.output, listed.output
     resumed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
     assert resumed.config.rehearse == 1
     assert [b.rehearsed for b in resumed.batches] == [b.rehearsed for b in first.batches]
