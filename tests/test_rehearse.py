@@ -83,6 +83,23 @@ def test_standing_requests_only_and_none_that_conflict_with_the_batch(llama, tok
     assert len(many.lapsed) <= 1
 
 
+def test_of_two_earlier_requests_that_contradict_each_other_the_newer_is_rehearsed(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, **WEAK)
+    darrieux, tower, river, seine = REQUESTS
+    keeper = EditRequest(tower.prompt, tower.subject, "Rome", "Paris", keep_subjects=("The Louvre",))
+    louvre = EditRequest(tower.prompt, "The Louvre", "Berlin", "Paris")  # edits what the keeper kept, later
+    editor.edit([keeper, darrieux])
+    editor.edit([louvre])
+    standing = [keeper, darrieux, louvre]
+    holds = dict(zip(["keeper", "darrieux", "louvre"], _holds(editor, standing)))
+    assert not holds["louvre"], "the weak batch should leave the later request lapsed"
+    lapsed = editor._rehearsal([river, seine, EditRequest("{} is in", "Lyon", "Italy", "France")]).lapsed
+    assert louvre in lapsed and keeper not in lapsed
+    assert (darrieux in lapsed) == (not holds["darrieux"])
+    assert lapsed == sorted(lapsed, key=standing.index)  # oldest first
+
+
 def test_a_replayed_journal_keeps_the_rehearsed_requests_and_continues_alike(llama, tokenizer, tmp_path):
     model, layout = llama
     settings = dict(rehearse=1, earlier_reread=1, **WEAK)  # with the re-read, C_p is rebuilt over the written requests

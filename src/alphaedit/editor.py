@@ -643,7 +643,8 @@ class Editor(Persistence):
         (the new object preferred over the true one; all target tokens top-1 where no true object
         is known). The lapsed ones are written again with `batch`, oldest first, at most as many as
         it has requests; none that would conflict with it: a request about a subject the batch
-        edits or keeps (the batch's facts are the newer), or one that keeps a subject it edits."""
+        edits or keeps (the batch's facts are the newer), one that keeps a subject it edits, or one
+        that a newer lapsed request contradicts."""
         start = time.perf_counter()
         standing: dict[tuple[str, str], EditRequest] = {}
         for applied in self.batches:
@@ -657,9 +658,20 @@ class Editor(Persistence):
             return _Rehearsal([], None, time.perf_counter() - start)
         holds = self._holds(earlier)
         named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
-        lapsed = [r for r, held in zip(earlier, holds)
-                  if not held and r.subject not in named and not named.intersection(r.keep_subjects)]
-        return _Rehearsal(lapsed[: len(batch)], sum(holds) / len(holds), time.perf_counter() - start)
+        # two earlier requests can conflict too, one keeping what a later one edits: the later wins
+        edited: set[tuple[str, str]] = set()
+        kept: set[tuple[str, str]] = set()
+        chosen: list[EditRequest] = []
+        for request, held in reversed(list(zip(earlier, holds))):
+            keeps = {(s, request.prompt) for s in request.keep_subjects}
+            if held or request.subject in named or named.intersection(request.keep_subjects) \
+                    or (request.subject, request.prompt) in kept or keeps & edited:
+                continue
+            edited.add((request.subject, request.prompt))
+            kept |= keeps
+            chosen.append(request)
+        lapsed = chosen[::-1][: len(batch)]  # oldest first
+        return _Rehearsal(lapsed, sum(holds) / len(holds), time.perf_counter() - start)
 
     def _holds(self, requests: list[EditRequest]) -> list[bool]:
         """Per request: does its edit hold on the model now (the efficacy test)?"""
