@@ -295,9 +295,10 @@ class Editor(Persistence):
                     advance(1)
                     tell(progress)
 
-                rehearsal = self._rehearsal(batch) if self._rehearses_before(len(self.batches) + 1) else None
-                if rehearsal is not None:
+                rehearsal = None
+                if self._rehearses_before(len(self.batches) + 1):
                     tell(progress.at("rehearsal check"))
+                    rehearsal = self._rehearsal(batch)
                 snapshot = self._guard_before(batch + (rehearsal.lapsed if rehearsal else []))
                 reports.append(self._edit_batch(batch, on_unit, rehearsal))
                 if snapshot is not None:
@@ -644,7 +645,7 @@ class Editor(Persistence):
         is known). The lapsed ones are written again with `batch`, oldest first, at most as many as
         it has requests; none that would conflict with it: a request about a subject the batch
         edits or keeps (the batch's facts are the newer), one that keeps a subject it edits, or one
-        that a newer lapsed request contradicts."""
+        that a newer standing request contradicts."""
         start = time.perf_counter()
         standing: dict[tuple[str, str], EditRequest] = {}
         for applied in self.batches:
@@ -658,17 +659,18 @@ class Editor(Persistence):
             return _Rehearsal([], None, time.perf_counter() - start)
         holds = self._holds(earlier)
         named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
-        # two earlier requests can conflict too, one keeping what a later one edits: the later wins
+        # two earlier requests can conflict too, one keeping what a later one edits: the later one
+        # (held or not) wins, so the sets gather every standing request newer than the one looked at
         edited: set[tuple[str, str]] = set()
         kept: set[tuple[str, str]] = set()
         chosen: list[EditRequest] = []
         for request, held in reversed(list(zip(earlier, holds))):
             keeps = {(s, request.prompt) for s in request.keep_subjects}
-            if held or request.subject in named or named.intersection(request.keep_subjects) \
-                    or (request.subject, request.prompt) in kept or keeps & edited:
-                continue
+            contradicted = (request.subject, request.prompt) in kept or bool(keeps & edited)
             edited.add((request.subject, request.prompt))
             kept |= keeps
+            if held or contradicted or request.subject in named or named.intersection(request.keep_subjects):
+                continue
             chosen.append(request)
         lapsed = chosen[::-1][: len(batch)]  # oldest first
         return _Rehearsal(lapsed, sum(holds) / len(holds), time.perf_counter() - start)
