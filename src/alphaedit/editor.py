@@ -680,9 +680,7 @@ class Editor(Persistence):
         known = [i for i, r in enumerate(requests) if r.target_true]
         holds = [False] * len(requests)
         if known:
-            wins = prefers_new(self.model, self.tokenizer, [requests[i].text() for i in known], [requests[i].target_new for i in known],
-                               [requests[i].target_true for i in known], layout=self.layout)
-            for i, win in zip(known, wins.tolist()):
+            for i, win in zip(known, self._prefers_new([requests[i] for i in known]).tolist()):
                 holds[i] = bool(win)
         unknown = [i for i, r in enumerate(requests) if not r.target_true]
         if unknown:
@@ -694,11 +692,12 @@ class Editor(Persistence):
 
     def _efficacy(self, requests: list[EditRequest]) -> float | None:
         known = [r for r in requests if r.target_true]
-        if not known:
-            return None
-        wins = prefers_new(self.model, self.tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known],
-                           layout=self.layout)  # the editor's layout: it may come from --layout
-        return float(wins.float().mean())
+        return float(self._prefers_new(known).float().mean()) if known else None
+
+    def _prefers_new(self, requests: list[EditRequest]) -> torch.Tensor:
+        """Per request (each with a target_true): is its new object more likely than the true one now?"""
+        return prefers_new(self.model, self.tokenizer, [r.text() for r in requests], [r.target_new for r in requests],
+                           [r.target_true for r in requests], layout=self.layout)  # the editor's layout: it may come from --layout
 
     def revert(self, batch_id: int) -> None:
         """Remove a batch's update from the weights and its keys from C_p.
