@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from alphaedit.cli import app
-from alphaedit.editor import Editor
+from alphaedit.editor import Editor, choose_lapsed
 from alphaedit.requests import EditRequest
 from alphaedit.stats import StatsCache
 from alphaedit.teacher_forcing import continuation_accuracy, prefers_new
@@ -98,6 +98,38 @@ def test_of_two_earlier_requests_that_contradict_each_other_the_newer_is_rehears
     assert louvre in lapsed and keeper not in lapsed
     assert (darrieux in lapsed) == (not holds["darrieux"])
     assert lapsed == sorted(lapsed, key=standing.index)  # oldest first
+
+
+def test_which_lapsed_requests_are_chosen_every_rule():
+    """The choice itself, given which standing requests hold: each rule of choose_lapsed on its own
+    case, including the one the tiny model cannot build, a held newer request keeping an older
+    contradicting one from being written again."""
+    def r(subject, new, prompt="{} is in", keep=()):
+        return EditRequest(prompt, subject, new, "Paris", keep_subjects=keep)
+
+    a, b, c, d = r("A", "Rome"), r("B", "Rome"), r("C", "Rome"), r("D", "Rome")
+    batch = [r("X", "Oslo"), r("Y", "Oslo")]
+    # lapsed ones, oldest first, at most as many as the batch has
+    assert choose_lapsed([a, b, c, d], [False, True, False, False], batch) == [a, c]
+    assert choose_lapsed([a, b, c, d], [True] * 4, batch) == []
+    assert choose_lapsed([a, b, c], [False] * 3, batch[:1]) == [a]
+    # never one about a subject the batch edits or keeps, nor one keeping a subject the batch edits
+    keeps_x = r("E", "Rome", keep=("X",))
+    kept_by_batch = [r("Z", "Oslo", keep=("A",))]
+    assert choose_lapsed([a, keeps_x, b], [False] * 3, [r("X", "Oslo"), *kept_by_batch, r("W", "Oslo")]) == [b]
+    # an older request keeping a subject that a newer one edits: the newer wins, lapsed or held
+    keeper = r("F", "Rome", keep=("G",))
+    g = r("G", "Berlin")
+    assert choose_lapsed([keeper, g], [False, False], batch) == [g]
+    assert choose_lapsed([keeper, g], [False, True], batch) == []  # the held-newer case
+    # an older request editing what a newer one keeps: again the newer wins
+    h = r("H", "Rome")
+    keeps_h = r("I", "Berlin", keep=("H",))
+    assert choose_lapsed([h, keeps_h], [False, True], batch) == []
+    assert choose_lapsed([h, keeps_h], [False, False], batch) == [keeps_h]
+    # a keep is per prompt: keeping H under another prompt contradicts nothing
+    other_prompt = r("I", "Berlin", prompt="{} was born in", keep=("H",))
+    assert choose_lapsed([h, other_prompt], [False, True], batch) == [h]
 
 
 def test_a_replayed_journal_keeps_the_rehearsed_requests_and_continues_alike(llama, tokenizer, tmp_path):

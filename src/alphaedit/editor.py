@@ -95,6 +95,27 @@ class _Rehearsal:
     seconds: float  # the check's time
 
 
+def choose_lapsed(earlier: list[EditRequest], holds: list[bool], batch: list[EditRequest]) -> list[EditRequest]:
+    """Of the earlier requests still standing (oldest first) and whether each holds, those to write
+    again with `batch`: the lapsed ones, oldest first, at most as many as the batch has, leaving
+    out any that would conflict with it (about a subject the batch edits or keeps, or keeping a
+    subject it edits) or that a newer standing request contradicts (it edits what the older one
+    keeps, or keeps what it edits; the newer fact wins, held or not)."""
+    named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
+    edited: set[tuple[str, str]] = set()  # (subject, prompt) of the standing requests newer than the one looked at
+    kept: set[tuple[str, str]] = set()
+    chosen: list[EditRequest] = []
+    for request, held in reversed(list(zip(earlier, holds))):
+        keeps = {(s, request.prompt) for s in request.keep_subjects}
+        contradicted = (request.subject, request.prompt) in kept or bool(keeps & edited)
+        edited.add((request.subject, request.prompt))
+        kept |= keeps
+        if held or contradicted or request.subject in named or named.intersection(request.keep_subjects):
+            continue
+        chosen.append(request)
+    return chosen[::-1][: len(batch)]
+
+
 @dataclass
 class _GuardSnapshot:
     """Before a guarded batch: what to put back if the guard refuses it, and the probes' answers."""
@@ -658,21 +679,7 @@ class Editor(Persistence):
         if not earlier:
             return _Rehearsal([], None, time.perf_counter() - start)
         holds = self._holds(earlier)
-        named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
-        # two earlier requests can conflict too, one keeping what a later one edits: the later one
-        # (held or not) wins, so the sets gather every standing request newer than the one looked at
-        edited: set[tuple[str, str]] = set()
-        kept: set[tuple[str, str]] = set()
-        chosen: list[EditRequest] = []
-        for request, held in reversed(list(zip(earlier, holds))):
-            keeps = {(s, request.prompt) for s in request.keep_subjects}
-            contradicted = (request.subject, request.prompt) in kept or bool(keeps & edited)
-            edited.add((request.subject, request.prompt))
-            kept |= keeps
-            if held or contradicted or request.subject in named or named.intersection(request.keep_subjects):
-                continue
-            chosen.append(request)
-        lapsed = chosen[::-1][: len(batch)]  # oldest first
+        lapsed = choose_lapsed(earlier, holds, batch)
         return _Rehearsal(lapsed, sum(holds) / len(holds), time.perf_counter() - start)
 
     def _holds(self, requests: list[EditRequest]) -> list[bool]:
