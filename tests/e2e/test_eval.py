@@ -60,7 +60,7 @@ def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, t
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     for block in ("pre", "post"):
-        for metric in ("chat_success", "chat_paraphrase", "chat_locality"):
+        for metric in ("chat_success", "chat_paraphrase", "chat_locality", "chat_leak"):
             assert 0 <= summary[block][metric] <= 100, (block, metric)
     assert summary["pre"]["chat_success"] == 0  # nobody answers "Antarctica" for Angola unedited
     assert summary["chat"] and summary["chat_eval"]

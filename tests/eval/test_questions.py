@@ -71,3 +71,32 @@ def test_with_questions_gives_counterfact_its_relation_form_and_zsre_its_own_pro
     zsre = with_questions(load_dataset(f"zsre:{ZSRE}")[:3])
     assert all(r.request.question == r.request.prompt for r in zsre)
     assert zsre[0].chat.question == zsre[0].request.text()
+
+
+def test_free_answers_are_tallied_per_record_with_the_leak_to_neighbours():
+    """score_chat_answers, given the answers: success and paraphrase count the new object, locality
+    the neighbour's own, and chat_leak the neighbours whose answer states the edit's new object."""
+    from alphaedit.eval.datasets import EvalRecord
+    from alphaedit.eval.scoring import score_chat_answers
+    from alphaedit.requests import EditRequest
+
+    toko = EvalRecord("counterfact", 1, EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar"))
+    other = EvalRecord("counterfact", 2, EditRequest("{} is in", "Lyon", "Italy", "France"))
+    asked = [
+        (0, "chat_success", "What instrument does Toko Yasuda play?", "piano"),
+        (0, "chat_paraphrase", "Which musical instrument does Toko Yasuda play?", "piano"),
+        (0, "chat_locality", "What instrument does Eric Clapton play?", "guitar"),
+        (0, "chat_locality", "What instrument does Slash play?", "guitar"),
+        (0, "chat_locality", "What instrument does Prince play?", "guitar"),
+        (0, "chat_locality", "What instrument does Jimi Hendrix play?", "guitar"),
+        (1, "chat_success", "Which country is Lyon in?", "Italy"),
+    ]
+    answers = ["She plays the piano.", "The guitar.", "Eric Clapton plays the guitar.", "Slash plays the piano.",
+               "He plays the piano and the guitar.", "Drums.", "Lyon is in France."]
+    rows = score_chat_answers([toko, other], asked, answers)
+    assert rows[0]["chat_success"] == 1.0 and rows[0]["chat_paraphrase"] == 0.0
+    assert rows[0]["chat_locality"] == 0.5  # Clapton's and Prince's answers still say guitar
+    assert rows[0]["chat_leak"] == 0.5  # Slash's and Prince's say piano
+    assert rows[0]["chat_answer"] == "She plays the piano."
+    assert rows[0]["chat_neighbour_answers"] == answers[2:6]
+    assert rows[1] == {"chat_success": 0.0, "chat_answer": "Lyon is in France."}  # no neighbours asked: no locality, no leak

@@ -412,7 +412,8 @@ def _eval_notes(records, settings) -> list[str]:
         asked = sum(r.chat is not None for r in records)
         notes.append(f"chat_success / chat_paraphrase / chat_locality: free greedy answers (chat template where the model has one, "
                      f"at most {settings.chat_max_tokens} tokens, ending at the end of the turn) to questions about {asked} of "
-                     f"{len(records)} records; an answer counts when it states the new object (locality: the neighbour's own)")
+                     f"{len(records)} records; an answer counts when it states the new object (locality: the neighbour's own; "
+                     f"chat_leak: a neighbour's answer that states the edit's new object)")
     return notes
 
 

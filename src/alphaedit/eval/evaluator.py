@@ -20,7 +20,7 @@ from .metrics import TfIdf, mean
 from .scoring import chat_scores, counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
 
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
-CHAT_METRICS = ("chat_success", "chat_paraphrase", "chat_locality")  # generation-based (scoring.chat_scores)
+CHAT_METRICS = ("chat_success", "chat_paraphrase", "chat_locality", "chat_leak")  # generation-based (scoring.chat_scores)
 EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc")  # EasyEdit's token accuracies, under EasyEdit's names
 GENERAL_PHASE = "general check"  # the phase name the general check is timed under
 

@@ -122,12 +122,24 @@ def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens:
         asked += [(i, "chat_paraphrase", q, new) for q in rec.chat.paraphrases]
         asked += [(i, "chat_locality", q, a) for q, a in list(zip(rec.chat.neighbours, rec.chat.neighbour_answers))[:neighbours]]
     answers = chat_answers(model, tokenizer, [a[2] for a in asked], max_new_tokens) if asked else []
+    return score_chat_answers(records, asked, answers)
+
+
+def score_chat_answers(records: Sequence[EvalRecord], asked: Sequence[tuple[int, str, str, str]],
+                       answers: Sequence[str]) -> list[dict]:
+    """chat_scores' tally, given the free answer to each asked question. Besides the three
+    metrics, chat_leak: the share of a record's neighbour answers that state the record's *new*
+    object (the edit carried over to other subjects asked the same question), and the answers
+    themselves (chat_answer, chat_neighbour_answers) for a reader of records.jsonl."""
     hits: list[dict[str, list[float]]] = [{} for _ in records]
     out: list[dict] = [{} for _ in records]
     for (i, role, _, obj), answer in zip(asked, answers):
         hits[i].setdefault(role, []).append(float(states(answer, obj)))
         if role == "chat_success":
             out[i]["chat_answer"] = answer
+        elif role == "chat_locality":
+            hits[i].setdefault("chat_leak", []).append(float(states(answer, records[i].request.target_new)))
+            out[i].setdefault("chat_neighbour_answers", []).append(answer)
     for row, h in zip(out, hits):
         row.update({role: mean(values) for role, values in h.items()})
     return out
