@@ -200,3 +200,26 @@ def test_shared_chat_values_in_the_editor(llama, chat_tokenizer, tmp_path):
     assert max(gaps[2:]) < 0.05, gaps  # the chat columns reach their z (h0_chat + the shared δ)
     with pytest.raises(ValueError, match="chat_values"):
         EditConfig(method="memit", layers=[1, 2], chat_values="both")
+
+
+def test_trained_chat_values_write_only_the_plain_columns_with_the_shared_delta(llama, chat_tokenizer, tmp_path):
+    """chat_values="trained": the δ is trained as under "shared" (the plain and the chat prompt
+    together), but only the requests' own forms get a column: the batch's keys are one per request,
+    and the plain forms reach the shared δ's Z."""
+    model, layout = llama
+    editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
+    editor.config.chat_values, editor.config.layers = "trained", [2]
+    assert editor.edit_forms(QUESTIONED) == QUESTIONED  # the columns: no chat form
+    assert [s for s, _ in editor._sourced_forms(QUESTIONED)] == [0, 1, 0, 1]  # the chat forms still train δ
+    templates = editor.context_templates()
+    chats = [chat_form(chat_tokenizer, r) for r in QUESTIONED]
+    shared = compute_targets(model, layout, chat_tokenizer, [*QUESTIONED, *chats], templates, editor.config, owners=[0, 1, 0, 1])
+    plain_only = compute_targets(model, layout, chat_tokenizer, QUESTIONED, templates, editor.config)
+    assert not torch.allclose(shared.z[:2], plain_only.z, atol=1e-3)  # the chat rows move δ
+    before = compute_keys(model, layout, chat_tokenizer, QUESTIONED, templates, [2], z_layer=2).z_current
+    report = editor.edit(QUESTIONED)[0]
+    assert all(len(k) == len(QUESTIONED) for k in editor.batches[-1].keys.values())
+    assert report.value_norm == pytest.approx(float(shared.z[:2].norm(dim=-1).mean()), rel=1e-4)
+    after = compute_keys(editor.model, layout, chat_tokenizer, QUESTIONED, templates, [2], z_layer=2).z_current
+    gaps = ((shared.z[:2] - after).norm(dim=1) / (shared.z[:2] - before).norm(dim=1)).tolist()
+    assert max(gaps) < 0.1, gaps  # (the projection and α leave a few per cent unwritten)

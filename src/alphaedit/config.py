@@ -19,7 +19,7 @@ from .updates import PROJECTOR_RULES
 RENAMED = {"z_requests_per_pass": "v_requests_per_pass", "z_prefix_cache": "v_prefix_cache"}
 
 
-CHAT_VALUES = ("own", "shared")  # EditConfig.chat_values
+CHAT_VALUES = ("own", "shared", "trained")  # EditConfig.chat_values
 SPREADS = ("sequential", "joint")  # EditConfig.spread
 
 
@@ -103,7 +103,10 @@ class EditConfig:
     # alone; "shared" — its request's δ, optimised on the plain prompts and the chat prompt together
     # (each half of the NLL), added to the chat form's own h0. On SmolLM2 "shared" holds the fact
     # better in conversation and in unedited question forms but costs more of the neighbours'
-    # answers (BENCHMARKS.md, issue 15), so the default stays the earlier behaviour.
+    # answers (BENCHMARKS.md, issue 15), so the default stays the earlier behaviour. "trained" —
+    # the chat prompt trains its request's δ as with "shared", but the chat form gets no column:
+    # W_out is asked to change at the plain keys only, and the chat key, close to the plain one,
+    # follows from them
     chat_values: str = "own"
     # context templates, §1.2
     context_template_words: list[str] = field(

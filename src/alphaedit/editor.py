@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -84,6 +84,12 @@ class _TargetValues:
     z: torch.Tensor  # [forms, d] on the CPU: targets.z, or NAS's anchored values
     reference: float | None  # NAS's reference norm μ (None without anchoring)
     dropped: int  # requests NAS dropped
+
+    def first(self, n: int) -> _TargetValues:
+        """The values of the first `n` forms only (chat_values="trained" writes no chat column)."""
+        t = self.targets
+        cut = {f.name: (v[:n] if v is not None else None) for f in fields(t) for v in [getattr(t, f.name)]}
+        return _TargetValues(TargetResult(**cut), self.z[:n], self.reference, self.dropped)
 
 
 @dataclass
@@ -373,9 +379,11 @@ class Editor(Persistence):
         rehearsed = rehearsal.lapsed if rehearsal else []
         requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
-        forms = [form for _, form in sourced]  # one column of K and R per form
         with clock("z"):
             values = self._target_values(sourced, templates, on_unit)
+        if self.config.chat_values == "trained":  # the chat forms trained the requests' δ; they get no column
+            sourced, values = sourced[: len(requests)], values.first(len(requests))
+        forms = [form for _, form in sourced]  # one column of K and R per form
         with clock("keys"):
             kept = self._kept_keys(requests)
         keys: dict[int, torch.Tensor] = {}
@@ -441,7 +449,7 @@ class Editor(Persistence):
         """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured."""
         forms = [form for _, form in sourced]
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
-        owners = [source for source, _ in sourced] if self.config.chat_values == "shared" else None
+        owners = [source for source, _ in sourced] if self.config.chat_values in ("shared", "trained") else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
                                   on_iteration=on_unit, owners=owners)  # rows per pass: the config's
         z, reference, dropped = targets.z.cpu(), None, 0
@@ -536,8 +544,10 @@ class Editor(Persistence):
         return growth
 
     def edit_forms(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        """The prompts a batch is written under, one column each (see _sourced_forms)."""
-        return [form for _, form in self._sourced_forms(requests)]
+        """The prompts a batch is written under, one column each (see _sourced_forms; with
+        chat_values="trained" the chat forms train δ and are not written)."""
+        sourced = self._sourced_forms(requests)
+        return [form for _, form in (sourced[: len(requests)] if self.config.chat_values == "trained" else sourced)]
 
     def _sourced_forms(self, requests: Sequence[EditRequest]) -> list[tuple[int, EditRequest]]:
         """Each form a batch is written under, with the index of the request it comes from: every
@@ -641,7 +651,7 @@ class Editor(Persistence):
         read on the model as it is now: where the model reads the earlier edits today, not where it
         read them when they were written. The journal keeps the keys as written; a replay reads
         again at the same points, so a loaded state carries the same C_p."""
-        forms = [form for batch in self.batches if not batch.reverted for _, form in self._sourced_forms(batch.written)] + list(also)
+        forms = [form for batch in self.batches if not batch.reverted for form in self.edit_forms(batch.written)] + list(also)
         for layer in self.config.layers:
             self.preserved[layer].zero_()
         if not forms:
