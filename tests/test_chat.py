@@ -223,3 +223,23 @@ def test_trained_chat_values_write_only_the_plain_columns_with_the_shared_delta(
     after = compute_keys(editor.model, layout, chat_tokenizer, QUESTIONED, templates, [2], z_layer=2).z_current
     gaps = ((shared.z[:2] - after).norm(dim=1) / (shared.z[:2] - before).norm(dim=1)).tolist()
     assert max(gaps) < 0.1, gaps  # (the projection and α leave a few per cent unwritten)
+
+
+def test_trained_chat_values_anchor_only_the_written_values(llama, chat_tokenizer, tmp_path):
+    """With NAS, chat_values="trained" anchors the plain forms' values alone: the reference norm μ
+    is taken over the values written, not over the chat forms that only trained δ."""
+    from alphaedit.anchor import reference_norm
+    from alphaedit.residual import mlp_contribution
+
+    model, layout = llama
+    editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
+    editor.config.chat_values, editor.config.value_anchor = "trained", True
+    layer = editor.config.z_layer
+    templates = editor.context_templates()
+    chats = [chat_form(chat_tokenizer, r) for r in QUESTIONED]
+    shared = compute_targets(model, layout, chat_tokenizer, [*QUESTIONED, *chats], templates, editor.config, owners=[0, 1, 0, 1])
+    m = mlp_contribution(model, layout, layer, compute_keys(model, layout, chat_tokenizer, QUESTIONED, [PLAIN_TEMPLATE], [layer]).keys[layer])
+    expected = reference_norm((m + shared.z[:2] - shared.h0[:2]).norm(dim=-1))
+    report = editor.edit(QUESTIONED)[0]
+    assert report.value_reference == pytest.approx(float(expected), rel=1e-4)
+    assert report.values_dropped <= len(QUESTIONED)

@@ -71,6 +71,12 @@ def test_the_editor_keeps_the_kept_subjects_answers_in_plain_and_chat_form(llama
     for (kept_plain, edit_plain), (kept_kept, edit_kept) in zip(changes[False], changes[True]):
         assert kept_kept < 0.3 * kept_plain, changes
         assert edit_kept > 0.5 * edit_plain, changes
+    # with chat_values="trained" the edit has no chat column, but the kept subjects' chat questions
+    # stay columns: what must not move in conversation does not depend on where the edit is written
+    editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
+    editor.config.chat_values = "trained"
+    report = editor.edit([EDIT])[0]
+    assert report.kept_columns == 6 and all(len(k) == 1 for k in editor.batches[-1].keys.values())
 
 
 def test_kept_subjects_are_read_checked_and_written_back():

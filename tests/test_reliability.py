@@ -421,7 +421,7 @@ def test_edit_takes_chat_values_for_a_new_state_and_refuses_an_unknown_one(tiny_
                "--steps", "3", "--corpus", str(WIKITEXT), "--tokens", "2000"]
     for refused in ([*command, "--chat-values", "mine"], ["serve", "--state", str(tmp_path / "state"), "--chat-values", "mine"]):
         line = _one_line_error(runner.invoke(app, refused))
-        assert "--chat-values mine: choose own or shared" in line and not (tmp_path / "state").exists()
+        assert "--chat-values mine: choose one of own, shared, trained" in line and not (tmp_path / "state").exists()
     result = runner.invoke(app, [*command, "--chat-values", "shared"])
     assert result.exit_code == 0, result.output
     assert Journal.open(tmp_path / "state").header["config"]["chat_values"] == "shared"

@@ -85,11 +85,10 @@ class _TargetValues:
     reference: float | None  # NAS's reference norm μ (None without anchoring)
     dropped: int  # requests NAS dropped
 
-    def first(self, n: int) -> _TargetValues:
-        """The values of the first `n` forms only (chat_values="trained" writes no chat column)."""
-        t = self.targets
-        cut = {f.name: (v[:n] if v is not None else None) for f in fields(t) for v in [getattr(t, f.name)]}
-        return _TargetValues(TargetResult(**cut), self.z[:n], self.reference, self.dropped)
+
+def _first_forms(targets: TargetResult, n: int) -> TargetResult:
+    """compute_targets' result for its first `n` forms only (every field is per form, in form order)."""
+    return TargetResult(**{f.name: (None if getattr(targets, f.name) is None else getattr(targets, f.name)[:n]) for f in fields(targets)})
 
 
 @dataclass
@@ -380,9 +379,9 @@ class Editor(Persistence):
         requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
         with clock("z"):
-            values = self._target_values(sourced, templates, on_unit)
+            values = self._target_values(sourced, templates, on_unit, written=len(requests))
         if self.config.chat_values == "trained":  # the chat forms trained the requests' δ; they get no column
-            sourced, values = sourced[: len(requests)], values.first(len(requests))
+            sourced = sourced[: len(requests)]
         forms = [form for _, form in sourced]  # one column of K and R per form
         with clock("keys"):
             kept = self._kept_keys(requests)
@@ -445,13 +444,17 @@ class Editor(Persistence):
                 self._reread_earlier(also=forms)
         return keys
 
-    def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit) -> _TargetValues:
-        """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured."""
+    def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
+                       written: int) -> _TargetValues:
+        """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured; with
+        chat_values="trained" only the first `written` forms' (the requests' own) are kept."""
         forms = [form for _, form in sourced]
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
         owners = [source for source, _ in sourced] if self.config.chat_values in ("shared", "trained") else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
                                   on_iteration=on_unit, owners=owners)  # rows per pass: the config's
+        if self.config.chat_values == "trained":  # the chat forms trained δ and are not written
+            targets, forms = _first_forms(targets, written), forms[:written]
         z, reference, dropped = targets.z.cpu(), None, 0
         if self.config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
             z, reference, dropped = self._anchored(forms, targets)
@@ -570,7 +573,10 @@ class Editor(Persistence):
         kept = [replace(r, subject=s, keep_subjects=()) for r in requests for s in r.keep_subjects]
         if not kept:
             return {}
-        return compute_keys(self.model, self.layout, self.tokenizer, self.edit_forms(kept), [PLAIN_TEMPLATE], self.config.layers).keys
+        # the kept subjects' chat questions stay columns under any chat_values: not moving a neighbour's
+        # answer in conversation is wanted whichever forms the edit itself is written at
+        forms = [form for _, form in self._sourced_forms(kept)]
+        return compute_keys(self.model, self.layout, self.tokenizer, forms, [PLAIN_TEMPLATE], self.config.layers).keys
 
     def _guard_before(self, batch: list[EditRequest]) -> _GuardSnapshot | None:
         """With a guard: the state to put back if it refuses this batch, and the probes' answers now."""

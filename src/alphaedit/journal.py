@@ -7,7 +7,7 @@
                                     wrote again (rehearsal; report.json says how many)
         report.json                 timings and edit-time metrics
         update.safetensors          per layer: Δ = left @ rightᵀ (rank ≤ the batch's forms: its
-                                    requests and, with chat-aware editing, their chat forms), RECT's
+                                    requests and, with chat-aware editing other than chat_values "trained", their chat forms), RECT's
                                     mask of it where the method has one, and the keys the batch
                                     added to C_p
         manifest.json               the batch id and the sha256 of the three files above

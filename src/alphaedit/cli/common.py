@@ -160,7 +160,7 @@ def _base_model(state: Path, header: dict, model: str | None) -> str:
 
 def _check_chat_values(chat_values: str | None) -> None:
     if chat_values is not None and chat_values not in CHAT_VALUES:
-        _fail(f"--chat-values {chat_values}: choose {' or '.join(CHAT_VALUES)}")
+        _fail(f"--chat-values {chat_values}: choose one of {', '.join(CHAT_VALUES)}")
 
 
 def _with_chat(config: EditConfig, chat: bool | None, chat_values: str | None) -> EditConfig:

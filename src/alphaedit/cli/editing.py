@@ -46,7 +46,7 @@ def edit(
     stop_most_probable: MostProbableOption = False,
     anchor_values: AnchorOption = False,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write each request that has a \"question\" also in the tokenizer's chat template, so the edit holds when the model is asked in conversation (default on for a new state; a continued state keeps its own).")] = None,
-    chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, what a chat form's column asks of W_out: 'own' (a z of its own; the default for a new state) or 'shared' (its request's δ, optimised on the plain and chat prompts together). A continued state keeps its own.")] = None,
+    chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, what a chat form's column asks of W_out: 'own' (a z of its own; the default for a new state), 'shared' (its request's δ, optimised on the plain and chat prompts together) or 'trained' (that δ, written at the plain prompt's key only: no chat column). A continued state keeps its own.")] = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse (and take back) a batch after which any edited W_out's largest singular value exceeds --guard-growth × the base model's, or more than --guard-drift of the probe prompts change their next token; the journal keeps the batches before it.")] = False,
     guard_growth: Annotated[float, typer.Option(min=1.0, help="--guard: the largest σ_max(W) / σ_max(W_base) accepted.")] = 1.5,
     guard_drift: Annotated[float, typer.Option(min=0.0, max=1.0, help="--guard: the largest share of probe prompts whose next token may change in one batch.")] = 0.10,

@@ -320,7 +320,7 @@ def _run_notes(a: dict, records: list, skipped: list[str], run_file: dict, edito
         how = {"own": "each as a column of its own",
                "shared": "each as a column of its own, sharing its request's δ (--chat-values shared)",
                "trained": "training its request's δ, with no column of its own (--chat-values trained)"}[editor.config.chat_values]
-        notes.append(f"chat-aware editing (--chat): {asked} requests with a question were also written in the chat template, {how}")
+        notes.append(f"chat-aware editing (--chat): {asked} requests with a question were also {'trained' if editor.config.chat_values == 'trained' else 'written'} in the chat template, {how}")
     for grown in run_file.get("grown", []):
         earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
         extra = tasks is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)

@@ -38,7 +38,7 @@ def serve(
     layers: LayersOption = None,
     steps: StepsOption = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Write requests that have a \"question\" also in the chat template (default on for a new state; a continued state keeps its own).")] = None,
-    chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, 'own' or 'shared' values for the chat forms (a new state; see `edit --help`).")] = None,
+    chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, 'own', 'shared' or 'trained' values for the chat forms (a new state; see `edit --help`).")] = None,
     l2: L2Option = None,
     rehearse: RehearseOption = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse batches that grow the matrices or drift probe answers too far (see `edit --guard`).")] = False,
