@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from alphaedit.cli import app
-from alphaedit.editor import Editor, choose_lapsed
+from alphaedit.editor import Editor
+from alphaedit.rehearsal import choose_lapsed
 from alphaedit.requests import EditRequest
 from alphaedit.stats import StatsCache
 from alphaedit.teacher_forcing import continuation_accuracy, prefers_new

@@ -2,7 +2,7 @@
 
 One batch (ALGORITHM.md §1.10):
 
-    (rehearse, not in the paper: the earlier requests whose edit lapsed join the batch's requests)
+    (rehearse, not in the paper: the earlier requests whose edit lapsed join the batch's requests: rehearsal.py)
     Z = h0 + argmin δ  for every request at once               (targets.py)
     for idx, l in enumerate(layers):
         K = keys(l) on the current model;  R = (Z − z_current) / (layers left)
@@ -44,9 +44,9 @@ from .methods.projection import joint_projected_solve
 from .persistence import Persistence
 from .progress import progress_bar
 from .prompts import PLAIN_TEMPLATE, chat_form, has_chat_template
+from .rehearsal import Rehearsal, edit_holds, rehearsal_for
 from .requests import EditRequest, RequestError, check_conflicts
 from .residual import mlp_contribution, mlp_output_change
-from .teacher_forcing import continuation_accuracy, prefers_new
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
 from .stats.cache import model_identity
 from .targets import TargetResult, compute_targets
@@ -89,36 +89,6 @@ class _TargetValues:
 def _first_forms(targets: TargetResult, n: int) -> TargetResult:
     """compute_targets' result for its first `n` forms only (every field is per form, in form order)."""
     return TargetResult(**{f.name: (None if getattr(targets, f.name) is None else getattr(targets, f.name)[:n]) for f in fields(targets)})
-
-
-@dataclass
-class _Rehearsal:
-    """Before a rehearsing batch: the earlier requests it writes again and the check's result."""
-
-    lapsed: list[EditRequest]  # earlier requests whose edit no longer holds, oldest first
-    held: float | None  # the share of the earlier requests still standing whose edit held
-    seconds: float  # the check's time
-
-
-def choose_lapsed(earlier: list[EditRequest], holds: list[bool], batch: list[EditRequest]) -> list[EditRequest]:
-    """Of the earlier requests still standing (oldest first) and whether each holds, those to write
-    again with `batch`: the lapsed ones, oldest first, at most as many as the batch has, leaving
-    out any that would conflict with it (about a subject the batch edits or keeps, or keeping a
-    subject it edits) or that a newer standing request contradicts (it edits what the older one
-    keeps, or keeps what it edits; the newer fact wins, held or not)."""
-    named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
-    edited: set[tuple[str, str]] = set()  # (subject, prompt) of the standing requests newer than the one looked at
-    kept: set[tuple[str, str]] = set()
-    chosen: list[EditRequest] = []
-    for request, held in reversed(list(zip(earlier, holds))):
-        keeps = {(s, request.prompt) for s in request.keep_subjects}
-        contradicted = (request.subject, request.prompt) in kept or bool(keeps & edited)
-        edited.add((request.subject, request.prompt))
-        kept |= keeps
-        if held or contradicted or request.subject in named or named.intersection(request.keep_subjects):
-            continue
-        chosen.append(request)
-    return chosen[::-1][: len(batch)]
 
 
 @dataclass
@@ -369,7 +339,7 @@ class Editor(Persistence):
                 )
 
     def _edit_batch(self, own: list[EditRequest], on_unit: Callable[[], None] | None = None,
-                    rehearsal: _Rehearsal | None = None) -> BatchReport:
+                    rehearsal: Rehearsal | None = None) -> BatchReport:
         """One batch, as the module docstring's loop; each phase timed for the report. The batch
         writes its own requests and, with rehearsal, the earlier ones that lapsed."""
         started, start = now(), time.perf_counter()
@@ -675,52 +645,15 @@ class Editor(Persistence):
         every = self.config.rehearse
         return bool(every) and batch_number > 1 and (batch_number - 1) % every == 0
 
-    def _rehearsal(self, batch: list[EditRequest]) -> _Rehearsal:
-        """Which earlier edits no longer hold: every request still standing (the latest edit of its
-        subject and prompt, not reverted) is checked as the batch report's efficacy checks a batch
-        (the new object preferred over the true one; all target tokens top-1 where no true object
-        is known). The lapsed ones are written again with `batch`, oldest first, at most as many as
-        it has requests; none that would conflict with it: a request about a subject the batch
-        edits or keeps (the batch's facts are the newer), one that keeps a subject it edits, or one
-        that a newer standing request contradicts."""
-        start = time.perf_counter()
-        standing: dict[tuple[str, str], EditRequest] = {}
-        for applied in self.batches:
-            if applied.reverted:
-                continue
-            for request in applied.requests:
-                standing.pop((request.subject, request.prompt), None)  # re-inserted: ordered by its latest edit
-                standing[(request.subject, request.prompt)] = request
-        earlier = list(standing.values())
-        if not earlier:
-            return _Rehearsal([], None, time.perf_counter() - start)
-        holds = self._holds(earlier)
-        lapsed = choose_lapsed(earlier, holds, batch)
-        return _Rehearsal(lapsed, sum(holds) / len(holds), time.perf_counter() - start)
-
-    def _holds(self, requests: list[EditRequest]) -> list[bool]:
-        """Per request: does its edit hold on the model now (the efficacy test)?"""
-        known = [i for i, r in enumerate(requests) if r.target_true]
-        holds = [False] * len(requests)
-        if known:
-            for i, win in zip(known, self._prefers_new([requests[i] for i in known]).tolist()):
-                holds[i] = bool(win)
-        unknown = [i for i, r in enumerate(requests) if not r.target_true]
-        if unknown:
-            accuracy = continuation_accuracy(self.model, self.tokenizer, [requests[i].text() for i in unknown],
-                                             [requests[i].target_new for i in unknown], layout=self.layout)
-            for i, a in zip(unknown, accuracy):
-                holds[i] = a == 1.0
-        return holds
+    def _rehearsal(self, batch: list[EditRequest]) -> Rehearsal:
+        """The earlier edits to write again with `batch` (rehearsal.py), checked on the model as it is."""
+        return rehearsal_for(self.batches, batch, lambda requests: edit_holds(self.model, self.tokenizer, requests, self.layout))
 
     def _efficacy(self, requests: list[EditRequest]) -> float | None:
+        """The batch report's efficacy: the share of `requests` with a true object whose new one is preferred."""
         known = [r for r in requests if r.target_true]
-        return float(self._prefers_new(known).float().mean()) if known else None
-
-    def _prefers_new(self, requests: list[EditRequest]) -> torch.Tensor:
-        """Per request (each with a target_true): is its new object more likely than the true one now?"""
-        return prefers_new(self.model, self.tokenizer, [r.text() for r in requests], [r.target_new for r in requests],
-                           [r.target_true for r in requests], layout=self.layout)  # the editor's layout: it may come from --layout
+        # the editor's layout: it may come from --layout
+        return sum(edit_holds(self.model, self.tokenizer, known, self.layout)) / len(known) if known else None
 
     def revert(self, batch_id: int) -> None:
         """Remove a batch's update from the weights and its keys from C_p.

@@ -1,0 +1,101 @@
+"""Rehearsal (EditConfig.rehearse; not in the paper): before a batch, every earlier edit still
+standing is checked, and the lapsed ones are written again with the batch.
+
+Later batches undo some of what earlier ones wrote (on SmolLM2 about one edit in ten over 2,000
+CounterFact edits, BENCHMARKS.md). The journal holds every request, so the editor can find those
+whose edit no longer holds and write them again as extra columns of the next batch.
+
+    standing = the latest edit of each (subject, prompt), its batch not reverted, oldest first
+    holds    = the efficacy test on the model now (edit_holds)
+    lapsed   = choose_lapsed(standing, holds, batch): not held, not in conflict, oldest first,
+               at most as many as the batch has
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .batch import AppliedBatch
+from .layouts import Layout
+from .requests import EditRequest
+from .teacher_forcing import continuation_accuracy, prefers_new
+
+
+@dataclass
+class Rehearsal:
+    """Before a rehearsing batch: the earlier requests it writes again and the check's result."""
+
+    lapsed: list[EditRequest]  # earlier requests whose edit no longer holds, oldest first
+    held: float | None  # the share of the earlier requests still standing whose edit held
+    seconds: float  # the check's time
+
+
+def edit_holds(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+               layout: Layout | None = None) -> list[bool]:
+    """Per request: does its edit hold on the model now? The batch report's efficacy test: the new
+    object preferred over the true one (lower mean token NLL); where no true object is known
+    (zsRE), every target token top-1."""
+    holds = [False] * len(requests)
+    known = [i for i, r in enumerate(requests) if r.target_true]
+    if known:
+        wins = prefers_new(model, tokenizer, [requests[i].text() for i in known], [requests[i].target_new for i in known],
+                           [requests[i].target_true for i in known], layout=layout)
+        for i, win in zip(known, wins.tolist()):
+            holds[i] = bool(win)
+    unknown = [i for i, r in enumerate(requests) if not r.target_true]
+    if unknown:
+        accuracy = continuation_accuracy(model, tokenizer, [requests[i].text() for i in unknown],
+                                         [requests[i].target_new for i in unknown], layout=layout)
+        for i, a in zip(unknown, accuracy):
+            holds[i] = a == 1.0
+    return holds
+
+
+def standing_requests(batches: Sequence[AppliedBatch]) -> list[EditRequest]:
+    """The requests still standing: the latest edit of each (subject, prompt) whose batch is not
+    reverted, ordered by that latest edit (a batch's rehearsed requests are re-writes, not edits)."""
+    standing: dict[tuple[str, str], EditRequest] = {}
+    for applied in batches:
+        if applied.reverted:
+            continue
+        for request in applied.requests:
+            standing.pop((request.subject, request.prompt), None)  # re-inserted: ordered by its latest edit
+            standing[(request.subject, request.prompt)] = request
+    return list(standing.values())
+
+
+def choose_lapsed(earlier: list[EditRequest], holds: list[bool], batch: list[EditRequest]) -> list[EditRequest]:
+    """Of the earlier requests still standing (oldest first) and whether each holds, those to write
+    again with `batch`: the lapsed ones, oldest first, at most as many as the batch has, leaving
+    out any that would conflict with it (about a subject the batch edits or keeps, or keeping a
+    subject it edits) or that a newer standing request contradicts (it edits what the older one
+    keeps, or keeps what it edits; the newer fact wins, held or not)."""
+    named = {r.subject for r in batch} | {s for r in batch for s in r.keep_subjects}
+    edited: set[tuple[str, str]] = set()  # (subject, prompt) of the standing requests newer than the one looked at
+    kept: set[tuple[str, str]] = set()
+    chosen: list[EditRequest] = []
+    for request, held in reversed(list(zip(earlier, holds))):
+        keeps = {(s, request.prompt) for s in request.keep_subjects}
+        contradicted = (request.subject, request.prompt) in kept or bool(keeps & edited)
+        edited.add((request.subject, request.prompt))
+        kept |= keeps
+        if held or contradicted or request.subject in named or named.intersection(request.keep_subjects):
+            continue
+        chosen.append(request)
+    return chosen[::-1][: len(batch)]
+
+
+def rehearsal_for(batches: Sequence[AppliedBatch], batch: list[EditRequest],
+                  check: Callable[[list[EditRequest]], list[bool]]) -> Rehearsal:
+    """What to rehearse with `batch`, after the applied `batches`: the standing requests checked by
+    `check` (edit_holds on the model as it is), the lapsed ones chosen by choose_lapsed."""
+    start = time.perf_counter()
+    earlier = standing_requests(batches)
+    if not earlier:
+        return Rehearsal([], None, time.perf_counter() - start)
+    holds = check(earlier)
+    return Rehearsal(choose_lapsed(earlier, holds, batch), sum(holds) / len(holds), time.perf_counter() - start)
