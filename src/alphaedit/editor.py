@@ -415,15 +415,15 @@ class Editor(Persistence):
         return keys
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
-                       written: int) -> _TargetValues:
+                       written: int | None = None) -> _TargetValues:
         """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured; with
-        chat_values="trained" only the first `written` forms' (the requests' own) are kept."""
+        chat_values="trained" only the first `written` forms' (the requests' own; all when not given) are kept."""
         forms = [form for _, form in sourced]
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
         owners = [source for source, _ in sourced] if self.config.chat_values in ("shared", "trained") else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
                                   on_iteration=on_unit, owners=owners)  # rows per pass: the config's
-        if self.config.chat_values == "trained":  # the chat forms trained δ and are not written
+        if self.config.chat_values == "trained" and written is not None:  # the chat forms trained δ and are not written
             targets, forms = _first_forms(targets, written), forms[:written]
         z, reference, dropped = targets.z.cpu(), None, 0
         if self.config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
