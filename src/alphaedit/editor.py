@@ -348,11 +348,9 @@ class Editor(Persistence):
         rehearsed = rehearsal.lapsed if rehearsal else []
         requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
+        forms = self._columns(requests, sourced)  # one column of K and R per form written
         with clock("z"):
-            values = self._target_values(sourced, templates, on_unit, written=len(requests))
-        if self.config.chat_values == "trained":  # the chat forms trained the requests' δ; they get no column
-            sourced = sourced[: len(requests)]
-        forms = [form for _, form in sourced]  # one column of K and R per form
+            values = self._target_values(sourced, templates, on_unit, written=len(forms))
         with clock("keys"):
             kept = self._kept_keys(requests)
         keys: dict[int, torch.Tensor] = {}
@@ -416,14 +414,14 @@ class Editor(Persistence):
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
                        written: int | None = None) -> _TargetValues:
-        """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured; with
-        chat_values="trained" only the first `written` forms' (the requests' own; all when not given) are kept."""
+        """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured; only the
+        first `written` forms' are kept (the columns, see _columns; all when not given)."""
         forms = [form for _, form in sourced]
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
         owners = [source for source, _ in sourced] if self.config.chat_values in ("shared", "trained") else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
                                   on_iteration=on_unit, owners=owners)  # rows per pass: the config's
-        if self.config.chat_values == "trained" and written is not None:  # the chat forms trained δ and are not written
+        if written is not None and written < len(forms):  # the rest trained δ and are not written
             targets, forms = _first_forms(targets, written), forms[:written]
         z, reference, dropped = targets.z.cpu(), None, 0
         if self.config.value_anchor:  # NAS: every v* = m + δ rescaled to the unedited model's norm (anchor.py)
@@ -517,9 +515,12 @@ class Editor(Persistence):
         return growth
 
     def edit_forms(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        """The prompts a batch is written under, one column each (see _sourced_forms; with
-        chat_values="trained" the chat forms train δ and are not written)."""
-        sourced = self._sourced_forms(requests)
+        """The prompts a batch is written under, one column each (see _sourced_forms and _columns)."""
+        return self._columns(requests, self._sourced_forms(requests))
+
+    def _columns(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[EditRequest]:
+        """Of the forms `requests` are trained under (`sourced`), those written as columns: all, or
+        with chat_values="trained" the requests' own (the first ones; their chat forms only train δ)."""
         return [form for _, form in (sourced[: len(requests)] if self.config.chat_values == "trained" else sourced)]
 
     def _sourced_forms(self, requests: Sequence[EditRequest]) -> list[tuple[int, EditRequest]]:

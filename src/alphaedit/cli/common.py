@@ -52,7 +52,7 @@ DtypeOption = Annotated[str, typer.Option(help="auto (float32, the paper's setti
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'balanced' to spread the model over all GPUs.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 # for commands that build a new editor each run (eval, multihop); edit and serve continue states and default to theirs
-ChatValuesOption = Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' (a z of its own, from the chat prompt alone) 'shared' (its request's δ, optimised on the plain and chat prompts together) or 'trained' (that δ, written at the plain prompt's key only: no chat column).")]
+ChatValuesOption = Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' (a z of its own, from the chat prompt alone), 'shared' (its request's δ, optimised on the plain and chat prompts together) or 'trained' (that δ, written at the plain prompt's key only: no chat column).")]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
 CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model), hf:NAME[:CONFIG[:SPLIT]], or import:FILE.")]
 TokensOption = Annotated[int, typer.Option(min=1, help="Token budget of the statistics corpus.")]

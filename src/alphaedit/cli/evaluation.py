@@ -317,10 +317,10 @@ def _run_notes(a: dict, records: list, skipped: list[str], run_file: dict, edito
     notes = []
     if editor.config.chat and any(r.request.question is not None for r in records):
         asked = sum(r.request.question is not None for r in records)
-        how = {"own": "each as a column of its own",
-               "shared": "each as a column of its own, sharing its request's δ (--chat-values shared)",
-               "trained": "training its request's δ, with no column of its own (--chat-values trained)"}[editor.config.chat_values]
-        notes.append(f"chat-aware editing (--chat): {asked} requests with a question were also {'trained' if editor.config.chat_values == 'trained' else 'written'} in the chat template, {how}")
+        how = {"own": "written in the chat template, each as a column of its own",
+               "shared": "written in the chat template, each as a column of its own, sharing its request's δ (--chat-values shared)",
+               "trained": "trained in the chat template, training its request's δ, with no column of its own (--chat-values trained)"}
+        notes.append(f"chat-aware editing (--chat): {asked} requests with a question were also {how[editor.config.chat_values]}")
     for grown in run_file.get("grown", []):
         earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
         extra = tasks is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)

@@ -111,8 +111,9 @@ def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens:
     fact's question state the new object (chat_success), do the answers to its paraphrased
     questions (chat_paraphrase), and do the neighbours' answers still state their own object
     (chat_locality; the first `neighbours` of each record, all with None), and how often do they
-    state the edit's new object instead (chat_leak)? Records without questions get no value. Free answers cost a decoding step per token: ~12 questions a record
-    with every CounterFact neighbour, 6 with four."""
+    state the edit's new object instead (chat_leak)? Records without questions get no value. Free
+    answers cost a decoding step per token: ~12 questions a record with every CounterFact
+    neighbour, 6 with four."""
     asked = []  # (record index, role, question, object the answer should state)
     for i, rec in enumerate(records):
         if rec.chat is None:
