@@ -17,6 +17,7 @@ from families import FAMILIES, build_family
 from alphaedit.config import EditConfig
 from alphaedit.layouts import detect_layout
 from alphaedit.requests import EditRequest
+from alphaedit.rewording import reworded_prompts
 from alphaedit.passes import plan_passes
 from alphaedit.targets import _flatten, compute_targets, request_rows
 
@@ -60,10 +61,13 @@ def llama64(steerable):
 
 
 def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConfig) -> torch.Tensor:
-    """ALGORITHM.md §1.4 written plainly: full logits, torch.optim.Adam, one request."""
+    """ALGORITHM.md §1.4 written plainly: full logits, torch.optim.Adam, one request; its reworded
+    prompts (if the config asks for them) are more prompts, read without a context template."""
     target = tokenizer(" " + request.target_new, add_special_tokens=False)["input_ids"]
-    texts = [t.format(request.prompt).format(request.subject) for t in TEMPLATES] + [f"{request.subject} is a"]
-    ends = [t.format(request.prompt).index("{}") + len(request.subject) for t in TEMPLATES] + [len(request.subject)]
+    prompts = [t.format(request.prompt) for t in TEMPLATES]
+    prompts += reworded_prompts(request, config.reworded_prompts, config.reword_drop)
+    texts = [p.format(request.subject) for p in prompts] + [f"{request.subject} is a"]
+    ends = [p.index("{}") + len(request.subject) for p in prompts] + [len(request.subject)]
     rows = [tokenizer(text)["input_ids"] for text in texts]
     lookups = [len(tokenizer(text[:end])["input_ids"]) - 1 for text, end in zip(texts, ends)]
     prompt_lengths = [len(r) for r in rows]
@@ -93,18 +97,17 @@ def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConf
         for it in range(config.v_num_grad_steps):
             optimiser.zero_grad()
             logp = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
-            nll = 0.0
-            for i in range(len(TEMPLATES)):
-                start = prompt_lengths[i] - 1
-                nll = nll - sum(logp[i, start + t, tok] for t, tok in enumerate(target)) / len(target)
-            nll = nll / len(TEMPLATES)
+            row_nll = [-sum(logp[i, prompt_lengths[i] - 1 + t, tok] for t, tok in enumerate(target)) / len(target)
+                       for i in range(len(prompts))]
+            nll = sum(row_nll) / len(prompts)
+            asked_nll = sum(row_nll[: len(TEMPLATES)]) / len(TEMPLATES)  # what the nll rule judges: not the copies
             kl_logp = logp[-1, lookups[-1]]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl = config.kl_factor * F.kl_div(kl_init[None], kl_logp[None], log_target=True, reduction="batchmean")
             wd = config.v_weight_decay * delta.norm() / h0.norm() ** 2
             loss = nll + kl + wd
-            learnt = nll < config.early_stop_nll if config.early_stop_rule == "nll" else loss < config.early_stop_loss
+            learnt = asked_nll < config.early_stop_nll if config.early_stop_rule == "nll" else loss < config.early_stop_loss
             if learnt or it == config.v_num_grad_steps - 1:
                 break
             loss.backward()
@@ -126,6 +129,30 @@ def test_z_matches_the_plain_reference_in_float64(llama64, tokenizer):
         expected = reference_z(model, layout, tokenizer, request, config)
         torch.testing.assert_close(result.z[i], expected, rtol=1e-6, atol=1e-7)
     assert result.steps == [config.v_num_grad_steps - 1] * len(REQUESTS)  # no step on the last iteration
+
+
+def test_reworded_prompts_train_delta_as_more_prompts_of_the_reference(llama64, tokenizer):
+    model, layout = llama64
+    config = _config(reworded_prompts=2, reword_drop=0.5)
+    assert all(len(reworded_prompts(r, 2, 0.5)) == 2 for r in REQUESTS)  # the case is meaningful
+    result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    without = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, _config())
+    for i, request in enumerate(REQUESTS):
+        expected = reference_z(model, layout, tokenizer, request, config)
+        torch.testing.assert_close(result.z[i], expected, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(result.z[i], without.z[i])  # the copies change what δ learns
+    torch.testing.assert_close(result.h0, without.h0)  # h0 is read on the prompt itself, not on a copy
+
+
+def test_with_reworded_copies_the_nll_rule_judges_the_asked_prompts_alone(llama64, tokenizer):
+    model, layout = llama64
+    probe = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, _config(v_num_grad_steps=4))
+    threshold = sorted(probe.target_nll)[len(REQUESTS) // 2] + 1e-6
+    config = _config(early_stop_rule="nll", early_stop_nll=threshold, reworded_prompts=2, reword_drop=0.5)
+    result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    assert min(result.steps) < config.v_num_grad_steps - 1  # some request stopped early
+    for i, request in enumerate(REQUESTS):
+        torch.testing.assert_close(result.z[i], reference_z(model, layout, tokenizer, request, config), rtol=1e-6, atol=1e-7)
 
 
 def test_the_clamp_binds_and_still_matches_the_reference(llama64, tokenizer):

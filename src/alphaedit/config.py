@@ -51,6 +51,15 @@ class EditConfig:
     # also stop a request once its new object is the top-1 prediction everywhere (not in the
     # reference code; ENCORE's "most-probable early stopping", arXiv 2502.01636)
     stop_when_most_probable: bool = False
+    # reworded prompts (rewording.py; not in the paper, 0 = the authors'): δ also trains on this
+    # many copies of the prompt with each word around the subject left out with probability
+    # reword_drop, read without a context template, so the answer rests on the subject more than
+    # on the prompt's exact words. On SmolLM2 it lifts paraphrase accuracy where the paraphrases
+    # reword the question (the issue's first 40 zsRE records: 72.4 → 83.5) and not where they keep
+    # its words (the tuning slice), so no preset turns it on (BENCHMARKS.md, issue 18); each copy
+    # is one more row in every z pass (+26% time per CounterFact edit with 2)
+    reworded_prompts: int = 0
+    reword_drop: float = 0.3
     # a z pass holds up to this many requests' worth of tokens, rows of all requests packed by
     # length (1 = each request's rows alone, the authors' loop); lower it if a pass runs out of memory
     v_requests_per_pass: int = 16
@@ -142,6 +151,10 @@ class EditConfig:
         if self.earlier_weight != 1.0 and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"earlier_weight weighs the earlier batches' keys C_p, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 1")
+        if self.reworded_prompts < 0:
+            raise ValueError(f"reworded_prompts must be a number of copies ≥ 0 (0: none, the authors'), got {self.reworded_prompts}")
+        if not 0.0 <= self.reword_drop < 1.0:
+            raise ValueError(f"reword_drop is the chance that a word is left out, in [0, 1), got {self.reword_drop}")
         if self.rehearse < 0:
             raise ValueError(f"rehearse must be a number of batches ≥ 0 (0: never, the authors'), got {self.rehearse}")
         if self.earlier_reread < 0:

@@ -53,6 +53,10 @@ class Row:
     # the form whose h0 a plain row gives, when it is not `owner` (a chat form that shares its
     # request's δ: its rows add and train that δ, its h0 is its own)
     h0_form: int | None = None
+    # what this row's NLL counts for in the early stop, relative to the loss: 0 for a reworded copy
+    # (it trains δ, but the stop judges the prompts that were asked), n_rows / n_asked for an asked
+    # row, so that the asked rows' weights sum to what all rows' do
+    stop_scale: float = 1.0
 
     def cut(self, split: bool) -> int:
         return self.lookup if split else 0
@@ -158,6 +162,7 @@ class Pass:
         columns = list(zip(*reads)) or [(), (), (), ()]
         self.read_row, self.read_pos, self.read_token, self.read_owner = (torch.tensor(c, dtype=torch.long, device=device) for c in columns)
         self.read_weight = torch.tensor([w for row in rows for _, _, w in row.reads], dtype=delta_dtype(model), device=device)
+        self.read_stop_scale = torch.tensor([row.stop_scale for row in rows for _ in row.reads], dtype=delta_dtype(model), device=device)
         self.kl_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_kl], dtype=torch.long, device=device)
         self.kl_owner = self.row_owner[self.kl_rows]
         self.plain_rows = torch.tensor([k for k, row in enumerate(rows) if row.is_plain], dtype=torch.long, device=device)

@@ -3,7 +3,7 @@
 For request i, δ_i is added to the output of block l_m at the subject's last token of all its
 prompts, and minimised (ALGORITHM.md §1.4):
 
-    loss_i = mean_prompts NLL(target | template + prompt)
+    loss_i = mean_prompts NLL(target | template + prompt)   (and reworded prompts, rewording.py)
            + kl_factor · KL(p_δ ‖ p_0)  at the last subject token of "{subject} is a"
            + weight_decay · ‖δ_i‖ / ‖h0_i‖²               (unsquared numerator, as the code)
 
@@ -14,6 +14,9 @@ with Adam, at most N iterations, never stepping on the last iteration, and clamp
   the target is learnt, whatever the weight decay and KL terms say;
 - and, with `stop_when_most_probable` (after ENCORE's most-probable early stopping), once its
   new object is the argmax at every target token of every prompt.
+Reworded copies of the prompt train δ like the others, but the `nll` and most-probable stops
+judge the prompt as asked (its context templates' rows): the copies shape what δ learns, not how
+long it trains (on one-token CounterFact targets, judging the copies too cost 40% more steps).
 
 All requests of a batch are optimised together: their prompts (rows) are packed by length
 into shared forward/backward passes. Each request has its own δ_i, loss and early stop, and
@@ -33,6 +36,7 @@ Two caches make an iteration cheaper without changing what it computes (passes.p
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,19 +49,21 @@ from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
 from .passes import Pass, PassOutput, Row, RowCache, delta_dtype, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
-from .prompts import encode, fill, kl_prompt, target_ids, templates_for
+from .prompts import PLAIN_TEMPLATE, encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
+from .rewording import reworded_prompts
 
 
 @dataclass
 class TargetRows:
     """The rows of one request: one rewriting prompt per context template (the plain one first),
-    then the KL prompt."""
+    its reworded prompts (EditConfig.reworded_prompts) if any, then the KL prompt."""
 
     ids: list[list[int]]
     lookup: list[int]
     target: list[int]  # the new object's token ids
     target_start: list[int]  # per rewriting row: position whose logits predict target[0]
+    asked: int  # the rewriting rows of the prompt itself (the rest are reworded copies)
 
 
 @dataclass
@@ -71,18 +77,23 @@ class TargetResult:
     h0: torch.Tensor | None = None  # [u, d] the residual at the z layer before δ (z = h0 + δ)
 
 
-def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str]) -> TargetRows:
+def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str],
+                 reworded: Sequence[str] = ()) -> TargetRows:
+    """The prompt under every context template, then each reworded prompt (rewording.py) alone."""
     target = target_ids(tokenizer, request.target_new, leading_space=not request.chat_turn)
     ids, lookup, starts = [], [], []
-    for template in templates_for(request, templates):
-        prompt_ids, idx = encode(tokenizer, fill(template, request))
+    filled = [fill(template, request) for template in templates_for(request, templates)]
+    asked = len(filled)
+    filled += [fill(PLAIN_TEMPLATE, dataclasses.replace(request, prompt=prompt)) for prompt in reworded]
+    for prompt in filled:
+        prompt_ids, idx = encode(tokenizer, prompt)
         ids.append(prompt_ids + target[:-1])  # teacher forcing: the last target token is only predicted
         lookup.append(idx)
         starts.append(len(prompt_ids) - 1)
     kl_ids, kl_idx = encode(tokenizer, kl_prompt(request))
     ids.append(kl_ids)
     lookup.append(kl_idx)
-    return TargetRows(ids, lookup, target, starts)
+    return TargetRows(ids, lookup, target, starts, asked)
 
 
 def _flatten(form: int, rows: TargetRows, owner: int | None = None, share: float = 1.0) -> list[Row]:
@@ -90,9 +101,10 @@ def _flatten(form: int, rows: TargetRows, owner: int | None = None, share: float
     weighted by `share` when two forms train one δ (owner: the form whose δ these rows add)."""
     owner = form if owner is None else owner
     weight = share / (len(rows.target) * len(rows.target_start))
+    asked_scale = len(rows.target_start) / rows.asked  # the stop's NLL: the asked rows' mean
     flat = [
         Row(owner, ids, lookup, [(start + t, token, weight) for t, token in enumerate(rows.target)], is_plain=j == 0,
-            h0_form=None if owner == form else form)
+            h0_form=None if owner == form else form, stop_scale=asked_scale if j < rows.asked else 0.0)
         for j, (ids, lookup, start) in enumerate(zip(rows.ids, rows.lookup, rows.target_start))
     ]
     if owner != form:  # the owner's KL row already keeps the subject's essence
@@ -129,7 +141,8 @@ class _Totals:
     nll: torch.Tensor
     kl: torch.Tensor
     prob: torch.Tensor  # mean target-token probability
-    misses: torch.Tensor  # target tokens that are not the top-1 prediction
+    misses: torch.Tensor  # target tokens of the asked prompts that are not the top-1 prediction
+    asked_nll: torch.Tensor  # the NLL over the asked prompts alone (without reworded copies): what the stop judges
 
     def add(self, batch: Pass, out: PassOutput, row_kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one pass; returns its per-request NLL and KL, still differentiable."""
@@ -138,7 +151,8 @@ class _Totals:
         self.nll += nll.detach()
         self.kl += kl.detach()
         self.prob.index_add_(0, batch.read_owner, out.token_logp.detach().exp() * batch.read_weight)
-        self.misses.index_add_(0, batch.read_owner, (~out.top1).to(self.misses.dtype))
+        self.misses.index_add_(0, batch.read_owner, (~out.top1 & (batch.read_stop_scale > 0)).to(self.misses.dtype))
+        self.asked_nll.index_add_(0, batch.read_owner, -out.token_logp.detach() * batch.read_weight * batch.read_stop_scale)
         return nll, kl
 
 
@@ -168,7 +182,7 @@ def compute_targets(
     sharing = Counter(owners)  # the forms training each δ, each an equal share of its NLL
     with frozen_parameters(model):
         rows = [row for i, r in enumerate(requests)
-                for row in _flatten(i, request_rows(tokenizer, r, templates), owners[i], 1 / sharing[owners[i]])]
+                for row in _flatten(i, request_rows(tokenizer, r, templates, reworded_prompts(r, config.reworded_prompts, config.reword_drop)), owners[i], 1 / sharing[owners[i]])]
         split = config.v_prefix_cache and _prefix_cache_is_exact(model, layout, tokenizer, rows, config.z_layer)
         cache = RowCache(len(rows), max(r.suffix_length(split) for r in rows), max(r.cut(split) for r in rows))
         device = next(model.parameters()).device
@@ -189,7 +203,7 @@ def compute_targets(
         for it in range(config.v_num_grad_steps):
             last = it == config.v_num_grad_steps - 1  # the reference never steps on its last iteration
             leaf = delta.clone().requires_grad_(not last)
-            totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(4)))
+            totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(5)))
             for chosen in plan_passes(rows, active, requests_per_pass, split):
                 batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
                 below = cache.gather_below(chosen, batch.suffix_width) if it > 0 else None
@@ -213,7 +227,7 @@ def compute_targets(
             final_prob[active] = totals.prob[moving].cpu().double()
             final_nll[active] = totals.nll[moving].cpu().double()
             if config.early_stop_rule == "nll":
-                learnt = totals.nll[moving] < config.early_stop_nll
+                learnt = totals.asked_nll[moving] < config.early_stop_nll
             else:
                 learnt = loss < config.early_stop_loss
             if config.stop_when_most_probable:

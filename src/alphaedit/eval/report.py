@@ -93,7 +93,8 @@ def markdown_table(summary: dict) -> str:
     if summary.get("z_steps_cap") is not None:
         setting += (
             f" z optimisation: preset {summary.get('preset')}, v_lr {summary.get('v_lr')}, stop rule {summary.get('stop_rule')} "
-            f"< {summary.get('stop_threshold')}, clamp {summary.get('clamp')}, at most {summary.get('z_steps_cap')} steps; {summary.get('mean_z_steps', 0):.1f} "
+            f"< {summary.get('stop_threshold')}, clamp {summary.get('clamp')}, at most {summary.get('z_steps_cap')} steps"
+            f"{f', {n} reworded prompts' if (n := summary.get('reworded_prompts')) else ''}; {summary.get('mean_z_steps', 0):.1f} "
             f"steps per request on average; {summary.get('seconds_per_edit', 0):.2f} s per edit."
         )
     setting += "\n\n"
