@@ -10,8 +10,9 @@ there, so the answer comes to rest on the subject rather than on the exact words
 
 Each copy leaves out every word (a run of non-spaces) before and after the subject with
 probability `drop`; the copies are drawn from a generator seeded by the request's subject and
-prompt, so the same request always gets the same copies (a journal replays exactly). Copies equal
-to the prompt or to an earlier copy are drawn again, at most 5·count draws in all.
+prompt, so the same request always gets the same copies (a rerun of a run, or a request rehearsed
+later, trains on what it trained on before). Copies equal to the prompt or to an earlier copy are
+drawn again, at most 5·count draws in all.
 """
 
 from __future__ import annotations

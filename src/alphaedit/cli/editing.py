@@ -89,7 +89,7 @@ def edit(
         journal = _state_journal(state)
         if journal is not None:
             options = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
-                         reworded=reworded_prompts, projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
+                         reworded_prompts=reworded_prompts, projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
                          seed=_seed_for(seed, sampling), sampling=sampling,
                          layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
@@ -106,7 +106,7 @@ def edit(
         def new_config(lm) -> EditConfig:
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight,
-                                  earlier_reread=earlier_reread, rehearse=rehearse, reworded=reworded_prompts)
+                                  earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts)
             return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -211,7 +211,7 @@ _CONTINUATION = {
     "earlier_weight": ("--earlier-weight", lambda c, corpus: c.earlier_weight),
     "earlier_reread": ("--earlier-reread", lambda c, corpus: c.earlier_reread),
     "rehearse": ("--rehearse", lambda c, corpus: c.rehearse),
-    "reworded": ("--reworded-prompts", lambda c, corpus: c.reworded_prompts),
+    "reworded_prompts": ("--reworded-prompts", lambda c, corpus: c.reworded_prompts),
     "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),
     "threshold": ("--threshold", lambda c, corpus: c.nullspace_threshold),
     "corpus": ("--corpus", lambda c, corpus: corpus["corpus"]),
