@@ -360,7 +360,7 @@ def _start_server(folder: Path, state: Path, home: Path, *extra: str) -> tuple[s
 def test_a_server_killed_mid_batch_leaves_a_journal_that_loads_and_serve_continues_it(tiny_model_folder, llama, tokenizer, tmp_path):
     state, home = tmp_path / "state", tmp_path / "home"
     server, c = _start_server(tiny_model_folder, state, home, "--layers", "1-2", "--steps", "20", "--corpus", str(WIKITEXT), "--tokens", "2000",
-                              "--l2", "40", "--rehearse", "1")
+                              "--l2", "40", "--rehearse", "1", "--reworded-prompts", "1")
     try:
         many = [{**EIFFEL, "subject": f"Tower {i}"} for i in range(40)]
         job = c.post("/api/edits", json={"requests": many, "batch_size": 1}).json()
@@ -390,6 +390,10 @@ def test_a_server_killed_mid_batch_leaves_a_journal_that_loads_and_serve_continu
     refused = subprocess.run([sys.executable, "-m", "alphaedit", "serve", "--state", str(state), "--rehearse", "2"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--rehearse" in refused.stderr
+    assert journal.header["config"]["reworded_prompts"] == 1  # and its reworded copies
+    refused = subprocess.run([sys.executable, "-m", "alphaedit", "serve", "--state", str(state), "--reworded-prompts", "2"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--reworded-prompts" in refused.stderr
     server, c = _start_server(tiny_model_folder, state, home)
     try:
         assert [b["id"] for b in c.get("/api/journal").json()["batches"]] == committed

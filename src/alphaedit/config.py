@@ -151,6 +151,8 @@ class EditConfig:
         if self.earlier_weight != 1.0 and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"earlier_weight weighs the earlier batches' keys C_p, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 1")
+        if any(not isinstance(w, str) or not w.strip() for w in self.context_template_words):
+            raise ValueError(f"context_template_words must be words (each starts one context-template prefix), got {self.context_template_words}")
         if self.reworded_prompts < 0:
             raise ValueError(f"reworded_prompts must be a number of copies ≥ 0 (0: none, the authors'), got {self.reworded_prompts}")
         if not 0.0 <= self.reword_drop < 1.0:

@@ -73,6 +73,7 @@ EarlierWeightOption = Annotated[Optional[float], typer.Option("--earlier-weight"
 EarlierRereadOption = Annotated[Optional[int], typer.Option("--earlier-reread", help="Every N batches, rebuild C_p from every applied request's keys as the edited model reads them now (0: never, the authors' code; not in the paper): later batches' lower-layer updates move the keys earlier edits are read by, and the hold on them drifts off (BENCHMARKS.md). Costs a key pass over all earlier requests each time.")]
 RehearseOption = Annotated[Optional[int], typer.Option("--rehearse", help="Every N batches, check every earlier edit before the batch and write the lapsed ones again with it, at most as many as the batch has (0: never, the authors' code; not in the paper). Later batches undo some earlier edits; the journal holds them all, so they can be restored. Costs a teacher-forced check of every earlier request each time.")]
 RewordedOption = Annotated[Optional[int], typer.Option("--reworded-prompts", min=0, help="Also train each request's δ on this many copies of its prompt with words around the subject left out (default 0: none, the authors' code; not in the paper), so that the edit holds better when the question is worded differently; the early stop still judges the prompt as asked. Each copy is one more prompt in every z optimisation step (2 copies: about a quarter more time per edit on SmolLM2).")]
+ContextTemplatesOption = Annotated[Optional[str], typer.Option("--context-templates", help="The words the context-template prefixes start from, comma-separated (default: preset; the authors' code: The,Therefore,Because,I,You; an empty string: the prompt alone). Each word becomes a short text the model writes, put before every prompt of the z optimisation, so that δ holds in other contexts; each one is one more prompt per step.")]
 SpreadOption = Annotated[Optional[str], typer.Option(help="How a batch's residual is shared among the edited layers: 'sequential' (the authors' loop, the default: layer i of L takes 1/(L − i) of what is still missing) or 'joint' (not in the paper; projected solve only: layer by layer as the authors' loop, each layer's update its part of one solve over the layers still to write, so that each takes what its null-space room allows and the block's last layer no longer carries most of every update).")]
 MaxPromptOption = Annotated[int, typer.Option(min=1, help="Refuse requests whose prompt and target are longer than this many tokens (an edit prompt is one sentence).")]
 AnchorOption = Annotated[bool, typer.Option("--anchor-values", help="NAS: rescale every target value v* = m + δ to the norm measured on the first batch (on the unedited model), against the norm growth that collapses long sequences.")]
@@ -219,7 +220,7 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False,
                  l2: float | None = None, *, mom2_weight: float | None = None, spread: str | None = None,
                  earlier_weight: float | None = None, earlier_reread: int | None = None, rehearse: int | None = None,
-                 reworded_prompts: int | None = None) -> EditConfig:
+                 reworded_prompts: int | None = None, context_templates: str | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread, rehearse)
     try:
@@ -229,9 +230,21 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                                 method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
                                 value_anchor=anchor or None, l2_alpha=l2, mom2_update_weight=mom2_weight, spread=spread,
                                 earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
-                                reworded_prompts=reworded_prompts)
+                                reworded_prompts=reworded_prompts, context_template_words=_template_words(context_templates))
     except ValueError as e:
         _fail(str(e))
+
+
+def _template_words(text: str | None) -> list[str] | None:
+    """--context-templates "The,Because" as the config's list (None: the preset's; "": none)."""
+    if text is None:
+        return None
+    words = [w.strip() for w in text.split(",")]
+    if words == [""]:
+        return []
+    if not all(words):
+        _fail(f"--context-templates {text!r}: an empty word between commas; give words such as The,Therefore,Because")
+    return words
 
 
 def _check_method_choice(method: str, project: bool | None, method_option: list[str] | None, l2: float | None,

@@ -21,10 +21,11 @@ from ..journal import Journal, JournalError
 from ..locks import FolderInUse
 from ..requests import RequestError, load_requests
 from .common import (
-    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
+    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
     _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
+    _template_words,
     _state_claim, _with_chat, app, console, out,
 )
 
@@ -65,6 +66,7 @@ def edit(
     earlier_reread: EarlierRereadOption = None,
     rehearse: RehearseOption = None,
     reworded_prompts: RewordedOption = None,
+    context_templates: ContextTemplatesOption = None,
     spread: SpreadOption = None,
     prefix_cache: PrefixCacheOption = True,
     projector_rule: RuleOption = None,
@@ -89,7 +91,7 @@ def edit(
         journal = _state_journal(state)
         if journal is not None:
             options = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
-                         reworded_prompts=reworded_prompts, projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
+                         reworded_prompts=reworded_prompts, context_templates=_template_words(context_templates), projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
                          seed=_seed_for(seed, sampling), sampling=sampling,
                          layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
@@ -106,7 +108,8 @@ def edit(
         def new_config(lm) -> EditConfig:
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight,
-                                  earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts)
+                                  earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts,
+                                  context_templates=context_templates)
             return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -212,6 +215,7 @@ _CONTINUATION = {
     "earlier_reread": ("--earlier-reread", lambda c, corpus: c.earlier_reread),
     "rehearse": ("--rehearse", lambda c, corpus: c.rehearse),
     "reworded_prompts": ("--reworded-prompts", lambda c, corpus: c.reworded_prompts),
+    "context_templates": ("--context-templates", lambda c, corpus: c.context_template_words),
     "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),
     "threshold": ("--threshold", lambda c, corpus: c.nullspace_threshold),
     "corpus": ("--corpus", lambda c, corpus: corpus["corpus"]),
@@ -246,9 +250,17 @@ def _check_continuation(state: Path, header: dict, given: dict) -> None:
             except ValueError as e:
                 _fail(f"--method-option: {e}")
         if recorded != value:
-            shown = f"{recorded[0]}-{recorded[-1]}" if name == "layers" else recorded
-            _fail(f"{state} was edited with {option} {shown}; it cannot continue with {option} "
-                  f"{value if name != 'layers' else f'{value[0]}-{value[-1]}'}. Leave {option} out to continue, or use a new --state")
+            _fail(f"{state} was edited with {option} {_as_given(name, recorded)}; it cannot continue with {option} "
+                  f"{_as_given(name, value)}. Leave {option} out to continue, or use a new --state")
+
+
+def _as_given(name: str, value):
+    """A recorded setting as its option is written on the command line."""
+    if name == "layers":
+        return f"{value[0]}-{value[-1]}"
+    if name == "context_templates":
+        return repr(",".join(value))
+    return value
 
 
 def _without_repeats(journal: Journal, requests: list, allow_repeat: bool) -> list:

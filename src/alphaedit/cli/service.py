@@ -17,8 +17,8 @@ from ..config import EditConfig
 from ..methods import DEFAULT_METHOD, METHODS
 from ..guard import Guard
 from .common import (
-    DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, ModelOption, ProjectOption, RehearseOption, StepsOption, TrustOption, _corpus_spec,
-    _check_chat_values, _check_method_choice, _edit_config, _fail, _parse_layers, _state_claim, _with_chat, app, console, out,
+    DeviceOption, DtypeOption, JsonOption, L2Option, LayersOption, ModelOption, ProjectOption, RehearseOption, RewordedOption, ContextTemplatesOption, StepsOption, TrustOption, _corpus_spec,
+    _check_chat_values, _check_method_choice, _template_words, _edit_config, _fail, _parse_layers, _state_claim, _with_chat, app, console, out,
 )
 from .editing import _check_continuation, _state_editor, _state_journal
 
@@ -41,6 +41,8 @@ def serve(
     chat_values: Annotated[Optional[str], typer.Option(help="With chat-aware editing, 'own', 'shared' or 'trained' values for the chat forms (a new state; see `edit --help`).")] = None,
     l2: L2Option = None,
     rehearse: RehearseOption = None,
+    reworded_prompts: RewordedOption = None,
+    context_templates: ContextTemplatesOption = None,
     guard: Annotated[bool, typer.Option("--guard", help="Refuse batches that grow the matrices or drift probe answers too far (see `edit --guard`).")] = False,
     max_requests: Annotated[int, typer.Option(min=1, help="Most edit requests in one submission.")] = 1000,
     max_queue: Annotated[int, typer.Option(min=1, help="Most submissions waiting; more are answered 429.")] = 16,
@@ -66,11 +68,14 @@ def serve(
         if journal is not None:
             _check_continuation(state, journal.header, dict(method=method, project=project, layers=_parse_layers(layers), steps=steps,
                                                             corpus=corpus, tokens=tokens, chat=chat,
-                                                            chat_values=chat_values, l2=l2, rehearse=rehearse))
+                                                            chat_values=chat_values, l2=l2, rehearse=rehearse,
+                                                            reworded_prompts=reworded_prompts,
+                                                            context_templates=_template_words(context_templates)))
 
         def new_config(lm) -> EditConfig:
             return _with_chat(_edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project, l2=l2,
-                                           rehearse=rehearse), chat, chat_values)
+                                           rehearse=rehearse, reworded_prompts=reworded_prompts, context_templates=context_templates),
+                             chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
                                      lambda: _corpus_spec(corpus, tokens, None, None))

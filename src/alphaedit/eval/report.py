@@ -94,6 +94,7 @@ def markdown_table(summary: dict) -> str:
         setting += (
             f" z optimisation: preset {summary.get('preset')}, v_lr {summary.get('v_lr')}, stop rule {summary.get('stop_rule')} "
             f"< {summary.get('stop_threshold')}, clamp {summary.get('clamp')}, at most {summary.get('z_steps_cap')} steps"
+            f"{_templates(summary.get('context_template_words'))}"
             f"{f', {n} reworded prompts' if (n := summary.get('reworded_prompts')) else ''}; {summary.get('mean_z_steps', 0):.1f} "
             f"steps per request on average; {summary.get('seconds_per_edit', 0):.2f} s per edit."
         )
@@ -101,6 +102,13 @@ def markdown_table(summary: dict) -> str:
     notes = "".join(f"\n- {note}" for note in summary.get("notes", []))
     return setting + head + rows + curve_table(summary.get("curve", [])) + general_tables(summary.get("general", [])) + (
         "\nNotes:" + notes + "\n" if notes else "")
+
+
+def _templates(words: list[str] | None) -> str:
+    """The context-template prefixes, for the report's setting line (runs before the field: nothing)."""
+    if words is None:
+        return ""
+    return f", context templates from {'/'.join(words)}" if words else ", no context templates"
 
 
 def curve_table(points: list[dict]) -> str:
