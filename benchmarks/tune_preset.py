@@ -14,7 +14,9 @@ A candidate is V_LR:STEPS:RULE[:THRESHOLD][:FIELD=VALUE...] with RULE `loss` (th
 `nll` (stop once the target NLL is below THRESHOLD), FIELD any EditConfig field (a number,
 true/false, or words separated by "|" for a list such as context_template_words); `--layers` sets the edited block; `--slices zsre` tunes on one kind only;
 `mlp_out_norm=none` edits as if the blocks added the MLP output unnormalised (residual.py's
-mapping off, for comparison on Gemma).
+mapping off, for comparison on Gemma). A candidate starts from the model's preset: on SmolLM2 it
+keeps the preset's three prefixes and two reworded copies unless it says
+`context_template_words=The|Therefore|Because|I|You:reworded_prompts=0` (the authors' prompts).
 """
 
 from __future__ import annotations

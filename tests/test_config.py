@@ -118,3 +118,24 @@ def test_journals_written_with_the_old_z_names_still_load():
     assert config.v_prefix_cache is False and config.v_requests_per_pass == 3
     del old["project"], old["method_options"]  # before methods were plug-ins
     assert EditConfig.from_dict(old).method_options == {} and EditConfig.from_dict(old).project is None
+
+
+def _smollm2_135m(**kwargs) -> LlamaConfig:
+    settings = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192)
+    return LlamaConfig(**{**settings, **kwargs})
+
+
+def test_the_smollm2_preset_trades_two_prefixes_for_two_reworded_copies_and_can_be_overridden():
+    config = config_for_model(_smollm2_135m())
+    assert config.preset == "smollm2-135m"
+    assert (config.early_stop_rule, config.early_stop_nll, config.clamp_norm_factor) == ("nll", 0.1, 2.0)
+    # as many prompts per z step as the authors' five prefixes: the plain one, three prefixed, two copies
+    assert config.context_template_words == ["The", "Therefore", "Because"] and config.reworded_prompts == 2
+    # the authors' prompts, on request
+    authors = config_for_model(_smollm2_135m(), context_template_words=["The", "Therefore", "Because", "I", "You"], reworded_prompts=0)
+    assert authors.context_template_words == EditConfig().context_template_words and authors.reworded_prompts == 0
+    # a config's lists are its own: changing one leaves the preset as it was
+    config.context_template_words.append("I")
+    config.layers.append(8)
+    again = config_for_model(_smollm2_135m())
+    assert again.context_template_words == ["The", "Therefore", "Because"] and again.layers == [3, 4, 5, 6, 7]

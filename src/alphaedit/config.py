@@ -6,6 +6,7 @@ from its name or path, so a local copy of Llama-3-8B gets the same settings as t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -54,10 +55,9 @@ class EditConfig:
     # reworded prompts (rewording.py; not in the paper, 0 = the authors'): δ also trains on this
     # many copies of the prompt with each word around the subject left out with probability
     # reword_drop, read without a context template, so the answer rests on the subject more than
-    # on the prompt's exact words. On SmolLM2 it lifts paraphrase accuracy where the paraphrases
-    # reword the question (the issue's first 40 zsRE records: 72.4 → 83.5) and not where they keep
-    # its words (the tuning slice), so no preset turns it on (BENCHMARKS.md, issue 18); each copy
-    # is one more row in every z pass (+26% time per CounterFact edit with 2)
+    # on the prompt's exact words. Each copy is one more row in every z pass (+26% time per
+    # CounterFact edit with 2 on top of the five prefixes), so the SmolLM2 preset takes 2 in place
+    # of two prefixes: paraphrases hold better at the same cost (BENCHMARKS.md, issue 18)
     reworded_prompts: int = 0
     reword_drop: float = 0.3
     # a z pass holds up to this many requests' worth of tokens, rows of all requests packed by
@@ -209,10 +209,14 @@ PRESETS: tuple[Preset, ...] = (
            "paper, hparams/AlphaEdit/Llama3-8B.json"),
     # Ours, not the paper's: each request stops once its target is learnt (target NLL < 0.1 nats
     # per token) with 25 steps as a cap, and δ may reach 2·‖h0‖ (the authors' 0.75 held
-    # multi-token zsRE answers at ~49% paraphrase accuracy on the tuning slice).
+    # multi-token zsRE answers at ~49% paraphrase accuracy on the tuning slice). Two of the
+    # authors' five context-template prefixes (I, You) give way to two reworded copies of the
+    # prompt: as many prompts per step, and on 200 + 200 tuning records the edits hold better
+    # under other wordings (zsRE paraphrases +3.0, CounterFact +0.4) at the same time per edit.
     Preset("smollm2-135m", dict(model_type="llama", layers=30, hidden=576, mlp=1536, vocab=49152, context=8192),
            dict(layers=[3, 4, 5, 6, 7], v_num_grad_steps=25, v_lr=1.0, mom2_update_weight=15000.0,
-                early_stop_rule="nll", early_stop_nll=0.1, clamp_norm_factor=2.0),
+                early_stop_rule="nll", early_stop_nll=0.1, clamp_norm_factor=2.0,
+                context_template_words=["The", "Therefore", "Because"], reworded_prompts=2),
            "measured on a CounterFact + zsRE tuning slice, see BENCHMARKS.md"),
     # Ours: Gemma-3-270M (base), the same rule; v_lr 1.0 learns where 0.5 ran every request to
     # the cap (BENCHMARKS.md, "Gemma-3-270M's preset")
@@ -281,7 +285,7 @@ def config_for_model(model_config: Any, method: str = DEFAULT_METHOD, **override
     """The preset matching this model's shape, or the stated default, with user overrides on top."""
     preset = preset_for(model_config)
     if preset is not None:
-        settings = {**preset.settings, "preset": preset.name}
+        settings = {**copy.deepcopy(preset.settings), "preset": preset.name}  # its lists stay the preset's
     else:
         settings = {"layers": default_layers(_shape_of(model_config)["layers"]), "preset": "default"}
     settings.update({k: v for k, v in overrides.items() if v is not None})
