@@ -6,7 +6,7 @@ import copy
 import json
 
 import pytest
-from test_methods import assert_edit_refuses, tiny_edit_command
+from test_methods import assert_edit_refuses, assert_eval_refuses, tiny_edit_command
 
 from alphaedit.config import EditConfig
 from alphaedit.editor import Editor
@@ -36,6 +36,7 @@ def test_context_templates_from_the_command_line(tiny_model_folder, tmp_path):
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
     assert_edit_refuses(common, env, tmp_path, ((["--context-templates", "The,,A"], "--context-templates"),))
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--context-templates", "The, ,A"], "--context-templates")
     state = tmp_path / "state"
     done = CliRunner().invoke(app, [*common, "--state", str(state), "--context-templates", " Because, I"], env=env)
     assert done.exit_code == 0, done.output

@@ -84,6 +84,7 @@ def edit(
         _fail(str(e))
     submitted = len(parsed)
     _parse_layers(layers)
+    _template_words(context_templates)
     _check_chat_values(chat_values)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)

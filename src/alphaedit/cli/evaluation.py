@@ -23,7 +23,7 @@ from .common import (
     AnchorOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
-    _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, app, console, out,
+    _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, _template_words, app, console, out,
 )
 
 
@@ -233,6 +233,7 @@ def _check_eval_options(a: dict) -> list[str] | None:
     from ..eval.protocol import CURVE_OF
 
     _parse_layers(a["layers"])
+    _template_words(a.get("context_templates"))  # runs recorded before the option have none
     _check_method_choice(a["method"], a["project"], a["method_option"], a["l2"], a["mom2_weight"], a["spread"], a["earlier_weight"],
                          a["earlier_reread"], a["rehearse"])
     if a["curve_of"] not in CURVE_OF:

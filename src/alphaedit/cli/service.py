@@ -61,6 +61,7 @@ def serve(
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
     _check_chat_values(chat_values)
+    _template_words(context_templates)
     _check_method_choice(method or DEFAULT_METHOD, project, None, l2, rehearse=rehearse)
     with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
         hold_state = _state_claim(claims, state, f"alphaedit serve on {host}:{port}")  # a new state: as the server starts
