@@ -203,7 +203,7 @@ def compute_targets(
         for it in range(config.v_num_grad_steps):
             last = it == config.v_num_grad_steps - 1  # the reference never steps on its last iteration
             leaf = delta.clone().requires_grad_(not last)
-            totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in range(5)))
+            totals = _Totals(*(torch.zeros(u, device=device, dtype=dtype) for _ in dataclasses.fields(_Totals)))
             for chosen in plan_passes(rows, active, requests_per_pass, split):
                 batch = Pass([rows[i] for i in chosen], model, layout, tokenizer, split)
                 below = cache.gather_below(chosen, batch.suffix_width) if it > 0 else None

@@ -220,7 +220,7 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False,
                  l2: float | None = None, *, mom2_weight: float | None = None, spread: str | None = None,
                  earlier_weight: float | None = None, earlier_reread: int | None = None, rehearse: int | None = None,
-                 reworded_prompts: int | None = None, context_templates: str | None = None) -> EditConfig:
+                 reworded_prompts: int | None = None, context_template_words: list[str] | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread, rehearse)
     try:
@@ -230,7 +230,7 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                                 method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
                                 value_anchor=anchor or None, l2_alpha=l2, mom2_update_weight=mom2_weight, spread=spread,
                                 earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
-                                reworded_prompts=reworded_prompts, context_template_words=_template_words(context_templates))
+                                reworded_prompts=reworded_prompts, context_template_words=context_template_words)
     except ValueError as e:
         _fail(str(e))
 

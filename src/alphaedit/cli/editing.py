@@ -84,7 +84,7 @@ def edit(
         _fail(str(e))
     submitted = len(parsed)
     _parse_layers(layers)
-    _template_words(context_templates)
+    template_words = _template_words(context_templates)  # None: the preset's
     _check_chat_values(chat_values)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
@@ -92,7 +92,7 @@ def edit(
         journal = _state_journal(state)
         if journal is not None:
             options = dict(method=method, project=project, method_options=_method_options(method_option), layers=_parse_layers(layers), steps=steps, lr=lr, stop_rule=stop_rule, stop_nll=stop_nll, clamp=clamp, l2=l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
-                         reworded_prompts=reworded_prompts, context_templates=_template_words(context_templates), projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
+                         reworded_prompts=reworded_prompts, context_templates=template_words, projector_rule=projector_rule, threshold=threshold, corpus=corpus, tokens=tokens, max_length=max_length,
                          seed=_seed_for(seed, sampling), sampling=sampling,
                          layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
@@ -110,7 +110,7 @@ def edit(
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight,
                                   earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts,
-                                  context_templates=context_templates)
+                                  context_template_words=template_words)
             return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,

@@ -308,7 +308,7 @@ def _eval_editor(a: dict, lm, tokenizer):
                           a["stop_rule"], a["stop_nll"], a["clamp"], a["project"], a["method_option"], a["stop_most_probable"],
                           a["anchor_values"], a["l2"], mom2_weight=a["mom2_weight"], spread=a["spread"],
                           earlier_weight=a["earlier_weight"], earlier_reread=a["earlier_reread"], rehearse=a["rehearse"],
-                          reworded_prompts=a["reworded_prompts"], context_templates=a["context_templates"])
+                          reworded_prompts=a["reworded_prompts"], context_template_words=_template_words(a["context_templates"]))
     config.chat = a["chat"]  # the records carry questions only with --chat
     config.chat_values = a["chat_values"]
     return _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]),

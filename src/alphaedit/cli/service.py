@@ -61,7 +61,7 @@ def serve(
     if not loopback and not token:
         _fail(f"--host {host} opens the server to other machines; give --token SECRET (clients send 'Authorization: Bearer SECRET')")
     _check_chat_values(chat_values)
-    _template_words(context_templates)
+    template_words = _template_words(context_templates)  # None: the preset's
     _check_method_choice(method or DEFAULT_METHOD, project, None, l2, rehearse=rehearse)
     with ExitStack() as claims:  # the state is the server's while it runs (locks.py)
         hold_state = _state_claim(claims, state, f"alphaedit serve on {host}:{port}")  # a new state: as the server starts
@@ -71,11 +71,11 @@ def serve(
                                                             corpus=corpus, tokens=tokens, chat=chat,
                                                             chat_values=chat_values, l2=l2, rehearse=rehearse,
                                                             reworded_prompts=reworded_prompts,
-                                                            context_templates=_template_words(context_templates)))
+                                                            context_templates=template_words))
 
         def new_config(lm) -> EditConfig:
             return _with_chat(_edit_config(lm, method or DEFAULT_METHOD, layers, steps, None, True, None, None, project=project, l2=l2,
-                                           rehearse=rehearse, reworded_prompts=reworded_prompts, context_templates=context_templates),
+                                           rehearse=rehearse, reworded_prompts=reworded_prompts, context_template_words=template_words),
                              chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, None,
