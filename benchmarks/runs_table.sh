@@ -53,6 +53,10 @@ declare -A args=(
   # the re-read held the oldest edits (89.0 against 84.5); at 10,000 the keys drift further. Every 10
   # batches, not every one: the key pass grows with the edits made (about +20 minutes over the run)
   [cf10k-alphaedit-l2-40-reread10]="--dataset $cf_stream $lifelong --method alphaedit --l2 40 --earlier-reread 10"
+  # MEMIT-seq (RLSEdit's solve) with a fifth of MEMIT's λ over the 10,000-edit stream: at λ 15000 it kept
+  # what it wrote flat over 2,000 edits but wrote only 82% of each batch; a ridge of 3000 should write
+  # ~95% of a lone key (f = s / (s + λc)): does it still hold flat where AlphaEdit's loop falls?
+  [cf10k-memit-seq-lam3000]="--dataset $cf_stream $lifelong --method memit-seq --mom2-weight 3000"
   [cf10k-alphaedit-l2-40-joint]="--dataset $cf_stream $lifelong --method alphaedit --l2 40 --spread joint"
   [cf10k-alphaedit-l2-40]="--dataset $cf_stream $lifelong --method alphaedit --l2 40"
   # the same with three more layers' null spaces: at 10,000 edits the five layers' room is full (BENCHMARKS.md)
@@ -64,4 +68,4 @@ declare -A args=(
 # 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there; name one to run it
 # again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the wide 10K run was stopped at 4,200 edits
 # on purpose (BENCHMARKS.md) and comes last
-order=(cf2000-alphaedit-l2-40-rehearse cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf10k-alphaedit-l2-40-reread10 cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide)
+order=(cf10k-memit-seq-lam3000 cf2000-alphaedit-l2-40-rehearse cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf10k-alphaedit-l2-40-reread10 cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide)
