@@ -11,10 +11,10 @@ import torch
 from alphaedit.config import EditConfig
 from alphaedit.editor import Editor
 from alphaedit.keys import compute_keys, template_weights
-from alphaedit.prompts import PLAIN_TEMPLATE, answer_follows_space, chat_form, chat_prompt, encode, fill, target_ids
+from alphaedit.prompts import PLAIN_TEMPLATE, chat_form, chat_prompt, encode, fill, target_ids
 from alphaedit.requests import EditRequest, RequestError, parse_requests
 from alphaedit.stats import CorpusSpec, StatsCache
-from alphaedit.targets import compute_targets, request_rows
+from alphaedit.targets import compute_targets
 from conftest import BOS, EOS, WIKITEXT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -243,56 +243,3 @@ def test_trained_chat_values_anchor_only_the_written_values(llama, chat_tokenize
     report = editor.edit(QUESTIONED)[0]
     assert report.value_reference == pytest.approx(float(expected), rel=1e-4)
     assert report.values_dropped <= len(QUESTIONED)
-
-
-def test_a_statement_answer_restates_the_prompt_and_reads_the_key_in_it(chat_tokenizer):
-    """chat_answer="statement": the answer turn opens with the request's cloze, the subject
-    written out in the question and marked in the statement, and the object continues the
-    sentence with a leading space (the object-first answer starts its line without one)."""
-    form = chat_form(chat_tokenizer, QUESTIONED[0], "statement")
-    question = chat_prompt(chat_tokenizer, "What is the mother tongue of Danielle Darrieux?")
-    assert form.chat_turn and form.prompt == question + "The mother tongue of {} is"
-    ids, last = encode(chat_tokenizer, fill(PLAIN_TEMPLATE, form))
-    # the key: the subject's second occurrence, the one in the answer
-    assert chat_tokenizer.decode(ids[: last + 1]).endswith(question + "The mother tongue of Danielle Darrieux")
-    assert answer_follows_space(form) and answer_follows_space(QUESTIONED[0])
-    assert not answer_follows_space(chat_form(chat_tokenizer, QUESTIONED[0]))
-    rows = request_rows(chat_tokenizer, form, [PLAIN_TEMPLATE, "Therefore, {}"])
-    assert rows.target == target_ids(chat_tokenizer, "English") != target_ids(chat_tokenizer, "English", leading_space=False)
-    assert request_rows(chat_tokenizer, chat_form(chat_tokenizer, QUESTIONED[0]), [PLAIN_TEMPLATE]).target == \
-        target_ids(chat_tokenizer, "English", leading_space=False)
-    assert len(rows.ids) == 2  # a chat turn reads under the plain template only (then the KL row)
-    with pytest.raises(ValueError, match="'object' or 'statement'"):
-        chat_form(chat_tokenizer, QUESTIONED[0], "sentence")
-
-
-def test_a_statement_answer_refuses_a_subject_it_cannot_restate(chat_tokenizer):
-    braced = EditRequest("{} is made by", "Widget {}", "Acme", question="Who makes {}?")
-    with pytest.raises(RequestError, match="subject 'Widget {}'.*chat_answer 'object'"):
-        chat_form(chat_tokenizer, braced, "statement")
-
-
-def test_statement_answers_in_the_editor_write_the_fact_where_the_statement_is_read(llama, chat_tokenizer, tmp_path):
-    """With chat_answer="statement" the editor's chat columns are the statement forms, and one
-    edited layer brings the residual at the subject inside the answer to its z; a saved state
-    keeps the setting, so it continues with the same forms."""
-    model, layout = llama
-    editor = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
-    editor.config.chat_answer, editor.config.layers = "statement", [2]
-    statements = [chat_form(chat_tokenizer, r, "statement") for r in QUESTIONED]
-    assert editor.edit_forms(QUESTIONED) == [*QUESTIONED, *statements]
-    templates = editor.context_templates()
-    z = compute_targets(model, layout, chat_tokenizer, [*QUESTIONED, *statements], templates, editor.config).z
-    before = compute_keys(model, layout, chat_tokenizer, statements, templates, [2], z_layer=2).z_current
-    editor.edit(QUESTIONED)
-    after = compute_keys(editor.model, layout, chat_tokenizer, statements, templates, [2], z_layer=2).z_current
-    gaps = ((z[2:] - after).norm(dim=1) / (z[2:] - before).norm(dim=1)).tolist()
-    assert max(gaps) < 0.05, gaps
-    saved = _editor(copy.deepcopy(model), layout, chat_tokenizer, tmp_path, chat=True)
-    saved.config.chat_answer = "statement"
-    saved.edit(QUESTIONED[:1])
-    saved.save_state(tmp_path / "state")
-    resumed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), chat_tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
-    assert resumed.config.chat_answer == "statement" and resumed.edit_forms(QUESTIONED) == [*QUESTIONED, *statements]
-    with pytest.raises(ValueError, match="chat_answer"):
-        EditConfig(method="memit", layers=[1, 2], chat_answer="sentence")

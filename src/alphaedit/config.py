@@ -21,7 +21,6 @@ RENAMED = {"z_requests_per_pass": "v_requests_per_pass", "z_prefix_cache": "v_pr
 
 
 CHAT_VALUES = ("own", "shared", "trained")  # EditConfig.chat_values
-CHAT_ANSWERS = ("object", "statement")  # EditConfig.chat_answer
 SPREADS = ("sequential", "joint")  # EditConfig.spread
 
 
@@ -118,11 +117,6 @@ class EditConfig:
     # W_out is asked to change at the plain keys only, and the chat key, close to the plain one,
     # follows from them
     chat_values: str = "own"
-    # how the chat form's answer turn begins before the new object: "object" — with the object
-    # itself ("English"); "statement" — with the request's cloze prompt, the subject restated
-    # ("The mother tongue of Danielle Darrieux is English"), as SmolLM2-Instruct words its own
-    # answers (issue 15, BENCHMARKS.md)
-    chat_answer: str = "object"
     # context templates, §1.2
     context_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -147,8 +141,6 @@ class EditConfig:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
         if self.chat_values not in CHAT_VALUES:
             raise ValueError(f"chat_values must be one of {', '.join(CHAT_VALUES)}, not {self.chat_values!r}")
-        if self.chat_answer not in CHAT_ANSWERS:
-            raise ValueError(f"chat_answer must be one of {', '.join(CHAT_ANSWERS)}, not {self.chat_answer!r}")
         if self.spread not in SPREADS:
             raise ValueError(f"spread must be one of {', '.join(SPREADS)}, not {self.spread!r}")
         if self.spread == "joint" and not get_method(self.method).projects(self):

@@ -533,8 +533,7 @@ class Editor(Persistence):
         plain = list(enumerate(requests))
         if not (self.config.chat and has_chat_template(self.tokenizer)):
             return plain
-        answer = self.config.chat_answer
-        return [*plain, *((i, chat_form(self.tokenizer, r, answer)) for i, r in plain if r.question is not None)]
+        return [*plain, *((i, chat_form(self.tokenizer, r)) for i, r in plain if r.question is not None)]
 
     def _kept_keys(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
         """Per layer, the keys [m, d0] of every kept subject under its request's prompt (and, with

@@ -68,41 +68,17 @@ def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, s
     return text
 
 
-def chat_form(tokenizer: PreTrainedTokenizerBase, request: EditRequest, answer: str = "object") -> EditRequest:
-    """`request` asked in the tokenizer's chat template: its question as the user's turn, and the
-    answer's start. The editor writes this form beside the plain one (EditConfig.chat), so that
-    the edit holds when the model is asked in conversation.
-
-    answer="object": the answer begins with the new object ("English"), and the subject the
-    key is read at is the question's. answer="statement": the answer restates the request's
-    cloze prompt before the object ("The mother tongue of Danielle Darrieux is English"), as a
-    chat model words its own answers; the key is read at the subject inside that statement."""
+def chat_form(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> EditRequest:
+    """`request` asked in the tokenizer's chat template: its question as the user's turn, its
+    new object as the start of the answer. The editor writes this form beside the plain one
+    (EditConfig.chat), so that the edit holds when the model is asked in conversation."""
     if request.question is None:
         raise ValueError("chat_form needs a request with a question")
-    if answer == "statement":  # the question's subject written out, the prompt's '{}' kept for the key
-        question = request.question.replace(PLAIN_TEMPLATE, _SUBJECT_MARK, 1)
-        text = chat_prompt(tokenizer, question)
-        if text.count(_SUBJECT_MARK) != 1 or PLAIN_TEMPLATE in text or _SUBJECT_MARK in request.subject:
-            raise RequestError(f"the chat template of this tokenizer does not keep the question {request.question!r} intact")
-        text = text.replace(_SUBJECT_MARK, request.subject) + request.prompt
-        if text.count(PLAIN_TEMPLATE) != 1:
-            raise RequestError(f"subject {request.subject!r} holds '{{}}', which a statement answer cannot restate unambiguously; "
-                               "use chat_answer 'object'")
-        return EditRequest(text, request.subject, request.target_new.strip(), request.target_true, request.case_id, chat_turn=True)
-    if answer != "object":
-        raise ValueError(f"answer must be 'object' or 'statement', not {answer!r}")
     text = chat_prompt(tokenizer, request.question.replace(PLAIN_TEMPLATE, _SUBJECT_MARK, 1))
     if text.count(_SUBJECT_MARK) != 1 or PLAIN_TEMPLATE in text:
         raise RequestError(f"the chat template of this tokenizer does not keep the question {request.question!r} intact")
     return EditRequest(text.replace(_SUBJECT_MARK, PLAIN_TEMPLATE), request.subject, request.target_new.strip(),
                        request.target_true, request.case_id, chat_turn=True)
-
-
-def answer_follows_space(request: EditRequest) -> bool:
-    """Whether the target is written with a leading space: after a cloze (a statement answer
-    included) it continues the sentence; an answer that opens the assistant's turn starts its
-    line, after the header's newline."""
-    return not (request.chat_turn and request.text()[-1:].isspace())
 
 
 def kl_prompt(request: EditRequest) -> FilledPrompt:

@@ -49,7 +49,7 @@ from .config import EditConfig
 from .hooks import frozen_parameters
 from .layouts import Layout
 from .passes import Pass, PassOutput, Row, RowCache, delta_dtype, plan_passes, prefix_cache_gap, prefix_passes, row_prefixes, shared_stems
-from .prompts import PLAIN_TEMPLATE, answer_follows_space, encode, fill, kl_prompt, target_ids, templates_for
+from .prompts import PLAIN_TEMPLATE, encode, fill, kl_prompt, target_ids, templates_for
 from .requests import EditRequest
 from .rewording import reworded_prompts
 
@@ -80,7 +80,7 @@ class TargetResult:
 def request_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest, templates: Sequence[str],
                  reworded: Sequence[str] = ()) -> TargetRows:
     """The prompt under every context template, then each reworded prompt (rewording.py) alone."""
-    target = target_ids(tokenizer, request.target_new, leading_space=answer_follows_space(request))
+    target = target_ids(tokenizer, request.target_new, leading_space=not request.chat_turn)
     ids, lookup, starts = [], [], []
     filled = [fill(template, request) for template in templates_for(request, templates)]
     asked = len(filled)

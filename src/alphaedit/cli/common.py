@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import CHAT_ANSWERS, CHAT_VALUES, EditConfig, config_for_model, describe_preset
+from ..config import CHAT_VALUES, EditConfig, config_for_model, describe_preset
 from ..methods import get_method
 from ..journal import Journal, JournalError
 from ..locks import FolderInUse, claim_folder
@@ -52,7 +52,6 @@ DtypeOption = Annotated[str, typer.Option(help="auto (float32, the paper's setti
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or 'balanced' to spread the model over all GPUs.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 # for commands that build a new editor each run (eval, multihop); edit and serve continue states and default to theirs
-ChatAnswerOption = Annotated[str, typer.Option(help="With --chat, how the chat form's answer turn begins before the new object: 'object' (with the object itself) or 'statement' (with the request's cloze prompt, the subject restated, as a chat model words its answers).")]
 ChatValuesOption = Annotated[str, typer.Option(help="With --chat, what a chat form's column asks of W_out: 'own' (a z of its own, from the chat prompt alone), 'shared' (its request's δ, optimised on the plain and chat prompts together) or 'trained' (that δ, written at the plain prompt's key only: no chat column).")]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
 CorpusOption = Annotated[str, typer.Option(help="Text for the preserved-knowledge statistics: a file, a folder, 'self' (sampled from the model), hf:NAME[:CONFIG[:SPLIT]], or import:FILE.")]
@@ -164,11 +163,6 @@ def _base_model(state: Path, header: dict, model: str | None) -> str:
 def _check_chat_values(chat_values: str | None) -> None:
     if chat_values is not None and chat_values not in CHAT_VALUES:
         _fail(f"--chat-values {chat_values}: choose one of {', '.join(CHAT_VALUES)}")
-
-
-def _check_chat_answer(chat_answer: str | None) -> None:
-    if chat_answer is not None and chat_answer not in CHAT_ANSWERS:
-        _fail(f"--chat-answer {chat_answer}: choose one of {', '.join(CHAT_ANSWERS)}")
 
 
 def _with_chat(config: EditConfig, chat: bool | None, chat_values: str | None) -> EditConfig:

@@ -20,10 +20,10 @@ from ..progress import progress_bar
 from ..journal import Journal
 from ..requests import RequestError
 from .common import (
-    AnchorOption, ChatAnswerOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
+    AnchorOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
-    _check_chat_answer, _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, _template_words, app, console, out,
+    _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, _template_words, app, console, out,
 )
 
 
@@ -122,7 +122,6 @@ def evaluate(
     anchor_values: AnchorOption = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Chat-aware editing: give each edit request a question (CounterFact: its relation's question form; zsRE: its prompt) so that the fact is also written in the tokenizer's chat template.")] = False,
     chat_values: ChatValuesOption = "own",
-    chat_answer: ChatAnswerOption = "object",
     chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
     chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
@@ -264,7 +263,6 @@ def _check_eval_options(a: dict) -> list[str] | None:
         except ValueError as e:
             _fail(str(e))
     _check_chat_values(a["chat_values"])
-    _check_chat_answer(a["chat_answer"])
     return tasks if a["general"] is not None else None
 
 
@@ -313,7 +311,6 @@ def _eval_editor(a: dict, lm, tokenizer):
                           reworded_prompts=a["reworded_prompts"], context_template_words=_template_words(a["context_templates"]))
     config.chat = a["chat"]  # the records carry questions only with --chat
     config.chat_values = a["chat_values"]
-    config.chat_answer = a["chat_answer"]
     return _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]),
                        a["model"], show_progress=False)
 
@@ -327,9 +324,7 @@ def _run_notes(a: dict, records: list, skipped: list[str], run_file: dict, edito
         how = {"own": "written in the chat template, each as a column of its own",
                "shared": "written in the chat template, each as a column of its own, sharing its request's δ (--chat-values shared)",
                "trained": "trained in the chat template, training its request's δ, with no column of its own (--chat-values trained)"}
-        answer = (", the answer restating the request's prompt before the new object (--chat-answer statement)"
-                  if editor.config.chat_answer == "statement" else "")
-        notes.append(f"chat-aware editing (--chat): {asked} requests with a question were also {how[editor.config.chat_values]}{answer}")
+        notes.append(f"chat-aware editing (--chat): {asked} requests with a question were also {how[editor.config.chat_values]}")
     for grown in run_file.get("grown", []):
         earlier, old_batches = out_dir / f"at-{grown['from']}-edits", grown["from"] // a["batch_size"]
         extra = tasks is not None and not (a["general_every"] and old_batches % a["general_every"] == 0)
@@ -366,7 +361,7 @@ def _run_meta(a: dict, records: list, editor, lm) -> dict:
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "l2_alpha": c.l2_alpha, "mom2_update_weight": c.mom2_update_weight, "earlier_weight": c.earlier_weight, "earlier_reread": c.earlier_reread, "rehearse": c.rehearse, "reworded_prompts": c.reworded_prompts, "context_template_words": c.context_template_words, "spread": c.spread, "chat": a["chat"], "chat_values": c.chat_values, "chat_answer": c.chat_answer,
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "l2_alpha": c.l2_alpha, "mom2_update_weight": c.mom2_update_weight, "earlier_weight": c.earlier_weight, "earlier_reread": c.earlier_reread, "rehearse": c.rehearse, "reworded_prompts": c.reworded_prompts, "context_template_words": c.context_template_words, "spread": c.spread, "chat": a["chat"], "chat_values": c.chat_values,
             "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in history) / max(1, sum(r.requests for r in history))}
