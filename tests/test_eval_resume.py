@@ -78,7 +78,7 @@ def test_a_finished_run_grown_to_more_records_ends_where_a_run_started_with_them
     assert [p["edits"] for p in earlier["curve"]] == [0, 2, 4] and earlier["n"] == 4
     # as if begun by a version before these options: each takes its default on resuming
     run_json = json.loads((out / "run.json").read_text())
-    newer = ("curve_of", "curve_sample", "chat", "chat_values", "chat_eval", "chat_max_tokens", "chat_neighbours", "consistency",
+    newer = ("curve_of", "curve_sample", "chat", "chat_values", "chat_eval", "chat_max_tokens", "chat_neighbours", "chat_judge", "consistency",
              "sampling", "stop_most_probable", "anchor_values", "pre_cache")
     (out / "run.json").write_text(json.dumps({**run_json, "args": {k: v for k, v in run_json["args"].items() if k not in newer}}))
 

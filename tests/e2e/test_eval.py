@@ -50,12 +50,13 @@ def test_eval_writes_the_report_files(isolated_home, tmp_path):
 
 def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, tmp_path):
     """--chat writes each edit in SmolLM2's chat template too; --chat-eval asks the questions and
-    reads the free answers, which end at the end of the turn."""
+    reads the free answers, which end at the end of the turn; --chat-judge has an unedited copy
+    of the model judge them beside the match."""
     out = tmp_path / "chat"
     result = CliRunner().invoke(app, [
         "eval", "--dataset", f"counterfact:{COUNTERFACT}", "--n", "2", "--batch-size", "2", "--steps", "8",
         "--corpus", str(WIKITEXT / "wiki.valid.raw"), "--tokens", "20000", "--chat", "--chat-eval",
-        "--chat-neighbours", "2", "--chat-max-tokens", "16", "--out", str(out), "--json",
+        "--chat-neighbours", "2", "--chat-max-tokens", "16", "--chat-judge", "smollm2-135m", "--out", str(out), "--json",
     ])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -64,6 +65,11 @@ def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, t
             assert 0 <= summary[block][metric] <= 100, (block, metric)
     assert summary["pre"]["chat_success"] == 0  # nobody answers "Antarctica" for Angola unedited
     assert summary["chat"] and summary["chat_eval"]
+    for block in ("pre", "post"):  # the judge's counts beside the match's, and how often the two agree
+        for metric in ("chat_success_judged", "chat_paraphrase_judged", "chat_locality_judged", "judge_agreement"):
+            assert 0 <= summary[block][metric] <= 100, (block, metric)
+    assert any("judge model smollm2-135m" in note for note in summary["notes"])
+    assert "judge_agreement" in (out / "summary.md").read_text()
     assert any("chat-aware editing" in note and "2 requests" in note for note in summary["notes"])
     assert "chat_success" in (out / "summary.md").read_text()
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -125,6 +125,7 @@ def evaluate(
     chat_eval: Annotated[bool, typer.Option("--chat-eval/--no-chat-eval", help="Also evaluate by generation: the model answers each record's question, paraphrased question and neighbours' questions freely (chat template where the model has one); an answer counts when it states the expected object.")] = False,
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
     chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
+    chat_judge: Annotated[Optional[str], typer.Option(help="With --chat-eval, also have this model (a hub id, a folder or a bundled alias; unedited, ideally stronger than the edited one) judge whether each free answer states the expected object: reported beside the normalised match as chat_*_judged, with judge_agreement, the share of answers on which the two agree.")] = None,
     keep_same_relation: Annotated[int, typer.Option(min=0, help="Keep K subjects of the same relation per edit (CounterFact; drawn from records not evaluated, never one an evaluated record names): the solve asks W_out not to change their answer, so that an edit spreads less to its neighbours (EditRequest.keep_subjects).")] = 0,
     pre_cache: Annotated[bool, typer.Option("--pre-cache/--no-pre-cache", help="Reuse the unedited model's evaluation when an earlier run computed the same one (same model, records, settings and scoring code; kept under $ALPHAEDIT_HOME/pre-eval).")] = True,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
@@ -205,8 +206,9 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         settings = EvalSettings(generation_every=a["generation_every"], perplexity_corpus=a["perplexity_corpus"],
                                 perplexity_tokens=a["perplexity_tokens"], idf_corpus=a["idf_corpus"] or a["perplexity_corpus"],
                                 consistency=a["consistency"], chat_eval=a["chat_eval"], chat_max_tokens=a["chat_max_tokens"],
-                                chat_neighbours=a["chat_neighbours"] or None)
-        evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False))
+                                chat_neighbours=a["chat_neighbours"] or None, chat_judge=a["chat_judge"])
+        evaluator = Evaluator(lm, tokenizer, records, settings, on_phase=lambda message: console.print(message, soft_wrap=True, highlight=False),
+                              judge=_judge(a))
         grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
         state = out_dir / "state"
         editor = _replay(state, lm, tokenizer) if Journal.exists(state) else _eval_editor(a, lm, tokenizer)
@@ -225,6 +227,19 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
             return
         out.print((out_dir / "summary.md").read_text())
         out.print(f"report in {out_dir}")
+
+
+def _judge(a: dict):
+    """The answer judge of --chat-judge (eval/judge.py), loaded as the edited model is; None without one."""
+    if a["chat_judge"] is None:
+        return None
+    from ..eval.judge import AnswerJudge
+
+    judge_lm, judge_tokenizer = _load(a["chat_judge"], a["dtype"], a["device"], a["trust_remote_code"])
+    try:
+        return AnswerJudge(judge_lm, judge_tokenizer, a["chat_judge"])
+    except ValueError as e:
+        _fail(f"--chat-judge {a['chat_judge']}: {e}")
 
 
 def _check_eval_options(a: dict) -> list[str] | None:
@@ -263,6 +278,8 @@ def _check_eval_options(a: dict) -> list[str] | None:
         except ValueError as e:
             _fail(str(e))
     _check_chat_values(a["chat_values"])
+    if a["chat_judge"] is not None and not a["chat_eval"]:
+        _fail(f"--chat-judge {a['chat_judge']}: the judge reads the free answers of --chat-eval; add --chat-eval")
     return tasks if a["general"] is not None else None
 
 
@@ -362,7 +379,7 @@ def _run_meta(a: dict, records: list, editor, lm) -> dict:
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
             "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "l2_alpha": c.l2_alpha, "mom2_update_weight": c.mom2_update_weight, "earlier_weight": c.earlier_weight, "earlier_reread": c.earlier_reread, "rehearse": c.rehearse, "reworded_prompts": c.reworded_prompts, "context_template_words": c.context_template_words, "spread": c.spread, "chat": a["chat"], "chat_values": c.chat_values,
-            "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"],
+            "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"], "chat_judge": a["chat_judge"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in history) / max(1, sum(r.requests for r in history))}
 
@@ -420,6 +437,10 @@ def _eval_notes(records, settings) -> list[str]:
                      f"at most {settings.chat_max_tokens} tokens, ending at the end of the turn) to questions about {asked} of "
                      f"{len(records)} records; an answer counts when it states the new object (locality: the neighbour's own; "
                      f"chat_leak: a neighbour's answer that states the edit's new object)")
+    if settings.chat_judge:
+        notes.append(f"chat_*_judged: the same answers as the judge model {settings.chat_judge} counts them (its yes against its no "
+                     "after the question, the answer and the expected object; eval/judge.py); judge_agreement: the share of answers "
+                     "on which it agrees with the normalised match — believe the judged columns only where that is high")
     return notes
 
 

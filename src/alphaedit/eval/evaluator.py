@@ -17,10 +17,13 @@ from ..stats.corpus import documents, file_windows
 from .consistency import load_rome
 from .datasets import EvalRecord
 from .metrics import TfIdf, mean
+from .judge import AnswerJudge
 from .scoring import chat_scores, counterfact_scores, generation_scores, generative_success, wikitext_perplexity, zsre_scores
 
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity", "generative_success")
 CHAT_METRICS = ("chat_success", "chat_paraphrase", "chat_locality", "chat_leak")  # generation-based (scoring.chat_scores)
+# the same answers as an optional judge model counts them, and how often it agrees with the match (judge.py)
+JUDGED_METRICS = ("chat_success_judged", "chat_paraphrase_judged", "chat_locality_judged", "judge_agreement")
 EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc")  # EasyEdit's token accuracies, under EasyEdit's names
 GENERAL_PHASE = "general check"  # the phase name the general check is timed under
 
@@ -36,6 +39,7 @@ class EvalSettings:
     chat_eval: bool = False  # the generation-based evaluation: free answers to questions (scoring.chat_scores)
     chat_max_tokens: int = 32
     chat_neighbours: int | None = 4  # neighbour questions per record (None: all)
+    chat_judge: str | None = None  # the judge model's name (--chat-judge; the Evaluator is given the loaded judge)
 
 
 @dataclass
@@ -48,8 +52,11 @@ class Evaluator:
     """Evaluates a fixed list of records on whatever state the model is in."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[EvalRecord], settings: EvalSettings,
-                 on_phase: Callable[[str], None] | None = None):
+                 on_phase: Callable[[str], None] | None = None, judge: AnswerJudge | None = None):
         self.model, self.tokenizer, self.records, self.settings = model, tokenizer, records, settings
+        if (judge is None) != (settings.chat_judge is None) or (judge is not None and not settings.chat_eval):
+            raise ValueError("a judge goes with --chat-eval and with settings.chat_judge naming it")
+        self.judge = judge
         kinds = {r.kind for r in records}
         if len(kinds) > 1:  # one kind's metrics score a run: NLL comparisons and token accuracies do not average
             raise ValueError(f"records of one kind only, not {' and '.join(sorted(kinds))}: evaluate them as separate runs")
@@ -106,7 +113,8 @@ class Evaluator:
         rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
         if self.settings.chat_eval:
             with self.phase("chat answers", f"{len(records)} records", len(records)):
-                chat = chat_scores(self.model, self.tokenizer, records, self.settings.chat_max_tokens, self.settings.chat_neighbours)
+                chat = chat_scores(self.model, self.tokenizer, records, self.settings.chat_max_tokens, self.settings.chat_neighbours,
+                                   self.judge)
             for row, answers in zip(rows, chat):
                 row.update(answers)
         return rows
@@ -141,7 +149,7 @@ def _duration(seconds: float) -> str:
 def summarise(per_record: list[dict]) -> dict[str, float | None]:
     """Means over records, ×100 as the paper reports (fluency too: ≈600 for fluent text)."""
     summary: dict[str, float | None] = {}
-    for metric in (*SUCCESS_METRICS, "fluency", "consistency", *EASYEDIT_METRICS, *CHAT_METRICS):
+    for metric in (*SUCCESS_METRICS, "fluency", "consistency", *EASYEDIT_METRICS, *CHAT_METRICS, *JUDGED_METRICS):
         value = mean(r[metric] for r in per_record if r.get(metric) is not None)
         summary[metric] = None if value is None else 100 * value
     return summary

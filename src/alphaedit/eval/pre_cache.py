@@ -25,12 +25,12 @@ import torch
 from .. import generate, prompts, teacher_forcing
 from ..files import alphaedit_home, atomic_write_text, content_digest
 from ..stats.cache import config_digest, tensors_digest, tokenizer_digest
-from . import consistency, evaluator as evaluator_module, general as general_module, metrics, questions, scoring
+from . import consistency, evaluator as evaluator_module, general as general_module, judge as judge_module, metrics, questions, scoring
 
 FORMAT = "1"
 # what decides a pre-edit score: a change to any of them computes it again (evaluator: which records,
 # scorers and summary; the rest: the scores themselves)
-SCORING_MODULES = (evaluator_module, scoring, metrics, general_module, consistency, questions, teacher_forcing, generate, prompts)
+SCORING_MODULES = (evaluator_module, scoring, metrics, general_module, consistency, questions, judge_module, teacher_forcing, generate, prompts)
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -70,6 +70,8 @@ def pre_eval_key(evaluator, general) -> dict:
         "code": code.hexdigest(),
         "general": None,
     }
+    if evaluator.judge is not None:  # its verdicts are part of the scores: the judge's weights too
+        description["judge"] = {"model": model_digest(evaluator.judge.model), "tokenizer": tokenizer_digest(evaluator.judge.tokenizer)}
     if general is not None:
         description["general"] = {
             "tasks": list(general.tasks), "tests": general.tests, "gen_len": general.gen_len,

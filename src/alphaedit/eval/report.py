@@ -8,7 +8,7 @@ from pathlib import Path
 from ..files import atomic_write_text
 from ..plots import figure
 from .general import mean_f1
-from .evaluator import CHAT_METRICS, SUCCESS_METRICS
+from .evaluator import CHAT_METRICS, JUDGED_METRICS, SUCCESS_METRICS
 from .protocol import ProtocolResult
 
 TABLE_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "generative_success", "perplexity")
@@ -80,7 +80,7 @@ def _cell(value: float | None) -> str:
 
 def markdown_table(summary: dict) -> str:
     # the generation-based metrics when the run measured them (--chat-eval)
-    metrics = TABLE_METRICS + tuple(m for m in CHAT_METRICS if summary["post"].get(m) is not None)
+    metrics = TABLE_METRICS + tuple(m for m in (*CHAT_METRICS, *JUDGED_METRICS) if summary["post"].get(m) is not None)
     head = f"| | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
     rows = "".join(
         f"| {label} | {' | '.join(_cell(summary[block].get(m)) for m in metrics)} |\n"

@@ -13,6 +13,7 @@ from ..prompts import chat_prompt, has_chat_template, target_ids
 from ..teacher_forcing import continuation_accuracy, teacher_forced
 from .datasets import EvalRecord
 from .metrics import TfIdf, mean, ngram_entropy, perplexity
+from .judge import AnswerJudge
 from .questions import states
 
 
@@ -106,14 +107,17 @@ def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int
     return answers
 
 
-def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens: int = 32, neighbours: int | None = 4) -> list[dict]:
+def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens: int = 32, neighbours: int | None = 4,
+                judge: AnswerJudge | None = None) -> list[dict]:
     """Generation-based success per record (questions.py): does the free answer to the edited
     fact's question state the new object (chat_success), do the answers to its paraphrased
     questions (chat_paraphrase), and do the neighbours' answers still state their own object
     (chat_locality; the first `neighbours` of each record, all with None), and how often do they
     state the edit's new object instead (chat_leak)? Records without questions get no value. Free
     answers cost a decoding step per token: ~12 questions a record with every CounterFact
-    neighbour, 6 with four."""
+    neighbour, 6 with four. With a `judge` (judge.py), each answer's verdict too: the three
+    metrics as the judge counts them (…_judged) and the share of answers where it agrees with
+    the match (judge_agreement)."""
     asked = []  # (record index, role, question, object the answer should state)
     for i, rec in enumerate(records):
         if rec.chat is None:
@@ -123,19 +127,24 @@ def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens:
         asked += [(i, "chat_paraphrase", q, new) for q in rec.chat.paraphrases]
         asked += [(i, "chat_locality", q, a) for q, a in list(zip(rec.chat.neighbours, rec.chat.neighbour_answers))[:neighbours]]
     answers = chat_answers(model, tokenizer, [a[2] for a in asked], max_new_tokens) if asked else []
-    return score_chat_answers(records, asked, answers)
+    verdicts = judge.verdicts([(q, answer, obj) for (_, _, q, obj), answer in zip(asked, answers)]) if judge else None
+    return score_chat_answers(records, asked, answers, verdicts)
 
 
 def score_chat_answers(records: Sequence[EvalRecord], asked: Sequence[tuple[int, str, str, str]],
-                       answers: Sequence[str]) -> list[dict]:
+                       answers: Sequence[str], verdicts: Sequence[bool] | None = None) -> list[dict]:
     """chat_scores' tally, given the free answer to each asked question. Besides the three
     metrics, chat_leak: the share of a record's neighbour answers that state the record's *new*
     object (the edit carried over to other subjects asked the same question), and the answers
     themselves (chat_answer, chat_neighbour_answers) for a reader of records.jsonl."""
     hits: list[dict[str, list[float]]] = [{} for _ in records]
     out: list[dict] = [{} for _ in records]
-    for (i, role, _, obj), answer in zip(asked, answers):
-        hits[i].setdefault(role, []).append(float(states(answer, obj)))
+    for k, ((i, role, _, obj), answer) in enumerate(zip(asked, answers)):
+        stated = states(answer, obj)
+        hits[i].setdefault(role, []).append(float(stated))
+        if verdicts is not None:
+            hits[i].setdefault(f"{role}_judged", []).append(float(verdicts[k]))
+            hits[i].setdefault("judge_agreement", []).append(float(verdicts[k] == stated))
         if role == "chat_success":
             out[i]["chat_answer"] = answer
         elif role == "chat_locality":
