@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..generate import prompt_ids
-from ..prompts import chat_text, has_chat_template, pad_id
+from ..prompts import batch_rows, chat_text, has_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,18 +59,14 @@ class AnswerJudge:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a pass
         for start in range(0, len(order), self.rows_per_pass):
             chunk = order[start : start + self.rows_per_pass]
-            width = max(len(rows[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad_id(self.tokenizer), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(chunk):
-                ids[r, : len(rows[i])], mask[r, : len(rows[i])] = torch.tensor(rows[i]), 1
+            batch = batch_rows(self.tokenizer, [rows[i] for i in chunk], [len(rows[i]) - 1 for i in chunk]).to(device)
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            last = logits[torch.arange(len(chunk)), mask.sum(1).to(device) - 1].float().log_softmax(-1)  # [chunk, vocab]
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            last = logits[batch.rows, batch.lookup].float().log_softmax(-1)  # [chunk, vocab]: each prompt's last token
             odds = torch.logsumexp(last[:, self.yes], -1) - torch.logsumexp(last[:, self.no], -1)
             out[chunk] = odds.cpu()
         return out
 
     def verdicts(self, items: Sequence[tuple[str, str, str]]) -> list[bool]:
         """Does the judge say yes (more mass on yes than on no) to each?"""
-        return [bool(v > 0) for v in self.log_odds(items)] if items else []
+        return [bool(v > 0) for v in self.log_odds(items)]
