@@ -248,7 +248,7 @@ def _check_eval_options(a: dict) -> list[str] | None:
     from ..eval.protocol import CURVE_OF
 
     _parse_layers(a["layers"])
-    _template_words(a.get("context_templates"))  # runs recorded before the option have none
+    _template_words(a["context_templates"])  # (a resumed run's args hold every option: the recorded ones over today's defaults)
     _check_method_choice(a["method"], a["project"], a["method_option"], a["l2"], a["mom2_weight"], a["spread"], a["earlier_weight"],
                          a["earlier_reread"], a["rehearse"])
     if a["curve_of"] not in CURVE_OF:
