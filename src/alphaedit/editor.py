@@ -36,6 +36,7 @@ from .config import EditConfig, config_for_model
 from .anchor import anchored_values, reference_norm
 from .generate import generate_context_templates
 from .guard import Guard, GuardTripped
+from .held import HeldTexts, held_moments
 from .journal import Journal
 from .keys import KeyPass, KeyReader, compute_keys
 from .layouts import Layout, detect_layout, mlp_out_weight, weight_as_math, weight_delta_as_stored
@@ -186,6 +187,7 @@ class Editor(Persistence):
         self._base_norms: dict[int, tuple[float, float]] | None = None  # (‖W_base‖_F, σ_max), on first use
         # Each layer's statistics live where its W_out does, so its solve runs on that device.
         self.preserved = {l: torch.zeros(self.layout.key_size, self.layout.key_size, device=self._device(l)) for l in layers}
+        self.held: list[HeldTexts] = []  # texts whose outputs C_p holds from before the first batch (held.py)
         self.projector_rank: dict[int, int] = {}
         self.guard: Guard | None = None  # refuses batches that grow the matrices or drift answers too far (guard.py)
         # PRUNE: the raw sum of the applied updates per layer, which the model carries restrained
@@ -631,11 +633,33 @@ class Editor(Persistence):
         forms = [form for batch in self.batches if not batch.reverted for form in self.edit_forms(batch.written)] + list(also)
         for layer in self.config.layers:
             self.preserved[layer].zero_()
+        for held in self.held:  # held texts are read again too, where the model reads them now
+            self._add_held(held)
         if not forms:
             return
         keys = KeyReader(self.model, self.layout, self.tokenizer, forms, self.context_templates()).read(self.config.layers).keys
         for layer in self.config.layers:
             self._add_to_preserved(layer, keys[layer], sign=1)
+
+    def hold(self, texts: Sequence[str], weight: float = 1.0) -> None:
+        """Leave W_out's outputs at every position of `texts` as they are (held.py): their keys go
+        into C_p, each weighted `weight` (1: as firmly as an earlier edit's). Before the first batch
+        only, so that they are held as the unedited model reads them; journals record them."""
+        held = HeldTexts(tuple(texts), weight)
+        if self.events:
+            raise ValueError("hold texts before the first batch: C_p holds them as the unedited model reads them "
+                             "(start from the unedited model, hold, then edit)")
+        if not self.method.keeps_preserved(self.config):
+            raise ValueError(f"method {self.config.method} without the projection has no C_p to hold texts in; "
+                             "use a method that keeps it (alphaedit, memit-seq, or any method with --project)")
+        self._add_held(held)
+        self.held.append(held)
+
+    def _add_held(self, held: HeldTexts) -> None:
+        layers = self.config.layers
+        moments = held_moments(self.model, self.layout, self.tokenizer, held, layers, {l: self._device(l) for l in layers})
+        for layer in layers:
+            self.preserved[layer].add_(moments[layer])
 
     def _add_to_preserved(self, layer: int, keys: torch.Tensor, sign: int) -> None:
         keys = keys.to(self.preserved[layer].device)

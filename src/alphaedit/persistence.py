@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batch import AppliedBatch, BatchReport, now
 from .config import EditConfig, describe_preset
 from .files import atomic_save_tensors, commit
+from .held import HeldTexts
 from .journal import Journal, JournalError
 from .layouts import Layout
 from .locks import journal_write_lock
@@ -95,6 +96,7 @@ class Persistence:
             "templates": self.context_templates(),
             "base_identity": self.base_identity,
             "projector_rank": {str(k): v for k, v in self.projector_rank.items()},
+            "held_texts": [held.to_dict() for held in self.held],
         }
 
     def save_state(self, directory: str | os.PathLike) -> Journal:
@@ -115,6 +117,8 @@ class Persistence:
             self._journal = journal
             if journal.header["base_identity"] != self.base_identity:
                 raise JournalError(f"{directory} belongs to another base model; save to a new folder")
+            if journal.header.get("held_texts", []) != [held.to_dict() for held in self.held]:
+                raise JournalError(f"{directory} was edited holding other texts (Editor.hold); save to a new folder")
             written = len(journal.entries)
             if [(e["kind"], e.get("id", e.get("batch"))) for e in journal.entries] != self.events[:written]:
                 raise JournalError(f"{directory} holds a different edit history than this editor; save to a new folder")
@@ -155,6 +159,9 @@ class Persistence:
                 f"this model has {editor.base_identity}); load the unedited model it started from, {header['model']}"
             )
         editor.templates = header["templates"]
+        for entry in header.get("held_texts", []):  # journals from before Editor.hold have none
+            held = HeldTexts.from_dict(entry)
+            editor.hold(held.texts, held.weight)
         editor.apply_journal(journal)
         editor._journal = journal
         return editor

@@ -52,6 +52,7 @@ def edit(
     guard_growth: Annotated[float, typer.Option(min=1.0, help="--guard: the largest σ_max(W) / σ_max(W_base) accepted.")] = 1.5,
     guard_drift: Annotated[float, typer.Option(min=0.0, max=1.0, help="--guard: the largest share of probe prompts whose next token may change in one batch.")] = 0.10,
     guard_probes: Annotated[Optional[Path], typer.Option(help="--guard: a text file of probe prompts, one per line (default: 40 general-knowledge prompts).")] = None,
+    hold: Annotated[Optional[Path], typer.Option(help="A new state only: a JSON list of texts, or {\"question\": ...} objects (asked in the chat template, the unedited model's own answer held with them), whose W_out outputs every batch is solved to leave as they are (their keys in C_p; Editor.hold). Not in the paper.")] = None,
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="Apply requests that the state already holds again (by default they are skipped, e.g. after a killed run).")] = False,
     max_prompt_tokens: MaxPromptOption = 256,
     layers: LayersOption = None,
@@ -87,6 +88,7 @@ def edit(
     template_words = _template_words(context_templates)  # None: the preset's
     _check_chat_values(chat_values)
     probe_prompts = _probe_lines(guard_probes)  # read before the model loads: a bad file changes nothing
+    held = _held_file(hold)
     with ExitStack() as claims:  # the state is this command's while it edits (locks.py)
         hold_state = _state_claim(claims, state, "alphaedit edit")  # a new state: at its first batch's commit
         journal = _state_journal(state)
@@ -98,6 +100,9 @@ def edit(
                          # on/off flags: only switching one on can contradict the state
                          stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None)
             _check_continuation(state, journal.header, options)
+            if hold is not None:
+                _fail(f"--hold {hold}: {state} began already, and what a state holds is fixed when it begins (its first batch "
+                      "reads those keys on the unedited model); leave --hold out, or start a new state")
             parsed = _without_repeats(journal, parsed, allow_repeat)
             if not parsed:
                 if as_json:
@@ -116,6 +121,8 @@ def edit(
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
                                      lambda: _corpus_spec(corpus, tokens, max_length, seed, sampling))
         editor.max_prompt_tokens = max_prompt_tokens
+        if held is not None:
+            _hold(editor, *held)
         editor.config.v_prefix_cache = prefix_cache  # exact either way, so a continued state may switch it too
         if guard:
             editor.guard = Guard(guard_growth, guard_drift, *([probe_prompts] if probe_prompts else []))
@@ -159,6 +166,28 @@ def edit(
             table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
         out.print(table)
         out.print(f"state saved in {state}")
+
+
+def _held_file(path: Path | None) -> tuple[list[str], list[str]] | None:
+    """--hold's (texts, questions), read before anything loads."""
+    if path is None:
+        return None
+    from ..held import read_held_file
+
+    try:
+        return read_held_file(path)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _hold(editor, texts: list[str], questions: list[str]) -> None:
+    """Hold --hold's texts and its questions with the unedited model's own answers."""
+    from ..eval.scoring import own_conversations
+
+    try:
+        editor.hold(texts + (own_conversations(editor.model, editor.tokenizer, questions) if questions else []))
+    except ValueError as e:
+        _fail(f"--hold: {e}")
 
 
 def _state_journal(state: Path) -> Journal | None:

@@ -126,6 +126,7 @@ def evaluate(
     chat_max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer (--chat-eval); an answer also ends at the end of its turn.")] = 32,
     chat_neighbours: Annotated[int, typer.Option(min=0, help="Neighbour questions per record in --chat-eval (0: all of them; each costs a free answer).")] = 4,
     chat_judge: Annotated[Optional[str], typer.Option(help="With --chat-eval, also have this model (a hub id, a folder or a bundled alias; unedited, ideally stronger than the edited one) judge whether each free answer states the expected object: reported beside the normalised match as chat_*_judged, with judge_agreement, the share of answers on which the two agree.")] = None,
+    keep_conversations: Annotated[int, typer.Option(min=0, help="Hold N conversations about subjects nobody edits (CounterFact; a relation's question about a subject no evaluated record names, and the unedited model's own answer): every batch is solved to leave W_out's outputs at all their positions as they were (Editor.hold; not in the paper), so that answers about other subjects change less.")] = 0,
     keep_same_relation: Annotated[int, typer.Option(min=0, help="Keep K subjects of the same relation per edit (CounterFact; drawn from records not evaluated, never one an evaluated record names): the solve asks W_out not to change their answer, so that an edit spreads less to its neighbours (EditRequest.keep_subjects).")] = 0,
     pre_cache: Annotated[bool, typer.Option("--pre-cache/--no-pre-cache", help="Reuse the unedited model's evaluation when an earlier run computed the same one (same model, records, settings and scoring code; kept under $ALPHAEDIT_HOME/pre-eval).")] = True,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this report folder from its last committed batch, with the settings it was started with.")] = None,
@@ -179,8 +180,8 @@ def _check_growth(folder: Path, a: dict, n: int) -> None:
     if a["select_seed"] is not None:
         _fail(f"--n: the run in {folder} drew its records with --select-seed {a['select_seed']}; a draw of {n} is another set, "
               "so it cannot grow (start a new run with --out)")
-    if a["keep_same_relation"]:
-        _fail(f"--n: the run in {folder} keeps subjects drawn from the records it does not evaluate (--keep-same-relation); "
+    if a["keep_same_relation"] or a["keep_conversations"]:
+        _fail(f"--n: the run in {folder} keeps subjects drawn from the records it does not evaluate (--keep-same-relation or --keep-conversations); "
               "grown, some of them would be evaluated, so it cannot grow (start a new run with --out)")
     if a["n"] % a["batch_size"]:
         _fail(f"--n: the run in {folder} ended with a partial batch ({a['n']} records in batches of {a['batch_size']}); "
@@ -197,7 +198,7 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
     from ..eval.report import keep_earlier_report, write_report
 
     tasks = _check_eval_options(a)  # everything that needs no model fails before it loads; None: no general check
-    records, skipped = _eval_records(a)
+    records, skipped, held = _eval_records(a)
     # one process per run folder, for its whole life; its state too, so that `revert` waits for it
     with _claimed(out_dir, "alphaedit eval"), _claimed(out_dir / "state", "alphaedit eval"):
         run_file = _record_run(a, out_dir, resuming)
@@ -212,6 +213,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         grow_pre(out_dir, evaluator)  # a grown run's new records, scored before the journal's edits are replayed
         state = out_dir / "state"
         editor = _replay(state, lm, tokenizer) if Journal.exists(state) else _eval_editor(a, lm, tokenizer)
+        if held and not editor.held:  # a new run (a resumed one held them again from its journal)
+            _hold_conversations(editor, held, a["chat_max_tokens"])
         general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if tasks is not None else None
         editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
         with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
@@ -288,10 +291,10 @@ def _curve_chosen(a: dict) -> bool:
     return a["curve_of"] != "all" or bool(a["curve_sample"])
 
 
-def _eval_records(a: dict) -> tuple[list, list[str]]:
-    """The evaluated records (with their kept subjects and chat questions where asked), and the
-    dataset's records left out as invalid or repeated."""
-    from ..eval.datasets import load_dataset, select, with_kept_subjects, with_questions
+def _eval_records(a: dict) -> tuple[list, list[str], list[str]]:
+    """The evaluated records (with their kept subjects and chat questions where asked), the
+    dataset's records left out as invalid or repeated, and the questions of --keep-conversations."""
+    from ..eval.datasets import held_questions, load_dataset, select, with_kept_subjects, with_questions
 
     skipped: list[str] = []
     try:
@@ -299,9 +302,21 @@ def _eval_records(a: dict) -> tuple[list, list[str]]:
         records = select(dataset, a["n"], a["select_seed"])
         if a["keep_same_relation"]:
             records = with_kept_subjects(records, dataset, a["keep_same_relation"])
+        held = held_questions(records, dataset, a["keep_conversations"]) if a["keep_conversations"] else []
     except (ValueError, RequestError) as e:
         _fail(str(e))
-    return (with_questions(records) if a["chat"] else records), skipped
+    return (with_questions(records) if a["chat"] else records), skipped, held
+
+
+def _hold_conversations(editor, questions: list[str], max_new_tokens: int) -> None:
+    """--keep-conversations: the questions with the unedited model's own answers, held (held.py)."""
+    from ..eval.scoring import own_conversations
+
+    console.print(f"holding {len(questions)} conversations about subjects nobody edits …", highlight=False)
+    try:
+        editor.hold(own_conversations(editor.model, editor.tokenizer, questions, max_new_tokens))
+    except ValueError as e:
+        _fail(f"--keep-conversations: {e}")
 
 
 def _record_run(a: dict, out_dir: Path, resuming: bool) -> dict:
@@ -358,6 +373,9 @@ def _run_notes(a: dict, records: list, skipped: list[str], run_file: dict, edito
         kept = [len(r.request.keep_subjects) for r in records]
         notes.append(f"each edit kept up to {a['keep_same_relation']} subjects of its relation unchanged (--keep-same-relation; "
                      f"{sum(kept) / len(kept):.1f} on average), drawn from the dataset's other records")
+    if a["keep_conversations"]:
+        notes.append(f"every batch held {a['keep_conversations']} conversations about subjects no evaluated record names (--keep-conversations: "
+                     "a relation's question and the unedited model's own answer, every position's key in C_p; not in the paper)")
     if skipped:
         notes.append(f"{len(skipped)} dataset records left out: invalid edit requests, or (in a stream of several files) "
                      f"repeats of an earlier record's subject and prompt (first: {skipped[0]})")
@@ -379,7 +397,7 @@ def _run_meta(a: dict, records: list, editor, lm) -> dict:
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
             "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "l2_alpha": c.l2_alpha, "mom2_update_weight": c.mom2_update_weight, "earlier_weight": c.earlier_weight, "earlier_reread": c.earlier_reread, "rehearse": c.rehearse, "reworded_prompts": c.reworded_prompts, "context_template_words": c.context_template_words, "spread": c.spread, "chat": a["chat"], "chat_values": c.chat_values,
-            "keep_same_relation": a["keep_same_relation"], "chat_eval": a["chat_eval"], "chat_judge": a["chat_judge"],
+            "keep_same_relation": a["keep_same_relation"], "keep_conversations": a["keep_conversations"], "chat_eval": a["chat_eval"], "chat_judge": a["chat_judge"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in history) / max(1, sum(r.requests for r in history))}
 

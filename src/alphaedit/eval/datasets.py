@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..files import alphaedit_home, atomic_write_text
 from ..requests import EditRequest, RequestError, parse_requests
-from .questions import ChatProbes, counterfact_probes, relation_question
+from .questions import ChatProbes, counterfact_probes, fill_subject, relation_question
 
 KINDS = ("counterfact", "zsre")
 DATA_URL = "https://memit.baulab.info/data/dsets"
@@ -244,26 +244,34 @@ def select(records: list[EvalRecord], n: int, seed: int | None) -> list[EvalReco
     return random.Random(seed).sample(records, n)
 
 
-def with_kept_subjects(records: list[EvalRecord], dataset: list[EvalRecord], k: int, seed: int = 0) -> list[EvalRecord]:
-    """The records with `keep_subjects` on each edit request: k subjects of other records of the
-    dataset with the same relation (`alphaedit eval --keep-same-relation K`), so that an edit is
-    solved not to change the relation's answer for them. Drawn from the records not being
-    evaluated, and never a subject that an evaluated record names (its own, or in its neighbourhood
-    and paraphrase prompts): the kept subjects must not be the ones the evaluation tests."""
-    if any(rec.relation_id is None for rec in records):
-        raise ValueError("--keep-same-relation draws subjects of the same relation, which only CounterFact records carry "
-                         "(a relation_id); leave it out for this dataset")
+def _unnamed_subjects(records: list[EvalRecord], dataset: list[EvalRecord]) -> dict[str | None, list[str]]:
+    """relation -> subjects of the dataset's records that are not evaluated and that no evaluated
+    record names (its own subject, or in its neighbourhood and paraphrase prompts), in dataset
+    order: what may be kept or held without being what the evaluation tests."""
     evaluated = {id(rec) for rec in records}
     named = [rec.request.subject for rec in records] + [p for rec in records for p in (*rec.neighbourhood, *rec.paraphrases)]
     text = "\n".join(named)
-    pool: dict[str, list[str]] = {}  # relation -> subjects, in dataset order (the draw is seeded)
-    pooled: set[tuple[str, str]] = set()
+    pool: dict[str | None, list[str]] = {}
+    pooled: set[tuple[str | None, str]] = set()
     for rec in dataset:
         subject = rec.request.subject
         if id(rec) in evaluated or (rec.relation_id, subject) in pooled or subject in text:
             continue
         pooled.add((rec.relation_id, subject))
         pool.setdefault(rec.relation_id, []).append(subject)
+    return pool
+
+
+def with_kept_subjects(records: list[EvalRecord], dataset: list[EvalRecord], k: int, seed: int = 0) -> list[EvalRecord]:
+    """The records with `keep_subjects` on each edit request: k subjects of other records of the
+    dataset with the same relation (`alphaedit eval --keep-same-relation K`), so that an edit is
+    solved not to change the relation's answer for them. Drawn from the records not being
+    evaluated, and never a subject that an evaluated record names: the kept subjects must not be
+    the ones the evaluation tests."""
+    if any(rec.relation_id is None for rec in records):
+        raise ValueError("--keep-same-relation draws subjects of the same relation, which only CounterFact records carry "
+                         "(a relation_id); leave it out for this dataset")
+    pool = _unnamed_subjects(records, dataset)
     rng = random.Random(seed)
     out = []
     for rec in records:
@@ -271,3 +279,19 @@ def with_kept_subjects(records: list[EvalRecord], dataset: list[EvalRecord], k: 
         kept = tuple(rng.sample(candidates, min(k, len(candidates))))
         out.append(dataclasses.replace(rec, request=dataclasses.replace(rec.request, keep_subjects=kept)))
     return out
+
+
+def held_questions(records: list[EvalRecord], dataset: list[EvalRecord], n: int, seed: int = 0) -> list[str]:
+    """n questions about subjects nobody edits, for the edits to leave the model's answers to
+    alone (`alphaedit eval --keep-conversations N`, held.py): a CounterFact relation's first
+    question form about a subject of a record that is not evaluated and that no evaluated record
+    names, drawn with a fixed seed from all relations."""
+    if any(rec.relation_id is None for rec in dataset):
+        raise ValueError("--keep-conversations asks questions of CounterFact's relations, which only CounterFact records carry "
+                         "(a relation_id); leave it out for this dataset")
+    pool = [(relation, subject) for relation, subjects in _unnamed_subjects(records, dataset).items()
+            if relation_question(relation) is not None for subject in subjects]
+    if n > len(pool):
+        raise ValueError(f"--keep-conversations {n}: the dataset has {len(pool)} subjects that the evaluated records do not name; "
+                         "ask for fewer")
+    return [fill_subject(relation_question(relation), subject) for relation, subject in random.Random(seed).sample(pool, n)]

@@ -107,6 +107,14 @@ def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int
     return answers
 
 
+def own_conversations(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """Each question and the model's own free answer (chat_answers), as the text the model reads
+    while it answers: what `Editor.hold` keeps when the questions are about subjects nobody edits."""
+    chat = has_chat_template(tokenizer)
+    answers = chat_answers(model, tokenizer, questions, max_new_tokens)
+    return [chat_prompt(tokenizer, q) + a if chat else f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers)]
+
+
 def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens: int = 32, neighbours: int | None = 4,
                 judge: AnswerJudge | None = None) -> list[dict]:
     """Generation-based success per record (questions.py): does the free answer to the edited
