@@ -85,6 +85,12 @@ def test_the_multihop_command_reports_before_and_after(tiny_model_folder, tmp_pa
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["n"] == 2 and set(summary["pre"]) == {"multihop", "multihop_old", "edited"} and "cases" not in summary
+    assert summary["held_texts"] == 0
+    hold = tmp_path / "hold.json"
+    hold.write_text(json.dumps(["Paris is the capital of France.", {"question": "Where is the Louvre?"}]))
+    held = CliRunner().invoke(app, ["multihop", "--dataset", str(data), "--model", str(tiny_model_folder), "--corpus", str(WIKITEXT),
+                                    "--tokens", "2000", "--layers", "1-2", "--steps", "2", "--max-tokens", "4", "--hold", str(hold), "--json"])
+    assert held.exit_code == 0 and json.loads(held.stdout)["held_texts"] == 2, held.output
     report = json.loads(out.read_text())
     assert [c["case_id"] for c in report["cases"]] == [c["case_id"] for c in cases]
     assert all(len(c["post"]["answers"]) == len(cases[i]["questions"]) for i, c in enumerate(report["cases"]))

@@ -355,3 +355,25 @@ def _method_label(config: EditConfig) -> str:
                                          (f"rehearsal every {config.rehearse}", config.rehearse > 0),
                                          ("joint spread", config.spread == "joint")) if on]
     return ", ".join([label, *stabilisers])
+
+
+def _held_file(path: Path | None) -> tuple[list[str], list[str]] | None:
+    """--hold's (texts, questions), read before anything loads."""
+    if path is None:
+        return None
+    from ..held import read_held_file
+
+    try:
+        return read_held_file(path)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _hold(editor, texts: list[str], questions: list[str], option: str = "--hold", max_new_tokens: int = 32) -> None:
+    """Hold the texts, and the questions with the unedited model's own answers (Editor.hold)."""
+    from ..eval.scoring import own_conversations
+
+    try:
+        editor.hold(texts + (own_conversations(editor.model, editor.tokenizer, questions, max_new_tokens) if questions else []))
+    except ValueError as e:
+        _fail(f"{option}: {e}")

@@ -24,7 +24,7 @@ from .common import (
     AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
-    _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
+    _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _held_file, _hold, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
     _template_words,
     _state_claim, _with_chat, app, console, out,
 )
@@ -166,28 +166,6 @@ def edit(
             table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
         out.print(table)
         out.print(f"state saved in {state}")
-
-
-def _held_file(path: Path | None) -> tuple[list[str], list[str]] | None:
-    """--hold's (texts, questions), read before anything loads."""
-    if path is None:
-        return None
-    from ..held import read_held_file
-
-    try:
-        return read_held_file(path)
-    except ValueError as e:
-        _fail(str(e))
-
-
-def _hold(editor, texts: list[str], questions: list[str]) -> None:
-    """Hold --hold's texts and its questions with the unedited model's own answers."""
-    from ..eval.scoring import own_conversations
-
-    try:
-        editor.hold(texts + (own_conversations(editor.model, editor.tokenizer, questions) if questions else []))
-    except ValueError as e:
-        _fail(f"--hold: {e}")
 
 
 def _state_journal(state: Path) -> Journal | None:

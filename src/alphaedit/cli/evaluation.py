@@ -23,7 +23,7 @@ from .common import (
     AnchorOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
-    _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _load, _method_label, _new_editor, _parse_layers, _replay, _template_words, app, console, out,
+    _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _held_file, _hold, _load, _method_label, _new_editor, _parse_layers, _replay, _template_words, app, console, out,
 )
 
 
@@ -214,7 +214,8 @@ def _run_eval(a: dict, out_dir: Path, resuming: bool, as_json: bool) -> None:
         state = out_dir / "state"
         editor = _replay(state, lm, tokenizer) if Journal.exists(state) else _eval_editor(a, lm, tokenizer)
         if held and not editor.held:  # a new run (a resumed one held them again from its journal)
-            _hold_conversations(editor, held, a["chat_max_tokens"])
+            console.print(f"holding {len(held)} conversations about subjects nobody edits …", highlight=False)
+            _hold(editor, [], held, "--keep-conversations", a["chat_max_tokens"])
         general = GeneralCheck(lm, tokenizer, Path(a["general"]), a["general_tests"], tasks, editor.layout) if tasks is not None else None
         editor.statistics()  # before the timed edits, as the paper's per-batch times exclude it
         with _run_progress(len(records), len(editor.batches) * a["batch_size"], evaluator) as on_batch:
@@ -306,17 +307,6 @@ def _eval_records(a: dict) -> tuple[list, list[str], list[str]]:
     except (ValueError, RequestError) as e:
         _fail(str(e))
     return (with_questions(records) if a["chat"] else records), skipped, held
-
-
-def _hold_conversations(editor, questions: list[str], max_new_tokens: int) -> None:
-    """--keep-conversations: the questions with the unedited model's own answers, held (held.py)."""
-    from ..eval.scoring import own_conversations
-
-    console.print(f"holding {len(questions)} conversations about subjects nobody edits …", highlight=False)
-    try:
-        editor.hold(own_conversations(editor.model, editor.tokenizer, questions, max_new_tokens))
-    except ValueError as e:
-        _fail(f"--keep-conversations: {e}")
 
 
 def _record_run(a: dict, out_dir: Path, resuming: bool) -> dict:
@@ -476,6 +466,7 @@ def multihop(
     layers: LayersOption = None,
     steps: StepsOption = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of one free answer.")] = 32,
+    hold: Annotated[Optional[Path], typer.Option(help="A JSON list of texts, or {\"question\": ...} objects (held with the unedited model's own answer), whose W_out outputs every case's edit is solved to leave as they are (Editor.hold; as `edit --hold`).")] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the report (summary and every case's answers) to this JSON file.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -485,6 +476,7 @@ def multihop(
 
     _check_chat_values(chat_values)
     _check_method_choice(method, None, None, l2)
+    held = _held_file(hold)
     try:
         cases = load_mquake(dataset, n)
     except (OSError, ValueError, RequestError) as e:
@@ -493,11 +485,14 @@ def multihop(
     config = _edit_config(lm, method, layers, steps, None, True, None, None, l2=l2)
     config.chat, config.chat_values = chat, chat_values
     editor = _new_editor(lm, tokenizer, config, None, _corpus_spec(corpus, tokens, None, None), model, show_progress=False)
+    if held is not None:
+        _hold(editor, *held, max_new_tokens=max_tokens)
     editor.statistics()
     with progress_bar("multihop (cases)", total=len(cases), enabled=not as_json) as advance:
         report = run_multihop(editor, cases, max_tokens, on_case=lambda _: advance(1))
     report = {"model": model, "dataset": str(dataset), "n": len(cases), "method": _method_label(config), "chat": chat,
-              "chat_values": chat_values if chat else None, **report}
+              "chat_values": chat_values if chat else None,
+              "held_texts": sum(len(h.texts) for h in editor.held), **report}
     if out_file is not None:
         atomic_write_text(out_file, json.dumps(report, indent=1))
     if as_json:
