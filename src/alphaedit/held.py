@@ -13,8 +13,10 @@ leave what the model says there as it was. Not in the paper; off unless asked fo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,13 +60,10 @@ def held_moments(model, layout: Layout, tokenizer, held: HeldTexts, layers: Sequ
     return {layer: (held.weight * total).float() for layer, total in acc.sums.items()}
 
 
-def read_held_file(path) -> tuple[list[str], list[str]]:
-    """`alphaedit edit --hold FILE`: a JSON list whose items are texts to hold as they are, or
+def read_held_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """`--hold FILE` (`alphaedit edit`, `multihop`): a JSON list whose items are texts to hold as they are, or
     {"question": ...} objects, asked in the chat template so that the unedited model's own answer
     is held with them. Returns (texts, questions); a bad file names the item and the fix."""
-    import json
-    from pathlib import Path
-
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
