@@ -91,12 +91,17 @@ def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[
     return [c.strip().startswith(r.request.target_new.strip()) for c, r in zip(completions, records)]
 
 
+def _question_prompt(tokenizer, question: str, chat: bool) -> str:
+    """A question as a user asks it: in the chat template, or else as "Question: ...\nAnswer:"."""
+    return chat_prompt(tokenizer, question) if chat else f"Question: {question}\nAnswer:"
+
+
 def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
     """The model's greedy answer to each question, asked as a user would ask it: in the chat
     template when the tokenizer has one (the answer ends at the end of the turn), else as
     "Question: ...\nAnswer:" (the answer ends at the line's end). No cut at any target's length."""
     chat = has_chat_template(tokenizer)
-    rows = [prompt_ids(tokenizer, chat_prompt(tokenizer, q) if chat else f"Question: {q}\nAnswer:") for q in questions]
+    rows = [prompt_ids(tokenizer, _question_prompt(tokenizer, q, chat)) for q in questions]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     new = generate_rows(model, tokenizer, [rows[i] for i in order], max_new_tokens, rows_per_pass=64)
     ends = end_of_turn_ids(model, tokenizer)
@@ -112,7 +117,7 @@ def own_conversations(model, tokenizer, questions: Sequence[str], max_new_tokens
     while it answers: what `Editor.hold` keeps when the questions are about subjects nobody edits."""
     chat = has_chat_template(tokenizer)
     answers = chat_answers(model, tokenizer, questions, max_new_tokens)
-    return [chat_prompt(tokenizer, q) + a if chat else f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers)]
+    return [_question_prompt(tokenizer, q, chat) + (a if chat else f" {a}") for q, a in zip(questions, answers)]
 
 
 def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens: int = 32, neighbours: int | None = 4,
