@@ -67,6 +67,10 @@ declare -A args=(
   # by which the model reads an earlier edit, the regime in which the linear replay of the α 40 journal
   # kept every batch (BENCHMARKS.md, "In a linear model nothing collapses"); the price is one layer's room.
   # Measured to 2,100 edits and stopped there on purpose (it falls sooner than the block: BENCHMARKS.md)
+  # twice α 40: α was the strongest lever measured (α 10 → 40 moved the point where efficacy falls to 70
+  # from ~4,000 edits to ~10,000); does a stronger ridge flatten the curve further, and at what cost to
+  # each batch's own write? (started 2026-12-06 after the plain run, to rank it on the first 2–4,000 edits)
+  [cf10k-alphaedit-l2-80]="--dataset $cf_stream $lifelong --method alphaedit --l2 80"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
 )
 # what a queue runs when no names are given: the runs BENCHMARKS.md still lacks (the 2,000- and
