@@ -69,7 +69,8 @@ declare -A args=(
   # Measured to 2,100 edits and stopped there on purpose (it falls sooner than the block: BENCHMARKS.md)
   # twice α 40: α was the strongest lever measured (α 10 → 40 moved the point where efficacy falls to 70
   # from ~4,000 edits to ~10,000); does a stronger ridge flatten the curve further, and at what cost to
-  # each batch's own write? (started 2026-12-06, to rank it on the first thousands of edits)
+  # each batch's own write? (measured to 2,100 edits and stopped there on purpose: it writes 73–93% of
+  # each batch and falls no slower, BENCHMARKS.md)
   [cf10k-alphaedit-l2-80]="--dataset $cf_stream $lifelong --method alphaedit --l2 80"
   # α 80 with rehearsal: α 80 keeps the model nearly intact over the first 1,000 edits (specificity 67.0
   # against 67.6 unedited, W₇ +16%) but writes only ~85% of each batch; rehearsal writes the edits that did
@@ -77,8 +78,12 @@ declare -A args=(
   [cf10k-alphaedit-l2-80-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
 )
-# what a queue runs when no names are given: the runs BENCHMARKS.md still lacks (the 2,000- and
-# 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there; name one to run it
-# again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the wide 10K run (stopped at 4,200 edits)
-# and MEMIT-seq at λ 3000 (stopped at 2,200) were stopped on purpose once they had ranked (BENCHMARKS.md) and come last
-order=(cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf2000-memit-seq-lam3000 cf10k-alphaedit cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide cf10k-memit-seq-lam3000)
+# what a queue runs when no names are given: the runs BENCHMARKS.md still lacks, the ones in progress
+# first (the 2,000- and 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there;
+# name one to run it again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the
+# wide 10K run (stopped at 4,200 edits), MEMIT-seq at λ 3000 (2,200), layer 7 alone (2,100) and α 80
+# (2,100) were stopped on purpose once they had ranked (BENCHMARKS.md) and come last
+order=(cf10k-alphaedit cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
+       cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf2000-memit-seq-lam3000
+       cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide cf10k-memit-seq-lam3000 cf10k-alphaedit-l7
+       cf10k-alphaedit-l2-80)
