@@ -7,7 +7,7 @@ generate through `generate_rows`; `seeded` makes a sampled sequence reproducible
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,6 +55,7 @@ def generate_rows(
     rows_per_pass: int = 32,
     total_length: int | None = None,
     end_ids: Sequence[int] | None = None,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """The new tokens generated after each row of prompt ids (left-padded batches).
 
@@ -62,7 +63,8 @@ def generate_rows(
     tokens long, prompt included, and generation does not stop at the end-of-sequence token (ROME's
     generate_fast, behind the fluency metric). Pass rows sorted by length: a pass runs as long as
     its shortest row needs. `end_ids`: tokens that end a row (default: the model's own end-of-sequence
-    ids); a row that ends is padded after its end token.
+    ids); a row that ends is padded after its end token. `on_pass(rows done, rows in all)` hears
+    each pass end.
     """
     device = next(model.parameters()).device
     options = decoding_options(sampling)
@@ -83,6 +85,8 @@ def generate_rows(
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **settings)
         # a token sampled at step t never depends on later ones: cutting a row at its budget is exact
         new_tokens += [row[ids.shape[1] : ids.shape[1] + budget].tolist() for row, budget in zip(out, budgets)]
+        if on_pass is not None:
+            on_pass(len(new_tokens), len(rows))
     return new_tokens
 
 
@@ -152,10 +156,12 @@ def greedy_completions(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     max_new_tokens: int = 20,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """The model's greedy continuation of each prompt (special tokens dropped)."""
     rows = [prompt_ids(tokenizer, p) for p in prompts]
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in generate_rows(model, tokenizer, rows, max_new_tokens)]
+    new = generate_rows(model, tokenizer, rows, max_new_tokens, on_pass=on_pass)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
 
 
 def generate_context_templates(

@@ -6,7 +6,7 @@ CounterFact's metric does (ALGORITHM.md §3.3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,6 +22,7 @@ def teacher_forced(
     continuations: Sequence[str],
     tokens_per_pass: int = 2048,
     layout: Layout | None = None,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (prompt, continuation): the log-probability of each continuation token and
     whether it is the top-1 prediction, from batched teacher-forced passes.
@@ -32,7 +33,8 @@ def teacher_forced(
     most objects are one token, so most prompts need one row where a row per pair took two.
     Rows are sorted by length so that a pass wastes little on padding, and the output head
     runs only at the continuation positions. `layout` is the caller's (an editor's may come
-    from --layout); detected from the model when not given.
+    from --layout); detected from the model when not given. `on_pass(tokens done, tokens in all)`
+    hears each pass end (an evaluation of thousands of records shows its progress by it).
     """
     layout = layout or detect_layout(model)
     device = next(model.parameters()).device
@@ -59,6 +61,7 @@ def teacher_forced(
         readers[r].append(i)
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
     results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
+    total_tokens, tokens_done = sum(len(r) for r in rows), 0
     start = 0
     while start < len(order):
         end = start + 1
@@ -82,6 +85,9 @@ def teacher_forced(
             results[i] = (token_logp[offset : offset + n], top1[offset : offset + n])
             offset += n
         start = end
+        if on_pass is not None:
+            tokens_done += sum(len(rows[r]) for r in chunk)
+            on_pass(tokens_done, total_tokens)
     return results  # type: ignore[return-value]
 
 
@@ -102,9 +108,11 @@ def continuation_accuracy(
     prompts: Sequence[str],
     continuations: Sequence[str],
     layout: Layout | None = None,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Teacher-forced top-1 accuracy over each continuation's tokens (zsRE's metric, §3.4)."""
-    return [top1.float().mean().item() for _, top1 in teacher_forced(model, tokenizer, prompts, continuations, layout=layout)]
+    scored = teacher_forced(model, tokenizer, prompts, continuations, layout=layout, on_pass=on_pass)
+    return [top1.float().mean().item() for _, top1 in scored]
 
 
 def prefers_new(

@@ -65,6 +65,9 @@ class Evaluator:
         # each phase start (with the time it took the last time, as an estimate) and end.
         self.on_phase = on_phase
         self.took: dict[str, float] = {}  # seconds, per phase, of its latest run
+        # a running phase tells its share done and ETA at most this often (seconds): the pre-edit
+        # evaluation of a 10,000-record stream runs for minutes per phase with no earlier pace to go by
+        self.tick_seconds = 60.0
         # seconds per record of the phases that score records one by one, from their latest run: a
         # curve point over a sample (or a grown run's new records) says little about all of them
         self.pace: dict[str, float] = {}
@@ -88,16 +91,27 @@ class Evaluator:
         return sum(self.pace[p] * len(self.records) if p in self.pace else t for p, t in self.took.items() if p != GENERAL_PHASE)
 
     @contextmanager
-    def phase(self, name: str, size: str, records: int | None = None) -> Iterator[None]:
+    def phase(self, name: str, size: str, records: int | None = None) -> Iterator[Callable[[int, int], None]]:
         """Time one phase and tell `on_phase` when it starts (what it does, and an estimate from its
-        last run: scaled to `records` for a phase that scores them one by one) and ends."""
+        last run: scaled to `records` for a phase that scores them one by one) and ends. Yields
+        `tick(done, in all)` for the phase's passes to call: every `tick_seconds` at most, it tells
+        the share done and the time left at the pace so far."""
         if records and name in self.pace:
             before = f", about {_duration(self.pace[name] * records)} at the last pace"
         else:
             before = f", took {_duration(self.took[name])} last time" if name in self.took else ""
         self.announce(f"{name} ({size}{before}) …")
         start = time.perf_counter()
-        yield
+        told = [start]
+
+        def tick(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if 0 < done < total and now - told[0] >= self.tick_seconds:
+                told[0] = now
+                left = (now - start) * (total - done) / done
+                self.announce(f"{name}: {100 * done / total:.0f}% · ETA {time.strftime('%H:%M:%S', time.gmtime(left))}")
+
+        yield tick
         self.took[name] = time.perf_counter() - start
         if records:
             self.pace[name] = self.took[name] / records
@@ -106,15 +120,15 @@ class Evaluator:
     def scores(self, start: int = 0, indices: Sequence[int] | None = None) -> list[dict]:
         """Per-record scores of records[start:], or of the records at `indices`."""
         records = self.records[start:] if indices is None else [self.records[i] for i in indices]
-        with self.phase("teacher-forced scores", f"{len(records)} records", len(records)):
-            per_record = (counterfact_scores if self.kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, records)
-        with self.phase("generative success", f"{len(records)} records", len(records)):
-            success = generative_success(self.model, self.tokenizer, records)
+        with self.phase("teacher-forced scores", f"{len(records)} records", len(records)) as tick:
+            per_record = (counterfact_scores if self.kind == "counterfact" else zsre_scores)(self.model, self.tokenizer, records, tick)
+        with self.phase("generative success", f"{len(records)} records", len(records)) as tick:
+            success = generative_success(self.model, self.tokenizer, records, tick)
         rows = [{**r, "generative_success": float(s)} for r, s in zip(per_record, success)]
         if self.settings.chat_eval:
-            with self.phase("chat answers", f"{len(records)} records", len(records)):
+            with self.phase("chat answers", f"{len(records)} records", len(records)) as tick:
                 chat = chat_scores(self.model, self.tokenizer, records, self.settings.chat_max_tokens, self.settings.chat_neighbours,
-                                   self.judge)
+                                   self.judge, tick)
             for row, answers in zip(rows, chat):
                 row.update(answers)
         return rows
@@ -129,16 +143,17 @@ class Evaluator:
         if with_generation and sampled and self.tfidf is not None:
             chosen = [self.records[i] for i in sampled]
             references = [self.rome.texts(r.relation_id, r.target_new_id) if self.rome else r.reference_texts for r in chosen]
-            with self.phase("fluency and consistency", f"{sum(len(r.generation_prompts) for r in chosen)} texts of {len(chosen)} records"):
-                generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references)
+            texts = sum(len(r.generation_prompts) for r in chosen)
+            with self.phase("fluency and consistency", f"{texts} texts of {len(chosen)} records") as tick:
+                generated = generation_scores(self.model, self.tokenizer, chosen, self.tfidf, self.settings.sample_seed, references, tick)
             for i, g in zip(sampled, generated):
                 per_record[i - start].update(g)
         for rec, row in zip(self.records[start:], per_record):
             row["case_id"] = rec.case_id
         summary = summarise(per_record)
         if self.windows and start == 0:
-            with self.phase("perplexity", f"{len(self.windows)} windows"):
-                summary["perplexity"] = wikitext_perplexity(self.model, self.tokenizer, self.windows)
+            with self.phase("perplexity", f"{len(self.windows)} windows") as tick:
+                summary["perplexity"] = wikitext_perplexity(self.model, self.tokenizer, self.windows, tick)
         return Evaluation(per_record, summary)
 
 

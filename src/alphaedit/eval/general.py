@@ -220,11 +220,12 @@ class GeneralCheck:
             raise ValueError(f"--general-tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
         self.records = {t: load_task_records(self.folder, t, self.tests) for t in self.tasks}
 
-    def run(self) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    def run(self, on_task: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
         """Per task: {f1, f1_label, mcc, accuracy, invalid, total}; and per-record rows (prompt
-        excluded) with the generated text, the parsed answer and each label's mean log-probability."""
+        excluded) with the generated text, the parsed answer and each label's mean log-probability.
+        `on_task(tasks done, tasks in all)` hears each task end."""
         scores, rows = {}, {}
-        for name in self.tasks:
+        for done, name in enumerate(self.tasks, 1):
             task, records = TASKS[name], self.records[name]
             prompts = [task.prompt(r) for r in records]
             labels = [task.label(r) for r in records]
@@ -244,6 +245,8 @@ class GeneralCheck:
                 {"label": y, "generated": g, "answer": a, "most_probable": c, "mean_logp": dict(zip(words, lp))}
                 for y, g, a, c, lp in zip(labels, generated, answers, chosen, mean_logp)
             ]
+            if on_task is not None:
+                on_task(done, len(self.tasks))
         return scores, rows
 
     def _generate_and_score(self, prompts: list[str], words: list[str]) -> tuple[list[str], list[list[float]]]:

@@ -264,8 +264,8 @@ def _general_point(run: RunFolder, evaluator: Evaluator, general: GeneralCheck, 
 
 
 def _general_scores(evaluator: Evaluator, general: GeneralCheck, edits: int) -> tuple[dict, list[dict]]:
-    with evaluator.phase(GENERAL_PHASE, f"{len(general.tasks)} tasks, {general.tests} records each"):
-        scores, rows = general.run()
+    with evaluator.phase(GENERAL_PHASE, f"{len(general.tasks)} tasks, {general.tests} records each") as tick:
+        scores, rows = general.run(tick)
     return {"edits": edits, "scores": scores}, [{"task": task, **row} for task, task_rows in rows.items() for row in task_rows]
 
 

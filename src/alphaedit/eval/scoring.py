@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,6 +18,9 @@ from .questions import states
 
 
 ROLES = ("rewrite", "paraphrase", "neighbourhood")
+# Every function below that runs the model over many records takes `on_pass(done, in all)`, called
+# as each batched pass ends (tokens or rows, whatever its passes count): the evaluator's progress.
+OnPass = Callable[[int, int], None] | None
 
 
 def _probes(records: Sequence[EvalRecord]) -> list[tuple[int, str, str, str]]:
@@ -55,7 +58,8 @@ def _easyedit_accuracies(records: Sequence[EvalRecord], probes, top1: Sequence[t
     return [{"rewrite_acc": mean(a["rewrite"]), "rephrase_acc": mean(a["paraphrase"])} for a in acc]
 
 
-def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord]) -> list[dict]:
+def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord],
+                       on_pass: OnPass = None) -> list[dict]:
     """Per record: efficacy, generalization, specificity (CounterFact, §3.3), batched; and
     EasyEdit's token accuracies of the new object, from the same passes.
 
@@ -66,7 +70,7 @@ def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     prompts = [p[2] for p in probes]
     new = [records[p[0]].request.target_new for p in probes]
     true = [records[p[0]].request.target_true for p in probes]
-    scored = teacher_forced(model, tokenizer, prompts + prompts, new + true)
+    scored = teacher_forced(model, tokenizer, prompts + prompts, new + true, on_pass=on_pass)
     nll = torch.stack([-logp.mean() for logp, _ in scored])
     new_wins = (nll[: len(prompts)] < nll[len(prompts) :]).tolist()
     values = [float(w if p[1] != "neighbourhood" else not w) for p, w in zip(probes, new_wins)]
@@ -74,20 +78,21 @@ def counterfact_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return [{**scores, **acc} for scores, acc in zip(_per_record(records, probes, values), accuracies)]
 
 
-def zsre_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord]) -> list[dict]:
+def zsre_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[EvalRecord],
+                on_pass: OnPass = None) -> list[dict]:
     """Per record: teacher-forced token accuracy of each prompt's expected answer (§3.4); on
     rewrite and paraphrase prompts that is EasyEdit's rewrite_acc and rephrase_acc."""
     probes = _probes(records)
-    accuracy = continuation_accuracy(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes])
+    accuracy = continuation_accuracy(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes], on_pass=on_pass)
     per_record = _per_record(records, probes, accuracy)
     return [{**r, "rewrite_acc": r["efficacy"], "rephrase_acc": r["generalization"]} for r in per_record]
 
 
-def generative_success(model, tokenizer, records: Sequence[EvalRecord]) -> list[bool]:
+def generative_success(model, tokenizer, records: Sequence[EvalRecord], on_pass: OnPass = None) -> list[bool]:
     """Does the greedy continuation of the rewrite prompt begin with the new object?"""
     prompts = [r.request.text() for r in records]
     lengths = max(len(target_ids(tokenizer, r.request.target_new)) for r in records)
-    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=lengths + 1)
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=lengths + 1, on_pass=on_pass)
     return [c.strip().startswith(r.request.target_new.strip()) for c, r in zip(completions, records)]
 
 
@@ -96,14 +101,14 @@ def _question_prompt(tokenizer, question: str, chat: bool) -> str:
     return chat_prompt(tokenizer, question) if chat else f"Question: {question}\nAnswer:"
 
 
-def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+def chat_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32, on_pass: OnPass = None) -> list[str]:
     """The model's greedy answer to each question, asked as a user would ask it: in the chat
     template when the tokenizer has one (the answer ends at the end of the turn), else as
     "Question: ...\nAnswer:" (the answer ends at the line's end). No cut at any target's length."""
     chat = has_chat_template(tokenizer)
     rows = [prompt_ids(tokenizer, _question_prompt(tokenizer, q, chat)) for q in questions]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    new = generate_rows(model, tokenizer, [rows[i] for i in order], max_new_tokens, rows_per_pass=64)
+    new = generate_rows(model, tokenizer, [rows[i] for i in order], max_new_tokens, rows_per_pass=64, on_pass=on_pass)
     ends = end_of_turn_ids(model, tokenizer)
     answers = [""] * len(rows)
     for i, tokens in zip(order, new):
@@ -121,7 +126,7 @@ def own_conversations(model, tokenizer, questions: Sequence[str], max_new_tokens
 
 
 def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens: int = 32, neighbours: int | None = 4,
-                judge: AnswerJudge | None = None) -> list[dict]:
+                judge: AnswerJudge | None = None, on_pass: OnPass = None) -> list[dict]:
     """Generation-based success per record (questions.py): does the free answer to the edited
     fact's question state the new object (chat_success), do the answers to its paraphrased
     questions (chat_paraphrase), and do the neighbours' answers still state their own object
@@ -139,7 +144,7 @@ def chat_scores(model, tokenizer, records: Sequence[EvalRecord], max_new_tokens:
         asked.append((i, "chat_success", rec.chat.question, new))
         asked += [(i, "chat_paraphrase", q, new) for q in rec.chat.paraphrases]
         asked += [(i, "chat_locality", q, a) for q, a in list(zip(rec.chat.neighbours, rec.chat.neighbour_answers))[:neighbours]]
-    answers = chat_answers(model, tokenizer, [a[2] for a in asked], max_new_tokens) if asked else []
+    answers = chat_answers(model, tokenizer, [a[2] for a in asked], max_new_tokens, on_pass) if asked else []
     verdicts = judge.verdicts([(q, answer, obj) for (_, _, q, obj), answer in zip(asked, answers)]) if judge else None
     return score_chat_answers(records, asked, answers, verdicts)
 
@@ -168,7 +173,7 @@ def score_chat_answers(records: Sequence[EvalRecord], asked: Sequence[tuple[int,
     return out
 
 
-def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100, seed: int = 0) -> list[str]:
+def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100, seed: int = 0, on_pass: OnPass = None) -> list[str]:
     """Each prompt continued by top-5 sampling to `max_length` tokens in all, seeded: ROME's
     generate_fast (util/generate.py), which the authors' fluency and consistency use.
 
@@ -181,7 +186,8 @@ def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     with seeded(model, seed):
         # wide passes: on a CPU a decoding step costs about as much for 64 rows as for 16
-        new = generate_rows(model, tokenizer, [rows[i] for i in order], max_length, TOP5, rows_per_pass=64, total_length=max_length)
+        new = generate_rows(model, tokenizer, [rows[i] for i in order], max_length, TOP5, rows_per_pass=64, total_length=max_length,
+                            on_pass=on_pass)
     texts = [""] * len(rows)
     for i, tokens in zip(order, new):
         text = tokenizer.decode(rows[i] + tokens, skip_special_tokens=True)
@@ -190,11 +196,11 @@ def sample_texts(model, tokenizer, prompts: Sequence[str], max_length: int = 100
 
 
 def generation_scores(model, tokenizer, records: Sequence[EvalRecord], tfidf: TfIdf, seed: int = 0,
-                      references: Sequence[list[str]] | None = None) -> list[dict]:
+                      references: Sequence[list[str]] | None = None, on_pass: OnPass = None) -> list[dict]:
     """Fluency (n-gram entropy ×1, scaled later) and consistency (TF-IDF cosine of the texts with
     the record's references: `references`, else its own stand-in texts) per record."""
     prompts = [p for r in records for p in r.generation_prompts]
-    texts = sample_texts(model, tokenizer, prompts, seed=seed)
+    texts = sample_texts(model, tokenizer, prompts, seed=seed, on_pass=on_pass)
     references = references if references is not None else [r.reference_texts for r in records]
     out, k = [], 0
     for rec, refs in zip(records, references):
@@ -207,14 +213,16 @@ def generation_scores(model, tokenizer, records: Sequence[EvalRecord], tfidf: Tf
     return out
 
 
-def wikitext_perplexity(model, tokenizer, windows: Sequence[list[int]]) -> float:
+def wikitext_perplexity(model, tokenizer, windows: Sequence[list[int]], on_pass: OnPass = None) -> float:
     """exp(mean token NLL) over held-out token windows."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for window in windows:
+        for k, window in enumerate(windows):
             ids = torch.tensor([window], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()  # on the head's device
             total += torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="sum").item()
             count += len(window) - 1
+            if on_pass is not None:
+                on_pass(k + 1, len(windows))
     return perplexity(total, count)
