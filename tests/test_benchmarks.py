@@ -322,3 +322,43 @@ def test_plot_curves_reads_a_finished_run_from_its_summary_with_the_final_point(
     series = plot_curves.series(tmp_path)
     assert [(p["edits"], p["efficacy"]) for p in series["curve"]] == [(0, 90.0), (100, 90.0), (200, 70.0)]
     assert series["growth"][-1] == (200, 1.5)
+
+
+def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folder(tmp_path):
+    """The rows of a long run's table, from progress.json and the batch reports: the batches' own
+    efficacy and z steps weighed by requests over the batches since the previous point, the six
+    tasks at that point, the growth and the rehearsal figures of the batch that ends there."""
+    curve_rows = _benchmark("curve_rows")
+    progress = {"curve": [{"edits": 0, "efficacy": 30.0, "generalization": 31.0, "specificity": 70.0, "generative_success": 0.5},
+                          {"edits": 150, "efficacy": 90.0, "generalization": 80.0, "specificity": 65.0, "generative_success": 40.0,
+                           "of": "edited", "records": 50}],  # after the two batches' 150 requests
+                "general": [{"edits": 0, "scores": {"sst2": {"f1_label": 0.5, "f1": 0.2}, "rte": {"f1_label": 0.3, "f1": 0.1}}},
+                            {"edits": 150, "scores": {"sst2": {"f1_label": 0.6, "f1": 0.0}, "rte": {"f1_label": 0.2, "f1": 0.1}}}]}
+    (tmp_path / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+    for k, (requests, efficacy, steps, held, rehearsed) in enumerate(((100, 1.0, 8.0, None, 0), (50, 0.7, 11.0, 0.9, 30))):
+        folder = tmp_path / "state" / "batches" / f"{k:06d}"
+        folder.mkdir(parents=True)
+        growth = {str(layer): {"frobenius": 1 + layer / 100 + k, "spectral": 1 + layer / 1000 + k} for layer in (3, 7, 10)}
+        report = {"requests": requests, "efficacy": efficacy, "z_steps": steps, "weight_growth": growth, "earlier_held": held,
+                  "rehearsed": rehearsed}
+        (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    start, point = curve_rows.rows(tmp_path)
+    assert start["batch_efficacy"] is None and start["general_label"] == pytest.approx(40.0)
+    assert start["general_generated"] == pytest.approx(15.0)
+    assert point["edits"] == 150 and point["efficacy"] == 90.0
+    assert point["batch_efficacy"] == pytest.approx((100 * 100 + 70 * 50) / 150)
+    assert point["z_steps"] == pytest.approx((8.0 * 100 + 11.0 * 50) / 150)
+    assert point["general_label"] == pytest.approx(40.0) and point["general_generated"] == pytest.approx(5.0)
+    assert point["last_layer"] == "10" and point["first_layer"] == "3"  # by number, not as text
+    assert point["last_frobenius"] == pytest.approx(2.1) and point["last_spectral"] == pytest.approx(2.01)
+    assert point["first_frobenius"] == pytest.approx(2.03)
+    assert point["earlier_held"] == pytest.approx(90.0) and point["rehearsed_mean"] == 15 and point["rehearsed_most"] == 30
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 15.0 / 30 |" in done.stdout
+    as_json = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--json"], capture_output=True,
+                             text=True, timeout=300)
+    assert _json_only(as_json.stdout)[1]["edits"] == 150
+    empty = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path / "state")], capture_output=True,
+                           text=True, timeout=300)
+    assert empty.returncode != 0 and "not an `alphaedit eval` run folder" in empty.stderr
