@@ -473,3 +473,73 @@ def test_a_report_row_names_the_method_its_projection_and_its_stabilisers():
             == "encore + projection, most-probable stop")
     assert _method_label(EditConfig(method="alphaedit", l2_alpha=100.0)) == "alphaedit, α 100"
     assert _method_label(EditConfig(method="memit", l2_alpha=100.0)) == "memit"  # α weighs only the projected solve
+
+
+def test_the_leak_weight_adds_c0_inside_the_projected_solve(problem):
+    """λ₁ (BetaEdit's leak penalty): the solve equals its formula with λ₁ C0 beside C_p, in float64;
+    λ₁ = 0 is the authors' solve; a larger λ₁ moves the MLP output at preserved keys less (tr ΔC0Δᵀ)
+    at the cost of the batch's own fit, and the update stays in the null space; the joint solve over
+    one layer is the same solve; a method without the projection refuses it."""
+    from alphaedit.cli.common import _method_label
+    from alphaedit.methods.projection import joint_projected_solve
+
+    K, R, C0, _ = problem
+    g = torch.Generator().manual_seed(4)
+    Kp = torch.randn(D0, 4, dtype=torch.float64, generator=g)
+    evals, evecs = torch.linalg.eigh(C0)
+    P = evecs[:, evals < evals.median()] @ evecs[:, evals < evals.median()].T  # an approximate null space: C0 is not 0 on it
+    stats = LayerStatistics(C0.float(), P.float(), (Kp @ Kp.T).float())
+    eye = torch.eye(D0, dtype=torch.float64)
+    leaked, missed = [], []
+    for lam in (0.0, 30.0, 3000.0):
+        config = EditConfig(method="alphaedit", l2_alpha=10.0, solve_dtype="float64", leak_weight=lam)
+        delta = projected_solve(K.float(), R.float(), stats, config).dense().double()
+        expected = R @ K.T @ P @ torch.linalg.inv((K @ K.T + Kp @ Kp.T + lam * C0) @ P + 10.0 * eye)
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(delta @ P, delta, rtol=1e-5, atol=1e-6)
+        joint = joint_projected_solve({0: K.float()}, R.float(), {0: stats}, config)[0].dense().double()
+        torch.testing.assert_close(joint, delta, rtol=1e-4, atol=1e-5)
+        leaked.append(float(torch.trace(delta @ C0 @ delta.T)))
+        missed.append(float((delta @ K - R).norm()))
+    authors = EditConfig(method="alphaedit", l2_alpha=10.0, solve_dtype="float64")
+    torch.testing.assert_close(projected_solve(K.float(), R.float(), stats, authors).dense().double(),
+                               R @ K.T @ P @ torch.linalg.inv((K @ K.T + Kp @ Kp.T) @ P + 10.0 * eye), rtol=1e-5, atol=1e-6)
+    assert leaked[0] > leaked[1] > leaked[2], leaked  # less of the update reaches the preserved keys
+    assert missed[0] < missed[1] < missed[2], missed  # and less of the batch is written
+    with pytest.raises(ValueError, match="memit runs without the projection here"):
+        EditConfig(method="memit", leak_weight=3000.0)
+    with pytest.raises(ValueError, match="finite number ≥ 0"):
+        EditConfig(method="alphaedit", leak_weight=-1.0)
+    assert EditConfig(method="memit", project=True, leak_weight=3000.0).leak_weight == 3000.0
+    with pytest.raises(ValueError, match="needs the second moment C0"):
+        projected_solve(K.float(), R.float(), LayerStatistics(None, P.float(), torch.zeros(D0, D0)),
+                        EditConfig(method="alphaedit", leak_weight=1.0))
+    assert _method_label(EditConfig(method="alphaedit", leak_weight=3000.0)) == "alphaedit, leak λ₁ 3000"
+
+
+def test_leak_weight_from_the_command_line_is_recorded_and_kept(tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    common = [*common, "--json"]
+    assert_edit_refuses(common, env, tmp_path, ((["--leak-weight", "-1"], "λ₁ must be a finite number ≥ 0"),
+                                                (["--leak-weight", "3000", "--method", "memit"],
+                                                 "memit runs without the projection here (its own λ C0 is --mom2-weight)")))
+    norms = {}
+    for lam in ("0", "100000"):
+        state = tmp_path / f"leak-{lam}"
+        done = CliRunner().invoke(app, [*common, "--state", str(state), "--leak-weight", lam], env=env)
+        assert done.exit_code == 0, done.output
+        assert json.loads((state / "header.json").read_text())["config"]["leak_weight"] == float(lam)
+        norms[lam] = json.loads(done.stdout)["batches"][0]["delta_norms"]
+    for layer in norms["0"]:  # C0 weighed heavily inside the solve: a smaller update of every edited W_out
+        assert norms["100000"][layer] < norms["0"][layer]
+    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "leak-0"), "--leak-weight", "20"], env=env)
+    assert again.exit_code == 2 and "--leak-weight 0.0" in again.output
+    run = tmp_path / "run"  # eval refuses it before it loads a model or records the run
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run),
+                                      "--method", "rect", "--no-project", "--leak-weight", "5"], env=env)
+    assert result.exit_code == 2 and "add --project" in result.output, result.output
+    assert not run.exists()

@@ -80,6 +80,13 @@ class EditConfig:
     # ones (an evolving projector that removes their directions is the limit β → ∞) and leave new
     # edits less room; 0 forgets them (each batch solved as if it were the first)
     earlier_weight: float = 1.0
+    # λ₁, the weight of the preserved keys' second moment C0 inside the projected solve (BetaEdit,
+    # Liu et al., IJCAI 2026; 0 in AlphaEdit, whose projection stands in for MEMIT's λ C0): P spans
+    # only an approximate null space (on SmolLM2 C0's spectrum has no gap, and P holds 27–52% of
+    # the preserved keys' energy, BENCHMARKS.md), so the update still moves the MLP output at
+    # preserved keys; λ₁ ‖ΔK0‖² penalises that leak, the more the more a direction of P carries
+    # preserved energy. C0 is the mean k kᵀ, as MEMIT's λ weighs it (BetaEdit's λ₁: 3000)
+    leak_weight: float = 0.0
     # every N batches (0: never, the authors' code; not in the paper), C_p is rebuilt from the keys
     # of every applied request as the edited model reads them now. C_p keeps each batch's keys as
     # they were read when it was edited, but later batches' lower-layer updates move them (on
@@ -148,6 +155,11 @@ class EditConfig:
                              "projection here: add the projection (--project), or keep the sequential spread")
         if not (self.earlier_weight >= 0 and math.isfinite(self.earlier_weight)):
             raise ValueError(f"earlier_weight must be a finite number ≥ 0 (1 is the authors'), got {self.earlier_weight}")
+        if not (self.leak_weight >= 0 and math.isfinite(self.leak_weight)):
+            raise ValueError(f"leak_weight must be a finite number ≥ 0 (0 is AlphaEdit's), got {self.leak_weight}")
+        if self.leak_weight and not get_method(self.method).projects(self):
+            raise ValueError(f"leak_weight weighs C0 inside the projected solve, and {self.method} runs without the projection "
+                             "here (its own λ C0 does that job: --mom2-weight): add the projection, or leave it at 0")
         if self.earlier_weight != 1.0 and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"earlier_weight weighs the earlier batches' keys C_p, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it at 1")

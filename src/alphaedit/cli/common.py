@@ -70,6 +70,7 @@ ClampOption = Annotated[Optional[float], typer.Option(help="Largest ‖δ‖ of 
 L2Option = Annotated[Optional[float], typer.Option("--l2", help="α of the projected solve (the authors' \"L2\", default 10): the weight of ‖Δ‖² against the edits' residuals; larger values shrink every update (a Frobenius-norm penalty, as ENCORE's), trading efficacy for slower weight growth over long sequences.")]
 Mom2WeightOption = Annotated[Optional[float], typer.Option("--mom2-weight", help="λ of the unprojected solves (MEMIT, MEMIT-seq, PRUNE, RECT, EMMET, ENCORE; the authors' \"mom2_update_weight\", default: preset, 15000 on SmolLM2): the weight of the preserved keys' second moment C0 against the edits' residuals; smaller values let each batch's edits take more fully at more cost to what C0 preserves.")]
 EarlierWeightOption = Annotated[Optional[float], typer.Option("--earlier-weight", help="β, the weight of the earlier batches' keys C_p in the solves that read them (AlphaEdit, MEMIT-seq, ENCORE, any method with the projection; 1 in the authors' code, not in the paper): larger values hold earlier edits more firmly against new ones and leave new ones less room; 0 solves each batch as if it were the first.")]
+LeakWeightOption = Annotated[Optional[float], typer.Option("--leak-weight", help="λ₁, the weight of the preserved keys' second moment C0 inside the projected solve (BetaEdit, IJCAI 2026; 0 in AlphaEdit): penalises what the update still changes at preserved keys where the null space is only approximate (no gap in C0's spectrum, as on SmolLM2); BetaEdit uses 3000. Needs the projection.")]
 EarlierRereadOption = Annotated[Optional[int], typer.Option("--earlier-reread", help="Every N batches, rebuild C_p from every applied request's keys as the edited model reads them now (0: never, the authors' code; not in the paper): later batches' lower-layer updates move the keys earlier edits are read by, and the hold on them drifts off (BENCHMARKS.md). Costs a key pass over all earlier requests each time.")]
 RehearseOption = Annotated[Optional[int], typer.Option("--rehearse", help="Every N batches, check every earlier edit before the batch and write the lapsed ones again with it, at most as many as the batch has (0: never, the authors' code; not in the paper). Later batches undo some earlier edits; the journal holds them all, so they can be restored. Costs a teacher-forced check of every earlier request each time.")]
 RewordedOption = Annotated[Optional[int], typer.Option("--reworded-prompts", min=0, help="Also train each request's δ on this many copies of its prompt with words around the subject left out (default 0: none, the authors' code; not in the paper), so that the edit holds better when the question is worded differently; the early stop still judges the prompt as asked. Each copy is one more prompt in every z optimisation step (2 copies: about a quarter more time per edit on SmolLM2).")]
@@ -220,9 +221,10 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  method_option: list[str] | None = None, most_probable: bool = False, anchor: bool = False,
                  l2: float | None = None, *, mom2_weight: float | None = None, spread: str | None = None,
                  earlier_weight: float | None = None, earlier_reread: int | None = None, rehearse: int | None = None,
-                 reworded_prompts: int | None = None, context_template_words: list[str] | None = None) -> EditConfig:
+                 reworded_prompts: int | None = None, context_template_words: list[str] | None = None,
+                 leak_weight: float | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
-    _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread, rehearse)
+    _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread, rehearse, leak_weight)
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
@@ -230,7 +232,8 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                                 method_options=_method_options(method_option), stop_when_most_probable=most_probable or None,
                                 value_anchor=anchor or None, l2_alpha=l2, mom2_update_weight=mom2_weight, spread=spread,
                                 earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
-                                reworded_prompts=reworded_prompts, context_template_words=context_template_words)
+                                reworded_prompts=reworded_prompts, context_template_words=context_template_words,
+                                leak_weight=leak_weight)
     except ValueError as e:
         _fail(str(e))
 
@@ -249,8 +252,8 @@ def _template_words(text: str | None) -> list[str] | None:
 
 def _check_method_choice(method: str, project: bool | None, method_option: list[str] | None, l2: float | None,
                          mom2_weight: float | None = None, spread: str | None = None, earlier_weight: float | None = None,
-                         earlier_reread: int | None = None, rehearse: int | None = None) -> None:
-    """The method, its options, the projection, α, λ and β fit together; checked without a model, so
+                         earlier_reread: int | None = None, rehearse: int | None = None, leak_weight: float | None = None) -> None:
+    """The method, its options, the projection, α, λ, λ₁ and β fit together; checked without a model, so
     that `eval` refuses them before it loads one or records the run."""
     if l2 is not None and not l2 > 0:
         _fail(f"--l2 {l2}: α must be positive (the projected solve's P(KKᵀ + C_p) is singular without it); the default is 10")
@@ -259,6 +262,8 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
               "keys than the layer has dimensions); the presets' is 15000")
     if earlier_weight is not None and not (earlier_weight >= 0 and math.isfinite(earlier_weight)):
         _fail(f"--earlier-weight {earlier_weight}: β must be a finite number ≥ 0; the authors' is 1")
+    if leak_weight is not None and not (leak_weight >= 0 and math.isfinite(leak_weight)):
+        _fail(f"--leak-weight {leak_weight}: λ₁ must be a finite number ≥ 0; AlphaEdit's is 0, BetaEdit's 3000")
     if earlier_reread is not None and earlier_reread < 0:
         _fail(f"--earlier-reread {earlier_reread}: give a number of batches (1 = after every batch), or 0 for never")
     if rehearse is not None and rehearse < 0:
@@ -276,6 +281,9 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
         # given at all, even as 1 (which EditConfig cannot tell from its default): refused as --l2 is
         _fail(f"--earlier-weight weighs the earlier batches' keys C_p, and {config.method} does not read them here: use "
               f"alphaedit, memit-seq or encore, add --project, or leave --earlier-weight out")
+    if leak_weight is not None and not get_method(config.method).projects(config):
+        _fail(f"--leak-weight weighs C0 inside the projected solve, and {config.method} runs without the projection here "
+              f"(its own λ C0 is --mom2-weight): add --project, or leave --leak-weight out")
     if mom2_weight is not None and get_method(config.method).projects(config):
         _fail(f"--mom2-weight weighs C0 in the unprojected solves (the projected one has no λ: C0 enters it as the projector), "
               f"and {config.method} runs with the projection here: add --no-project, or leave --mom2-weight out")
@@ -351,6 +359,7 @@ def _method_label(config: EditConfig) -> str:
                                          (f"λ {config.mom2_update_weight:g}",
                                           not method.projects(config) and config.mom2_update_weight != EditConfig.mom2_update_weight),
                                          (f"β {config.earlier_weight:g}", config.earlier_weight != EditConfig.earlier_weight),
+                                         (f"leak λ₁ {config.leak_weight:g}", config.leak_weight != EditConfig.leak_weight),
                                          (f"C_p re-read every {config.earlier_reread}", config.earlier_reread > 0),
                                          (f"rehearsal every {config.rehearse}", config.rehearse > 0),
                                          ("joint spread", config.spread == "joint")) if on]

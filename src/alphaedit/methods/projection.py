@@ -11,6 +11,15 @@ Factored as Δ = R Vᵀ with V = solve(P (K Kᵀ + β C_p) + α I, P K)  [d0, u]
 (float32 in the authors' code), α = config.l2_alpha (their "L2", 10), β = config.earlier_weight
 (1 in their code: the earlier batches' keys weigh as much as the batch's own).
 
+P spans an exact null space only where C0's spectrum has a gap; where it has none (SmolLM2) the
+update still moves the MLP output at preserved keys. BetaEdit (Liu et al., IJCAI 2026) keeps a
+leak penalty λ₁ tr(Δ C0 Δᵀ) (the mean of ‖Δk‖² over preserved keys, weighed) in the objective,
+which adds λ₁ C0 beside C_p:
+
+    V = solve(P (K Kᵀ + β C_p + λ₁ C0) + α I, P K)       λ₁ = config.leak_weight (0: AlphaEdit)
+
+(BetaEdit also rebuilds P every τ edits from C0 and the edited keys; that part is not here.)
+
 MEMIT, MEMIT-seq, RECT, PRUNE, EMMET and ENCORE all get this same solve under `--project`: their ridge (or
 constraint metric) on C0 is what the projection replaces. With C_p = 0 it is EMMET's equality-
 constrained form with C⁻¹ → P and its λ → α (push-through identity), so EMMET + projection needs
@@ -29,6 +38,17 @@ if TYPE_CHECKING:
     from ..config import EditConfig
 
 
+def _held_metric(stats: LayerStatistics, config: EditConfig, dtype: torch.dtype) -> torch.Tensor:
+    """What the solve holds still besides the batch's fit: β C_p, the earlier batches' keys (β = 1
+    in the authors' code), plus λ₁ C0, the preserved keys' leak through P (λ₁ = 0 in theirs). [d0, d0]"""
+    held = config.earlier_weight * stats.preserved.to(dtype)
+    if config.leak_weight:
+        if stats.second_moment is None:
+            raise ValueError("the leak penalty (leak_weight) needs the second moment C0 of this layer")
+        held = held + config.leak_weight * stats.second_moment.to(dtype).to(held.device)
+    return held
+
+
 def projected_solve(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatistics, config: EditConfig) -> LowRankDelta:
     if stats.projector is None:
         raise ValueError("the projected update needs the null-space projector of this layer")
@@ -36,8 +56,8 @@ def projected_solve(keys: torch.Tensor, resid: torch.Tensor, stats: LayerStatist
     P = stats.projector.to(dtype)  # [d0, d0]
     K, R = keys.to(dtype), resid.to(dtype)  # [d0, u], [d, u]
     eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
-    C_p = config.earlier_weight * stats.preserved.to(dtype)  # β C_p, β = 1 in the authors' code
-    lhs = P @ (K @ K.T + C_p) + config.l2_alpha * eye  # [d0, d0]
+    held = _held_metric(stats, config, dtype)  # β C_p (+ λ₁ C0)
+    lhs = P @ (K @ K.T + held) + config.l2_alpha * eye  # [d0, d0]
     right = torch.linalg.solve(lhs, P @ K)  # V [d0, u]
     return LowRankDelta(R.float(), right.float())
 
@@ -51,9 +71,9 @@ def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, st
     and the block's last layer ends up with over half of every update: its null space fills first
     (BENCHMARKS.md). Here every layer's Δ_l = Δ_l P_l is chosen together, for the one residual R:
 
-        min  ‖Σ_l Δ_l K_l − R‖² + Σ_l (β ‖Δ_l K_p,l‖² + α ‖Δ_l‖²)
+        min  ‖Σ_l Δ_l K_l − R‖² + Σ_l (β ‖Δ_l K_p,l‖² + λ₁ tr(Δ_l C0,l Δ_lᵀ) + α ‖Δ_l‖²)
 
-        V_l = P_l (β P_l C_p,l P_l + α I)⁻¹ P_l K_l        [d0, u]   what a unit of residual asks of layer l
+        V_l = P_l (P_l (β C_p,l + λ₁ C0,l) P_l + α I)⁻¹ P_l K_l   [d0, u]   what a unit of residual asks of layer l
         G   = Σ_l K_lᵀ V_l                                [u, u]
         Δ_l = R (I + G)⁻¹ V_lᵀ                            [d, d0]
 
@@ -73,8 +93,8 @@ def joint_projected_solve(keys: dict[int, torch.Tensor], resid: torch.Tensor, st
         P = stats[layer].projector.to(dtype)  # [d0, d0]
         K = layer_keys.to(dtype)  # [d0, u]
         eye = torch.eye(K.shape[0], dtype=dtype, device=K.device)
-        C_p = config.earlier_weight * stats[layer].preserved.to(dtype)  # β C_p
-        metric = P @ C_p @ P + config.l2_alpha * eye  # [d0, d0], commutes with P
+        held = _held_metric(stats[layer], config, dtype)  # β C_p (+ λ₁ C0)
+        metric = P @ held @ P + config.l2_alpha * eye  # [d0, d0], commutes with P
         V = P @ torch.linalg.solve(metric, P @ K)  # [d0, u]
         asks[layer] = V
         G = G + (K.T @ V).to(G.device)
