@@ -82,13 +82,16 @@ declare -A args=(
   # energy), and what the update still changes at preserved keys is what a long sequence's damage follows;
   # λ₁ C0 in the solve penalises it where P carries preserved energy (an anisotropic α)
   [cf10k-alphaedit-leak3000]="--dataset $cf_stream $lifelong --method alphaedit --leak-weight 3000"
+  # the leak penalty with rehearsal: a model kept closer to the unedited one (the leak penalised) and the
+  # lapsed edits written again, the pair that held longest with α 40 (rehearsal) and α 80
+  [cf10k-alphaedit-leak3000-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --leak-weight 3000 --rehearse 1"
 )
 # what a queue runs when no names are given: the runs BENCHMARKS.md still lacks, the ones in progress
 # first (the 2,000- and 1,000-edit runs above and cf10k-alphaedit-l2-40 are measured and recorded there;
 # name one to run it again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the
 # wide 10K run (stopped at 4,200 edits), MEMIT-seq at λ 3000 (2,200), layer 7 alone (2,100) and α 80
 # (2,100) were stopped on purpose once they had ranked (BENCHMARKS.md) and come last
-order=(cf10k-alphaedit-leak3000 cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
+order=(cf10k-alphaedit-leak3000 cf10k-alphaedit-leak3000-rehearse cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
        cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf2000-memit-seq-lam3000
        cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide cf10k-memit-seq-lam3000 cf10k-alphaedit-l7
        cf10k-alphaedit-l2-80)
