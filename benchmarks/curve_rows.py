@@ -61,7 +61,8 @@ def rows(run: Path) -> list[dict]:
             row[f"{name}_layer"] = layer
             row[f"{name}_frobenius"] = growth.get(layer, {}).get("frobenius")
             row[f"{name}_spectral"] = growth.get(layer, {}).get("spectral")
-        rehearsed = [r["rehearsed"] for r in since if r.get("rehearsed") is not None]
+        # per batch that checked the earlier edits (none before the first batch, none without rehearsal)
+        rehearsed = [r.get("rehearsed", 0) for r in since if r.get("earlier_held") is not None]
         row["earlier_held"] = 100 * last["earlier_held"] if last and last.get("earlier_held") is not None else None
         row["rehearsed_mean"] = sum(rehearsed) / len(rehearsed) if rehearsed else None
         row["rehearsed_most"] = max(rehearsed) if rehearsed else None

@@ -352,10 +352,10 @@ def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folde
     assert point["last_layer"] == "10" and point["first_layer"] == "3"  # by number, not as text
     assert point["last_frobenius"] == pytest.approx(2.1) and point["last_spectral"] == pytest.approx(2.01)
     assert point["first_frobenius"] == pytest.approx(2.03)
-    assert point["earlier_held"] == pytest.approx(90.0) and point["rehearsed_mean"] == 15 and point["rehearsed_most"] == 30
+    assert point["earlier_held"] == pytest.approx(90.0) and point["rehearsed_mean"] == 30 and point["rehearsed_most"] == 30
     done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 15.0 / 30 |" in done.stdout
+    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 30.0 / 30 |" in done.stdout
     as_json = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--json"], capture_output=True,
                              text=True, timeout=300)
     assert _json_only(as_json.stdout)[1]["edits"] == 150
