@@ -287,6 +287,29 @@ def assert_recorded_and_kept(common: list[str], env: dict[str, str], state, opti
     assert again.exit_code == 2 and f"{option} {recorded}" in again.output, again.output
 
 
+def assert_a_larger_weight_shrinks_every_update(common: list[str], env: dict[str, str], tmp_path, option: str, field: str,
+                                               small: str, large: str) -> None:
+    """`alphaedit edit OPTION SMALL` and `OPTION LARGE` record the value as the config's `field`; the
+    larger weight gives a smaller first-batch update of every edited W_out; continuing the first
+    state with another value is refused, naming the recorded one."""
+    from typer.testing import CliRunner
+
+    from alphaedit.cli import app
+
+    norms = {}
+    for value in (small, large):
+        state = tmp_path / f"{field}-{value}"
+        done = CliRunner().invoke(app, [*common, "--state", str(state), option, value], env=env)
+        assert done.exit_code == 0, done.output
+        assert json.loads((state / "header.json").read_text())["config"][field] == float(value)
+        norms[value] = json.loads(done.stdout)["batches"][0]["delta_norms"]
+    assert set(norms[small]) == {"1", "2"}  # the tiny command's layers
+    for layer in norms[small]:
+        assert norms[large][layer] < norms[small][layer]
+    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / f"{field}-{small}"), option, "20"], env=env)
+    assert again.exit_code == 2 and f"{option} {float(small)}" in again.output, again.output
+
+
 def assert_eval_refuses(tiny_model_folder, env: dict[str, str], tmp_path, arguments: list[str], says: str) -> None:
     """`alphaedit eval` with these arguments exits with status 2, saying `says`, before it loads a
     model or records the run (a run.json would make the folder a run)."""
@@ -327,18 +350,7 @@ def test_l2_from_the_command_line_is_the_projected_solves_alpha(tiny_model_folde
     common = [*common, "--json"]
     assert_edit_refuses(common, env, tmp_path, ((["--l2", "0"], "--l2 0.0: α must be positive"),
                                                 (["--l2", "100", "--method", "memit"], "memit runs without the projection here: add --project")))
-    norms = {}
-    for alpha in ("10", "1000"):
-        state = tmp_path / f"alpha-{alpha}"
-        done = CliRunner().invoke(app, [*common, "--state", str(state), "--l2", alpha], env=env)
-        assert done.exit_code == 0, done.output
-        assert json.loads((state / "header.json").read_text())["config"]["l2_alpha"] == float(alpha)
-        norms[alpha] = json.loads(done.stdout)["batches"][0]["delta_norms"]
-    assert set(norms["10"]) == {"1", "2"}
-    for layer in norms["10"]:  # a hundred times the penalty: a smaller update of every edited W_out
-        assert norms["1000"][layer] < norms["10"][layer]
-    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "alpha-10"), "--l2", "20"], env=env)
-    assert again.exit_code == 2 and "--l2 10.0" in again.output
+    assert_a_larger_weight_shrinks_every_update(common, env, tmp_path, "--l2", "l2_alpha", "10", "1000")  # a hundred times the penalty
     # eval refuses them before it loads a model or records the run (a run.json would make the folder a run)
     for refused, says in ((["--l2", "-1"], "α must be positive"), (["--method", "rect", "--no-project", "--l2", "5"], "add --project"),
                           (["--method", "rect", "--method-option", "keep=3"], "method rect has no option 'keep'")):
@@ -360,17 +372,7 @@ def test_mom2_weight_from_the_command_line_is_the_unprojected_solves_lambda(tiny
     common = [*common, "--json", "--method", "memit-seq"]
     assert_edit_refuses(common, env, tmp_path, ((["--mom2-weight", "0"], "--mom2-weight 0.0: λ must be positive"),
                                                 (["--mom2-weight", "100", "--project"], "memit-seq runs with the projection here: add --no-project")))
-    norms = {}
-    for lam in ("10", "100000"):
-        state = tmp_path / f"lambda-{lam}"
-        done = CliRunner().invoke(app, [*common, "--state", str(state), "--mom2-weight", lam], env=env)
-        assert done.exit_code == 0, done.output
-        assert json.loads((state / "header.json").read_text())["config"]["mom2_update_weight"] == float(lam)
-        norms[lam] = json.loads(done.stdout)["batches"][0]["delta_norms"]
-    for layer in norms["10"]:  # C0 weighed ten thousand times more: a smaller update of every edited W_out
-        assert norms["100000"][layer] < norms["10"][layer]
-    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "lambda-10"), "--mom2-weight", "20"], env=env)
-    assert again.exit_code == 2 and "--mom2-weight 10.0" in again.output
+    assert_a_larger_weight_shrinks_every_update(common, env, tmp_path, "--mom2-weight", "mom2_update_weight", "10", "100000")  # C0 weighed ×10⁴
     assert _method_label(EditConfig(method="memit-seq", mom2_update_weight=1000.0)) == "memit-seq, λ 1000"
     assert _method_label(EditConfig(method="memit-seq")) == "memit-seq"
     # eval refuses them before it loads a model or records the run
@@ -527,17 +529,7 @@ def test_leak_weight_from_the_command_line_is_recorded_and_kept(tiny_model_folde
     assert_edit_refuses(common, env, tmp_path, ((["--leak-weight", "-1"], "λ₁ must be a finite number ≥ 0"),
                                                 (["--leak-weight", "3000", "--method", "memit"],
                                                  "memit runs without the projection here (its own λ C0 is --mom2-weight)")))
-    norms = {}
-    for lam in ("0", "100000"):
-        state = tmp_path / f"leak-{lam}"
-        done = CliRunner().invoke(app, [*common, "--state", str(state), "--leak-weight", lam], env=env)
-        assert done.exit_code == 0, done.output
-        assert json.loads((state / "header.json").read_text())["config"]["leak_weight"] == float(lam)
-        norms[lam] = json.loads(done.stdout)["batches"][0]["delta_norms"]
-    for layer in norms["0"]:  # C0 weighed heavily inside the solve: a smaller update of every edited W_out
-        assert norms["100000"][layer] < norms["0"][layer]
-    again = CliRunner().invoke(app, [*common, "--state", str(tmp_path / "leak-0"), "--leak-weight", "20"], env=env)
-    assert again.exit_code == 2 and "--leak-weight 0.0" in again.output
+    assert_a_larger_weight_shrinks_every_update(common, env, tmp_path, "--leak-weight", "leak_weight", "0", "100000")  # C0 inside the solve
     run = tmp_path / "run"  # eval refuses it before it loads a model or records the run
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_folder), "--dataset", "counterfact:cf.json", "--out", str(run),
                                       "--method", "rect", "--no-project", "--leak-weight", "5"], env=env)
