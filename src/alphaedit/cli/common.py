@@ -285,8 +285,8 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
         _fail(f"--leak-weight weighs C0 inside the projected solve, and {config.method} runs without the projection here "
               f"(its own λ C0 is --mom2-weight): add --project, or leave --leak-weight out")
     if mom2_weight is not None and get_method(config.method).projects(config):
-        _fail(f"--mom2-weight weighs C0 in the unprojected solves (the projected one has no λ: C0 enters it as the projector), "
-              f"and {config.method} runs with the projection here: add --no-project, or leave --mom2-weight out")
+        _fail(f"--mom2-weight weighs C0 in the unprojected solves (C0 enters the projected one as the projector, and inside it "
+              f"with --leak-weight), and {config.method} runs with the projection here: add --no-project, or leave --mom2-weight out")
 
 
 def _method_options(given: list[str] | None) -> dict[str, str] | None:
