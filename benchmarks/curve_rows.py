@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from alphaedit.eval.general import mean_f1
+from alphaedit.journal import Journal
 
 
 def _progress(run: Path) -> dict:
@@ -25,10 +26,12 @@ def _progress(run: Path) -> dict:
 
 
 def _reports(run: Path) -> list[tuple[int, dict]]:
-    """(edits made once the batch was applied, its report), in the journal's order."""
+    """(edits made once the batch was applied, its report), in the journal's order: committed batches
+    only (a killed run may leave a batch folder it never committed), reverted ones left out."""
+    journal = Journal.open(run / "state")
     out, edits = [], 0
-    for folder in sorted((run / "state" / "batches").glob("[0-9]*")):
-        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    for batch_id in journal.applied_batch_ids():
+        report = journal.batch(batch_id).report
         edits += report["requests"]
         out.append((edits, report))
     return out

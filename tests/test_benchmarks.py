@@ -335,13 +335,18 @@ def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folde
                 "general": [{"edits": 0, "scores": {"sst2": {"f1_label": 0.5, "f1": 0.2}, "rte": {"f1_label": 0.3, "f1": 0.1}}},
                             {"edits": 150, "scores": {"sst2": {"f1_label": 0.6, "f1": 0.0}, "rte": {"f1_label": 0.2, "f1": 0.1}}}]}
     (tmp_path / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+    from alphaedit.journal import Journal
+
+    journal = Journal.create(tmp_path / "state", {"config": {}})
     for k, (requests, efficacy, steps, held, rehearsed) in enumerate(((100, 1.0, 8.0, None, 0), (50, 0.7, 11.0, 0.9, 30))):
-        folder = tmp_path / "state" / "batches" / f"{k:06d}"
-        folder.mkdir(parents=True)
         growth = {str(layer): {"frobenius": 1 + layer / 100 + k, "spectral": 1 + layer / 1000 + k} for layer in (3, 7, 10)}
         report = {"requests": requests, "efficacy": efficacy, "z_steps": steps, "weight_growth": growth, "earlier_held": held,
                   "rehearsed": rehearsed}
-        (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+        journal.append_batch(2 * k + 1, [], report, {"delta": torch.zeros(1)})  # batches 1 and 3
+    # between them, a batch folder a killed run renamed into place but never committed: not one of the run's batches
+    stray = tmp_path / "state" / "batches" / "000002"
+    stray.mkdir()
+    (stray / "report.json").write_text(json.dumps({"requests": 100, "efficacy": 0.0}), encoding="utf-8")
     start, point = curve_rows.rows(tmp_path)
     assert start["batch_efficacy"] is None and start["general_label"] == pytest.approx(40.0)
     assert start["general_generated"] == pytest.approx(15.0)
