@@ -84,6 +84,22 @@ def test_standing_requests_only_and_none_that_conflict_with_the_batch(llama, tok
     assert len(many.lapsed) <= 1
 
 
+def test_a_rehearsal_cap_lets_a_batch_write_back_more_lapsed_edits_than_it_has(llama, tokenizer, tmp_path):
+    model, layout = llama
+    darrieux, tower, river, seine = REQUESTS
+    lapsed_each = []
+    for cap in (0, 3):
+        editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=cap, **WEAK)
+        editor.edit([darrieux, tower, river])
+        holds = _holds(editor, [darrieux, tower, river])
+        assert sum(not h for h in holds) >= 2, "the weak batch should leave at least two edits lapsed"
+        report = editor.edit([seine])[0]
+        lapsed_each.append([r for r, held in zip([darrieux, tower, river], holds) if not held])
+        assert editor.batches[-1].rehearsed == lapsed_each[-1][: cap or 1]  # oldest first, at most the cap
+        assert report.rehearsed == len(editor.batches[-1].rehearsed) and report.requests == 1
+    assert lapsed_each[0] == lapsed_each[1]  # the same first batch either way: the cap only changes the choice
+
+
 def test_of_two_earlier_requests_that_contradict_each_other_the_newer_is_rehearsed(llama, tokenizer, tmp_path):
     model, layout = llama
     editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, **WEAK)
@@ -110,8 +126,10 @@ def test_which_lapsed_requests_are_chosen_every_rule():
 
     a, b, c, d = r("A", "Rome"), r("B", "Rome"), r("C", "Rome"), r("D", "Rome")
     batch = [r("X", "Oslo"), r("Y", "Oslo")]
-    # lapsed ones, oldest first, at most as many as the batch has
+    # lapsed ones, oldest first, at most as many as the batch has, or as the cap allows
     assert choose_lapsed([a, b, c, d], [False, True, False, False], batch) == [a, c]
+    assert choose_lapsed([a, b, c, d], [False, True, False, False], batch, most=1) == [a]
+    assert choose_lapsed([a, b, c, d], [False] * 4, batch, most=3) == [a, b, c]
     assert choose_lapsed([a, b, c, d], [True] * 4, batch) == []
     assert choose_lapsed([a, b, c], [False] * 3, batch[:1]) == [a]
     # never one about a subject the batch edits or keeps, nor one keeping a subject the batch edits
@@ -171,6 +189,20 @@ def test_rehearse_from_the_command_line(tiny_model_folder, tmp_path):
     assert _method_label(EditConfig(method="alphaedit", rehearse=2)) == "alphaedit, rehearsal every 2"
     with pytest.raises(ValueError, match="rehearse must be"):
         EditConfig(rehearse=-1)
+
+
+def test_rehearse_cap_from_the_command_line(tiny_model_folder, tmp_path):
+    from alphaedit.cli.common import _method_label
+    from alphaedit.config import EditConfig
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    assert_edit_refuses(common, env, tmp_path, ((["--rehearse", "1", "--rehearse-cap", "0"], "--rehearse-cap 0: give the most"),
+                                                (["--rehearse-cap", "200"], "--rehearse-cap 200 limits rehearsal, which is off")))
+    assert_recorded_and_kept([*common, "--rehearse", "1"], env, tmp_path / "state", "--rehearse-cap", "3", "5", "rehearse_cap", 3)
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--rehearse-cap", "2"], "--rehearse-cap 2 limits rehearsal")
+    assert _method_label(EditConfig(method="alphaedit", rehearse=1, rehearse_cap=300)) == "alphaedit, rehearsal every 1 (at most 300)"
+    with pytest.raises(ValueError, match="rehearse_cap must be"):
+        EditConfig(rehearse_cap=-1)
 
 
 def test_a_rehearsing_eval_run_grown_ends_as_one_started_with_all_its_records(tiny_model_folder, tmp_path):

@@ -102,6 +102,10 @@ class EditConfig:
     # already holds every request, so the editor can find and restore them. Costs a teacher-forced
     # check of every earlier request each time, and the rehearsed requests' z optimisation
     rehearse: int = 0
+    # the most lapsed requests one batch writes again (0: as many as the batch has). Over a long
+    # sequence more edits lapse between two checks than a batch has (on SmolLM2 from about 3,200
+    # edits on, BENCHMARKS.md): the rest wait, oldest first, for the next batch
+    rehearse_cap: int = 0
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
@@ -171,6 +175,8 @@ class EditConfig:
             raise ValueError(f"reword_drop is the chance that a word is left out, in [0, 1), got {self.reword_drop}")
         if self.rehearse < 0:
             raise ValueError(f"rehearse must be a number of batches ≥ 0 (0: never, the authors'), got {self.rehearse}")
+        if self.rehearse_cap < 0:
+            raise ValueError(f"rehearse_cap must be a number of requests ≥ 0 (0: as many as the batch has), got {self.rehearse_cap}")
         if self.earlier_reread < 0:
             raise ValueError(f"earlier_reread must be a number of batches ≥ 0 (0: never, the authors'), got {self.earlier_reread}")
         if self.earlier_reread and not get_method(self.method).keeps_preserved(self):

@@ -672,7 +672,8 @@ class Editor(Persistence):
 
     def _rehearsal(self, batch: list[EditRequest]) -> Rehearsal:
         """The earlier edits to write again with `batch` (rehearsal.py), checked on the model as it is."""
-        return rehearsal_for(self.batches, batch, lambda requests: edit_holds(self.model, self.tokenizer, requests, self.layout))
+        return rehearsal_for(self.batches, batch, lambda requests: edit_holds(self.model, self.tokenizer, requests, self.layout),
+                             most=self.config.rehearse_cap)
 
     def _efficacy(self, requests: list[EditRequest]) -> float | None:
         """The batch report's efficacy: the share of `requests` with a true object whose new one is preferred."""

@@ -7,8 +7,8 @@ whose edit no longer holds and write them again as extra columns of the next bat
 
     standing = the latest edit of each (subject, prompt), its batch not reverted, oldest first
     holds    = the efficacy test on the model now (edit_holds)
-    lapsed   = choose_lapsed(standing, holds, batch): not held, not in conflict, oldest first,
-               at most as many as the batch has
+    lapsed   = choose_lapsed(standing, holds, batch, most): not held, not in conflict, oldest
+               first, at most `most` (EditConfig.rehearse_cap; by default as many as the batch has)
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def standing_requests(batches: Sequence[AppliedBatch]) -> list[EditRequest]:
     return list(standing.values())
 
 
-def choose_lapsed(earlier: list[EditRequest], holds: list[bool], batch: list[EditRequest]) -> list[EditRequest]:
+def choose_lapsed(earlier: list[EditRequest], holds: list[bool], batch: list[EditRequest], most: int = 0) -> list[EditRequest]:
     """Of the earlier requests still standing (oldest first) and whether each holds, those to write
-    again with `batch`: the lapsed ones, oldest first, at most as many as the batch has, leaving
+    again with `batch`: the lapsed ones, oldest first, at most `most` (0: as many as the batch has), leaving
     out any that would conflict with it (about a subject the batch edits or keeps, or keeping a
     subject it edits) or that a newer standing request contradicts (it edits what the older one
     keeps, or keeps what it edits; the newer fact wins, held or not)."""
@@ -86,16 +86,16 @@ def choose_lapsed(earlier: list[EditRequest], holds: list[bool], batch: list[Edi
         if held or contradicted or request.subject in named or named.intersection(request.keep_subjects):
             continue
         chosen.append(request)
-    return chosen[::-1][: len(batch)]
+    return chosen[::-1][: most or len(batch)]
 
 
 def rehearsal_for(batches: Sequence[AppliedBatch], batch: list[EditRequest],
-                  check: Callable[[list[EditRequest]], list[bool]]) -> Rehearsal:
+                  check: Callable[[list[EditRequest]], list[bool]], most: int = 0) -> Rehearsal:
     """What to rehearse with `batch`, after the applied `batches`: the standing requests checked by
-    `check` (edit_holds on the model as it is), the lapsed ones chosen by choose_lapsed."""
+    `check` (edit_holds on the model as it is), the lapsed ones chosen by choose_lapsed (at most `most`)."""
     start = time.perf_counter()
     earlier = standing_requests(batches)
     if not earlier:
         return Rehearsal([], None, time.perf_counter() - start)
     holds = check(earlier)
-    return Rehearsal(choose_lapsed(earlier, holds, batch), sum(holds) / len(holds), time.perf_counter() - start)
+    return Rehearsal(choose_lapsed(earlier, holds, batch, most), sum(holds) / len(holds), time.perf_counter() - start)
