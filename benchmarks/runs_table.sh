@@ -76,6 +76,12 @@ declare -A args=(
   # against 67.6 unedited, W₇ +16%) but writes only ~85% of each batch; rehearsal writes the edits that did
   # not take (or lapsed) again with later batches. Less drift from smaller updates, and the weak write made up
   [cf10k-alphaedit-l2-80-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1"
+  # the same with room to write back every lapsed edit: from about 3,200 edits on more lapse between two
+  # checks than the batch's 100 (--rehearse-cap, code of 0b5f02c or later). Does rehearsal hold once none
+  # has to wait? Measured as a fork of the run above at 4,000 edits (its folder copied, the cap set in
+  # its run.json and journal header; resumed with this table's name): the run started afresh with these
+  # arguments is the run above until the cap first binds (3,100 edits), then this one
+  [cf10k-alphaedit-l2-80-rehearse-cap300-from4000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --rehearse-cap 300"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
