@@ -97,7 +97,7 @@ declare -A args=(
 # name one to run it again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the
 # wide 10K run (stopped at 4,200 edits), MEMIT-seq at λ 3000 (2,200), layer 7 alone (2,100) and α 80
 # (2,100) were stopped on purpose once they had ranked (BENCHMARKS.md) and come last
-order=(cf10k-alphaedit-leak3000 cf10k-alphaedit-leak3000-rehearse cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
+order=(cf10k-alphaedit-l2-80-rehearse-cap300-from4000 cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit-leak3000 cf10k-alphaedit-leak3000-rehearse cf10k-alphaedit cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
        cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf2000-memit-seq-lam3000
        cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide cf10k-memit-seq-lam3000 cf10k-alphaedit-l7
        cf10k-alphaedit-l2-80)
