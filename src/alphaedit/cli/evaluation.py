@@ -256,7 +256,7 @@ def _check_eval_options(a: dict) -> list[str] | None:
     _parse_layers(a["layers"])
     _template_words(a["context_templates"])  # (a resumed run's args hold every option: the recorded ones over today's defaults)
     _check_method_choice(a["method"], a["project"], a["method_option"], a["l2"], a["mom2_weight"], a["spread"], a["earlier_weight"],
-                         a["earlier_reread"], a["rehearse"], a["leak_weight"], a.get("rehearse_cap"))
+                         a["earlier_reread"], a["rehearse"], a["leak_weight"], a["rehearse_cap"])
     if a["curve_of"] not in CURVE_OF:
         _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
     if _curve_chosen(a) and not a["every"]:
@@ -333,7 +333,7 @@ def _eval_editor(a: dict, lm, tokenizer):
                           a["anchor_values"], a["l2"], mom2_weight=a["mom2_weight"], spread=a["spread"],
                           earlier_weight=a["earlier_weight"], earlier_reread=a["earlier_reread"], rehearse=a["rehearse"],
                           reworded_prompts=a["reworded_prompts"], context_template_words=_template_words(a["context_templates"]),
-                          leak_weight=a["leak_weight"], rehearse_cap=a.get("rehearse_cap"))
+                          leak_weight=a["leak_weight"], rehearse_cap=a["rehearse_cap"])
     config.chat = a["chat"]  # the records carry questions only with --chat
     config.chat_values = a["chat_values"]
     return _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]),
