@@ -97,7 +97,7 @@ class EditConfig:
     # every N batches (0: never, the authors' code; not in the paper), rehearsal: before the batch
     # every earlier request still standing (not reverted, not replaced by a later edit of its
     # subject and prompt) is checked with the efficacy test, and the lapsed ones, oldest first and
-    # at most as many as the batch has, are written again with it. Later batches undo some of what
+    # at most as many as the batch has (or rehearse_cap), are written again with it. Later batches undo some of what
     # earlier ones wrote (on SmolLM2 about one edit in ten over 2,000, BENCHMARKS.md); the journal
     # already holds every request, so the editor can find and restore them. Costs a teacher-forced
     # check of every earlier request each time, and the rehearsed requests' z optimisation
