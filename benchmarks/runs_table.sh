@@ -82,6 +82,12 @@ declare -A args=(
   # its run.json and journal header; resumed with this table's name): the run started afresh with these
   # arguments is the run above until the cap first binds (3,100 edits), then this one
   [cf10k-alphaedit-l2-80-rehearse-cap300-from4000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --rehearse-cap 300"
+  # and with no cap at all (10,000 cannot bind in a 10,000-edit run): from 5,600 edits on the cap of 300 bound
+  # again (313–330 lapsed a batch by 6,000). Does writing back every lapsed edit hold efficacy 90 to 10,000?
+  # Forked from the run above at 6,000 edits the same way; against a run started afresh with these
+  # arguments it differs only where a cap bound (3,200–4,000 edits: up to ~60 a batch left for later;
+  # 5,600–6,000: up to 30)
+  [cf10k-alphaedit-l2-80-rehearse-all-from6000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --rehearse-cap 10000"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
@@ -97,7 +103,7 @@ declare -A args=(
 # name one to run it again; cf2000-alphaedit-l2-40-joint and the two re-read runs are measured too); the
 # wide 10K run (stopped at 4,200 edits), MEMIT-seq at λ 3000 (2,200), layer 7 alone (2,100) and α 80
 # (2,100) were stopped on purpose once they had ranked (BENCHMARKS.md) and come last
-order=(cf10k-alphaedit-l2-80-rehearse-cap300-from4000 cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit-leak3000 cf10k-alphaedit-leak3000-rehearse cf10k-alphaedit cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
+order=(cf10k-alphaedit-l2-80-rehearse-all-from6000 cf10k-alphaedit-l2-80-rehearse-cap300-from4000 cf10k-alphaedit-l2-80-rehearse cf10k-alphaedit-leak3000 cf10k-alphaedit-leak3000-rehearse cf10k-alphaedit cf10k-alphaedit-l2-40-reread10 cf2000-alphaedit-l2-40-rehearse
        cf10k-alphaedit-l2-40-rehearse cf2000-alphaedit-l2-40-nll02 cf2000-alphaedit-l2-40-nll02-reread cf2000-memit-seq-lam3000
        cf10k-alphaedit-l2-40-joint cf10k-alphaedit-nas cf10k-alphaedit-l2-40-wide cf10k-memit-seq-lam3000 cf10k-alphaedit-l7
        cf10k-alphaedit-l2-80)
