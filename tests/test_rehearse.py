@@ -11,8 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from alphaedit import editor as editor_module
 from alphaedit.cli import app
 from alphaedit.editor import Editor
+from alphaedit.journal import Journal
 from alphaedit.rehearsal import choose_lapsed
 from alphaedit.requests import EditRequest
 from alphaedit.stats import StatsCache
@@ -98,6 +100,66 @@ def test_a_rehearsal_cap_lets_a_batch_write_back_more_lapsed_edits_than_it_has(l
         assert editor.batches[-1].rehearsed == lapsed_each[-1][: cap or 1]  # oldest first, at most the cap
         assert report.rehearsed == len(editor.batches[-1].rehearsed) and report.requests == 1
     assert lapsed_each[0] == lapsed_each[1]  # the same first batch either way: the cap only changes the choice
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_warm_rehearsal_writes_a_lapsed_edit_again_with_the_value_it_had(llama, tokenizer, tmp_path, monkeypatch, warm):
+    model, layout = llama
+    # two iterations: a negligible Adam step from δ = 0, then the last, which never steps. The
+    # first batch's edits barely move, so they lapse; a warm start's step is the jump instead,
+    # so a rehearsed request is written with its old value exactly
+    weak = dict(v_lr=1e-4, v_num_grad_steps=2)
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_warm=warm, **weak)
+    editor.edit(REQUESTS[:2])
+    kept = editor.batches[0].values
+    assert kept is None if not warm else kept.shape == (2, layout.hidden_size)
+    lapsed = [i for i, held in enumerate(_holds(editor, REQUESTS[:2])) if not held]
+    assert lapsed, "the weak first batch should leave something to rehearse"
+    if warm:
+        # the weak batch barely moved h0, so its values are close to where a fresh start begins:
+        # values 10% longer tell a warm start apart from one at δ = 0
+        kept = editor.batches[0].values = kept * 1.1
+
+    seen, results = [], []
+    real = editor_module.compute_targets
+
+    def spy(*args, starts=None, **kwargs):  # the real optimisation, its starts and result noted
+        seen.append(starts)
+        results.append(real(*args, starts=starts, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(editor_module, "compute_targets", spy)
+    editor.edit(REQUESTS[2:])
+    rehearsed = editor.batches[-1]
+    assert rehearsed.rehearsed == [REQUESTS[i] for i in lapsed]
+    # the report counts the rehearsed requests' z steps apart (here one either way: Adam's, or the jump)
+    assert editor.history[-1].rehearsed_z_steps == pytest.approx(sum(results[0].steps[2:]) / len(lapsed))
+    assert editor.history[-1].rehearsed_z_steps == 1
+    if not warm:
+        assert seen == [None] and rehearsed.values is None
+        return
+    expected = [None, None, *(kept[i] for i in lapsed)]  # the batch's own requests start from δ = 0
+    assert len(seen[0]) == len(expected) and all(_same(a, b) for a, b in zip(seen[0], expected))
+    assert rehearsed.values.shape == (2 + len(lapsed), layout.hidden_size)
+    torch.testing.assert_close(rehearsed.values[2:], kept[lapsed], rtol=0, atol=1e-5)  # the old values, written again
+    h0 = results[0].h0[2:].float()  # where a fresh start would have stayed, the optimisation being so weak
+    assert ((rehearsed.values[2:] - h0).norm(dim=-1) > 0.05 * h0.norm(dim=-1)).all()
+    # the journal keeps the values: a loaded state starts its rehearsals from the same ones
+    editor.save_state(tmp_path / "state")
+    resumed = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
+    assert resumed.config.rehearse_warm
+    for loaded, applied in zip(resumed.batches, editor.batches):
+        assert torch.equal(loaded.values, applied.values)
+    # a request written again later starts from its latest value, and one whose latest batch is
+    # reverted from the value before it
+    sourced = list(enumerate([REQUESTS[2], REQUESTS[lapsed[0]]]))
+    assert _same(resumed._warm_starts(sourced, 1, 1)[1], rehearsed.values[2])
+    resumed.revert(resumed.history[-1].index)
+    assert _same(resumed._warm_starts(sourced, 1, 1)[1], kept[lapsed[0]])
 
 
 def test_of_two_earlier_requests_that_contradict_each_other_the_newer_is_rehearsed(llama, tokenizer, tmp_path):
@@ -203,6 +265,30 @@ def test_rehearse_cap_from_the_command_line(tiny_model_folder, tmp_path):
     assert _method_label(EditConfig(method="alphaedit", rehearse=1, rehearse_cap=300)) == "alphaedit, rehearsal every 1 (at most 300)"
     with pytest.raises(ValueError, match="rehearse_cap must be"):
         EditConfig(rehearse_cap=-1)
+
+
+def test_rehearse_warm_from_the_command_line(tiny_model_folder, tmp_path):
+    from alphaedit.cli.common import _method_label
+    from alphaedit.config import EditConfig
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    assert_edit_refuses(common, env, tmp_path, ((["--rehearse-warm"], "--rehearse-warm starts rehearsed edits from their earlier values, "
+                                                                       "and rehearsal is off"),))
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--rehearse-warm"], "give --rehearse N too")
+    warm, cold = tmp_path / "warm", tmp_path / "cold"
+    for state, flags in ((warm, ["--rehearse-warm"]), (cold, [])):
+        done = CliRunner().invoke(app, [*common, "--state", str(state), "--rehearse", "1", *flags, "--json"], env=env)
+        assert done.exit_code == 0, done.output
+    assert json.loads((warm / "header.json").read_text())["config"]["rehearse_warm"] is True
+    assert json.loads((cold / "header.json").read_text())["config"]["rehearse_warm"] is False
+    # the values are in the journal with the warm start only
+    assert "values" in Journal.open(warm).batch(0).tensors() and "values" not in Journal.open(cold).batch(0).tensors()
+    # continuing keeps the setting: switching it on for a state made without it is refused
+    again = CliRunner().invoke(app, [*common, "--state", str(cold), "--rehearse-warm", "--allow-repeat"], env=env)
+    assert again.exit_code == 2 and "--rehearse-warm False" in again.output, again.output
+    kept = CliRunner().invoke(app, [*common, "--state", str(warm), "--allow-repeat", "--json"], env=env)
+    assert kept.exit_code == 0, kept.output
+    assert _method_label(EditConfig(method="alphaedit", rehearse=1, rehearse_warm=True)) == "alphaedit, rehearsal every 1, warm-started"
 
 
 def test_a_rehearsing_eval_run_grown_ends_as_one_started_with_all_its_records(tiny_model_folder, tmp_path):

@@ -60,9 +60,11 @@ def llama64(steerable):
     return copy.deepcopy(model).double(), layout
 
 
-def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConfig) -> torch.Tensor:
+def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConfig, start: torch.Tensor | None = None) -> torch.Tensor:
     """ALGORITHM.md §1.4 written plainly: full logits, torch.optim.Adam, one request; its reworded
-    prompts (if the config asks for them) are more prompts, read without a context template."""
+    prompts (if the config asks for them) are more prompts, read without a context template. With
+    `start` (a warm start, EditConfig.rehearse_warm), the first step sets δ = start − h0 instead of
+    Adam's, and Adam's first step is the next one."""
     target = tokenizer(" " + request.target_new, add_special_tokens=False)["input_ids"]
     prompts = [t.format(request.prompt) for t in TEMPLATES]
     prompts += reworded_prompts(request, config.reworded_prompts, config.reword_drop)
@@ -111,8 +113,11 @@ def reference_z(model, layout, tokenizer, request: EditRequest, config: EditConf
             if learnt or it == config.v_num_grad_steps - 1:
                 break
             loss.backward()
-            optimiser.step()
             with torch.no_grad():
+                if start is not None and it == 0:
+                    delta.copy_(start - h0)
+                else:
+                    optimiser.step()
                 max_norm = config.clamp_norm_factor * h0.norm()
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
@@ -129,6 +134,33 @@ def test_z_matches_the_plain_reference_in_float64(llama64, tokenizer):
         expected = reference_z(model, layout, tokenizer, request, config)
         torch.testing.assert_close(result.z[i], expected, rtol=1e-6, atol=1e-7)
     assert result.steps == [config.v_num_grad_steps - 1] * len(REQUESTS)  # no step on the last iteration
+
+
+def test_a_warm_start_jumps_to_its_value_then_optimises_as_the_reference(llama64, tokenizer):
+    model, layout = llama64
+    config = _config()
+    cold = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, _config(v_lr=0.2))
+    start = cold.z[1] * 1.5  # somewhere else than δ = 0 leads: Adam must take over from the jump
+    result = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config, starts=[None, start, None])
+    for i, request in enumerate(REQUESTS):
+        expected = reference_z(model, layout, tokenizer, request, config, start if i == 1 else None)
+        torch.testing.assert_close(result.z[i], expected, rtol=1e-6, atol=1e-7)
+    assert result.steps == [config.v_num_grad_steps - 1] * len(REQUESTS)  # the jump counts as a step
+    plain = compute_targets(model, layout, tokenizer, REQUESTS, TEMPLATES, config)
+    for i in (0, 2):  # the other requests of the batch are as they would be without it
+        torch.testing.assert_close(result.z[i], plain.z[i], rtol=0, atol=0)
+
+
+def test_a_warm_start_from_a_value_that_works_stops_after_the_jump(llama64, tokenizer):
+    model, layout = llama64
+    # the nll rule at a level the request reaches only after several steps from δ = 0
+    probe = compute_targets(model, layout, tokenizer, REQUESTS[:1], TEMPLATES, _config(v_num_grad_steps=6))
+    config = _config(early_stop_rule="nll", early_stop_nll=probe.target_nll[0] + 1e-6, v_num_grad_steps=20)
+    cold = compute_targets(model, layout, tokenizer, REQUESTS[:1], TEMPLATES, config)
+    assert cold.steps[0] >= 3, cold.steps
+    warm = compute_targets(model, layout, tokenizer, REQUESTS[:1], TEMPLATES, config, starts=[cold.z[0]])
+    assert warm.steps == [1] and warm.target_nll[0] < config.early_stop_nll
+    torch.testing.assert_close(warm.z[0], cold.z[0], rtol=0, atol=1e-12)  # z = h0 + (z_then − h0): the value itself
 
 
 def test_reworded_prompts_train_delta_as_more_prompts_of_the_reference(llama64, tokenizer):

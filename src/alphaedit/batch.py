@@ -49,6 +49,7 @@ class BatchReport:
     # and `efficacy` count the batch's own requests only
     earlier_held: float | None = None
     rehearsed: int = 0
+    rehearsed_z_steps: float | None = None  # the rehearsed requests' mean z steps (z_steps is over every form)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class AppliedBatch:
     keys: dict[int, torch.Tensor]  # layer -> [u, d0] keys added to C_p (empty if the method keeps none)
     reverted: bool = False
     rehearsed: list[EditRequest] = field(default_factory=list)  # earlier requests written again with it
+    # [len(written), d] the z each written request's prompt was optimised to (before any NAS
+    # anchoring), kept for a warm-started rehearsal (EditConfig.rehearse_warm); None otherwise
+    values: torch.Tensor | None = None
 
     @property
     def written(self) -> list[EditRequest]:
@@ -90,6 +94,8 @@ class AppliedBatch:
         for layer, delta in self.deltas.items():
             tensors.update(delta.tensors(f"layer.{layer}"))
         tensors.update({f"layer.{layer}.keys": k for layer, k in self.keys.items()})
+        if self.values is not None:
+            tensors["values"] = self.values
         return tensors
 
     @classmethod
@@ -98,4 +104,4 @@ class AppliedBatch:
         deltas = {l: update_from_tensors(tensors, f"layer.{l}") for l in layers}
         keys = {l: tensors[f"layer.{l}.keys"] for l in layers if f"layer.{l}.keys" in tensors}
         own = len(written) - report.rehearsed
-        return cls(report, written[:own], deltas, keys, rehearsed=written[own:])
+        return cls(report, written[:own], deltas, keys, rehearsed=written[own:], values=tensors.get("values"))

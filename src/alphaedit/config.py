@@ -106,6 +106,15 @@ class EditConfig:
     # sequence more edits lapse between two checks than a batch has (on SmolLM2 from about 3,200
     # edits on, BENCHMARKS.md): the rest wait, oldest first, for the next batch
     rehearse_cap: int = 0
+    # a rehearsed request's z optimisation starts from the value it was last written with (its
+    # z then, kept in the journal) instead of from δ = 0: after the first iteration, which reads
+    # h0 and the loss at δ = 0, δ jumps to z_then − h0 (clamped). The blocks above the z layer
+    # are never edited, so z_then still says the new object unless the prompt's other tokens
+    # moved; a lapsed edit is restored to its old value in one step or a few, where a fresh start
+    # takes three to four (SmolLM2, 4,000–6,000 edits). Changes what a rehearsed request is
+    # written with (its old value, not the nearest one that works now); the batch's own requests
+    # and a request whose batch kept no value (an older journal) start from δ = 0
+    rehearse_warm: bool = False
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)

@@ -352,7 +352,7 @@ class Editor(Persistence):
         sourced = self._sourced_forms(requests)
         forms = self._columns(requests, sourced)  # one column of K and R per form written
         with clock("z"):
-            values = self._target_values(sourced, templates, on_unit, written=len(forms))
+            values = self._target_values(sourced, templates, on_unit, written=len(forms), starts=self._warm_starts(sourced, len(own), len(rehearsed)))
         with clock("keys"):
             kept = self._kept_keys(requests)
         keys: dict[int, torch.Tensor] = {}
@@ -389,10 +389,33 @@ class Editor(Persistence):
         report = self._report(own, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
         if rehearsal is not None:
             report.earlier_held, report.rehearsed = rehearsal.held, len(rehearsed)
+            if rehearsed:  # the forms are the batch's own requests, then the rehearsed ones (_sourced_forms)
+                report.rehearsed_z_steps = sum(values.targets.steps[len(own) : len(requests)]) / len(rehearsed)
             report.phase_seconds["check"] = report.phase_seconds.get("check", 0.0) + rehearsal.seconds
             report.seconds += rehearsal.seconds
-        self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed)))
+        kept_values = values.targets.z[: len(requests)].detach().float().cpu() if self.config.rehearse_warm else None  # the plain forms' (the first)
+        self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed), values=kept_values))
         return report
+
+    def _warm_starts(self, sourced: list[tuple[int, EditRequest]], own: int, rehearsed: int) -> list[torch.Tensor | None] | None:
+        """config.rehearse_warm: per form of the batch (its `own` requests, then the `rehearsed`
+        ones, then any chat forms: _sourced_forms), the z a rehearsed request's prompt was last
+        written with (the latest batch not reverted that wrote it); None for the other forms and
+        for a request whose latest write kept no value."""
+        if not self.config.rehearse_warm:
+            return None
+        latest: dict[tuple[str, str, str], torch.Tensor] = {}
+        for applied in self.batches:
+            if applied.reverted:
+                continue
+            for i, request in enumerate(applied.written):
+                key = (request.subject, request.prompt, request.target_new)
+                if applied.values is None:
+                    latest.pop(key, None)  # written again without a value: an older one is stale
+                else:
+                    latest[key] = applied.values[i]
+        return [latest.get((form.subject, form.prompt, form.target_new)) if own <= j < own + rehearsed else None
+                for j, (_, form) in enumerate(sourced)]
 
     def _hold_batch_keys(self, reader: KeyReader, keys: dict[int, torch.Tensor], forms: list[EditRequest],
                          clock: _PhaseClock) -> dict[int, torch.Tensor]:
@@ -415,14 +438,15 @@ class Editor(Persistence):
         return keys
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
-                       written: int | None = None) -> _TargetValues:
+                       written: int | None = None, starts: list[torch.Tensor | None] | None = None) -> _TargetValues:
         """Z = h0 + δ for every form at once (targets.py), NAS-anchored if configured; only the
-        first `written` forms' are kept (the columns, see _columns; all when not given)."""
+        first `written` forms' are kept (the columns, see _columns; all when not given). `starts`:
+        per form, a value to start from (_warm_starts), or None."""
         forms = [form for _, form in sourced]
         # chat_values="shared": a chat form trains (and adds) its request's δ; otherwise its own
         owners = [source for source, _ in sourced] if self.config.chat_values in ("shared", "trained") else None
         targets = compute_targets(self.model, self.layout, self.tokenizer, forms, templates, self.config,
-                                  on_iteration=on_unit, owners=owners)  # rows per pass: the config's
+                                  on_iteration=on_unit, owners=owners, starts=starts)  # rows per pass: the config's
         if written is not None and written < len(forms):  # the rest trained δ and are not written
             targets, forms = _first_forms(targets, written), forms[:written]
         z, reference, dropped = targets.z.cpu(), None, 0

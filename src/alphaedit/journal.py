@@ -8,8 +8,9 @@
         report.json                 timings and edit-time metrics
         update.safetensors          per layer: Δ = left @ rightᵀ (rank ≤ the batch's forms: its
                                     requests and, with chat-aware editing other than chat_values "trained", their chat forms), RECT's
-                                    mask of it where the method has one, and the keys the batch
-                                    added to C_p
+                                    mask of it where the method has one, the keys the batch
+                                    added to C_p, and with a warm-started rehearsal the z each
+                                    written request was optimised to ("values")
         manifest.json               the batch id and the sha256 of the three files above
     STATE/reverts/000003.json       one per revert: when, and where it sits among the entries
     STATE/.journal-write.lock       the write lock (locks.py): one line naming its last holder;

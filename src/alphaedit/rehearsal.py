@@ -9,6 +9,9 @@ whose edit no longer holds and write them again as extra columns of the next bat
     holds    = the efficacy test on the model now (edit_holds)
     lapsed   = choose_lapsed(standing, holds, batch, most): not held, not in conflict, oldest
                first, at most `most` (EditConfig.rehearse_cap; by default as many as the batch has)
+
+The lapsed requests are written as more columns of the batch, their z optimised as the batch's
+own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with.
 """
 
 from __future__ import annotations

@@ -121,17 +121,20 @@ class _AdamState:
     lr: float
     m: torch.Tensor
     v: torch.Tensor
-    step: int = 0
+    # [u] steps each row has taken: the same for every row still moving, except one that skipped
+    # Adam on a warm start's jump and so takes its first Adam step later
+    step: torch.Tensor
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
     def update(self, delta: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
         b1, b2 = self.betas
-        self.step += 1
+        self.step[rows] += 1
+        t = self.step[rows, None].double()  # the bias corrections in float64, as Python floats would be
         self.m[rows] = b1 * self.m[rows] + (1 - b1) * grad[rows]
         self.v[rows] = b2 * self.v[rows] + (1 - b2) * grad[rows] ** 2
-        denom = (self.v[rows] / (1 - b2**self.step)).sqrt() + self.eps
-        delta[rows] -= self.lr / (1 - b1**self.step) * self.m[rows] / denom
+        denom = (self.v[rows] / (1 - b2**t).to(delta.dtype)).sqrt() + self.eps
+        delta[rows] -= (self.lr / (1 - b1**t)).to(delta.dtype) * self.m[rows] / denom
 
 
 @dataclass
@@ -166,6 +169,7 @@ def compute_targets(
     requests_per_pass: int | None = None,
     on_iteration: Callable[[], None] | None = None,
     owners: Sequence[int] | None = None,
+    starts: Sequence[torch.Tensor | None] | None = None,
 ) -> TargetResult:
     """Optimise z for every request of a batch, `requests_per_pass` requests' rows per pass
     (default: config.v_requests_per_pass).
@@ -174,6 +178,9 @@ def compute_targets(
     whose δ request j shares (j itself, or an earlier request: chat-aware editing's shared values).
     A request and the forms that share its δ train it together, each form an equal share of the
     NLL (half each for a request and its chat form); each keeps its own h0, so z_j = h0_j + δ_owner.
+    `starts[j]` (EditConfig.rehearse_warm): a value [d] to start request j from, or None. h0 is
+    only known after the first iteration, so that iteration runs at δ = 0 as usual, and its
+    step is a jump to δ_j = starts[j] − h0_j (clamped) instead of Adam's; Adam takes over after.
     """
     owners = list(range(len(requests))) if owners is None else list(owners)
     requests_per_pass = requests_per_pass or config.v_requests_per_pass
@@ -190,7 +197,8 @@ def compute_targets(
 
         dtype = delta_dtype(model)
         delta = torch.zeros(u, d, device=device, dtype=dtype)
-        adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta))
+        adam = _AdamState(config.v_lr, torch.zeros_like(delta), torch.zeros_like(delta), torch.zeros(u, dtype=torch.long, device=device))
+        warm = set() if starts is None else {i for i, start in enumerate(starts) if start is not None and owners[i] == i}
         h0 = torch.zeros_like(delta)
         kl_init: dict[int, torch.Tensor] = {}  # KL row -> its log-probs before any δ
         active = sorted(set(owners))  # only the owners' δ move
@@ -238,9 +246,14 @@ def compute_targets(
                 on_iteration()
             if not active:
                 break
+            jumping = [i for i in active if i in warm] if it == 0 else []
             moving = torch.tensor(active, device=device)
             with torch.no_grad():
-                adam.update(delta, leaf.grad, moving)
+                if jumping:
+                    adam.update(delta, leaf.grad, torch.tensor([i for i in active if i not in jumping], device=device, dtype=torch.long))
+                    delta[jumping] = torch.stack([starts[i].to(device, dtype) for i in jumping]) - h0[jumping]
+                else:
+                    adam.update(delta, leaf.grad, moving)
                 steps[active] += 1
                 _clamp(delta, h0, config.clamp_norm_factor, moving)
 

@@ -21,7 +21,7 @@ from ..journal import Journal, JournalError
 from ..locks import FolderInUse
 from ..requests import RequestError, load_requests
 from .common import (
-    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
+    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
     _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _held_file, _hold, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
@@ -68,6 +68,7 @@ def edit(
     earlier_reread: EarlierRereadOption = None,
     rehearse: RehearseOption = None,
     rehearse_cap: RehearseCapOption = None,
+    rehearse_warm: RehearseWarmOption = False,
     reworded_prompts: RewordedOption = None,
     context_templates: ContextTemplatesOption = None,
     spread: SpreadOption = None,
@@ -100,7 +101,7 @@ def edit(
                          seed=_seed_for(seed, sampling), sampling=sampling,
                          layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
-                         stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None)
+                         stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None, rehearse_warm=rehearse_warm or None)
             _check_continuation(state, journal.header, options)
             if hold is not None:
                 _fail(f"--hold {hold}: {state} began already, and what a state holds is fixed when it begins (its first batch "
@@ -117,7 +118,8 @@ def edit(
             config = _edit_config(lm, method or DEFAULT_METHOD, layers, steps, lr, prefix_cache, projector_rule, threshold, stop_rule, stop_nll, clamp,
                                   project, method_option, stop_most_probable, anchor_values, l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight,
                                   earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts,
-                                  context_template_words=template_words, leak_weight=leak_weight, rehearse_cap=rehearse_cap)
+                                  context_template_words=template_words, leak_weight=leak_weight, rehearse_cap=rehearse_cap,
+                                  rehearse_warm=rehearse_warm)
             return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -226,6 +228,7 @@ _CONTINUATION = {
     "earlier_reread": ("--earlier-reread", lambda c, corpus: c.earlier_reread),
     "rehearse": ("--rehearse", lambda c, corpus: c.rehearse),
     "rehearse_cap": ("--rehearse-cap", lambda c, corpus: c.rehearse_cap),
+    "rehearse_warm": ("--rehearse-warm", lambda c, corpus: c.rehearse_warm),
     "reworded_prompts": ("--reworded-prompts", lambda c, corpus: c.reworded_prompts),
     "context_templates": ("--context-templates", lambda c, corpus: c.context_template_words),
     "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),
