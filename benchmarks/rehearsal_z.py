@@ -31,10 +31,12 @@ from alphaedit.stats import StatsCache
 from alphaedit.targets import compute_targets
 
 
-def measure(state: str, most: int = 400) -> dict:
-    header = Journal.open(state).header
-    model, tokenizer = load_model(header["model"])
-    editor = Editor.load_state(state, model, tokenizer, cache=StatsCache(), show_progress=False)
+def measure(state: str, most: int = 400, model=None, tokenizer=None, cache: StatsCache | None = None) -> dict:
+    """`model`/`tokenizer`: the unedited model (default: loaded as the journal's header names it;
+    a given one is edited in place); `cache`: the statistics cache (default: $ALPHAEDIT_HOME's)."""
+    if model is None:
+        model, tokenizer = load_model(Journal.open(state).header["model"])
+    editor = Editor.load_state(state, model, tokenizer, cache=cache or StatsCache(), show_progress=False)
     start = time.perf_counter()
     standing = standing_requests(editor.batches)
     holds = edit_holds(editor.model, editor.tokenizer, standing, editor.layout)

@@ -130,6 +130,34 @@ def test_key_drift_reads_how_far_later_batches_moved_an_earlier_batchs_keys(llam
         module.drift(str(tmp_path / "state"), probe=0, after=[4], model=model, tokenizer=tokenizer)
 
 
+def test_rehearsal_z_times_the_lapsed_edits_z_from_zero_from_the_journal_and_from_a_working_value(llama, tokenizer, tmp_path):
+    """From a journal made with a weak, warm-started rehearsal: the lapsed edits are those the
+    check finds on the replayed model; the journal's starts cover the ones it kept values for;
+    from the cold result itself every request starts where the cold one ended (with a learning
+    rate this weak neither reaches the stop, so both run every step; test_targets.py checks the stop
+    after the jump)."""
+    import copy
+
+    from alphaedit.config import EditConfig
+    from alphaedit.rehearsal import edit_holds, standing_requests
+    from alphaedit.stats import StatsCache
+
+    module = _benchmark("rehearsal_z")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=1e-4, rehearse=1, rehearse_warm=True,
+                        context_template_length=6)
+    editor = _three_batch_journal(model, layout, tokenizer, tmp_path, config)
+    standing = standing_requests(editor.batches)
+    lapsed = sum(not h for h in edit_holds(editor.model, tokenizer, standing, layout))
+    assert lapsed >= 2, "the weak batches should leave edits lapsed"
+    result = module.measure(str(tmp_path / "state"), most=3, model=copy.deepcopy(model), tokenizer=tokenizer, cache=StatsCache(tmp_path / "home"))
+    assert result["edits standing"] == 4 and result["lapsed"] == min(3, lapsed)
+    cold, journal, best = result["runs"]
+    assert journal["start"] == f"warm from the journal ({min(3, lapsed)} kept)"
+    assert best["mean_steps"] <= cold["mean_steps"] and journal["mean_steps"] <= cold["mean_steps"]
+    assert best["mean_target_prob"] >= cold["mean_target_prob"] - 1e-4  # it began at the cold result
+
+
 def test_update_spectrum_reads_the_summed_update_against_the_unedited_weight(llama, tokenizer, tmp_path):
     """From a journal of three batches: σ_max and the Frobenius norm of the summed updates against
     the unedited W_out's, and the count of singular values above σ_max(W_out), as computed from
