@@ -111,7 +111,7 @@ class EditConfig:
     # h0 and the loss at δ = 0, δ jumps to z_then − h0 (clamped). The blocks above the z layer
     # are never edited, so z_then still says the new object unless the prompt's other tokens
     # moved; a lapsed edit is restored to its old value in one step or a few, where a fresh start
-    # takes three to four (SmolLM2, 4,000–6,000 edits). Changes what a rehearsed request is
+    # takes three to five (SmolLM2: 1.5 against 4.3 over 1,000 edits, BENCHMARKS.md). Changes what a rehearsed request is
     # written with (its old value, not the nearest one that works now); the batch's own requests
     # and a request whose batch kept no value (an older journal) start from δ = 0
     rehearse_warm: bool = False

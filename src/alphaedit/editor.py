@@ -351,8 +351,9 @@ class Editor(Persistence):
         requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
         forms = self._columns(requests, sourced)  # one column of K and R per form written
+        starts = self._warm_starts(sourced, len(own), len(rehearsed))  # None unless rehearse_warm
         with clock("z"):
-            values = self._target_values(sourced, templates, on_unit, written=len(forms), starts=self._warm_starts(sourced, len(own), len(rehearsed)))
+            values = self._target_values(sourced, templates, on_unit, written=len(forms), starts=starts)
         with clock("keys"):
             kept = self._kept_keys(requests)
         keys: dict[int, torch.Tensor] = {}
@@ -393,7 +394,8 @@ class Editor(Persistence):
                 report.rehearsed_z_steps = sum(values.targets.steps[len(own) : len(requests)]) / len(rehearsed)
             report.phase_seconds["check"] = report.phase_seconds.get("check", 0.0) + rehearsal.seconds
             report.seconds += rehearsal.seconds
-        kept_values = values.targets.z[: len(requests)].detach().float().cpu() if self.config.rehearse_warm else None  # the plain forms' (the first)
+        # a warm-started rehearsal's starting points: the requests' own forms' values (the first ones)
+        kept_values = values.targets.z[: len(requests)].detach().float().cpu() if self.config.rehearse_warm else None
         self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed), values=kept_values))
         return report
 
