@@ -97,10 +97,11 @@ class EditConfig:
     # every N batches (0: never, the authors' code; not in the paper), rehearsal: before the batch
     # every earlier request still standing (not reverted, not replaced by a later edit of its
     # subject and prompt) is checked with the efficacy test, and the lapsed ones, oldest first and
-    # at most as many as the batch has (or rehearse_cap), are written again with it. Later batches undo some of what
-    # earlier ones wrote (on SmolLM2 about one edit in ten over 2,000, BENCHMARKS.md); the journal
-    # already holds every request, so the editor can find and restore them. Costs a teacher-forced
-    # check of every earlier request each time, and the rehearsed requests' z optimisation
+    # at most as many as the batch has (or rehearse_cap), are written again with it. Later
+    # batches undo some of what earlier ones wrote (on SmolLM2 about one edit in ten over 2,000,
+    # BENCHMARKS.md); the journal already holds every request, so the editor can find and restore
+    # them. Costs a teacher-forced check of every earlier request each time, and the rehearsed
+    # requests' z optimisation
     rehearse: int = 0
     # the most lapsed requests one batch writes again (0: as many as the batch has). Over a long
     # sequence more edits lapse between two checks than a batch has (on SmolLM2 from about 3,200
@@ -111,9 +112,10 @@ class EditConfig:
     # h0 and the loss at δ = 0, δ jumps to z_then − h0 (clamped). The blocks above the z layer
     # are never edited, so z_then still says the new object unless the prompt's other tokens
     # moved; a lapsed edit is restored to its old value in one step or a few, where a fresh start
-    # takes three to five (SmolLM2: 1.5 against 4.3 over 1,000 edits, BENCHMARKS.md). Changes what a rehearsed request is
-    # written with (its old value, not the nearest one that works now); the batch's own requests
-    # and a request whose batch kept no value (an older journal) start from δ = 0
+    # takes three to five (SmolLM2: 1.5 against 4.3 over 1,000 edits, BENCHMARKS.md). Changes
+    # what a rehearsed request is written with (its old value, not the nearest one that works
+    # now); the batch's own requests and a request whose batch kept no value (an older journal)
+    # start from δ = 0
     rehearse_warm: bool = False
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:

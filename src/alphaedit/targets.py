@@ -246,14 +246,12 @@ def compute_targets(
                 on_iteration()
             if not active:
                 break
-            jumping = [i for i in active if i in warm] if it == 0 else []
+            jumping = [i for i in active if i in warm] if it == 0 else []  # their first step is the jump, not Adam's
             moving = torch.tensor(active, device=device)
             with torch.no_grad():
+                adam.update(delta, leaf.grad, torch.tensor([i for i in active if i not in jumping], device=device, dtype=torch.long))
                 if jumping:
-                    adam.update(delta, leaf.grad, torch.tensor([i for i in active if i not in jumping], device=device, dtype=torch.long))
                     delta[jumping] = torch.stack([starts[i].to(device, dtype) for i in jumping]) - h0[jumping]
-                else:
-                    adam.update(delta, leaf.grad, moving)
                 steps[active] += 1
                 _clamp(delta, h0, config.clamp_norm_factor, moving)
 
