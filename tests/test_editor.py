@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -199,3 +200,33 @@ def test_the_efficacy_probe_uses_the_editors_layout_not_a_fresh_detection(fresh_
     monkeypatch.setattr(alphaedit.teacher_forcing, "detect_layout", undetectable)
     (report,) = editor.edit(REQUESTS[:2])
     assert report.efficacy is not None
+
+
+def _room_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "null space leaves" in str(w.message)]
+
+
+def test_a_batch_wider_than_the_null_space_is_told_once_and_still_applied(fresh_llama, tokenizer, tmp_path):
+    # P keeps exactly two directions per layer (the "rank" rule), so a projected update can write
+    # at most two independent columns: a third cannot all take
+    editor = _editor(fresh_llama, tokenizer, tmp_path, projector_rule="rank", nullspace_threshold=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        editor.edit(REQUESTS[:2])
+    assert editor.projector_rank == {1: 2, 2: 2} and _room_warnings(caught) == []
+    before = _weights(editor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        editor.edit(REQUESTS[:3])
+        editor.edit(REQUESTS[1:4])  # said once per editor
+    said = _room_warnings(caught)
+    assert len(said) == 1 and "3 columns" in said[0] and "the 2 directions layer 1's" in said[0] and "smaller batches" in said[0]
+    assert len(editor.batches) == 3 and not torch.equal(_weights(editor)[1], before[1])  # a warning, not a refusal
+
+
+def test_memit_has_no_null_space_to_outgrow(fresh_llama, tokenizer, tmp_path):
+    editor = _editor(fresh_llama, tokenizer, tmp_path, method="memit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        editor.edit(REQUESTS)
+    assert editor.projector_rank == {} and _room_warnings(caught) == []

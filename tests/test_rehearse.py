@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -307,3 +308,17 @@ def test_a_rehearsing_eval_run_grown_ends_as_one_started_with_all_its_records(ti
     assert got["post"] == want["post"] and got["norms"] == want["norms"]
     rehearsed = [json.loads(p.read_text())["rehearsed"] for p in sorted((out / "state" / "batches").glob("*/report.json"))]
     assert rehearsed[0] == 0 and sum(rehearsed) > 0, rehearsed
+
+
+def test_rehearsal_that_outgrows_the_null_space_is_told_to_cap_its_rewrites(llama, tokenizer, tmp_path):
+    # two directions per layer: the second batch's own two requests fit, its re-writes do not
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, projector_rule="rank", nullspace_threshold=2, **WEAK)
+    editor.edit(REQUESTS[:2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = editor.edit(REQUESTS[2:])[0]
+    said = [str(w.message) for w in caught if "null space leaves" in str(w.message)]
+    assert report.rehearsed >= 1, "the weak first batch should leave something to rehearse"
+    assert len(said) == 1 and f"{2 + report.rehearsed} columns (2 new, {report.rehearsed} rehearsed)" in said[0]
+    assert "--rehearse-cap" in said[0]

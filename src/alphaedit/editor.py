@@ -24,6 +24,7 @@ added to C_p, so it can be saved to a journal, replayed onto a fresh base model,
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -190,6 +191,7 @@ class Editor(Persistence):
         self.held: list[HeldTexts] = []  # texts whose outputs C_p holds from before the first batch (held.py)
         self.projector_rank: dict[int, int] = {}
         self.guard: Guard | None = None  # refuses batches that grow the matrices or drift answers too far (guard.py)
+        self._warned_room = False  # _warn_past_room speaks once per editor
         # PRUNE: the raw sum of the applied updates per layer, which the model carries restrained
         self._update_sums: dict[int, torch.Tensor] = {}
 
@@ -351,6 +353,7 @@ class Editor(Persistence):
         requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
         forms = self._columns(requests, sourced)  # one column of K and R per form written
+        self._warn_past_room(len(forms), len(own), len(rehearsed))
         starts = self._warm_starts(sourced, len(own), len(rehearsed))  # None unless rehearse_warm
         with clock("z"):
             values = self._target_values(sourced, templates, on_unit, written=len(forms), starts=starts)
@@ -398,6 +401,23 @@ class Editor(Persistence):
         kept_values = values.targets.z[: len(requests)].detach().float().cpu() if self.config.rehearse_warm else None
         self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed), values=kept_values))
         return report
+
+    def _warn_past_room(self, columns: int, own: int, rehearsed: int) -> None:
+        """Say (once) when a batch writes more columns than the smallest null space leaves directions.
+        A projected update reaches the keys only through P, so at most rank(P) columns can be
+        written independently: past that part of the batch cannot take, and under rehearsal what did
+        not take lapses again and the backlog runs away (SmolLM2 at 7,700 edits, BENCHMARKS.md)."""
+        if self._warned_room or not self.projector_rank:
+            return
+        layer, room = min(self.projector_rank.items(), key=lambda item: item[1])
+        if columns <= room:
+            return
+        self._warned_room = True
+        parts = f" ({own} new, {rehearsed} rehearsed)" if rehearsed else ""
+        fix = "cap the re-writes below that (--rehearse-cap)" if rehearsed else "use smaller batches"
+        warnings.warn(f"this batch writes {columns} columns{parts}, more than the {room} directions layer {layer}'s "
+                      f"null space leaves: they cannot all be written, so part of the batch will not take; "
+                      f"{fix} or loosen the projection (--threshold)", stacklevel=4)
 
     def _warm_starts(self, sourced: list[tuple[int, EditRequest]], own: int, rehearsed: int) -> list[torch.Tensor | None] | None:
         """config.rehearse_warm: per form of the batch (its `own` requests, then the `rehearsed`
