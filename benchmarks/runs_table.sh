@@ -96,6 +96,8 @@ declare -A args=(
   # the same five layers with a looser null space (--threshold 0.05: 7,202 directions against 5,941, layer 7's
   # 1,392 against 1,072, but P then holds 52% of layer 7's C0 trace against 27%). The no-cap fork ran away
   # past 7,000 edits (85.8 at 8,000): is the room what sets where, and what does more of it cost the neighbours?
+  # Measured to 3,000 edits: it ranks below the strict null space (Eff 93.8 / Spe 55.8 against 97.0 / 60.0,
+  # more re-writes from 2,200 edits on): the directions it adds are read by text (BENCHMARKS.md)
   [cf10k-alphaedit-l2-80-rehearse-all-t05-warm]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --threshold 0.05 --rehearse 1 --rehearse-cap 10000 --rehearse-warm"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
