@@ -414,10 +414,11 @@ class Editor(Persistence):
             return
         self._warned_room = True
         parts = f" ({own} new, {rehearsed} rehearsed)" if rehearsed else ""
-        fix = "cap the re-writes below that (--rehearse-cap)" if rehearsed else "use smaller batches"
+        # not "loosen --threshold": on SmolLM2 the directions that adds are read by text and cost more
+        # than they hold (BENCHMARKS.md, "A looser null space")
+        fix = "cap the re-writes below that (--rehearse-cap), the rest waiting for later batches" if rehearsed else "use smaller batches"
         warnings.warn(f"this batch writes {columns} columns{parts}, more than the {room} directions layer {layer}'s "
-                      f"null space leaves: they cannot all be written, so part of the batch will not take; "
-                      f"{fix} or loosen the projection (--threshold)", stacklevel=4)
+                      f"null space leaves: they cannot all be written, so part of the batch will not take; {fix}", stacklevel=4)
 
     def _warm_starts(self, sourced: list[tuple[int, EditRequest]], own: int, rehearsed: int) -> list[torch.Tensor | None] | None:
         """config.rehearse_warm: per form of the batch (its `own` requests, then the `rehearsed`
