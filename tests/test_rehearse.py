@@ -20,7 +20,7 @@ from alphaedit.rehearsal import choose_lapsed
 from alphaedit.requests import EditRequest
 from alphaedit.stats import StatsCache
 from alphaedit.teacher_forcing import continuation_accuracy, prefers_new
-from test_editor import REQUESTS, _editor, _weights
+from test_editor import REQUESTS, _editor, _room_warnings, _weights
 from test_eval_resume import _command
 from test_faults import _run
 from test_methods import assert_edit_refuses, assert_eval_refuses, assert_recorded_and_kept, tiny_edit_command
@@ -318,7 +318,7 @@ def test_rehearsal_that_outgrows_the_null_space_is_told_to_cap_its_rewrites(llam
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = editor.edit(REQUESTS[2:])[0]
-    said = [str(w.message) for w in caught if "null space leaves" in str(w.message)]
+    said = _room_warnings(caught)
     assert report.rehearsed >= 1, "the weak first batch should leave something to rehearse"
     assert len(said) == 1 and f"{2 + report.rehearsed} columns (2 new, {report.rehearsed} rehearsed)" in said[0]
     assert "--rehearse-cap" in said[0]
