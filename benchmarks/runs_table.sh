@@ -93,8 +93,9 @@ declare -A args=(
   # room past 6,000 edits (BENCHMARKS.md); wider blocks lost to key drift without rehearsal (α 40, layers 3–10:
   # 80.2 at 4,000 against 84.8), but rehearsal re-writes an edit at the keys the model now reads
   # Measured to 3,000 edits and stopped there: efficacy level with the five layers (98.2 against 97.0),
-  # as many re-writes a batch (66.5 against 67.7), specificity 2.0 lower and the six tasks' generated
-  # answers out of format (BENCHMARKS.md)
+  # as many re-writes a batch (66.5 against 67.7: they hold better, 82% against 65%, but each written column
+  # leaves more edits lapsed, 0.34 against 0.29), specificity 2.0 lower and the six tasks' generated answers
+  # out of format (BENCHMARKS.md)
   [cf10k-alphaedit-l2-80-rehearse-all-wide-warm]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --layers 3-10 --rehearse 1 --rehearse-cap 10000 --rehearse-warm"
   # the same five layers with a looser null space (--threshold 0.05: 7,202 directions against 5,941, layer 7's
   # 1,392 against 1,072, but P then holds 52% of layer 7's C0 trace against 27%). The no-cap fork ran away
