@@ -2,7 +2,9 @@
 edited still holding (Eff, Gen, Spe, generative success over the curve's records), what the batches
 since the previous point wrote of their own edits and how many z steps they took, the six tasks,
 the growth of the first and last edited W_out, and, for a run with rehearsal, how much of the
-earlier edits held before a batch and how many were written again.
+earlier edits held before a batch, how many were written again, and how many of those re-writes
+held to the next batch (pooled over the batches since the previous point; journals written before
+2026-12-06 do not count them).
 
     python benchmarks/curve_rows.py RUN [--json]
 
@@ -69,6 +71,7 @@ def rows(run: Path) -> list[dict]:
         row["earlier_held"] = 100 * last["earlier_held"] if last and last.get("earlier_held") is not None else None
         row["rehearsed_mean"] = sum(rehearsed) / len(rehearsed) if rehearsed else None
         row["rehearsed_most"] = max(rehearsed) if rehearsed else None
+        row["rewrites_held"] = _mean([(100 * r["rewrites_held"], r["rewrites_counted"]) for r in since if r.get("rewrites_counted")])
         out.append(row)
         previous = edits
     return out
@@ -82,7 +85,7 @@ def table(found: list[dict]) -> str:
     last = next((r["last_layer"] for r in found if r["last_layer"]), "?")
     first = next((r["first_layer"] for r in found if r["first_layer"]), "?")
     head = ["edits", "Eff", "Gen", "Spe", "gen. success", "batches' own Eff", "z steps", "general F1 label / generated",
-            f"‖W{last}‖/‖W{last}⁰‖ F / spectral", f"‖W{first}‖/‖W{first}⁰‖", "earlier held", "rehearsed (mean / most)"]
+            f"‖W{last}‖/‖W{last}⁰‖ F / spectral", f"‖W{first}‖/‖W{first}⁰‖", "earlier held", "rehearsed (mean / most)", "re-writes held"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in found:
         general = f"{_cell(r['general_label'])} / {_cell(r['general_generated'])}" if r["general_label"] is not None else ""
@@ -90,7 +93,7 @@ def table(found: list[dict]) -> str:
         rehearsed = f"{_cell(r['rehearsed_mean'])} / {r['rehearsed_most']}" if r["rehearsed_mean"] is not None else ""
         cells = [_cell(r["edits"]), _cell(r["efficacy"]), _cell(r["generalization"]), _cell(r["specificity"]),
                  _cell(r["generative_success"]), _cell(r["batch_efficacy"]), _cell(r["z_steps"]), general, growth,
-                 _cell(r["first_frobenius"], 3), _cell(r["earlier_held"]), rehearsed]
+                 _cell(r["first_frobenius"], 3), _cell(r["earlier_held"]), rehearsed, _cell(r["rewrites_held"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -367,9 +367,10 @@ def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folde
 
     journal = Journal.create(tmp_path / "state", {"config": {}})
     for k, (requests, efficacy, steps, held, rehearsed) in enumerate(((100, 1.0, 8.0, None, 0), (50, 0.7, 11.0, 0.9, 30))):
+        # the second report: 20 of 25 re-writes held (a made-up count: the aggregation is what is tested)
         growth = {str(layer): {"frobenius": 1 + layer / 100 + k, "spectral": 1 + layer / 1000 + k} for layer in (3, 7, 10)}
         report = {"requests": requests, "efficacy": efficacy, "z_steps": steps, "weight_growth": growth, "earlier_held": held,
-                  "rehearsed": rehearsed}
+                  "rehearsed": rehearsed, **({"rewrites_held": 0.8, "rewrites_counted": 25} if k else {})}
         journal.append_batch(2 * k + 1, [], report, {"delta": torch.zeros(1)})  # batches 1 and 3
     # between them, a batch folder a killed run renamed into place but never committed: not one of the run's batches
     stray = tmp_path / "state" / "batches" / "000002"
@@ -386,9 +387,10 @@ def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folde
     assert point["last_frobenius"] == pytest.approx(2.1) and point["last_spectral"] == pytest.approx(2.01)
     assert point["first_frobenius"] == pytest.approx(2.03)
     assert point["earlier_held"] == pytest.approx(90.0) and point["rehearsed_mean"] == 30 and point["rehearsed_most"] == 30
+    assert point["rewrites_held"] == pytest.approx(80.0) and start["rewrites_held"] is None
     done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 30.0 / 30 |" in done.stdout
+    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 30.0 / 30 | 80.0 |" in done.stdout
     as_json = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--json"], capture_output=True,
                              text=True, timeout=300)
     assert _json_only(as_json.stdout)[1]["edits"] == 150

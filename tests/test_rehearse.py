@@ -7,16 +7,18 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from alphaedit import editor as editor_module
+from alphaedit import rehearsal as rehearsal_module
 from alphaedit.cli import app
 from alphaedit.editor import Editor
 from alphaedit.journal import Journal
-from alphaedit.rehearsal import choose_lapsed
+from alphaedit.rehearsal import choose_lapsed, rewrites_holding
 from alphaedit.requests import EditRequest
 from alphaedit.stats import StatsCache
 from alphaedit.teacher_forcing import continuation_accuracy, prefers_new
@@ -308,6 +310,10 @@ def test_a_rehearsing_eval_run_grown_ends_as_one_started_with_all_its_records(ti
     assert got["post"] == want["post"] and got["norms"] == want["norms"]
     rehearsed = [json.loads(p.read_text())["rehearsed"] for p in sorted((out / "state" / "batches").glob("*/report.json"))]
     assert rehearsed[0] == 0 and sum(rehearsed) > 0, rehearsed
+    # a batch after one that wrote edits again says how many of those held, on its progress line
+    counted = [json.loads(p.read_text()).get("rewrites_counted", 0)
+               for p in sorted((tmp_path / "reference" / "state" / "batches").glob("*/report.json"))]
+    assert any(counted) and "re-writes held" in reference.stderr, (counted, reference.stderr[-2000:])
 
 
 def test_rehearsal_that_outgrows_the_null_space_is_told_to_cap_its_rewrites(llama, tokenizer, tmp_path):
@@ -322,3 +328,77 @@ def test_rehearsal_that_outgrows_the_null_space_is_told_to_cap_its_rewrites(llam
     assert report.rehearsed >= 1, "the weak first batch should leave something to rehearse"
     assert len(said) == 1 and f"{2 + report.rehearsed} columns (2 new, {report.rehearsed} rehearsed)" in said[0]
     assert "--rehearse-cap" in said[0]
+
+
+def test_each_check_counts_how_many_of_the_batch_befores_rewrites_held(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=2, **WEAK)
+    editor.edit(REQUESTS[:2])
+    second = editor.edit(REQUESTS[2:3])[0]
+    rewritten = editor.batches[-1].rehearsed
+    assert rewritten, "the weak first batch should leave something to rehearse"
+    assert second.rewrites_held is None and second.rewrites_counted == 0  # the batch before wrote nothing again
+    holds = _holds(editor, rewritten)  # the reference: one request at a time, on the model as the third batch finds it
+    third = editor.edit(REQUESTS[3:])[0]
+    assert third.rewrites_counted == len(rewritten)
+    assert third.rewrites_held == pytest.approx(sum(holds) / len(holds))
+    # kept in the journal and shown by `alphaedit log`
+    editor.save_state(tmp_path / "state")
+    listed = CliRunner().invoke(app, ["log", "--state", str(tmp_path / "state")], env={"COLUMNS": "250"})
+    assert listed.exit_code == 0, listed.output
+    assert f"{100 * third.rewrites_held:.0f}% of {len(rewritten)} earlier re-writes held" in listed.output, listed.output
+
+
+def test_only_the_latest_applied_batchs_rewrites_that_still_stand_are_counted():
+    darrieux, tower, river, seine = REQUESTS
+    replaced = EditRequest(tower.prompt, tower.subject, "London", "Paris")
+
+    def applied(rehearsed, reverted=False):  # rewrites_holding reads only these two fields
+        return SimpleNamespace(rehearsed=rehearsed, reverted=reverted)
+
+    standing, holds = [darrieux, river, replaced], [True, False, True]
+    # the tower's re-write stands no more (edited again since): of the other two, one held
+    assert rewrites_holding([applied([darrieux, tower, river])], standing, holds) == [True, False]
+    # a reverted latest batch: the one before it is the latest applied
+    assert rewrites_holding([applied([river]), applied([darrieux], reverted=True)], standing, holds) == [False]
+    assert rewrites_holding([applied([])], standing, holds) == [] and rewrites_holding([], standing, holds) == []
+
+
+def test_the_backlog_runs_away_when_under_half_the_pooled_rewrites_held(monkeypatch):
+    def batch(held, counted, reverted=False):
+        return SimpleNamespace(report=SimpleNamespace(rewrites_held=held, rewrites_counted=counted), reverted=reverted)
+
+    monkeypatch.setattr(rehearsal_module, "RUNAWAY_BATCHES", 3)
+    monkeypatch.setattr(rehearsal_module, "RUNAWAY_REWRITES", 50)
+    steady = [batch(0.6, 20)] * 3
+    assert rehearsal_module.rewrites_pooled(steady) == (36, 60) and rehearsal_module.backlog_runs_away(steady) is None
+    # one bad batch among steady ones is not a runaway; three in a row are (the oldest falls out of the window)
+    assert rehearsal_module.backlog_runs_away([*steady[:2], batch(0.4, 20)]) is None  # 32 of 60
+    assert rehearsal_module.backlog_runs_away([steady[0], batch(0.4, 20), batch(0.45, 20), batch(0.45, 20)]) == (26, 60)
+    # too few re-writes to tell, batches that counted none skipped, reverted ones left out
+    assert rehearsal_module.backlog_runs_away([batch(0.0, 10)] * 3) is None
+    assert rehearsal_module.backlog_runs_away([batch(0.3, 30), batch(None, 0), batch(0.3, 30)]) == (18, 60)
+    assert rehearsal_module.backlog_runs_away([batch(0.3, 30), batch(0.3, 30, reverted=True)]) is None
+
+
+def test_a_rehearsal_that_stops_keeping_up_is_told_once(llama, tokenizer, tmp_path, monkeypatch):
+    # a learning rate too small for any write to take: every re-write lapses again at once, which
+    # is what a model out of room does to them; one re-write is enough to tell here
+    monkeypatch.setattr(rehearsal_module, "RUNAWAY_REWRITES", 1)
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, **WEAK)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reports = editor.edit(REQUESTS, batch_size=1)
+    said = [str(w.message) for w in caught if "no longer keeps up" in str(w.message)]
+    runaway = [k for k, r in enumerate(reports) if r.rewrites_counted and 2 * r.rewrites_held * r.rewrites_counted < r.rewrites_counted]
+    assert runaway, [(r.rewrites_held, r.rewrites_counted) for r in reports]
+    assert len(said) == 1 and "--rehearse-cap" in said[0], said
+    held, counted = rehearsal_module.rewrites_pooled(editor.batches[: runaway[0] + 1])
+    assert f"only {held} of the last {counted} re-written edits held" in said[0]
+    # without rehearsal there is nothing to say
+    plain = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, **WEAK)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain.edit(REQUESTS, batch_size=1)
+    assert not [w for w in caught if "no longer keeps up" in str(w.message)]

@@ -50,6 +50,10 @@ class BatchReport:
     earlier_held: float | None = None
     rehearsed: int = 0
     rehearsed_z_steps: float | None = None  # the rehearsed requests' mean z steps (z_steps is over every form)
+    # of the requests the batch before wrote again (still standing), the share whose edit held at
+    # this batch's check, and how many were counted (rehearsal.rewrites_holding; absent before 2026-12-06)
+    rewrites_held: float | None = None
+    rewrites_counted: int = 0
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from .methods.projection import joint_projected_solve
 from .persistence import Persistence
 from .progress import progress_bar
 from .prompts import PLAIN_TEMPLATE, chat_form, has_chat_template
-from .rehearsal import Rehearsal, edit_holds, rehearsal_for
+from .rehearsal import Rehearsal, backlog_runs_away, edit_holds, rehearsal_for
 from .requests import EditRequest, RequestError, check_conflicts
 from .residual import mlp_contribution, mlp_output_change
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
@@ -192,6 +192,7 @@ class Editor(Persistence):
         self.projector_rank: dict[int, int] = {}
         self.guard: Guard | None = None  # refuses batches that grow the matrices or drift answers too far (guard.py)
         self._warned_room = False  # _warn_past_room speaks once per editor
+        self._warned_runaway = False  # and so does _warn_runaway
         # PRUNE: the raw sum of the applied updates per layer, which the model carries restrained
         self._update_sums: dict[int, torch.Tensor] = {}
 
@@ -393,6 +394,7 @@ class Editor(Persistence):
         report = self._report(own, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
         if rehearsal is not None:
             report.earlier_held, report.rehearsed = rehearsal.held, len(rehearsed)
+            report.rewrites_held, report.rewrites_counted = rehearsal.rewrites_held, rehearsal.rewrites_counted
             if rehearsed:  # the forms are the batch's own requests, then the rehearsed ones (_sourced_forms)
                 report.rehearsed_z_steps = sum(values.targets.steps[len(own) : len(requests)]) / len(rehearsed)
             report.phase_seconds["check"] = report.phase_seconds.get("check", 0.0) + rehearsal.seconds
@@ -400,7 +402,22 @@ class Editor(Persistence):
         # a warm-started rehearsal's starting points: the requests' own forms' values (the first ones)
         kept_values = values.targets.z[: len(requests)].detach().float().cpu() if self.config.rehearse_warm else None
         self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed), values=kept_values))
+        if rehearsal is not None:
+            self._warn_runaway()
         return report
+
+    def _warn_runaway(self) -> None:
+        """Say (once) when rehearsal stops keeping up: fewer than half the re-writes of the last
+        batches held to the next check (rehearsal.backlog_runs_away), so the lapsed edits each batch
+        must write again grow without end."""
+        if self._warned_runaway or (pooled := backlog_runs_away(self.batches)) is None:
+            return
+        self._warned_runaway = True
+        held, counted = pooled
+        warnings.warn(f"rehearsal no longer keeps up: only {held} of the last {counted} re-written edits held to the next batch, "
+                      "so the lapsed edits each batch writes again will keep growing, and with them its time; the edited "
+                      "layers have about run out of room for more edits. Cap the re-writes (--rehearse-cap) to bound the "
+                      "time, and expect efficacy on earlier edits to fall", stacklevel=4)
 
     def _warn_past_room(self, columns: int, own: int, rehearsed: int) -> None:
         """Say (once) when a batch writes more columns than the smallest null space leaves directions.

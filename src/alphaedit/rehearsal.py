@@ -9,6 +9,11 @@ whose edit no longer holds and write them again as extra columns of the next bat
     holds    = the efficacy test on the model now (edit_holds)
     lapsed   = choose_lapsed(standing, holds, batch, most): not held, not in conflict, oldest
                first, at most `most` (EditConfig.rehearse_cap; by default as many as the batch has)
+    f        = of the requests the latest batch wrote again (still standing), the share not held
+
+f says whether rehearsal keeps up. With κ the edits lapsed per column a batch writes, a backlog B of
+re-writes settles where B = f·B + κ·(new + B), and runs away as f + κ nears 1: on SmolLM2 past
+7,000 edits, as f passed one half (BENCHMARKS.md).
 
 The lapsed requests are written as more columns of the batch, their z optimised as the batch's
 own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with.
@@ -28,6 +33,13 @@ from .requests import EditRequest
 from .teacher_forcing import continuation_accuracy, prefers_new
 
 
+# The backlog is said to run away when, pooled over the last RUNAWAY_BATCHES batches whose check
+# counted re-writes, fewer than half of at least RUNAWAY_REWRITES re-writes held (one batch's share
+# swings by ±0.1 around SmolLM2's usual 0.65 at 30 re-writes; five batches' does not cross 0.5)
+RUNAWAY_BATCHES = 5
+RUNAWAY_REWRITES = 50
+
+
 @dataclass
 class Rehearsal:
     """Before a rehearsing batch: the earlier requests it writes again and the check's result."""
@@ -35,6 +47,10 @@ class Rehearsal:
     lapsed: list[EditRequest]  # earlier requests whose edit no longer holds, oldest first
     held: float | None  # the share of the earlier requests still standing whose edit held
     seconds: float  # the check's time
+    # of the requests the latest applied batch wrote again and still standing, the share that held
+    # (1 − f above) and how many; None where it wrote none again
+    rewrites_held: float | None = None
+    rewrites_counted: int = 0
 
 
 def edit_holds(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
@@ -101,4 +117,33 @@ def rehearsal_for(batches: Sequence[AppliedBatch], batch: list[EditRequest],
     if not earlier:
         return Rehearsal([], None, time.perf_counter() - start)
     holds = check(earlier)
-    return Rehearsal(choose_lapsed(earlier, holds, batch, most), sum(holds) / len(holds), time.perf_counter() - start)
+    rewrites = rewrites_holding(batches, earlier, holds)
+    return Rehearsal(choose_lapsed(earlier, holds, batch, most), sum(holds) / len(holds), time.perf_counter() - start,
+                     sum(rewrites) / len(rewrites) if rewrites else None, len(rewrites))
+
+
+def rewrites_holding(batches: Sequence[AppliedBatch], earlier: list[EditRequest], holds: list[bool]) -> list[bool]:
+    """Per request the latest applied batch wrote again that still stands (`earlier`, checked as
+    `holds`): does it hold? One replaced since by a newer edit of its subject and prompt is not
+    counted, nor are the re-writes of a reverted batch (the latest applied one's are)."""
+    latest = next((applied for applied in reversed(batches) if not applied.reverted), None)
+    if latest is None:
+        return []
+    held = dict(zip(earlier, holds))
+    return [held[request] for request in latest.rehearsed if request in held]
+
+
+
+def rewrites_pooled(batches: Sequence[AppliedBatch]) -> tuple[int, int]:
+    """(held, counted): the re-writes that held to the next check, pooled over the last
+    RUNAWAY_BATCHES applied batches whose report counted any."""
+    counted = [b.report for b in batches if not b.reverted and b.report.rewrites_counted][-RUNAWAY_BATCHES:]
+    return (round(sum(r.rewrites_held * r.rewrites_counted for r in counted)), sum(r.rewrites_counted for r in counted))
+
+
+def backlog_runs_away(batches: Sequence[AppliedBatch]) -> tuple[int, int] | None:
+    """(held, counted) where rewrites_pooled says that fewer than half of at least RUNAWAY_REWRITES
+    re-writes held: each lapsed re-write is written again, so the re-writes a batch needs then grow
+    without end (f > 1/2 in the module's note); None otherwise."""
+    held, counted = rewrites_pooled(batches)
+    return (held, counted) if counted >= RUNAWAY_REWRITES and 2 * held < counted else None

@@ -26,8 +26,8 @@ def log(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to list.")],
     as_json: JsonOption = False,
 ) -> None:
-    """List the journal's batches: id, time, requests (and the earlier ones rehearsed with them),
-    efficacy, norm of each layer's update, and how far the edited matrices and the target values have
+    """List the journal's batches: id, time, requests (and the earlier ones rehearsed with them, and
+    how many of the batch before's re-writes still held), efficacy, norm of each layer's update, and how far the edited matrices and the target values have
     grown (monitoring for long sequences)."""
     journal = _open_journal(state)
     reverted = journal.reverted()
@@ -52,6 +52,8 @@ def log(
         largest = [f"{max(g[k] for g in growth.values()):.3f}" if growth else "-" for k in ("frobenius", "spectral")]
         shift = "-" if b.get("value_shift") is None else f"{b['value_shift']:.2f}"
         requests = f"{b['requests']} +{b['rehearsed']} rehearsed" if b.get("rehearsed") else str(b["requests"])
+        if b.get("rewrites_counted"):  # of the batch before's re-writes: under half, and the backlog runs away
+            requests += f" ({100 * b['rewrites_held']:.0f}% of {b['rewrites_counted']} earlier re-writes held)"
         table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), requests, efficacy, *norms, *largest, shift,
                       "reverted" if b["reverted"] else "applied")
     _print_whole(table)

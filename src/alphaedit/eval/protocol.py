@@ -301,6 +301,8 @@ def _latest(editor: Editor, progress: dict) -> dict:
     latest = {"batch efficacy": None if report.efficacy is None else 100 * report.efficacy, "s/edit": report.seconds / max(1, report.requests)}
     if report.earlier_held is not None:  # rehearsal's check: how many earlier edits still held before the batch
         latest.update({"earlier edits held": 100 * report.earlier_held, "rehearsed": report.rehearsed})
+    if report.rewrites_held is not None:  # of the batch before's re-writes: under half, and the backlog runs away
+        latest["re-writes held"] = 100 * report.rewrites_held
     if len(progress["curve"]) > 1:
         latest.update({k: progress["curve"][-1][k] for k in ("efficacy", "specificity")})
     if progress["general"]:
