@@ -27,8 +27,8 @@ def log(
     as_json: JsonOption = False,
 ) -> None:
     """List the journal's batches: id, time, requests (and the earlier ones rehearsed with them, and
-    how many of the batch before's re-writes still held), efficacy, norm of each layer's update, and how far the edited matrices and the target values have
-    grown (monitoring for long sequences)."""
+    how many of the batch before's re-writes still held), efficacy, norm of each layer's update, and
+    how far the edited matrices and the target values have grown (monitoring for long sequences)."""
     journal = _open_journal(state)
     reverted = journal.reverted()
     batches = []
