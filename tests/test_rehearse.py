@@ -314,6 +314,12 @@ def test_a_rehearsing_eval_run_grown_ends_as_one_started_with_all_its_records(ti
     counted = [json.loads(p.read_text()).get("rewrites_counted", 0)
                for p in sorted((tmp_path / "reference" / "state" / "batches").glob("*/report.json"))]
     assert any(counted) and "re-writes held" in reference.stderr, (counted, reference.stderr[-2000:])
+    # and the report carries the checks per batch, with a plot of them
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "reference" / "state" / "batches").glob("*/report.json"))]
+    checked = [p for p in want["monitor"] if "earlier_held" in p]
+    assert [(p["rehearsed"], p["rewrites_counted"]) for p in checked] == [(r["rehearsed"], r["rewrites_counted"]) for r in reports[1:]]
+    assert "earlier_held" not in want["monitor"][0]  # the first batch has nothing earlier to check
+    assert (tmp_path / "reference" / "rehearsal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rehearsal_that_outgrows_the_null_space_is_told_to_cap_its_rewrites(llama, tokenizer, tmp_path):

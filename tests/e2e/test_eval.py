@@ -46,6 +46,7 @@ def test_eval_writes_the_report_files(isolated_home, tmp_path):
     # monitoring: one point per batch, the matrices moved off their base
     assert [p["edits"] for p in summary["monitor"]] == [2, 4]
     assert all(g["frobenius"] != 1 for g in summary["monitor"][-1]["weight_growth"].values())
+    assert "earlier_held" not in summary["monitor"][-1] and not (out / "rehearsal.png").exists()  # no rehearsal, no plot of it
 
 
 def test_chat_aware_editing_and_the_generation_based_evaluation(isolated_home, tmp_path):

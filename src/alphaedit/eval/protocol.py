@@ -50,7 +50,8 @@ class ProtocolResult:
     seconds_editing: float = 0.0
     notes: list[str] = field(default_factory=list)
     # per batch, from the editor's reports: {"edits": n, "weight_growth": {layer: {frobenius, spectral}},
-    # "value_norm", "value_shift", "null_space_rank"} (monitoring, issue 14)
+    # "value_norm", "value_shift", "null_space_rank"} (monitoring, issue 14), and with rehearsal
+    # "earlier_held", "rehearsed", "rewrites_held", "rewrites_counted"
     monitor: list[dict] = field(default_factory=list)
 
 
@@ -62,6 +63,9 @@ def monitor(editor: Editor) -> list[dict]:
         if report.weight_growth:
             points.append({"edits": edits, "weight_growth": report.weight_growth, "value_norm": report.value_norm,
                            "value_shift": report.value_shift, "null_space_rank": report.null_space_rank})
+            if report.earlier_held is not None:  # the batch's rehearsal check
+                points[-1].update({"earlier_held": report.earlier_held, "rehearsed": report.rehearsed,
+                                   "rewrites_held": report.rewrites_held, "rewrites_counted": report.rewrites_counted})
     return points
 
 

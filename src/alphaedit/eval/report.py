@@ -40,6 +40,8 @@ def write_report(result: ProtocolResult, out: Path, meta: dict) -> dict:
     plot_norms(result, out / "weight_norms.png")
     if result.monitor:
         plot_growth(result, out / "norm_growth.png")
+    if any(p.get("earlier_held") is not None for p in result.monitor):
+        plot_rehearsal(result, out / "rehearsal.png")
     if result.general:
         for key, name in (("f1_label", "most probable label"), ("f1", "generated answer")):
             plot_general(result, key, name, out / f"general_{key}.png")
@@ -47,7 +49,7 @@ def write_report(result: ProtocolResult, out: Path, meta: dict) -> dict:
 
 
 # every file write_report may write
-REPORT_FILES = ("records.jsonl", "summary.md", "metrics_vs_edits.png", "weight_norms.png", "norm_growth.png", "general_f1.png",
+REPORT_FILES = ("records.jsonl", "summary.md", "metrics_vs_edits.png", "weight_norms.png", "norm_growth.png", "rehearsal.png", "general_f1.png",
                 "general_f1_label.png", "summary.json")  # summary.json last: while it is in place, the move is not finished
 
 
@@ -172,3 +174,23 @@ def plot_growth(result: ProtocolResult, path: Path) -> None:
             for kind, style in (("frobenius", "-"), ("spectral", "--")):
                 ax.plot(edits, [p["weight_growth"][layer][kind] for p in result.monitor], style, label=f"layer {layer} {kind}")
         ax.plot(edits, [p["value_shift"] for p in result.monitor], ":", marker=".", color="black", label="mean ‖δ‖/‖h0‖")
+
+
+def plot_rehearsal(result: ProtocolResult, path: Path) -> None:
+    """Per rehearsing batch: the earlier edits that still held before it and the share of the batch
+    before's re-writes that held (%, left), and how many it wrote again (right). The re-writes
+    holding under half is where the backlog stops settling (rehearsal.py)."""
+    points = [p for p in result.monitor if p.get("earlier_held") is not None]
+    edits = [p["edits"] for p in points]
+    with figure(path, "rehearsal: what held before each batch, and what it wrote again", "number of edits", "held (%)") as ax:
+        ax.plot(edits, [100 * p["earlier_held"] for p in points], marker=".", label="earlier edits held")
+        again = [(p["edits"], 100 * p["rewrites_held"]) for p in points if p.get("rewrites_held") is not None]
+        if again:
+            ax.plot(*zip(*again), marker=".", label="the batch before's re-writes held")
+        ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_ylim(0, 100)
+        right = ax.twinx()
+        right.plot(edits, [p["rehearsed"] for p in points], color="black", linestyle="--", label="re-writes in the batch")
+        right.set_ylabel("re-writes")
+        right.set_ylim(bottom=0)
+        right.legend(loc="lower right", fontsize=8)
