@@ -2,9 +2,9 @@
 edited still holding (Eff, Gen, Spe, generative success over the curve's records), what the batches
 since the previous point wrote of their own edits and how many z steps they took, the six tasks,
 the growth of the first and last edited W_out, and, for a run with rehearsal, how much of the
-earlier edits held before a batch, how many were written again, and how many of those re-writes
-held to the next batch (pooled over the batches since the previous point; journals written before
-2026-12-06 do not count them).
+earlier edits held before a batch, how many were written again, and how many of the re-writes held
+to the next check (pooled over the checks of the batches since the previous point, each about the
+re-writes of the rehearsing batch before it; journals of older code do not count them).
 
     python benchmarks/curve_rows.py RUN [--json]
 
@@ -71,7 +71,8 @@ def rows(run: Path) -> list[dict]:
         row["earlier_held"] = 100 * last["earlier_held"] if last and last.get("earlier_held") is not None else None
         row["rehearsed_mean"] = sum(rehearsed) / len(rehearsed) if rehearsed else None
         row["rehearsed_most"] = max(rehearsed) if rehearsed else None
-        row["rewrites_held"] = _mean([(100 * r["rewrites_held"], r["rewrites_counted"]) for r in since if r.get("rewrites_counted")])
+        counted = sum(r.get("rewrites_counted", 0) for r in since)
+        row["rewrites_held"] = 100 * (1 - sum(r.get("rewrites_lapsed", 0) for r in since) / counted) if counted else None
         out.append(row)
         previous = edits
     return out

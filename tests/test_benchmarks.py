@@ -370,7 +370,7 @@ def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folde
         # the second report: 20 of 25 re-writes held (a made-up count: the aggregation is what is tested)
         growth = {str(layer): {"frobenius": 1 + layer / 100 + k, "spectral": 1 + layer / 1000 + k} for layer in (3, 7, 10)}
         report = {"requests": requests, "efficacy": efficacy, "z_steps": steps, "weight_growth": growth, "earlier_held": held,
-                  "rehearsed": rehearsed, **({"rewrites_held": 0.8, "rewrites_counted": 25} if k else {})}
+                  "rehearsed": rehearsed, **({"rewrites_counted": 25, "rewrites_lapsed": 5} if k else {})}
         journal.append_batch(2 * k + 1, [], report, {"delta": torch.zeros(1)})  # batches 1 and 3
     # between them, a batch folder a killed run renamed into place but never committed: not one of the run's batches
     stray = tmp_path / "state" / "batches" / "000002"

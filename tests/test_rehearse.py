@@ -291,6 +291,9 @@ def test_rehearse_warm_from_the_command_line(tiny_model_folder, tmp_path):
     assert again.exit_code == 2 and "--rehearse-warm False" in again.output, again.output
     kept = CliRunner().invoke(app, [*common, "--state", str(warm), "--allow-repeat", "--json"], env=env)
     assert kept.exit_code == 0, kept.output
+    # without --json the table says what each batch's check found and how many it wrote again
+    shown = CliRunner().invoke(app, [*common, "--state", str(cold), "--allow-repeat"], env={**env, "COLUMNS": "200"})
+    assert shown.exit_code == 0 and "earlier held" in shown.output and "rehearsed" in shown.output, shown.output
     assert _method_label(EditConfig(method="alphaedit", rehearse=1, rehearse_warm=True)) == "alphaedit, rehearsal every 1, warm-started"
 
 
@@ -336,75 +339,105 @@ def test_rehearsal_that_outgrows_the_null_space_is_told_to_cap_its_rewrites(llam
     assert "--rehearse-cap" in said[0]
 
 
-def test_each_check_counts_how_many_of_the_batch_befores_rewrites_held(llama, tokenizer, tmp_path):
+def test_each_check_counts_what_lapsed_and_how_many_of_the_last_rewrites_held(llama, tokenizer, tmp_path):
     model, layout = llama
     editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=2, **WEAK)
     editor.edit(REQUESTS[:2])
     second = editor.edit(REQUESTS[2:3])[0]
     rewritten = editor.batches[-1].rehearsed
     assert rewritten, "the weak first batch should leave something to rehearse"
-    assert second.rewrites_held is None and second.rewrites_counted == 0  # the batch before wrote nothing again
-    holds = _holds(editor, rewritten)  # the reference: one request at a time, on the model as the third batch finds it
+    assert second.rewrites_counted == 0 and second.earlier_lapsed == 2 - round(2 * second.earlier_held)  # nothing re-written before
+    standing = REQUESTS[:3]
+    holds = _holds(editor, standing)  # the reference: one request at a time, on the model as the third batch finds it
     third = editor.edit(REQUESTS[3:])[0]
+    assert third.earlier_lapsed == holds.count(False)
     assert third.rewrites_counted == len(rewritten)
-    assert third.rewrites_held == pytest.approx(sum(holds) / len(holds))
+    assert third.rewrites_lapsed == [h for r, h in zip(standing, holds) if r in rewritten].count(False)
     # kept in the journal and shown by `alphaedit log`
     editor.save_state(tmp_path / "state")
     listed = CliRunner().invoke(app, ["log", "--state", str(tmp_path / "state")], env={"COLUMNS": "250"})
     assert listed.exit_code == 0, listed.output
-    assert f"{100 * third.rewrites_held:.0f}% of {len(rewritten)} earlier re-writes held" in listed.output, listed.output
+    held = third.rewrites_counted - third.rewrites_lapsed
+    assert f"{100 * third.earlier_held:.1f}% held, {held} of {third.rewrites_counted} re-writes" in listed.output, listed.output
 
 
-def test_only_the_latest_applied_batchs_rewrites_that_still_stand_are_counted():
+def test_with_rehearsal_every_other_batch_the_check_counts_the_last_rehearsing_batchs_rewrites(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=2, rehearse_cap=3, **WEAK)
+    reports = editor.edit([*REQUESTS, EditRequest("{} is a river in", "The Seine", "Spain", "France")], batch_size=1)
+    # batches 1, 3 and 5 rehearse (1 has nothing earlier); 5's check counts what 3 wrote again, 2 and 4 wrote none
+    assert [r.earlier_held is not None for r in reports] == [False, False, True, False, True]
+    assert editor.batches[2].rehearsed, "the weak batches should leave something to rehearse"
+    assert reports[4].rewrites_counted == len(editor.batches[2].rehearsed)
+
+
+def test_only_the_last_rehearsing_batchs_rewrites_that_still_stand_are_counted():
     darrieux, tower, river, seine = REQUESTS
     replaced = EditRequest(tower.prompt, tower.subject, "London", "Paris")
 
-    def applied(rehearsed, reverted=False):  # rewrites_holding reads only these two fields
-        return SimpleNamespace(rehearsed=rehearsed, reverted=reverted)
+    def applied(rehearsed, reverted=False, checked=True):  # rewrites_holding reads only these fields
+        return SimpleNamespace(rehearsed=rehearsed, reverted=reverted, report=SimpleNamespace(earlier_held=0.5 if checked else None))
 
     standing, holds = [darrieux, river, replaced], [True, False, True]
     # the tower's re-write stands no more (edited again since): of the other two, one held
     assert rewrites_holding([applied([darrieux, tower, river])], standing, holds) == [True, False]
-    # a reverted latest batch: the one before it is the latest applied
+    # a reverted latest batch, or one that did not rehearse: the one before it is the last rehearsing one
     assert rewrites_holding([applied([river]), applied([darrieux], reverted=True)], standing, holds) == [False]
-    assert rewrites_holding([applied([])], standing, holds) == [] and rewrites_holding([], standing, holds) == []
+    assert rewrites_holding([applied([river]), applied([], checked=False)], standing, holds) == [False]
+    # a rehearsing batch that wrote nothing again: nothing to count, even if an earlier one did
+    assert rewrites_holding([applied([river]), applied([])], standing, holds) == [] and rewrites_holding([], standing, holds) == []
 
 
-def test_the_backlog_runs_away_when_under_half_the_pooled_rewrites_held(monkeypatch):
-    def batch(held, counted, reverted=False):
-        return SimpleNamespace(report=SimpleNamespace(rewrites_held=held, rewrites_counted=counted), reverted=reverted)
+def test_the_outlook_pools_f_and_kappa_over_the_latest_checks(monkeypatch):
+    def batch(requests, rehearsed, lapsed=None, counted=0, again=0, reverted=False):
+        report = SimpleNamespace(requests=requests, rehearsed=rehearsed, earlier_held=None if lapsed is None else 0.9,
+                                 earlier_lapsed=lapsed, rewrites_counted=counted, rewrites_lapsed=again)
+        return SimpleNamespace(report=report, reverted=reverted)
 
-    monkeypatch.setattr(rehearsal_module, "RUNAWAY_BATCHES", 3)
-    monkeypatch.setattr(rehearsal_module, "RUNAWAY_REWRITES", 50)
-    steady = [batch(0.6, 20)] * 3
-    assert rehearsal_module.rewrites_pooled(steady) == (36, 60) and rehearsal_module.backlog_runs_away(steady) is None
-    # one bad batch among steady ones is not a runaway; three in a row are (the oldest falls out of the window)
-    assert rehearsal_module.backlog_runs_away([*steady[:2], batch(0.4, 20)]) is None  # 32 of 60
-    assert rehearsal_module.backlog_runs_away([steady[0], batch(0.4, 20), batch(0.45, 20), batch(0.45, 20)]) == (26, 60)
-    # too few re-writes to tell, batches that counted none skipped, reverted ones left out
-    assert rehearsal_module.backlog_runs_away([batch(0.0, 10)] * 3) is None
-    assert rehearsal_module.backlog_runs_away([batch(0.3, 30), batch(None, 0), batch(0.3, 30)]) == (18, 60)
-    assert rehearsal_module.backlog_runs_away([batch(0.3, 30), batch(0.3, 30, reverted=True)]) is None
+    monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 50)
+    history = [batch(100, 0),  # nothing earlier to check
+               batch(100, 30, lapsed=30),  # wrote back all 30 lapsed
+               batch(100, 40, lapsed=45, counted=30, again=10),  # 10 of the 30 lapsed again, 45 - 10 - 0 = 35 new; cap: 40 of 45
+               batch(100, 50, lapsed=60, counted=40, again=16)]  # 16 of the 40 again; 60 - 16 - (45 - 40) = 39 new
+    seen = rehearsal_module.outlook(history)
+    # the two latest pairs of checks: 70 re-writes counted, 26 lapsed again; 74 new over 130 + 140 columns
+    assert seen.rewrites == 70 and seen.f == pytest.approx(26 / 70) and seen.kappa == pytest.approx(74 / 270)
+    assert seen.new_per_batch == 100 and seen.settles_at == pytest.approx(100 * seen.kappa / (1 - seen.f - seen.kappa))
+    assert not seen.gives_out
+    # the latest pair alone once it counts enough
+    monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 40)
+    assert rehearsal_module.outlook(history).kappa == pytest.approx(39 / 140)
+    # too few re-writes to tell, and journals of older code (no counts) say nothing
+    monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 71)
+    assert rehearsal_module.outlook(history) is None
+    assert rehearsal_module.outlook([batch(100, 0), *[batch(100, 30) for _ in range(3)]]) is None
+    # a reverted batch is left out: its check and its columns
+    monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 40)
+    assert rehearsal_module.outlook([*history[:3], batch(100, 80, lapsed=99, counted=40, again=40, reverted=True), history[3]]).kappa \
+        == pytest.approx(39 / 140)
+    # f + κ at GIVES_OUT: most re-writes lapse again and every column knocks one out
+    worn = rehearsal_module.outlook([*history, batch(100, 60, lapsed=110, counted=50, again=40)])  # 110 - 40 - 10 = 60 new / 150
+    assert worn.f == pytest.approx(0.8) and worn.kappa == pytest.approx(0.4) and worn.gives_out and worn.settles_at is None
 
 
-def test_a_rehearsal_that_stops_keeping_up_is_told_once(llama, tokenizer, tmp_path, monkeypatch):
+def test_a_rehearsal_that_gives_out_is_told_once(llama, tokenizer, tmp_path, monkeypatch):
     # a learning rate too small for any write to take: every re-write lapses again at once, which
     # is what a model out of room does to them; one re-write is enough to tell here
-    monkeypatch.setattr(rehearsal_module, "RUNAWAY_REWRITES", 1)
+    monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 1)
     model, layout = llama
     editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, **WEAK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reports = editor.edit(REQUESTS, batch_size=1)
-    said = [str(w.message) for w in caught if "no longer keeps up" in str(w.message)]
-    runaway = [k for k, r in enumerate(reports) if r.rewrites_counted and 2 * r.rewrites_held * r.rewrites_counted < r.rewrites_counted]
-    assert runaway, [(r.rewrites_held, r.rewrites_counted) for r in reports]
+        editor.edit(REQUESTS, batch_size=1)
+    said = [str(w.message) for w in caught if "rehearsal is giving out" in str(w.message)]
+    outlooks = [rehearsal_module.outlook(editor.batches[:k]) for k in range(1, len(editor.batches) + 1)]
+    seen = next((o for o in outlooks if o is not None and o.gives_out), None)
+    assert seen is not None, outlooks
     assert len(said) == 1 and "--rehearse-cap" in said[0], said
-    held, counted = rehearsal_module.rewrites_pooled(editor.batches[: runaway[0] + 1])
-    assert f"only {held} of the last {counted} re-written edits held" in said[0]
+    assert f"of the last {seen.rewrites} re-written edits {100 * seen.f:.0f}% lapsed again" in said[0]
     # without rehearsal there is nothing to say
     plain = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, **WEAK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plain.edit(REQUESTS, batch_size=1)
-    assert not [w for w in caught if "no longer keeps up" in str(w.message)]
+    assert not [w for w in caught if "rehearsal is giving out" in str(w.message)]

@@ -50,10 +50,12 @@ class BatchReport:
     earlier_held: float | None = None
     rehearsed: int = 0
     rehearsed_z_steps: float | None = None  # the rehearsed requests' mean z steps (z_steps is over every form)
-    # of the requests the batch before wrote again (still standing), the share whose edit held at
-    # this batch's check, and how many were counted (rehearsal.rewrites_holding; absent before 2026-12-06)
-    rewrites_held: float | None = None
+    # the counts behind rehearsal.outlook (absent in journals of older code): the earlier requests
+    # that had lapsed at this batch's check, and of the requests the last rehearsing batch wrote
+    # again (still standing) how many were counted and how many of them had lapsed again
+    earlier_lapsed: int | None = None
     rewrites_counted: int = 0
+    rewrites_lapsed: int = 0
 
 
 @dataclass(frozen=True)

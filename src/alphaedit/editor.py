@@ -46,7 +46,7 @@ from .methods.projection import joint_projected_solve
 from .persistence import Persistence
 from .progress import progress_bar
 from .prompts import PLAIN_TEMPLATE, chat_form, has_chat_template
-from .rehearsal import Rehearsal, backlog_runs_away, edit_holds, rehearsal_for
+from .rehearsal import Rehearsal, edit_holds, outlook, rehearsal_for
 from .requests import EditRequest, RequestError, check_conflicts
 from .residual import mlp_contribution, mlp_output_change
 from .stats import CorpusSpec, StatsCache, second_moments, statistic_description
@@ -394,7 +394,8 @@ class Editor(Persistence):
         report = self._report(own, forms, values, deltas, efficacy, started, time.perf_counter() - start, clock.seconds, kept_columns)
         if rehearsal is not None:
             report.earlier_held, report.rehearsed = rehearsal.held, len(rehearsed)
-            report.rewrites_held, report.rewrites_counted = rehearsal.rewrites_held, rehearsal.rewrites_counted
+            report.earlier_lapsed = rehearsal.earlier_lapsed
+            report.rewrites_counted, report.rewrites_lapsed = rehearsal.rewrites_counted, rehearsal.rewrites_lapsed
             if rehearsed:  # the forms are the batch's own requests, then the rehearsed ones (_sourced_forms)
                 report.rehearsed_z_steps = sum(values.targets.steps[len(own) : len(requests)]) / len(rehearsed)
             report.phase_seconds["check"] = report.phase_seconds.get("check", 0.0) + rehearsal.seconds
@@ -407,17 +408,18 @@ class Editor(Persistence):
         return report
 
     def _warn_runaway(self) -> None:
-        """Say (once) when rehearsal stops keeping up: fewer than half the re-writes of the last
-        batches held to the next check (rehearsal.backlog_runs_away), so the lapsed edits each batch
-        must write again grow without end."""
-        if self._warned_runaway or (pooled := backlog_runs_away(self.batches)) is None:
+        """Say (once) when rehearsal gives out: over the last checks f + κ reached rehearsal.GIVES_OUT
+        (rehearsal.outlook), so the lapsed edits no longer settle at a size the batches can write back."""
+        if self._warned_runaway or (seen := outlook(self.batches)) is None or not seen.gives_out:
             return
         self._warned_runaway = True
-        held, counted = pooled
-        warnings.warn(f"rehearsal no longer keeps up: only {held} of the last {counted} re-written edits held to the next batch, "
-                      "so the lapsed edits each batch writes again will keep growing, and with them its time; the edited "
-                      "layers have about run out of room for more edits. Cap the re-writes (--rehearse-cap) to bound the "
-                      "time, and expect efficacy on earlier edits to fall", stacklevel=4)
+        cap = self.config.rehearse_cap or round(seen.new_per_batch)
+        settles = "no longer settle" if seen.settles_at is None else f"settle only near {seen.settles_at:.0f} a batch"
+        warnings.warn(f"rehearsal is giving out: of the last {seen.rewrites} re-written edits {100 * seen.f:.0f}% lapsed again by the "
+                      f"next check, and each column a batch writes leaves {seen.kappa:.2f} more edits lapsed, so the lapsed "
+                      f"edits {settles}. Past the cap of {cap} re-writes a batch (--rehearse-cap) they wait unwritten and "
+                      "efficacy on earlier edits falls; under it each batch writes more of them and takes longer. The edited "
+                      "layers have about run out of room for more edits", stacklevel=4)
 
     def _warn_past_room(self, columns: int, own: int, rehearsed: int) -> None:
         """Say (once) when a batch writes more columns than the smallest null space leaves directions.

@@ -9,11 +9,15 @@ whose edit no longer holds and write them again as extra columns of the next bat
     holds    = the efficacy test on the model now (edit_holds)
     lapsed   = choose_lapsed(standing, holds, batch, most): not held, not in conflict, oldest
                first, at most `most` (EditConfig.rehearse_cap; by default as many as the batch has)
-    f        = of the requests the latest batch wrote again (still standing), the share not held
+    f        = of the requests the last rehearsing batch wrote again (still standing), the share
+               lapsed again at this check
+    κ        = the edits newly lapsed per column written since the check before
 
-f says whether rehearsal keeps up. With κ the edits lapsed per column a batch writes, a backlog B of
-re-writes settles where B = f·B + κ·(new + B), and runs away as f + κ nears 1: on SmolLM2 past
-7,000 edits, as f passed one half (BENCHMARKS.md).
+f and κ say whether rehearsal keeps up (outlook): a backlog of B re-writes a batch with `new`
+requests of its own settles where B = f·B + κ·(new + B), B = κ·new / (1 − f − κ), and grows without
+end as f + κ nears 1. On SmolLM2's five layers κ grew by about 0.07 for every 1,000 edits stored
+while f stayed near a third, and f + κ was 0.94 over 6,100-7,000 edits, where the backlog ran away
+(BENCHMARKS.md, "What sets where rehearsal gives out").
 
 The lapsed requests are written as more columns of the batch, their z optimised as the batch's
 own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with.
@@ -33,12 +37,13 @@ from .requests import EditRequest
 from .teacher_forcing import continuation_accuracy, prefers_new
 
 
-# The backlog is said to run away when, pooled over the last RUNAWAY_BATCHES batches whose check
-# counted re-writes, fewer than half of at least RUNAWAY_REWRITES re-writes held: one batch's share
-# swings by about ±0.09 at 30 re-writes around the 0.65 SmolLM2 held through 3,000 edits, five
-# batches' by ±0.04, so a steady rehearsal is not mistaken for a runaway one
-RUNAWAY_BATCHES = 5
-RUNAWAY_REWRITES = 50
+# The outlook pools the most recent checks until they count at least OUTLOOK_REWRITES re-writes
+# (one batch's share of re-writes held swings by about ±0.09 at 30 of them around the 0.65 SmolLM2
+# held through 3,000 edits; 150 by ±0.04), and says rehearsal gives out where f + κ reaches
+# GIVES_OUT: the backlog then settles, if at all, at ten times the edits a batch knocks out
+# (SmolLM2's five layers: 0.63 at 3,000 edits, 0.94 at 6,100-7,000, where it ran away)
+OUTLOOK_REWRITES = 150
+GIVES_OUT = 0.9
 
 
 @dataclass
@@ -48,10 +53,11 @@ class Rehearsal:
     lapsed: list[EditRequest]  # earlier requests whose edit no longer holds, oldest first
     held: float | None  # the share of the earlier requests still standing whose edit held
     seconds: float  # the check's time
-    # of the requests the latest applied batch wrote again and still standing, the share that held
-    # (1 − f above) and how many; None where it wrote none again
-    rewrites_held: float | None = None
+    earlier_lapsed: int = 0  # the earlier requests still standing whose edit did not hold (before the cap)
+    # of the requests the last rehearsing batch wrote again and still standing: how many, and how many
+    # of them lapsed again (f above, over a few checks)
     rewrites_counted: int = 0
+    rewrites_lapsed: int = 0
 
 
 def edit_holds(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
@@ -120,31 +126,61 @@ def rehearsal_for(batches: Sequence[AppliedBatch], batch: list[EditRequest],
     holds = check(earlier)
     rewrites = rewrites_holding(batches, earlier, holds)
     return Rehearsal(choose_lapsed(earlier, holds, batch, most), sum(holds) / len(holds), time.perf_counter() - start,
-                     sum(rewrites) / len(rewrites) if rewrites else None, len(rewrites))
+                     earlier_lapsed=holds.count(False), rewrites_counted=len(rewrites), rewrites_lapsed=rewrites.count(False))
 
 
 def rewrites_holding(batches: Sequence[AppliedBatch], earlier: list[EditRequest], holds: list[bool]) -> list[bool]:
-    """Per request the latest applied batch wrote again that still stands (`earlier`, checked as
-    `holds`): does it hold? One replaced since by a newer edit of its subject and prompt is not
-    counted, nor are the re-writes of a reverted batch (the latest applied one's are)."""
-    latest = next((applied for applied in reversed(batches) if not applied.reverted), None)
-    if latest is None:
+    """Per request the last rehearsing batch wrote again that still stands (`earlier`, checked as
+    `holds`): does it hold? The last rehearsing batch is the latest applied one that was checked
+    (with `rehearse N`, N batches back); a re-write replaced since by a newer edit of its subject
+    and prompt is not counted, nor are a reverted batch's."""
+    last = next((applied for applied in reversed(batches) if not applied.reverted and applied.report.earlier_held is not None), None)
+    if last is None:
         return []
     held = dict(zip(earlier, holds))
-    return [held[request] for request in latest.rehearsed if request in held]
+    return [held[request] for request in last.rehearsed if request in held]
 
 
+@dataclass(frozen=True)
+class Outlook:
+    """Whether rehearsal keeps up, from the most recent checks (the module's note): f, κ and the
+    backlog they settle at."""
 
-def rewrites_pooled(batches: Sequence[AppliedBatch]) -> tuple[int, int]:
-    """(held, counted): the re-writes that held to the next check, pooled over the last
-    RUNAWAY_BATCHES applied batches whose report counted any."""
-    counted = [b.report for b in batches if not b.reverted and b.report.rewrites_counted][-RUNAWAY_BATCHES:]
-    return (round(sum(r.rewrites_held * r.rewrites_counted for r in counted)), sum(r.rewrites_counted for r in counted))
+    f: float  # the share of re-writes lapsed again by the next check
+    kappa: float  # edits newly lapsed per column written between two checks (the batches' own misses included)
+    rewrites: int  # the re-writes f is over
+    new_per_batch: float  # the batches' own requests, on average
+
+    @property
+    def gives_out(self) -> bool:
+        """f + κ at GIVES_OUT or past it."""
+        return self.f + self.kappa >= GIVES_OUT
+
+    @property
+    def settles_at(self) -> float | None:
+        """The re-writes a batch settles at, B = κ·new / (1 − f − κ); None where f + κ ≥ 1."""
+        room = 1 - self.f - self.kappa
+        return self.kappa * self.new_per_batch / room if room > 0 else None
 
 
-def backlog_runs_away(batches: Sequence[AppliedBatch]) -> tuple[int, int] | None:
-    """(held, counted) where rewrites_pooled says that fewer than half of at least RUNAWAY_REWRITES
-    re-writes held: each lapsed re-write is written again, so the re-writes a batch needs then grow
-    without end (f > 1/2 in the module's note); None otherwise."""
-    held, counted = rewrites_pooled(batches)
-    return (held, counted) if counted >= RUNAWAY_REWRITES and 2 * held < counted else None
+def outlook(batches: Sequence[AppliedBatch]) -> Outlook | None:
+    """f and κ over the most recent pairs of consecutive checks, pooled until they count at least
+    OUTLOOK_REWRITES re-writes; None before that (or where the journal predates the counts). Between
+    a check and the next, κ's newly lapsed are those lapsed at the next check that were neither
+    re-written and lapsed again nor left lapsed at the first (its lapsed beyond what it wrote back,
+    taken to stay lapsed), over the columns the batches between wrote."""
+    applied = [b.report for b in batches if not b.reverted]
+    checks = [i for i, r in enumerate(applied) if r.earlier_held is not None and r.earlier_lapsed is not None]
+    counted = lapsed_again = newly = columns = new = batches_seen = 0
+    for before, at in reversed(list(zip(checks, checks[1:]))):
+        first, then = applied[before], applied[at]
+        counted += then.rewrites_counted
+        lapsed_again += then.rewrites_lapsed
+        left = first.earlier_lapsed - first.rehearsed  # lapsed at the first check and not written back
+        newly += max(0, then.earlier_lapsed - then.rewrites_lapsed - left)
+        columns += sum(r.requests + r.rehearsed for r in applied[before:at])
+        new += sum(r.requests for r in applied[before:at])
+        batches_seen += at - before
+        if counted >= OUTLOOK_REWRITES:
+            return Outlook(lapsed_again / counted, newly / columns, counted, new / batches_seen)
+    return None

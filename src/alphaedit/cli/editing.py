@@ -163,11 +163,14 @@ def edit(
             out.print_json(json.dumps(summary))
             return
         table = Table(title=f"{len(parsed)} edits into {spec} ({editor.config.method}, layers {editor.config.layers[0]}-{editor.config.layers[-1]})")
-        for column in ("batch", "requests", "seconds", "z steps", "target p", "efficacy"):
+        rehearsing = editor.config.rehearse > 0
+        for column in ("batch", "requests", "seconds", "z steps", "target p", "efficacy", *(["earlier held", "rehearsed"] if rehearsing else [])):
             table.add_column(column, justify="right")
         for r in reports:
             efficacy = "-" if r.efficacy is None else f"{100 * r.efficacy:.0f}%"
-            table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy)
+            # with rehearsal: what its check before the batch found, and how many lapsed edits the batch wrote again
+            check = ["-" if r.earlier_held is None else f"{100 * r.earlier_held:.1f}%", str(r.rehearsed)] if rehearsing else []
+            table.add_row(str(r.index), str(r.requests), f"{r.seconds:.1f}", f"{r.z_steps:.1f}", f"{r.target_prob:.2f}", efficacy, *check)
         out.print(table)
         out.print(f"state saved in {state}")
 

@@ -26,9 +26,10 @@ def log(
     state: Annotated[Path, typer.Option("--state", "-s", help="State folder (journal) to list.")],
     as_json: JsonOption = False,
 ) -> None:
-    """List the journal's batches: id, time, requests (and the earlier ones rehearsed with them, and
-    how many of the batch before's re-writes still held), efficacy, norm of each layer's update, and
-    how far the edited matrices and the target values have grown (monitoring for long sequences)."""
+    """List the journal's batches: id, time, requests (and the earlier ones rehearsed with them),
+    efficacy, norm of each layer's update, how far the edited matrices and the target values have
+    grown (monitoring for long sequences) and, with rehearsal, what its check before the batch found.
+    --json gives every field of every report."""
     journal = _open_journal(state)
     reverted = journal.reverted()
     batches = []
@@ -42,8 +43,9 @@ def log(
     table = Table(title=f"{state}: {journal.header['config']['method']} edits of {journal.header['model']}")
     # growth against the base after the batch, the largest over the layers (journals before
     # 2026-12-03 have none: "-")
+    checked = any(b.get("earlier_held") is not None for b in batches)  # a rehearsing journal
     for column in ("id", "started (UTC)", "requests", "efficacy", *[f"‖Δ{l}‖" for l in layers], "‖W‖/‖W₀‖ F", "σmax/σmax₀",
-                   "‖δ‖/‖h‖", "status"):
+                   "‖δ‖/‖h‖", *(["rehearsal check"] if checked else []), "status"):
         table.add_column(column, justify="right")
     for b in batches:
         efficacy = "-" if b["efficacy"] is None else f"{100 * b['efficacy']:.0f}%"
@@ -52,9 +54,12 @@ def log(
         largest = [f"{max(g[k] for g in growth.values()):.3f}" if growth else "-" for k in ("frobenius", "spectral")]
         shift = "-" if b.get("value_shift") is None else f"{b['value_shift']:.2f}"
         requests = f"{b['requests']} +{b['rehearsed']} rehearsed" if b.get("rehearsed") else str(b["requests"])
-        if b.get("rewrites_counted"):  # of the batch before's re-writes: under half, and the backlog runs away
-            requests += f" ({100 * b['rewrites_held']:.0f}% of {b['rewrites_counted']} earlier re-writes held)"
-        table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), requests, efficacy, *norms, *largest, shift,
+        check = []
+        if checked:  # the earlier edits that held, and of the last rehearsing batch's re-writes (rehearsal.outlook)
+            check = ["-" if b.get("earlier_held") is None else f"{100 * b['earlier_held']:.1f}% held"]
+            if b.get("rewrites_counted"):
+                check[0] += f", {b['rewrites_counted'] - b['rewrites_lapsed']} of {b['rewrites_counted']} re-writes"
+        table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), requests, efficacy, *norms, *largest, shift, *check,
                       "reverted" if b["reverted"] else "applied")
     _print_whole(table)
 

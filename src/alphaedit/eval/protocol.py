@@ -50,8 +50,9 @@ class ProtocolResult:
     seconds_editing: float = 0.0
     notes: list[str] = field(default_factory=list)
     # per batch, from the editor's reports: {"edits": n, "weight_growth": {layer: {frobenius, spectral}},
-    # "value_norm", "value_shift", "null_space_rank"} (monitoring, issue 14), and with rehearsal
-    # "earlier_held", "rehearsed", "rewrites_held", "rewrites_counted"
+    # "value_norm", "value_shift", "null_space_rank"} (monitoring, issue 14), and with rehearsal the
+    # check before the batch: "checked_at" (the edits before it), "earlier_held", "earlier_lapsed",
+    # "rewrites_counted", "rewrites_lapsed", and "rehearsed", how many the batch wrote again
     monitor: list[dict] = field(default_factory=list)
 
 
@@ -63,9 +64,10 @@ def monitor(editor: Editor) -> list[dict]:
         if report.weight_growth:
             points.append({"edits": edits, "weight_growth": report.weight_growth, "value_norm": report.value_norm,
                            "value_shift": report.value_shift, "null_space_rank": report.null_space_rank})
-            if report.earlier_held is not None:  # the batch's rehearsal check
-                points[-1].update({"earlier_held": report.earlier_held, "rehearsed": report.rehearsed,
-                                   "rewrites_held": report.rewrites_held, "rewrites_counted": report.rewrites_counted})
+            if report.earlier_held is not None:  # the rehearsal check before the batch
+                points[-1].update({"checked_at": edits - report.requests, "earlier_held": report.earlier_held,
+                                   "earlier_lapsed": report.earlier_lapsed, "rewrites_counted": report.rewrites_counted,
+                                   "rewrites_lapsed": report.rewrites_lapsed, "rehearsed": report.rehearsed})
     return points
 
 
@@ -305,8 +307,8 @@ def _latest(editor: Editor, progress: dict) -> dict:
     latest = {"batch efficacy": None if report.efficacy is None else 100 * report.efficacy, "s/edit": report.seconds / max(1, report.requests)}
     if report.earlier_held is not None:  # rehearsal's check: how many earlier edits still held before the batch
         latest.update({"earlier edits held": 100 * report.earlier_held, "rehearsed": report.rehearsed})
-    if report.rewrites_held is not None:  # of the batch before's re-writes: under half, and the backlog runs away
-        latest["re-writes held"] = 100 * report.rewrites_held
+    if report.rewrites_counted:  # of the last rehearsing batch's re-writes (rehearsal.outlook)
+        latest["re-writes held"] = 100 * (1 - report.rewrites_lapsed / report.rewrites_counted)
     if len(progress["curve"]) > 1:
         latest.update({k: progress["curve"][-1][k] for k in ("efficacy", "specificity")})
     if progress["general"]:

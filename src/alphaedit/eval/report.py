@@ -177,20 +177,20 @@ def plot_growth(result: ProtocolResult, path: Path) -> None:
 
 
 def plot_rehearsal(result: ProtocolResult, path: Path) -> None:
-    """Per rehearsing batch: the earlier edits that still held before it and the share of the batch
-    before's re-writes that held (%, left), and how many it wrote again (right). The re-writes
-    holding under half is where the backlog stops settling (rehearsal.py)."""
+    """Per rehearsal check, against the edits before it: the earlier edits that still held and the
+    share of the last rehearsing batch's re-writes that held (%, left), and how many re-writes the
+    batch after it wrote (right). Re-writes that keep lapsing again are how rehearsal gives out
+    (rehearsal.py)."""
     points = [p for p in result.monitor if p.get("earlier_held") is not None]
-    edits = [p["edits"] for p in points]
-    with figure(path, "rehearsal: what held before each batch, and what it wrote again", "number of edits", "held (%)") as ax:
-        ax.plot(edits, [100 * p["earlier_held"] for p in points], marker=".", label="earlier edits held")
-        again = [(p["edits"], 100 * p["rewrites_held"]) for p in points if p.get("rewrites_held") is not None]
+    at = [p.get("checked_at", p["edits"]) for p in points]
+    with figure(path, "rehearsal: what held at each check, and what was written again", "number of edits", "held (%)") as ax:
+        ax.plot(at, [100 * p["earlier_held"] for p in points], marker=".", label="earlier edits held")
+        again = [(a, 100 * (1 - p["rewrites_lapsed"] / p["rewrites_counted"])) for a, p in zip(at, points) if p.get("rewrites_counted")]
         if again:
-            ax.plot(*zip(*again), marker=".", label="the batch before's re-writes held")
-        ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+            ax.plot(*zip(*again), marker=".", label="the last re-writes held")
         ax.set_ylim(0, 100)
         right = ax.twinx()
-        right.plot(edits, [p["rehearsed"] for p in points], color="black", linestyle="--", label="re-writes in the batch")
-        right.set_ylabel("re-writes")
-        right.set_ylim(bottom=0)
-        right.legend(loc="lower right", fontsize=8)
+        line = right.plot(at, [p["rehearsed"] for p in points], color="black", linestyle="--")[0]
+        right.set(ylabel="re-writes", ylim=(0, None))
+        # one legend: figure() draws the left axes' (a proxy line stands in for the right one's)
+        ax.plot([], [], color=line.get_color(), linestyle="--", label="re-writes in the batch (right)")
