@@ -4,9 +4,11 @@ since the previous point wrote of their own edits and how many z steps they took
 the growth of the first and last edited W_out, and, for a run with rehearsal, how much of the
 earlier edits held before a batch, how many were written again, and how many of the re-writes held
 to the next check (pooled over the checks of the batches since the previous point, each about the
-re-writes of the rehearsing batch before it; journals of older code do not count them).
+re-writes of the rehearsing batch before it), and rehearsal's outlook at the point, f / κ pooled
+over the latest 150 re-writes or more (alphaedit.rehearsal.outlook); journals of older code count
+neither.
 
-    python benchmarks/curve_rows.py RUN [--json]
+    python benchmarks/curve_rows.py RUN [--json] [--pool N]
 
 Reads RUN/summary.json (a finished run: its curve ends with the final evaluation) or else
 RUN/progress.json, and the batch reports under RUN/state/batches.
@@ -17,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from alphaedit.eval.general import mean_f1
 from alphaedit.journal import Journal
+from alphaedit.rehearsal import OUTLOOK_REWRITES, outlook
 
 
 def _progress(run: Path) -> dict:
@@ -45,7 +49,14 @@ def _mean(pairs: list[tuple[float, float]]) -> float | None:
     return sum(v * w for v, w in pairs) / weight if weight else None
 
 
-def rows(run: Path) -> list[dict]:
+def _applied(reports: list[dict]) -> list[SimpleNamespace]:
+    """Report dicts as the applied batches rehearsal.outlook reads (the counts 0 or None where a
+    journal of older code has none)."""
+    fields = {"requests": 0, "rehearsed": 0, "earlier_held": None, "earlier_lapsed": None, "rewrites_counted": 0, "rewrites_lapsed": 0}
+    return [SimpleNamespace(report=SimpleNamespace(**{k: r.get(k, d) for k, d in fields.items()}), reverted=False) for r in reports]
+
+
+def rows(run: Path, pool: int = OUTLOOK_REWRITES) -> list[dict]:
     progress, reports = _progress(run), _reports(run)
     general = {g["edits"]: g["scores"] for g in progress.get("general", [])}
     layers = sorted({layer for _, r in reports for layer in r.get("weight_growth", {})}, key=int)
@@ -73,6 +84,8 @@ def rows(run: Path) -> list[dict]:
         row["rehearsed_most"] = max(rehearsed) if rehearsed else None
         counted = sum(r.get("rewrites_counted", 0) for r in since)
         row["rewrites_held"] = 100 * (1 - sum(r.get("rewrites_lapsed", 0) for r in since) / counted) if counted else None
+        seen = outlook(_applied([r for e, r in reports if e <= edits]), at_least=pool)
+        row["f"], row["kappa"] = (seen.f, seen.kappa) if seen else (None, None)
         out.append(row)
         previous = edits
     return out
@@ -86,7 +99,8 @@ def table(found: list[dict]) -> str:
     last = next((r["last_layer"] for r in found if r["last_layer"]), "?")
     first = next((r["first_layer"] for r in found if r["first_layer"]), "?")
     head = ["edits", "Eff", "Gen", "Spe", "gen. success", "batches' own Eff", "z steps", "general F1 label / generated",
-            f"‖W{last}‖/‖W{last}⁰‖ F / spectral", f"‖W{first}‖/‖W{first}⁰‖", "earlier held", "rehearsed (mean / most)", "re-writes held"]
+            f"‖W{last}‖/‖W{last}⁰‖ F / spectral", f"‖W{first}‖/‖W{first}⁰‖", "earlier held", "rehearsed (mean / most)", "re-writes held",
+            "f / κ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in found:
         general = f"{_cell(r['general_label'])} / {_cell(r['general_generated'])}" if r["general_label"] is not None else ""
@@ -94,7 +108,8 @@ def table(found: list[dict]) -> str:
         rehearsed = f"{_cell(r['rehearsed_mean'])} / {r['rehearsed_most']}" if r["rehearsed_mean"] is not None else ""
         cells = [_cell(r["edits"]), _cell(r["efficacy"]), _cell(r["generalization"]), _cell(r["specificity"]),
                  _cell(r["generative_success"]), _cell(r["batch_efficacy"]), _cell(r["z_steps"]), general, growth,
-                 _cell(r["first_frobenius"], 3), _cell(r["earlier_held"]), rehearsed, _cell(r["rewrites_held"])]
+                 _cell(r["first_frobenius"], 3), _cell(r["earlier_held"]), rehearsed, _cell(r["rewrites_held"]),
+                 f"{r['f']:.2f} / {r['kappa']:.2f}" if r["f"] is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -103,10 +118,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--json", action="store_true", help="the rows as JSON, nothing else")
+    parser.add_argument("--pool", type=int, default=OUTLOOK_REWRITES, help="re-writes the outlook pools at least (default: alphaedit's)")
     a = parser.parse_args()
     if not (a.run / "progress.json").exists() and not (a.run / "summary.json").exists():
         parser.error(f"{a.run} holds neither summary.json nor progress.json: not an `alphaedit eval` run folder")
-    found = rows(a.run)
+    found = rows(a.run, a.pool)
     print(json.dumps(found, indent=1) if a.json else table(found))
 
 

@@ -390,10 +390,32 @@ def test_curve_rows_reads_each_points_batches_checks_and_growth_from_a_run_folde
     assert point["rewrites_held"] == pytest.approx(80.0) and start["rewrites_held"] is None
     done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 30.0 / 30 | 80.0 |" in done.stdout
+    assert "| 150 | 90.0 | 80.0 | 65.0 | 40.0 | 90.0 | 9.0 | 40.0 / 5.0 | 2.100 / 2.010 | 2.030 | 90.0 | 30.0 / 30 | 80.0 |  |" in done.stdout
     as_json = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--json"], capture_output=True,
                              text=True, timeout=300)
     assert _json_only(as_json.stdout)[1]["edits"] == 150
     empty = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path / "state")], capture_output=True,
                            text=True, timeout=300)
     assert empty.returncode != 0 and "not an `alphaedit eval` run folder" in empty.stderr
+
+
+def test_curve_rows_gives_rehearsals_outlook_at_each_point(tmp_path):
+    """f / κ at a point: rehearsal.outlook over the batches up to it, pooled over --pool re-writes."""
+    curve_rows = _benchmark("curve_rows")
+    progress = {"curve": [{"edits": 0, "efficacy": 30.0}, {"edits": 200, "efficacy": 90.0}, {"edits": 300, "efficacy": 85.0}]}
+    (tmp_path / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+    from alphaedit.journal import Journal
+
+    journal = Journal.create(tmp_path / "state", {"config": {}})
+    checks = ({}, {"earlier_held": 0.8, "earlier_lapsed": 20, "rehearsed": 20},
+              {"earlier_held": 0.7, "earlier_lapsed": 40, "rehearsed": 30, "rewrites_counted": 20, "rewrites_lapsed": 5})
+    for k, check in enumerate(checks):
+        journal.append_batch(k, [], {"requests": 100, "efficacy": 0.9, **check}, {"delta": torch.zeros(1)})
+    start, first, second = curve_rows.rows(tmp_path, pool=20)
+    assert start["f"] is None and first["f"] is None  # one check: no pair of checks yet
+    # 5 of 20 re-writes lapsed again; 40 - 5 - (20 - 20) = 35 newly lapsed over the 120 columns between the checks
+    assert second["f"] == pytest.approx(0.25) and second["kappa"] == pytest.approx(35 / 120)
+    assert curve_rows.rows(tmp_path, pool=21)[2]["f"] is None  # too few re-writes to tell
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--pool", "20"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "| 0.25 / 0.29 |" in done.stdout, done.stderr[-3000:] + done.stdout

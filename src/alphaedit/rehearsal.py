@@ -163,9 +163,9 @@ class Outlook:
         return self.kappa * self.new_per_batch / room if room > 0 else None
 
 
-def outlook(batches: Sequence[AppliedBatch]) -> Outlook | None:
+def outlook(batches: Sequence[AppliedBatch], at_least: int | None = None) -> Outlook | None:
     """f and κ over the most recent pairs of consecutive checks, pooled until they count at least
-    OUTLOOK_REWRITES re-writes; None before that (or where the journal predates the counts). Between
+    `at_least` (OUTLOOK_REWRITES) re-writes; None before that (or where the journal predates the counts). Between
     a check and the next, κ's newly lapsed are those lapsed at the next check that were neither
     re-written and lapsed again nor left lapsed at the first (its lapsed beyond what it wrote back,
     taken to stay lapsed), over the columns the batches between wrote."""
@@ -181,6 +181,6 @@ def outlook(batches: Sequence[AppliedBatch]) -> Outlook | None:
         columns += sum(r.requests + r.rehearsed for r in applied[before:at])
         new += sum(r.requests for r in applied[before:at])
         batches_seen += at - before
-        if counted >= OUTLOOK_REWRITES:
+        if counted >= (OUTLOOK_REWRITES if at_least is None else at_least):
             return Outlook(lapsed_again / counted, newly / columns, counted, new / batches_seen)
     return None
