@@ -409,17 +409,22 @@ class Editor(Persistence):
 
     def _warn_runaway(self) -> None:
         """Say (once) when rehearsal gives out: over the last checks f + κ reached rehearsal.GIVES_OUT
-        (rehearsal.outlook), so the lapsed edits no longer settle at a size the batches can write back."""
+        (rehearsal.outlook), so the lapsed edits settle, if at all, at many times what a batch knocks out."""
         if self._warned_runaway or (seen := outlook(self.batches)) is None or not seen.gives_out:
             return
         self._warned_runaway = True
-        cap = self.config.rehearse_cap or round(seen.new_per_batch)
-        settles = "no longer settle" if seen.settles_at is None else f"settle only near {seen.settles_at:.0f} a batch"
+        cap = self.config.rehearse_cap
+        limit = f"the cap of {cap} re-writes a batch" if cap else "the batch's size, the default cap of re-writes (--rehearse-cap)"
+        settles = seen.settles_at
+        if settles is None or settles > (cap or seen.new_per_check / self.config.rehearse):
+            outcome = (f"{'they no longer settle' if settles is None else f'they settle only near {settles:.0f} a batch'}, past "
+                       f"{limit}: the rest wait unwritten and efficacy on earlier edits falls")
+        else:
+            outcome = f"they settle near {settles:.0f} a batch, under {limit}, at the price of more re-writing every batch"
         warnings.warn(f"rehearsal is giving out: of the last {seen.rewrites} re-written edits {100 * seen.f:.0f}% lapsed again by the "
-                      f"next check, and each column a batch writes leaves {seen.kappa:.2f} more edits lapsed, so the lapsed "
-                      f"edits {settles}. Past the cap of {cap} re-writes a batch (--rehearse-cap) they wait unwritten and "
-                      "efficacy on earlier edits falls; under it each batch writes more of them and takes longer. The edited "
-                      "layers have about run out of room for more edits", stacklevel=4)
+                      f"next check, and each request written leaves {seen.kappa:.2f} edits newly lapsed (its own, if it did not take, "
+                      f"included); so the lapsed edits grow: {outcome}. The edited layers are running out of room for more edits",
+                      stacklevel=4)
 
     def _warn_past_room(self, columns: int, own: int, rehearsed: int) -> None:
         """Say (once) when a batch writes more columns than the smallest null space leaves directions.

@@ -11,11 +11,12 @@ whose edit no longer holds and write them again as extra columns of the next bat
                first, at most `most` (EditConfig.rehearse_cap; by default as many as the batch has)
     f        = of the requests the last rehearsing batch wrote again (still standing), the share
                lapsed again at this check
-    κ        = the edits newly lapsed per column written since the check before
+    κ        = the edits newly lapsed per request written since the check before (new or
+               re-written; the batches' own edits that did not take count as lapsed)
 
-f and κ say whether rehearsal keeps up (outlook): a backlog of B re-writes a batch with `new`
-requests of its own settles where B = f·B + κ·(new + B), B = κ·new / (1 − f − κ), and grows without
-end as f + κ nears 1. On SmolLM2's five layers κ grew by about 0.07 for every 1,000 edits stored
+f and κ say whether rehearsal keeps up (outlook): with `new` requests of their own written between
+two checks, the B re-writes of a rehearsing batch settle where B = f·B + κ·(new + B), that is
+B = κ·new / (1 − f − κ), and grow without end as f + κ nears 1. On SmolLM2's five layers κ grew by about 0.07 for every 1,000 edits stored
 while f stayed near a third, and f + κ was 0.94 over 6,100-7,000 edits, where the backlog ran away
 (BENCHMARKS.md, "What sets where rehearsal gives out").
 
@@ -40,7 +41,7 @@ from .teacher_forcing import continuation_accuracy, prefers_new
 # The outlook pools the most recent checks until they count at least OUTLOOK_REWRITES re-writes
 # (one batch's share of re-writes held swings by about ±0.09 at 30 of them around the 0.65 SmolLM2
 # held through 3,000 edits; 150 by ±0.04), and says rehearsal gives out where f + κ reaches
-# GIVES_OUT: the backlog then settles, if at all, at ten times the edits a batch knocks out
+# GIVES_OUT: the backlog then settles, if at all, at ten times κ·new or more
 # (SmolLM2's five layers: 0.63 at 3,000 edits, 0.94 at 6,100-7,000, where it ran away)
 OUTLOOK_REWRITES = 150
 GIVES_OUT = 0.9
@@ -147,9 +148,9 @@ class Outlook:
     backlog they settle at."""
 
     f: float  # the share of re-writes lapsed again by the next check
-    kappa: float  # edits newly lapsed per column written between two checks (the batches' own misses included)
+    kappa: float  # edits newly lapsed per request written between two checks (the batches' own misses included)
     rewrites: int  # the re-writes f is over
-    new_per_batch: float  # the batches' own requests, on average
+    new_per_check: float  # the batches' own requests between two checks, on average (the batch size × rehearse N)
 
     @property
     def gives_out(self) -> bool:
@@ -158,29 +159,34 @@ class Outlook:
 
     @property
     def settles_at(self) -> float | None:
-        """The re-writes a batch settles at, B = κ·new / (1 − f − κ); None where f + κ ≥ 1."""
+        """The re-writes a rehearsing batch settles at, B = κ·new / (1 − f − κ); None where f + κ ≥ 1."""
         room = 1 - self.f - self.kappa
-        return self.kappa * self.new_per_batch / room if room > 0 else None
+        return self.kappa * self.new_per_check / room if room > 0 else None
 
 
 def outlook(batches: Sequence[AppliedBatch], at_least: int | None = None) -> Outlook | None:
     """f and κ over the most recent pairs of consecutive checks, pooled until they count at least
-    `at_least` (OUTLOOK_REWRITES) re-writes; None before that (or where the journal predates the counts). Between
-    a check and the next, κ's newly lapsed are those lapsed at the next check that were neither
-    re-written and lapsed again nor left lapsed at the first (its lapsed beyond what it wrote back,
-    taken to stay lapsed), over the columns the batches between wrote."""
-    applied = [b.report for b in batches if not b.reverted]
-    checks = [i for i, r in enumerate(applied) if r.earlier_held is not None and r.earlier_lapsed is not None]
-    counted = lapsed_again = newly = columns = new = batches_seen = 0
+    `at_least` (OUTLOOK_REWRITES) re-writes; None before that (or where the journal predates the
+    counts). Between a check and the next, κ's newly lapsed are those lapsed at the next check that
+    were neither re-written and lapsed again nor left lapsed at the first (its lapsed beyond what it
+    wrote back, taken to stay lapsed: a slight underestimate where some were replaced or recovered
+    since), over the requests the batches between wrote. A pair with a reverted batch from its first
+    check to its second is skipped: the second check's counts were taken with that batch applied."""
+    reports = [b.report for b in batches]
+    reverted = [b.reverted for b in batches]
+    checks = [i for i, r in enumerate(reports) if r.earlier_held is not None and r.earlier_lapsed is not None]
+    counted = lapsed_again = newly = written = new = pairs = 0
     for before, at in reversed(list(zip(checks, checks[1:]))):
-        first, then = applied[before], applied[at]
+        if any(reverted[before : at + 1]):
+            continue
+        first, then = reports[before], reports[at]
         counted += then.rewrites_counted
         lapsed_again += then.rewrites_lapsed
         left = first.earlier_lapsed - first.rehearsed  # lapsed at the first check and not written back
         newly += max(0, then.earlier_lapsed - then.rewrites_lapsed - left)
-        columns += sum(r.requests + r.rehearsed for r in applied[before:at])
-        new += sum(r.requests for r in applied[before:at])
-        batches_seen += at - before
+        written += sum(r.requests + r.rehearsed for r in reports[before:at])
+        new += sum(r.requests for r in reports[before:at])
+        pairs += 1
         if counted >= (OUTLOOK_REWRITES if at_least is None else at_least):
-            return Outlook(lapsed_again / counted, newly / columns, counted, new / batches_seen)
+            return Outlook(lapsed_again / counted, newly / written, counted, new / pairs)
     return None

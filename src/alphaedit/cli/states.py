@@ -58,7 +58,7 @@ def log(
         if checked:  # the earlier edits that held, and of the last rehearsing batch's re-writes (rehearsal.outlook)
             check = ["-" if b.get("earlier_held") is None else f"{100 * b['earlier_held']:.1f}% held"]
             if b.get("rewrites_counted"):
-                check[0] += f", {b['rewrites_counted'] - b['rewrites_lapsed']} of {b['rewrites_counted']} re-writes"
+                check[0] += f", {b['rewrites_counted'] - b.get('rewrites_lapsed', 0)} of {b['rewrites_counted']} re-writes"
         table.add_row(str(b["id"]), b["started"].replace("+00:00", ""), requests, efficacy, *norms, *largest, shift, *check,
                       "reverted" if b["reverted"] else "applied")
     _print_whole(table)
