@@ -16,9 +16,9 @@ whose edit no longer holds and write them again as extra columns of the next bat
 
 f and κ say whether rehearsal keeps up (outlook): with `new` requests of their own written between
 two checks, the B re-writes of a rehearsing batch settle where B = f·B + κ·(new + B), that is
-B = κ·new / (1 − f − κ), and grow without end as f + κ nears 1. On SmolLM2's five layers κ grew by about 0.07 for every 1,000 edits stored
-while f stayed near a third, and f + κ was 0.94 over 6,100-7,000 edits, where the backlog ran away
-(BENCHMARKS.md, "What sets where rehearsal gives out").
+B = κ·new / (1 − f − κ), and grow without end as f + κ nears 1. On SmolLM2's five layers κ grew
+by about 0.07 for every 1,000 edits stored while f stayed near a third, and f + κ was 0.94 over
+6,100-7,000 edits, where the backlog ran away (BENCHMARKS.md, "What sets where rehearsal gives out").
 
 The lapsed requests are written as more columns of the batch, their z optimised as the batch's
 own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with.
