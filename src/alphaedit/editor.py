@@ -404,19 +404,20 @@ class Editor(Persistence):
         kept_values = values.targets.z[: len(requests)].detach().float().cpu() if self.config.rehearse_warm else None
         self._record(AppliedBatch(report, list(own), deltas, preserved_keys, rehearsed=list(rehearsed), values=kept_values))
         if rehearsal is not None:
-            self._warn_runaway()
+            self._warn_runaway(len(own))
         return report
 
-    def _warn_runaway(self) -> None:
+    def _warn_runaway(self, batch_size: int) -> None:
         """Say (once) when rehearsal gives out: over the last checks f + κ reached rehearsal.GIVES_OUT
-        (rehearsal.outlook), so the lapsed edits settle, if at all, at many times what a batch knocks out."""
+        (rehearsal.outlook), so the lapsed edits settle, if at all, at many times what a batch knocks out.
+        The cap in force is choose_lapsed's: rehearse_cap, or else the batch's size."""
         if self._warned_runaway or (seen := outlook(self.batches)) is None or not seen.gives_out:
             return
         self._warned_runaway = True
         cap = self.config.rehearse_cap
         limit = f"the cap of {cap} re-writes a batch" if cap else "the batch's size, the default cap of re-writes (--rehearse-cap)"
         settles = seen.settles_at
-        if settles is None or settles > (cap or seen.new_per_check / self.config.rehearse):
+        if settles is None or settles > (cap or batch_size):
             outcome = (f"{'they no longer settle' if settles is None else f'they settle only near {settles:.0f} a batch'}, past "
                        f"{limit}: the rest wait unwritten and efficacy on earlier edits falls")
         else:

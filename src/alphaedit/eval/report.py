@@ -182,7 +182,7 @@ def plot_rehearsal(result: ProtocolResult, path: Path) -> None:
     batch after it wrote (right). Re-writes that keep lapsing again are how rehearsal gives out
     (rehearsal.py)."""
     points = [p for p in result.monitor if p.get("earlier_held") is not None]
-    at = [p.get("checked_at", p["edits"]) for p in points]
+    at = [p["checked_at"] for p in points]
     with figure(path, "rehearsal: what held at each check, and what was written again", "number of edits", "held (%)") as ax:
         ax.plot(at, [100 * p["earlier_held"] for p in points], marker=".", label="earlier edits held")
         again = [(a, 100 * (1 - p["rewrites_lapsed"] / p["rewrites_counted"])) for a, p in zip(at, points) if p.get("rewrites_counted")]
