@@ -103,12 +103,13 @@ declare -A args=(
   # Measured to 3,000 edits: it ranks below the strict null space (Eff 93.8 / Spe 55.8 against 97.0 / 60.0,
   # more re-writes from 2,200 edits on): the directions it adds are read by text (BENCHMARKS.md)
   [cf10k-alphaedit-l2-80-rehearse-all-t05-warm]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --threshold 0.05 --rehearse 1 --rehearse-cap 10000 --rehearse-warm"
-  # the five layers with rehearsal and C_p re-read every 10 batches (code of ac81ccd or later, which counts f and
+  # the five layers with rehearsal and C_p re-read after every batch (code of ac81ccd or later, which counts f and
   # κ in each batch report): rehearsal gives out where f + κ reaches 1, and κ (earlier edits lapsed per column
-  # written) grows ~0.07 per 1,000 edits stored. Part of those lapses is key drift: C_p holds earlier edits at the
-  # keys they were written with, 25-39% away from where layer 7 reads them 400-900 edits later (key_drift.py).
-  # Re-read, C_p holds them where they are read now. Screened by κ at 2,000 edits against the run above's 0.22
-  [cf10k-alphaedit-l2-80-rehearse-reread10]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --earlier-reread 10"
+  # written) grows ~0.07 per 1,000 edits stored. Part of those lapses may be key drift: C_p holds earlier edits at
+  # the keys they were written with, 25-39% away from where layer 7 reads them 400-900 edits later (key_drift.py).
+  # Re-read, C_p holds them where they are read now (every batch: the only period that measurably held the oldest
+  # edits better at α 40; every 10 batches did not). Screened by κ at 2,000 edits against the run above's 0.22
+  [cf10k-alphaedit-l2-80-rehearse-reread1]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --earlier-reread 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
