@@ -59,14 +59,20 @@ def main() -> None:
         ax.plot(*zip(*d["general"]), marker="o", label=label)
     ax.set(title="six tasks: mean F1 of the most probable label", xlabel="edits", ylabel="%")
     ax = axes[5]
+    layers = {d["layer"] for d in data if d["layer"] is not None}
     for label, d in zip(labels, data):
-        ax.plot(*zip(*d["growth"]), label=f"{label} (layer {d['layer']})")
-    ax.set(title="growth of the last edited W_out", xlabel="edits", ylabel="‖W‖_F / ‖W₀‖_F")
+        ax.plot(*zip(*d["growth"]), label=label)
+    ax.set(title="growth of the last edited W_out" + (f" (layer {layers.pop()})" if len(layers) == 1 else ""),
+           xlabel="edits", ylabel="‖W‖_F / ‖W₀‖_F")
     for ax in fig.axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend for all six panels, under them: per panel, six runs' labels hid the curves
+    names = labels if len(layers) <= 1 else [f"{label} (last layer {d['layer']})" for label, d in zip(labels, data)]
+    columns = min(len(names), 3 if max(map(len, names)) <= 45 else 2)  # long names: two columns fit the width
+    fig.legend(axes[0].get_lines(), names, loc="lower center", ncol=columns, fontsize=9)
     fig.suptitle(a.title)
-    fig.tight_layout()
+    rows = -(-len(names) // columns)  # the legend's rows, each about 3% of the figure's height
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, format="png", dpi=90)
     print(a.out)
