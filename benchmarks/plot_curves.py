@@ -59,10 +59,10 @@ def main() -> None:
         ax.plot(*zip(*d["general"]), marker="o", label=label)
     ax.set(title="six tasks: mean F1 of the most probable label", xlabel="edits", ylabel="%")
     ax = axes[5]
-    layers = {d["layer"] for d in data if d["layer"] is not None}
+    layers = sorted({d["layer"] for d in data if d["layer"] is not None})
     for label, d in zip(labels, data):
         ax.plot(*zip(*d["growth"]), label=label)
-    ax.set(title="growth of the last edited W_out" + (f" (layer {layers.pop()})" if len(layers) == 1 else ""),
+    ax.set(title="growth of the last edited W_out" + (f" (layer {layers[0]})" if len(layers) == 1 else ""),
            xlabel="edits", ylabel="‖W‖_F / ‖W₀‖_F")
     for ax in fig.axes:
         ax.grid(alpha=0.3)
