@@ -109,7 +109,8 @@ declare -A args=(
   # written) grows ~0.07 per 1,000 edits stored. Part of those lapses may be key drift: C_p holds earlier edits at
   # the keys they were written with, 25-39% away from where layer 7 reads them 400-900 edits later (key_drift.py).
   # Re-read, C_p holds them where they are read now (every batch: the only period that measurably held the oldest
-  # edits better at α 40; every 10 batches did not). Screened by κ at 2,000 edits against the run above's 0.22
+  # edits better at α 40; every 10 batches did not). Screened by κ at 2,000 edits against the run above's 0.22:
+  # 0.23 (f 0.35, efficacy 97.4 against 97.0) at 1.86 s per edit against 1.53, so stopped at 2,100 (ranked)
   [cf10k-alphaedit-l2-80-rehearse-reread1]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --earlier-reread 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
