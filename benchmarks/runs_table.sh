@@ -112,6 +112,10 @@ declare -A args=(
   # edits better at α 40; every 10 batches did not). Screened by κ at 2,000 edits against the run above's 0.22:
   # 0.23 (f 0.35, efficacy 97.4 against 97.0) at 1.86 s per edit against 1.53, so stopped at 2,100 (ranked)
   [cf10k-alphaedit-l2-80-rehearse-reread1]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --earlier-reread 1"
+  # the five layers with rehearsal and a stricter null space (threshold 0.01, fewer directions): the looser 0.05
+  # grew κ faster than 0.02 (0.44 against 0.29 over batches 22-31) though it has more room, its extra directions
+  # being read by text; whether fewer, cleaner directions grow κ slower still. Screened by κ at 2,000 against 0.22
+  [cf10k-alphaedit-l2-80-rehearse-t01]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --threshold 0.01 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
