@@ -119,7 +119,8 @@ declare -A args=(
   [cf10k-alphaedit-l2-80-rehearse-t01]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --threshold 0.01 --rehearse 1"
   # rehearsal at α 160: α 40 → 80 moved rehearsal's efficacy at 5,000 edits from 84.4 to 90.2 (smaller updates,
   # fewer earlier edits knocked out, more of a batch's own left to re-write); whether twice again slows κ's
-  # growth (0.15 → 0.22 from 1,000 to 2,000 edits at α 80). Screened by κ at 1,000 and 2,000
+  # growth (0.15 → 0.22 from 1,000 to 2,000 edits at α 80). Screened by κ at 1,000 and 2,000:
+  # at 1,000 f / κ 0.52 / 0.23 against 0.34 / 0.15, a batch's own efficacy 69, 98 re-writes by 1,400: stopped
   [cf10k-alphaedit-l2-160-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 160 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
