@@ -110,7 +110,7 @@ declare -A args=(
   # the keys they were written with, 25-39% away from where layer 7 reads them 400-900 edits later (key_drift.py).
   # Re-read, C_p holds them where they are read now (every batch: the only period that measurably held the oldest
   # edits better at α 40; every 10 batches did not). Screened by κ at 2,000 edits against the run above's 0.22:
-  # 0.23 (f 0.35, efficacy 97.4 against 97.0) at 1.86 s per edit against 1.53, so stopped at 2,100 (ranked)
+  # 0.23 (f 0.35, efficacy 97.4 against 97.0), its key pass 0.63 s per edit by then, so stopped at 2,100 (ranked)
   [cf10k-alphaedit-l2-80-rehearse-reread1]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --earlier-reread 1"
   # the five layers with rehearsal and a stricter null space (threshold 0.01, fewer directions): the looser 0.05
   # grew κ faster than 0.02 (0.44 against 0.29 over batches 22-31) though it has more room, its extra directions
