@@ -122,6 +122,9 @@ declare -A args=(
   # growth (0.15 → 0.22 from 1,000 to 2,000 edits at α 80). Screened by κ at 1,000 and 2,000:
   # at 1,000 f / κ 0.52 / 0.23 against 0.34 / 0.15, a batch's own efficacy 69, 98 re-writes by 1,400: stopped
   [cf10k-alphaedit-l2-160-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 160 --rehearse 1"
+  # rehearsal at α 60, the one point of the α axis not yet screened: f + κ at 1,000 edits reads 0.49 at α 80 and
+  # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80)
+  [cf10k-alphaedit-l2-60-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 60 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
