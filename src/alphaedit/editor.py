@@ -360,6 +360,8 @@ class Editor(Persistence):
             values = self._target_values(sourced, templates, on_unit, written=len(forms), starts=starts)
         with clock("keys"):
             kept = self._kept_keys(requests)
+        with clock("solve"):
+            self._release_rewritten(rehearsed)  # with rehearse_replace, their earlier writes leave C_p
         keys: dict[int, torch.Tensor] = {}
         deltas: dict[int, Update] = {}
         weights_before: dict[int, torch.Tensor] = {}  # only for a method that finishes its updates (RECT)
@@ -387,7 +389,7 @@ class Editor(Persistence):
         with clock("solve"):
             self._finish(deltas, weights_before)
             self._restrain(deltas, sign=1)
-        preserved_keys = self._hold_batch_keys(reader, keys, forms, clock)
+        preserved_keys = self._hold_batch_keys(reader, keys, forms, rehearsed, clock)
         with clock("check"):
             efficacy = self._efficacy(own)  # on the weights the model carries (after finish and restraint)
         kept_columns = len(next(iter(kept.values()))) if kept else 0
@@ -466,7 +468,7 @@ class Editor(Persistence):
                 for j, (_, form) in enumerate(sourced)]
 
     def _hold_batch_keys(self, reader: KeyReader, keys: dict[int, torch.Tensor], forms: list[EditRequest],
-                         clock: _PhaseClock) -> dict[int, torch.Tensor]:
+                         rehearsed: list[EditRequest], clock: _PhaseClock) -> dict[int, torch.Tensor]:
         """C_p takes the batch's keys on the model as it now is; returns them (the journal keeps
         them), or nothing for a method that keeps no C_p. A layer's key (the input of its W_out)
         depends only on the layers below it, all updated by the time it was read, so for most
@@ -482,7 +484,7 @@ class Editor(Persistence):
             self._add_to_preserved(layer, keys[layer], sign=1)
         if self._rereads_after(len(self.batches) + 1):  # this batch included
             with clock("keys"):
-                self._reread_earlier(also=forms)
+                self._reread_earlier(also=forms, rewritten=rehearsed)
         return keys
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
@@ -595,7 +597,48 @@ class Editor(Persistence):
     def _columns(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[EditRequest]:
         """Of the forms `requests` are trained under (`sourced`), those written as columns: all, or
         with chat_values="trained" the requests' own (the first ones; their chat forms only train δ)."""
-        return [form for _, form in (sourced[: len(requests)] if self.config.chat_values == "trained" else sourced)]
+        return [form for _, form in self._written(requests, sourced)]
+
+    def _written(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[tuple[int, EditRequest]]:
+        return sourced[: len(requests)] if self.config.chat_values == "trained" else sourced
+
+    def _held_rows(self, rewritten: Sequence[EditRequest] = ()) -> dict[int, set[int]]:
+        """Per applied batch still standing (by index), the rows of its keys that C_p holds: all of
+        them, or with rehearse_replace those of requests that no later standing batch wrote again
+        (nor the batch being written, which rehearses `rewritten`): each request is held once, at
+        the keys of its latest write. A function of the journal, so a replay or a revert finds it
+        again."""
+        held: dict[int, set[int]] = {}
+        later: set[EditRequest] = set(rewritten)
+        for batch in reversed(self.batches):
+            if batch.reverted:
+                continue
+            columns = len(next(iter(batch.keys.values()))) if batch.keys else 0
+            if not self.config.rehearse_replace:
+                held[batch.report.index] = set(range(columns))
+                continue
+            written = batch.written
+            held[batch.report.index] = {row for row, (source, _) in enumerate(self._written(written, self._sourced_forms(written)))
+                                        if written[source] not in later}
+            later.update(batch.rehearsed)
+        return held
+
+    def _release_rewritten(self, rehearsed: Sequence[EditRequest]) -> None:
+        """rehearse_replace: the rehearsed requests' earlier columns leave C_p before their re-write
+        is solved (C_p holds W_out's output there as it is now, the lapsed one)."""
+        if self.config.rehearse_replace and rehearsed:
+            self._move_holds(self._held_rows(), self._held_rows(rewritten=rehearsed))
+
+    def _move_holds(self, before: dict[int, set[int]], after: dict[int, set[int]]) -> None:
+        """C_p from holding the key rows `before` to holding those `after` (each per batch index)."""
+        batches = {batch.report.index: batch for batch in self.batches}
+        for index in before.keys() | after.keys():
+            was, now = before.get(index, set()), after.get(index, set())
+            for rows, sign in ((sorted(was - now), -1), (sorted(now - was), 1)):
+                if not rows:
+                    continue
+                for layer, keys in batches[index].keys.items():
+                    self._add_to_preserved(layer, keys if len(rows) == len(keys) else keys[rows], sign=sign)
 
     def _sourced_forms(self, requests: Sequence[EditRequest]) -> list[tuple[int, EditRequest]]:
         """Each form a batch is written under, with the index of the request it comes from: every
@@ -697,12 +740,15 @@ class Editor(Persistence):
         every = self.config.earlier_reread  # only ever set for a method that keeps C_p (EditConfig refuses it otherwise)
         return bool(every) and batches % every == 0
 
-    def _reread_earlier(self, also: Sequence[EditRequest] = ()) -> None:
-        """C_p = Σ kkᵀ over every applied request's forms (and `also`, a batch being applied), keys
-        read on the model as it is now: where the model reads the earlier edits today, not where it
-        read them when they were written. The journal keeps the keys as written; a replay reads
-        again at the same points, so a loaded state carries the same C_p."""
-        forms = [form for batch in self.batches if not batch.reverted for form in self.edit_forms(batch.written)] + list(also)
+    def _reread_earlier(self, also: Sequence[EditRequest] = (), rewritten: Sequence[EditRequest] = ()) -> None:
+        """C_p = Σ kkᵀ over every applied request's forms that C_p holds (_held_rows; and `also`, a
+        batch being applied, which rehearses `rewritten`), keys read on the model as it is now: where
+        the model reads the earlier edits today, not where it read them when they were written. The
+        journal keeps the keys as written; a replay reads again at the same points, so a loaded state
+        carries the same C_p."""
+        held = self._held_rows(rewritten) if self.config.rehearse_replace else None
+        forms = [form for batch in self.batches if not batch.reverted
+                 for row, form in enumerate(self.edit_forms(batch.written)) if held is None or row in held[batch.report.index]] + list(also)
         for layer in self.config.layers:
             self.preserved[layer].zero_()
         for held in self.held:  # held texts are read again too, where the model reads them now
@@ -767,12 +813,12 @@ class Editor(Persistence):
         for layer, delta in batch.deltas.items():
             self._add_to_weight(layer, delta, sign=-1)
         self._restrain(batch.deltas, sign=-1)
+        held = self._held_rows()
         batch.reverted = True
         if self.config.earlier_reread:
             self._reread_earlier()  # C_p was read on a model that carried the batch: read it without
-        else:
-            for layer, keys in batch.keys.items():
-                self._add_to_preserved(layer, keys, sign=-1)
+        else:  # its keys leave C_p; with rehearse_replace, the earlier writes its re-writes replaced come back
+            self._move_holds(held, self._held_rows())
         self.events.append(("revert", batch_id))
 
     def _batch(self, batch_id: int) -> AppliedBatch:

@@ -1,0 +1,172 @@
+"""A rehearsal's re-write replaces the request's earlier hold in C_p (`EditConfig.rehearse_replace`):
+the re-write is solved without C_p's hold on its own earlier keys, and afterwards C_p holds each
+request once, at the keys of its latest write; reverts and replays find the same C_p."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alphaedit.cli import app
+from alphaedit.editor import Editor
+from alphaedit.stats import StatsCache
+from test_editor import REQUESTS, _editor
+from test_methods import assert_edit_refuses, assert_eval_refuses, tiny_edit_command
+from test_rehearse import WEAK, _holds
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DARRIEUX, TOWER, RIVER, SEINE = REQUESTS
+
+
+def _held_by_hand(editor: Editor) -> dict[int, torch.Tensor]:
+    """C_p in float64 from the rule itself, one batch and one row at a time: a row of a standing
+    batch is held unless a later standing batch rehearsed the same request (chat forms are off
+    here, so row i is the batch's i-th written request)."""
+    standing = [b for b in editor.batches if not b.reverted]
+    held = {l: torch.zeros(editor.layout.key_size, editor.layout.key_size, dtype=torch.float64) for l in editor.config.layers}
+    for i, batch in enumerate(standing):
+        for row, request in enumerate(batch.written):
+            if any(request in later.rehearsed for later in standing[i + 1 :]):
+                continue
+            for layer in editor.config.layers:
+                k = batch.keys[layer][row].double()
+                held[layer] += torch.outer(k, k)
+    return held
+
+
+def _assert_cp(editor: Editor, expected: dict[int, torch.Tensor], layers=None) -> None:
+    for layer in layers or editor.config.layers:
+        scale = expected[layer].abs().max().item()
+        torch.testing.assert_close(editor.preserved[layer].double().cpu(), expected[layer], rtol=0, atol=1e-5 * scale)
+
+
+def _cp_at_solves(editor: Editor, monkeypatch) -> list[dict[int, torch.Tensor]]:
+    """Spy: per batch, C_p as each layer's solve reads it (in float64)."""
+    seen: list[dict[int, torch.Tensor]] = []
+    real = editor._solve_layer
+
+    def spy(layer, *args, **kwargs):
+        if not seen or layer in seen[-1]:
+            seen.append({})
+        seen[-1][layer] = editor.preserved[layer].double().cpu().clone()
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(editor, "_solve_layer", spy)
+    return seen
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_a_rewrite_is_solved_without_its_earlier_hold(llama, tokenizer, tmp_path, monkeypatch, replace):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4,
+                     rehearse_replace=replace, **WEAK)
+    editor.edit([DARRIEUX, TOWER])
+    lapsed = [r for r, held in zip([DARRIEUX, TOWER], _holds(editor, [DARRIEUX, TOWER])) if not held]
+    assert lapsed, "the weak batch should leave something to rehearse"
+    first = editor.batches[0]
+    seen = _cp_at_solves(editor, monkeypatch)
+    editor.edit([SEINE])
+    assert editor.batches[-1].rehearsed == lapsed
+    # at the first edited layer nothing below is edited: the re-write's key is its first write's
+    # key exactly, so a hold on that key is a hold against the re-write itself
+    bottom = editor.config.layers[0]
+    for j, request in enumerate(lapsed):
+        row = first.written.index(request)
+        torch.testing.assert_close(editor.batches[-1].keys[bottom][1 + j], first.keys[bottom][row], rtol=0, atol=1e-5)
+    # what the solves read: the first batch's rows, without the rehearsed requests' with replace
+    rows = [i for i, r in enumerate(first.written) if not (replace and r in lapsed)]
+    for layer in editor.config.layers:
+        keys = first.keys[layer][rows].double()
+        expected = keys.T @ keys
+        torch.testing.assert_close(seen[0][layer], expected, rtol=0, atol=1e-5 * max(1.0, expected.abs().max().item()))
+    # and after: every row of the new batch, and of the first batch the requests not written again
+    # (without replace, all of them: the rehearsed requests held twice)
+    expected = _held_by_hand(editor) if replace else {
+        l: sum((b.keys[l].double().T @ b.keys[l].double() for b in editor.batches), torch.zeros(1, dtype=torch.float64))
+        for l in editor.config.layers}
+    _assert_cp(editor, expected)
+
+
+def test_a_request_rehearsed_again_is_held_at_its_latest_write_through_reverts_and_replays(llama, tokenizer, tmp_path):
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, rehearse_replace=True, **WEAK)
+    editor.edit([DARRIEUX, TOWER])
+    editor.edit([SEINE])
+    editor.edit([RIVER])
+    twice = [r for r in editor.batches[1].rehearsed if r in editor.batches[2].rehearsed]
+    assert twice, "the weak batches should leave an edit lapsed through two rehearsals"
+    _assert_cp(editor, _held_by_hand(editor))
+    # held once: of the rows written for a request rehearsed twice, only the last batch's counts
+    for request in twice:
+        assert not any(request in later.rehearsed for later in editor.batches[3:])
+    editor.save_state(tmp_path / "state")
+    cp_after_three = {l: c.clone() for l, c in editor.preserved.items()}
+
+    # a replay derives the same holds from the journal
+    loaded = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
+    assert loaded.config.rehearse_replace
+    for layer in editor.config.layers:
+        torch.testing.assert_close(loaded.preserved[layer], cp_after_three[layer], rtol=1e-5, atol=1e-5)
+
+    # reverting the latest batch gives the holds it replaced back to the batch before
+    editor.revert(editor.batches[2].report.index)
+    _assert_cp(editor, _held_by_hand(editor))
+    # reverting the first batch takes out only the rows of it still held
+    editor.revert(editor.batches[0].report.index)
+    _assert_cp(editor, _held_by_hand(editor))
+    only_second = editor.batches[1]
+    for layer in editor.config.layers:  # what is left: the second batch, all of its rows
+        keys = only_second.keys[layer].double()
+        torch.testing.assert_close(editor.preserved[layer].double().cpu(), keys.T @ keys, rtol=0, atol=1e-5 * (keys.T @ keys).abs().max().item())
+    # and the journal's reverts replay to the same C_p
+    editor.save_state(tmp_path / "state")
+    again = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
+    for layer in editor.config.layers:
+        torch.testing.assert_close(again.preserved[layer], editor.preserved[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_a_reread_holds_only_the_latest_writes_too(llama, tokenizer, tmp_path):
+    """With C_p re-read after every batch, the re-read reads the held rows' forms only. At the first
+    edited layer the keys never drift, so the re-read C_p there is the hand sum of the stored keys."""
+    model, layout = llama
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, rehearse_replace=True,
+                     earlier_reread=1, **WEAK)
+    editor.edit([DARRIEUX, TOWER])
+    editor.edit([SEINE])
+    editor.edit([RIVER])
+    assert any(b.rehearsed for b in editor.batches)
+    bottom = editor.config.layers[0]
+    _assert_cp(editor, _held_by_hand(editor), layers=[bottom])
+    # the rehearsed requests are read once each: the trace of C_p is the sum of the held rows' squared norms
+    expected = _held_by_hand(editor)[bottom].trace().item()
+    assert editor.preserved[bottom].double().trace().item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_rehearse_replace_from_the_command_line(tiny_model_folder, tmp_path):
+    from alphaedit.cli.common import _method_label
+    from alphaedit.config import EditConfig
+
+    common, env = tiny_edit_command(tiny_model_folder, tmp_path)
+    assert_edit_refuses(common, env, tmp_path, ((["--rehearse-replace"], "--rehearse-replace takes rehearsed edits' earlier writes "
+                                                                          "out of C_p, and rehearsal is off"),))
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--rehearse-replace"], "give --rehearse N too")
+    state = tmp_path / "state"
+    done = CliRunner().invoke(app, [*common, "--state", str(state), "--rehearse", "1", "--rehearse-replace", "--json"], env=env)
+    assert done.exit_code == 0, done.output
+    assert json.loads((state / "header.json").read_text())["config"]["rehearse_replace"] is True
+    # continuing a state made without it may not switch it on
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(app, [*common, "--state", str(plain), "--rehearse", "1", "--json"], env=env).exit_code == 0
+    again = CliRunner().invoke(app, [*common, "--state", str(plain), "--rehearse-replace", "--allow-repeat"], env=env)
+    assert again.exit_code == 2 and "--rehearse-replace False" in again.output, again.output
+    assert _method_label(EditConfig(method="alphaedit", rehearse=1, rehearse_replace=True)) == \
+        "alphaedit, rehearsal every 1, re-writes replace their hold"
+    with pytest.raises(ValueError, match="rehearsal is off"):
+        EditConfig(rehearse_replace=True)
+    with pytest.raises(ValueError, match="does not read them"):
+        EditConfig(method="memit", rehearse=1, rehearse_replace=True)
