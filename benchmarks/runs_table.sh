@@ -122,11 +122,12 @@ declare -A args=(
   # growth (0.15 → 0.22 from 1,000 to 2,000 edits at α 80). Screened by κ at 1,000 and 2,000:
   # at 1,000 f / κ 0.52 / 0.23 against 0.34 / 0.15, a batch's own efficacy 69, 98 re-writes by 1,400: stopped
   [cf10k-alphaedit-l2-160-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 160 --rehearse 1"
-  # rehearsal whose re-writes replace their hold (--rehearse-replace, code of its commit or later): C_p held each lapsed
-  # edit where it reads the lapsed answer, at (nearly) the key the re-write is written at -- at layer 3 the very same
-  # key -- so a re-write was solved against its own hold, and f stayed near a third. Screened by f / κ at 1,000 and
-  # 2,000 edits against the plain rehearsal run's 0.34 / 0.15 and 0.35 / 0.22
-  [cf10k-alphaedit-l2-80-rehearse-replace]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --rehearse-replace"
+  # rehearsal whose re-writes replace their hold (--replace-holds; first run with c2addfb's --rehearse-replace, the same
+  # rule on this stream, which has no fact twice): C_p held each lapsed edit where it reads the lapsed answer, at
+  # (nearly) the key the re-write is written at -- at layer 3 the very same key -- so a re-write was solved against its
+  # own hold, and f stayed near a third. Screened by f / κ at 1,000 and 2,000 edits against the plain rehearsal run's
+  # 0.34 / 0.15 and 0.35 / 0.22
+  [cf10k-alphaedit-l2-80-rehearse-replace]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds"
   # rehearsal at α 60, the one point of the α axis not yet screened: f + κ at 1,000 edits reads 0.49 at α 80 and
   # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80)
   [cf10k-alphaedit-l2-60-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 60 --rehearse 1"

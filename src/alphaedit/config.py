@@ -117,14 +117,15 @@ class EditConfig:
     # now); the batch's own requests and a request whose batch kept no value (an older journal)
     # start from δ = 0
     rehearse_warm: bool = False
-    # a rehearsed request's earlier columns leave C_p before its re-write is solved, and C_p keeps
-    # each request once, at the keys of its latest write (not in the paper; off: every write stays,
-    # as every batch's keys stay in the authors' code). C_p holds W_out's output at each earlier
-    # column where it is now, and a lapsed edit's output now is the lapsed one, so without this
-    # the re-write is solved against a hold on its own key: at the first edited layer, whose keys
-    # never drift, the very same key, where least squares writes about half of what is needed
-    # (a request rehearsed m times is held there by m + 1 copies)
-    rehearse_replace: bool = False
+    # a batch that writes a (subject, prompt) again -- a new edit of the same fact, or a
+    # rehearsal's re-write -- first takes that pair's earlier columns out of C_p, so that C_p holds
+    # each fact once, at the keys of its latest write (not in the paper; off: every write stays, as
+    # every batch's keys stay in the authors' code). C_p holds W_out's output at each earlier column
+    # where it is now -- for a fact written again, the answer being replaced -- so without this the
+    # new write is solved against a hold on its own key: at the first edited layer, whose keys never
+    # drift, the very same key, where least squares writes about half of what is needed (a request
+    # rehearsed m times is held there by m + 1 copies)
+    replace_holds: bool = False
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
@@ -196,10 +197,8 @@ class EditConfig:
             raise ValueError(f"rehearse must be a number of batches ≥ 0 (0: never, the authors'), got {self.rehearse}")
         if self.rehearse_cap < 0:
             raise ValueError(f"rehearse_cap must be a number of requests ≥ 0 (0: as many as the batch has), got {self.rehearse_cap}")
-        if self.rehearse_replace and not self.rehearse:
-            raise ValueError("rehearse_replace takes a rehearsed request's earlier keys out of C_p, and rehearsal is off: set rehearse too")
-        if self.rehearse_replace and not get_method(self.method).keeps_preserved(self):
-            raise ValueError(f"rehearse_replace changes the earlier batches' keys C_p, and {self.method} does not read them here "
+        if self.replace_holds and not get_method(self.method).keeps_preserved(self):
+            raise ValueError(f"replace_holds changes which earlier keys C_p holds, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it off")
         if self.earlier_reread < 0:
             raise ValueError(f"earlier_reread must be a number of batches ≥ 0 (0: never, the authors'), got {self.earlier_reread}")

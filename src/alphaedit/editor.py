@@ -136,6 +136,11 @@ def _with_kept(keys: torch.Tensor, resid: torch.Tensor, kept: torch.Tensor | Non
     return torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, asked])
 
 
+def _fact(request: EditRequest) -> tuple[str, str]:
+    """What a later write replaces (EditConfig.replace_holds): the subject and the prompt."""
+    return request.subject, request.prompt
+
+
 class Editor(Persistence):
     """Edits a Hugging Face causal LM in place, batch after batch.
 
@@ -361,7 +366,7 @@ class Editor(Persistence):
         with clock("keys"):
             kept = self._kept_keys(requests)
         with clock("solve"):
-            self._release_rewritten(rehearsed)  # with rehearse_replace, their earlier writes leave C_p
+            self._release_rewritten(requests)  # with replace_holds, the earlier writes of these facts leave C_p
         keys: dict[int, torch.Tensor] = {}
         deltas: dict[int, Update] = {}
         weights_before: dict[int, torch.Tensor] = {}  # only for a method that finishes its updates (RECT)
@@ -389,7 +394,7 @@ class Editor(Persistence):
         with clock("solve"):
             self._finish(deltas, weights_before)
             self._restrain(deltas, sign=1)
-        preserved_keys = self._hold_batch_keys(reader, keys, forms, rehearsed, clock)
+        preserved_keys = self._hold_batch_keys(reader, keys, forms, requests, clock)
         with clock("check"):
             efficacy = self._efficacy(own)  # on the weights the model carries (after finish and restraint)
         kept_columns = len(next(iter(kept.values()))) if kept else 0
@@ -468,7 +473,7 @@ class Editor(Persistence):
                 for j, (_, form) in enumerate(sourced)]
 
     def _hold_batch_keys(self, reader: KeyReader, keys: dict[int, torch.Tensor], forms: list[EditRequest],
-                         rehearsed: list[EditRequest], clock: _PhaseClock) -> dict[int, torch.Tensor]:
+                         requests: list[EditRequest], clock: _PhaseClock) -> dict[int, torch.Tensor]:
         """C_p takes the batch's keys on the model as it now is; returns them (the journal keeps
         them), or nothing for a method that keeps no C_p. A layer's key (the input of its W_out)
         depends only on the layers below it, all updated by the time it was read, so for most
@@ -484,7 +489,7 @@ class Editor(Persistence):
             self._add_to_preserved(layer, keys[layer], sign=1)
         if self._rereads_after(len(self.batches) + 1):  # this batch included
             with clock("keys"):
-                self._reread_earlier(also=forms, rewritten=rehearsed)
+                self._reread_earlier(also=forms, written=requests)
         return keys
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
@@ -602,32 +607,32 @@ class Editor(Persistence):
     def _written(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[tuple[int, EditRequest]]:
         return sourced[: len(requests)] if self.config.chat_values == "trained" else sourced
 
-    def _held_rows(self, rewritten: Sequence[EditRequest] = ()) -> dict[int, set[int]]:
+    def _held_rows(self, written: Sequence[EditRequest] = ()) -> dict[int, set[int]]:
         """Per applied batch still standing (by index), the rows of its keys that C_p holds: all of
-        them, or with rehearse_replace those of requests that no later standing batch wrote again
-        (nor the batch being written, which rehearses `rewritten`): each request is held once, at
-        the keys of its latest write. A function of the journal, so a replay or a revert finds it
-        again."""
+        them, or with replace_holds those of facts (subject and prompt) that no later standing batch
+        wrote again, nor the batch being written (`written`, its own requests and re-writes): each
+        fact is held once, at the keys of its latest write. A function of the journal, so a replay
+        or a revert finds it again."""
         held: dict[int, set[int]] = {}
-        later: set[EditRequest] = set(rewritten)
+        later = {_fact(r) for r in written}
         for batch in reversed(self.batches):
             if batch.reverted:
                 continue
-            columns = len(next(iter(batch.keys.values()))) if batch.keys else 0
-            if not self.config.rehearse_replace:
-                held[batch.report.index] = set(range(columns))
+            if not self.config.replace_holds:
+                held[batch.report.index] = set(range(len(next(iter(batch.keys.values()))) if batch.keys else 0))
                 continue
-            written = batch.written
-            held[batch.report.index] = {row for row, (source, _) in enumerate(self._written(written, self._sourced_forms(written)))
-                                        if written[source] not in later}
-            later.update(batch.rehearsed)
+            requests = batch.written
+            held[batch.report.index] = {row for row, (source, _) in enumerate(self._written(requests, self._sourced_forms(requests)))
+                                        if _fact(requests[source]) not in later}
+            later.update(_fact(r) for r in requests)
         return held
 
-    def _release_rewritten(self, rehearsed: Sequence[EditRequest]) -> None:
-        """rehearse_replace: the rehearsed requests' earlier columns leave C_p before their re-write
-        is solved (C_p holds W_out's output there as it is now, the lapsed one)."""
-        if self.config.rehearse_replace and rehearsed:
-            self._move_holds(self._held_rows(), self._held_rows(rewritten=rehearsed))
+    def _release_rewritten(self, requests: Sequence[EditRequest]) -> None:
+        """replace_holds: the earlier columns of the facts a batch writes (`requests`, its own and
+        its re-writes) leave C_p before it is solved: C_p holds W_out's output there as it is now,
+        the answer being replaced."""
+        if self.config.replace_holds and requests:
+            self._move_holds(self._held_rows(), self._held_rows(written=requests))
 
     def _move_holds(self, before: dict[int, set[int]], after: dict[int, set[int]]) -> None:
         """C_p from holding the key rows `before` to holding those `after` (each per batch index)."""
@@ -740,13 +745,13 @@ class Editor(Persistence):
         every = self.config.earlier_reread  # only ever set for a method that keeps C_p (EditConfig refuses it otherwise)
         return bool(every) and batches % every == 0
 
-    def _reread_earlier(self, also: Sequence[EditRequest] = (), rewritten: Sequence[EditRequest] = ()) -> None:
+    def _reread_earlier(self, also: Sequence[EditRequest] = (), written: Sequence[EditRequest] = ()) -> None:
         """C_p = Σ kkᵀ over every applied request's forms that C_p holds (_held_rows; and `also`, a
-        batch being applied, which rehearses `rewritten`), keys read on the model as it is now: where
+        batch being applied, which writes `written`), keys read on the model as it is now: where
         the model reads the earlier edits today, not where it read them when they were written. The
         journal keeps the keys as written; a replay reads again at the same points, so a loaded state
         carries the same C_p."""
-        held = self._held_rows(rewritten) if self.config.rehearse_replace else None
+        held = self._held_rows(written) if self.config.replace_holds else None
         forms = [form for batch in self.batches if not batch.reverted
                  for row, form in enumerate(self.edit_forms(batch.written)) if held is None or row in held[batch.report.index]] + list(also)
         for layer in self.config.layers:
@@ -817,7 +822,7 @@ class Editor(Persistence):
         batch.reverted = True
         if self.config.earlier_reread:
             self._reread_earlier()  # C_p was read on a model that carried the batch: read it without
-        else:  # its keys leave C_p; with rehearse_replace, the earlier writes its re-writes replaced come back
+        else:  # its keys leave C_p; with replace_holds, the earlier writes its re-writes replaced come back
             self._move_holds(held, self._held_rows())
         self.events.append(("revert", batch_id))
 

@@ -179,7 +179,7 @@ class Persistence:
             for layer, delta in batch.deltas.items():
                 self._add_to_weight(layer, delta, sign=1)
             self._restrain(batch.deltas, sign=1)
-            self._release_rewritten(batch.rehearsed)  # as the edit did before its solve
+            self._release_rewritten(batch.written)  # as the edit did before its solve
             for layer, keys in batch.keys.items():
                 self._add_to_preserved(layer, keys, sign=1)
             self._record(batch)

@@ -21,7 +21,7 @@ from ..journal import Journal, JournalError
 from ..locks import FolderInUse
 from ..requests import RequestError, load_requests
 from .common import (
-    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, RehearseReplaceOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
+    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, ReplaceHoldsOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
     _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _held_file, _hold, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
@@ -69,7 +69,7 @@ def edit(
     rehearse: RehearseOption = None,
     rehearse_cap: RehearseCapOption = None,
     rehearse_warm: RehearseWarmOption = False,
-    rehearse_replace: RehearseReplaceOption = False,
+    replace_holds: ReplaceHoldsOption = False,
     reworded_prompts: RewordedOption = None,
     context_templates: ContextTemplatesOption = None,
     spread: SpreadOption = None,
@@ -103,7 +103,7 @@ def edit(
                          layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
                          stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None, rehearse_warm=rehearse_warm or None,
-                         rehearse_replace=rehearse_replace or None)
+                         replace_holds=replace_holds or None)
             _check_continuation(state, journal.header, options)
             if hold is not None:
                 _fail(f"--hold {hold}: {state} began already, and what a state holds is fixed when it begins (its first batch "
@@ -121,7 +121,7 @@ def edit(
                                   project, method_option, stop_most_probable, anchor_values, l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight,
                                   earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts,
                                   context_template_words=template_words, leak_weight=leak_weight, rehearse_cap=rehearse_cap,
-                                  rehearse_warm=rehearse_warm, rehearse_replace=rehearse_replace)
+                                  rehearse_warm=rehearse_warm, replace_holds=replace_holds)
             return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -234,7 +234,7 @@ _CONTINUATION = {
     "rehearse": ("--rehearse", lambda c, corpus: c.rehearse),
     "rehearse_cap": ("--rehearse-cap", lambda c, corpus: c.rehearse_cap),
     "rehearse_warm": ("--rehearse-warm", lambda c, corpus: c.rehearse_warm),
-    "rehearse_replace": ("--rehearse-replace", lambda c, corpus: c.rehearse_replace),
+    "replace_holds": ("--replace-holds", lambda c, corpus: c.replace_holds),
     "reworded_prompts": ("--reworded-prompts", lambda c, corpus: c.reworded_prompts),
     "context_templates": ("--context-templates", lambda c, corpus: c.context_template_words),
     "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),

@@ -1,6 +1,7 @@
-"""A rehearsal's re-write replaces the request's earlier hold in C_p (`EditConfig.rehearse_replace`):
-the re-write is solved without C_p's hold on its own earlier keys, and afterwards C_p holds each
-request once, at the keys of its latest write; reverts and replays find the same C_p."""
+"""A later write of a fact replaces its earlier hold in C_p (`EditConfig.replace_holds`): a
+rehearsal's re-write, or a new edit of the same subject and prompt, is solved without C_p's hold on
+its own earlier keys, and afterwards C_p holds each fact once, at the keys of its latest write;
+reverts, re-reads and replays find the same C_p."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from alphaedit.editor import Editor
 from alphaedit.stats import StatsCache
 from test_editor import REQUESTS, _editor
 from test_methods import assert_edit_refuses, assert_eval_refuses, tiny_edit_command
+from alphaedit.requests import EditRequest
 from test_rehearse import WEAK, _holds
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -25,13 +27,13 @@ DARRIEUX, TOWER, RIVER, SEINE = REQUESTS
 
 def _held_by_hand(editor: Editor) -> dict[int, torch.Tensor]:
     """C_p in float64 from the rule itself, one batch and one row at a time: a row of a standing
-    batch is held unless a later standing batch rehearsed the same request (chat forms are off
-    here, so row i is the batch's i-th written request)."""
+    batch is held unless a later standing batch wrote the same subject and prompt again, as its
+    own request or a re-write (chat forms are off here, so row i is the batch's i-th written request)."""
     standing = [b for b in editor.batches if not b.reverted]
     held = {l: torch.zeros(editor.layout.key_size, editor.layout.key_size, dtype=torch.float64) for l in editor.config.layers}
     for i, batch in enumerate(standing):
         for row, request in enumerate(batch.written):
-            if any(request in later.rehearsed for later in standing[i + 1 :]):
+            if any((r.subject, r.prompt) == (request.subject, request.prompt) for later in standing[i + 1 :] for r in later.written):
                 continue
             for layer in editor.config.layers:
                 k = batch.keys[layer][row].double()
@@ -64,7 +66,7 @@ def _cp_at_solves(editor: Editor, monkeypatch) -> list[dict[int, torch.Tensor]]:
 def test_a_rewrite_is_solved_without_its_earlier_hold(llama, tokenizer, tmp_path, monkeypatch, replace):
     model, layout = llama
     editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4,
-                     rehearse_replace=replace, **WEAK)
+                     replace_holds=replace, **WEAK)
     editor.edit([DARRIEUX, TOWER])
     lapsed = [r for r, held in zip([DARRIEUX, TOWER], _holds(editor, [DARRIEUX, TOWER])) if not held]
     assert lapsed, "the weak batch should leave something to rehearse"
@@ -94,7 +96,7 @@ def test_a_rewrite_is_solved_without_its_earlier_hold(llama, tokenizer, tmp_path
 
 def test_a_request_rehearsed_again_is_held_at_its_latest_write_through_reverts_and_replays(llama, tokenizer, tmp_path):
     model, layout = llama
-    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, rehearse_replace=True, **WEAK)
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, replace_holds=True, **WEAK)
     editor.edit([DARRIEUX, TOWER])
     editor.edit([SEINE])
     editor.edit([RIVER])
@@ -109,7 +111,7 @@ def test_a_request_rehearsed_again_is_held_at_its_latest_write_through_reverts_a
 
     # a replay derives the same holds from the journal
     loaded = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
-    assert loaded.config.rehearse_replace
+    assert loaded.config.replace_holds
     for layer in editor.config.layers:
         torch.testing.assert_close(loaded.preserved[layer], cp_after_three[layer], rtol=1e-5, atol=1e-5)
 
@@ -134,7 +136,7 @@ def test_a_reread_holds_only_the_latest_writes_too(llama, tokenizer, tmp_path):
     """With C_p re-read after every batch, the re-read reads the held rows' forms only. At the first
     edited layer the keys never drift, so the re-read C_p there is the hand sum of the stored keys."""
     model, layout = llama
-    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, rehearse_replace=True,
+    editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, replace_holds=True,
                      earlier_reread=1, **WEAK)
     editor.edit([DARRIEUX, TOWER])
     editor.edit([SEINE])
@@ -147,26 +149,55 @@ def test_a_reread_holds_only_the_latest_writes_too(llama, tokenizer, tmp_path):
     assert editor.preserved[bottom].double().trace().item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_rehearse_replace_from_the_command_line(tiny_model_folder, tmp_path):
+def test_a_new_edit_of_the_same_fact_is_solved_without_the_old_ones_hold(llama, tokenizer, tmp_path, monkeypatch):
+    """No rehearsal: the tower is edited to Rome, then to London. Without replace_holds the second
+    solve holds the tower's key where it says Rome; with it, that column is out of C_p. With α small
+    beside the keys (the tiny model's keys are short), least squares against the hold writes half
+    of the first layer's share at the key, which is the same key there (nothing below is edited)."""
+    model, layout = llama
+    london = EditRequest(TOWER.prompt, TOWER.subject, "London", "Paris")
+    written = {}
+    for replace in (False, True):
+        editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, replace_holds=replace, l2_alpha=1e-4)
+        editor.edit([TOWER, DARRIEUX])
+        seen = _cp_at_solves(editor, monkeypatch)
+        editor.edit([london])
+        first = editor.batches[0]
+        rows = [1] if replace else [0, 1]  # the tower was the first batch's row 0
+        for layer in editor.config.layers:
+            keys = first.keys[layer][rows].double()
+            torch.testing.assert_close(seen[0][layer], keys.T @ keys, rtol=0, atol=1e-5 * (keys.T @ keys).abs().max().item())
+        _assert_cp(editor, _held_by_hand(editor) if replace else {
+            l: sum((b.keys[l].double().T @ b.keys[l].double() for b in editor.batches), torch.zeros(1, dtype=torch.float64))
+            for l in editor.config.layers})
+        bottom, new = editor.config.layers[0], editor.batches[-1]
+        torch.testing.assert_close(new.keys[bottom][0], first.keys[bottom][0], rtol=0, atol=1e-5)
+        written[replace] = (new.deltas[bottom].dense() @ new.keys[bottom][0]).norm().item()
+        # reverting the new edit gives the old one its hold back
+        editor.revert(editor.batches[-1].report.index)
+        keys = {l: first.keys[l].double() for l in editor.config.layers}
+        _assert_cp(editor, {l: k.T @ k for l, k in keys.items()})
+    assert written[True] / written[False] == pytest.approx(2, rel=0.1)
+
+
+def test_replace_holds_from_the_command_line(tiny_model_folder, tmp_path):
     from alphaedit.cli.common import _method_label
     from alphaedit.config import EditConfig
 
     common, env = tiny_edit_command(tiny_model_folder, tmp_path)
-    assert_edit_refuses(common, env, tmp_path, ((["--rehearse-replace"], "--rehearse-replace takes rehearsed edits' earlier writes "
-                                                                          "out of C_p, and rehearsal is off"),))
-    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--rehearse-replace"], "give --rehearse N too")
+    assert_edit_refuses(common, env, tmp_path, ((["--method", "memit", "--replace-holds"], "replace_holds changes which earlier keys "
+                                                                                          "C_p holds, and memit does not read them"),))
+    assert_eval_refuses(tiny_model_folder, env, tmp_path, ["--method", "memit", "--replace-holds"], "memit does not read them")
     state = tmp_path / "state"
-    done = CliRunner().invoke(app, [*common, "--state", str(state), "--rehearse", "1", "--rehearse-replace", "--json"], env=env)
+    done = CliRunner().invoke(app, [*common, "--state", str(state), "--replace-holds", "--json"], env=env)
     assert done.exit_code == 0, done.output
-    assert json.loads((state / "header.json").read_text())["config"]["rehearse_replace"] is True
+    assert json.loads((state / "header.json").read_text())["config"]["replace_holds"] is True
     # continuing a state made without it may not switch it on
     plain = tmp_path / "plain"
-    assert CliRunner().invoke(app, [*common, "--state", str(plain), "--rehearse", "1", "--json"], env=env).exit_code == 0
-    again = CliRunner().invoke(app, [*common, "--state", str(plain), "--rehearse-replace", "--allow-repeat"], env=env)
-    assert again.exit_code == 2 and "--rehearse-replace False" in again.output, again.output
-    assert _method_label(EditConfig(method="alphaedit", rehearse=1, rehearse_replace=True)) == \
+    assert CliRunner().invoke(app, [*common, "--state", str(plain), "--json"], env=env).exit_code == 0
+    again = CliRunner().invoke(app, [*common, "--state", str(plain), "--replace-holds", "--allow-repeat"], env=env)
+    assert again.exit_code == 2 and "--replace-holds False" in again.output, again.output
+    assert _method_label(EditConfig(method="alphaedit", rehearse=1, replace_holds=True)) == \
         "alphaedit, rehearsal every 1, re-writes replace their hold"
-    with pytest.raises(ValueError, match="rehearsal is off"):
-        EditConfig(rehearse_replace=True)
     with pytest.raises(ValueError, match="does not read them"):
-        EditConfig(method="memit", rehearse=1, rehearse_replace=True)
+        EditConfig(method="memit", replace_holds=True)
