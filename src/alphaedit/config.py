@@ -197,6 +197,9 @@ class EditConfig:
             raise ValueError(f"rehearse must be a number of batches ≥ 0 (0: never, the authors'), got {self.rehearse}")
         if self.rehearse_cap < 0:
             raise ValueError(f"rehearse_cap must be a number of requests ≥ 0 (0: as many as the batch has), got {self.rehearse_cap}")
+        if self.replace_holds and self.earlier_reread:
+            raise ValueError("replace_holds takes earlier columns out of C_p by the keys the journal keeps, and earlier_reread "
+                             "rebuilds C_p from keys read again: use one of them")
         if self.replace_holds and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"replace_holds changes which earlier keys C_p holds, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it off")

@@ -394,7 +394,7 @@ class Editor(Persistence):
         with clock("solve"):
             self._finish(deltas, weights_before)
             self._restrain(deltas, sign=1)
-        preserved_keys = self._hold_batch_keys(reader, keys, forms, requests, clock)
+        preserved_keys = self._hold_batch_keys(reader, keys, forms, clock)
         with clock("check"):
             efficacy = self._efficacy(own)  # on the weights the model carries (after finish and restraint)
         kept_columns = len(next(iter(kept.values()))) if kept else 0
@@ -473,7 +473,7 @@ class Editor(Persistence):
                 for j, (_, form) in enumerate(sourced)]
 
     def _hold_batch_keys(self, reader: KeyReader, keys: dict[int, torch.Tensor], forms: list[EditRequest],
-                         requests: list[EditRequest], clock: _PhaseClock) -> dict[int, torch.Tensor]:
+                         clock: _PhaseClock) -> dict[int, torch.Tensor]:
         """C_p takes the batch's keys on the model as it now is; returns them (the journal keeps
         them), or nothing for a method that keeps no C_p. A layer's key (the input of its W_out)
         depends only on the layers below it, all updated by the time it was read, so for most
@@ -489,7 +489,7 @@ class Editor(Persistence):
             self._add_to_preserved(layer, keys[layer], sign=1)
         if self._rereads_after(len(self.batches) + 1):  # this batch included
             with clock("keys"):
-                self._reread_earlier(also=forms, written=requests)
+                self._reread_earlier(also=forms)
         return keys
 
     def _target_values(self, sourced: list[tuple[int, EditRequest]], templates: list[str], on_unit,
@@ -745,15 +745,12 @@ class Editor(Persistence):
         every = self.config.earlier_reread  # only ever set for a method that keeps C_p (EditConfig refuses it otherwise)
         return bool(every) and batches % every == 0
 
-    def _reread_earlier(self, also: Sequence[EditRequest] = (), written: Sequence[EditRequest] = ()) -> None:
-        """C_p = Σ kkᵀ over every applied request's forms that C_p holds (_held_rows; and `also`, a
-        batch being applied, which writes `written`), keys read on the model as it is now: where
-        the model reads the earlier edits today, not where it read them when they were written. The
-        journal keeps the keys as written; a replay reads again at the same points, so a loaded state
-        carries the same C_p."""
-        held = self._held_rows(written) if self.config.replace_holds else None
-        forms = [form for batch in self.batches if not batch.reverted
-                 for row, form in enumerate(self.edit_forms(batch.written)) if held is None or row in held[batch.report.index]] + list(also)
+    def _reread_earlier(self, also: Sequence[EditRequest] = ()) -> None:
+        """C_p = Σ kkᵀ over every applied request's forms (and `also`, a batch being applied), keys
+        read on the model as it is now: where the model reads the earlier edits today, not where it
+        read them when they were written. The journal keeps the keys as written; a replay reads
+        again at the same points, so a loaded state carries the same C_p."""
+        forms = [form for batch in self.batches if not batch.reverted for form in self.edit_forms(batch.written)] + list(also)
         for layer in self.config.layers:
             self.preserved[layer].zero_()
         for held in self.held:  # held texts are read again too, where the model reads them now
@@ -822,7 +819,7 @@ class Editor(Persistence):
         batch.reverted = True
         if self.config.earlier_reread:
             self._reread_earlier()  # C_p was read on a model that carried the batch: read it without
-        else:  # its keys leave C_p; with replace_holds, the earlier writes its re-writes replaced come back
+        else:  # its keys leave C_p; with replace_holds, the earlier writes of the facts it wrote again come back
             self._move_holds(held, self._held_rows())
         self.events.append(("revert", batch_id))
 
