@@ -21,7 +21,10 @@ by about 0.07 for every 1,000 edits stored while f stayed near a third, and f + 
 6,100-7,000 edits, where the backlog ran away (BENCHMARKS.md, "What sets where rehearsal gives out").
 
 The lapsed requests are written as more columns of the batch, their z optimised as the batch's
-own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with.
+own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with. C_p
+still holds each of them where it was written before, at the answer that lapsed; with
+EditConfig.replace_holds those columns leave C_p before the batch is solved (Editor._held_rows),
+so that a re-write is not solved against a hold on its own key.
 """
 
 from __future__ import annotations
