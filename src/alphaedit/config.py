@@ -123,8 +123,9 @@ class EditConfig:
     # every batch's keys stay in the authors' code). C_p holds W_out's output at each earlier column
     # where it is now -- for a fact written again, the answer being replaced -- so without this the
     # new write is solved against a hold on its own key: at the first edited layer, whose keys never
-    # drift, the very same key, where least squares writes about half of what is needed (a request
-    # rehearsed m times is held there by m + 1 copies)
+    # drift, the very same key, where least squares writes about half of what is needed when α is
+    # small beside the key (less is lost where α dominates: SmolLM2 at α 80, BENCHMARKS.md), and a
+    # request rehearsed m times is held there by m + 1 copies
     replace_holds: bool = False
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
