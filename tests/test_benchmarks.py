@@ -419,3 +419,33 @@ def test_curve_rows_gives_rehearsals_outlook_at_each_point(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--pool", "20"], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "| 0.25 / 0.29 |" in done.stdout, done.stderr[-3000:] + done.stdout
+
+
+def test_replace_holds_ab_solves_one_batch_both_ways_on_the_same_state(llama, tokenizer, tmp_path):
+    """A rehearsing journal of three batches; batch 2 edited again from the state before it, with and
+    without the re-writes' earlier holds: the same rehearsal both ways, and with α small beside the
+    tiny model's keys the re-writes are written further without the hold on their own keys."""
+    import copy
+
+    from alphaedit.config import EditConfig
+    from alphaedit.editor import Editor
+    from alphaedit.requests import EditRequest
+    from alphaedit.stats import CorpusSpec, StatsCache
+
+    module = _benchmark("replace_holds_ab")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, l2_alpha=1e-4, nullspace_threshold=0.5,
+                        rehearse=1, rehearse_cap=4, context_template_length=6)
+    editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
+                    cache=StatsCache(tmp_path / "home"), show_progress=False)
+    facts = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+             ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
+    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
+        editor.edit([EditRequest(*f) for f in batch])
+    editor.save_state(tmp_path / "state")
+    assert editor.batches[2].rehearsed, "the tiny model's edits should lapse by the third batch"
+    result = module.measure(str(tmp_path / "state"), 2, load=lambda: (copy.deepcopy(model), tokenizer), cache=StatsCache(tmp_path / "home"))
+    plain, replaced = result["ways"].values()
+    assert result["same rehearsal"] and plain["rehearsed"] == replaced["rehearsed"] == len(editor.batches[2].rehearsed)
+    assert result["paired"]["rehearsed margin"]["of"] == len(editor.batches[2].rehearsed)
+    assert result["paired"]["rehearsed margin"]["mean"] > 0

@@ -1,0 +1,117 @@
+"""One batch solved both ways: with the re-written facts' earlier holds in C_p, and without them
+(`--replace-holds`), on the same state, the same requests and the same z values.
+
+Replays the first N batches of STATE (a journal made with --rehearse), then edits batch N's own
+requests again twice on fresh copies of the unedited model: the rehearsal check finds the same
+lapsed edits both times and the z optimisation gives the same values (it reads no C_p, so it runs
+once and is reused), so the two updates differ only in the C_p their solves read. Reported per way:
+how many re-writes hold right after the batch, their margin (NLL of the true object minus NLL of
+the new one, in nats; > 0 holds), the batch's own efficacy and margin, and the share of the other
+earlier edits still holding; then the paired difference of the margins.
+
+    python benchmarks/replace_holds_ab.py STATE N [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from alphaedit import editor as editor_module
+from alphaedit.config import EditConfig
+from alphaedit.editor import Editor
+from alphaedit.journal import Journal
+from alphaedit.layouts import Layout
+from alphaedit.models import load_model
+from alphaedit.rehearsal import edit_holds, standing_requests
+from alphaedit.requests import parse_requests
+from alphaedit.stats import CorpusSpec, StatsCache
+from alphaedit.teacher_forcing import continuation_nll
+
+
+def margins(model, tokenizer, requests) -> torch.Tensor:
+    """Per request with a true object: NLL(true) − NLL(new) after its prompt, in nats (> 0: the edit holds)."""
+    known = [r for r in requests if r.target_true]
+    if not known:
+        return torch.zeros(0)
+    prompts = [r.text() for r in known]
+    return (continuation_nll(model, tokenizer, prompts, [r.target_true for r in known])
+            - continuation_nll(model, tokenizer, prompts, [r.target_new for r in known]))
+
+
+def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> dict:
+    """`load()`: a fresh unedited model and its tokenizer (default: the journal's model, loaded);
+    `cache`: the statistics cache (default: $ALPHAEDIT_HOME's)."""
+    journal = Journal.open(state)
+    header = journal.header
+    load = load or (lambda: load_model(header["model"]))
+    batch = journal.batch(journal.batch_ids()[n])
+    own = parse_requests(batch.requests, source=str(batch.path / "requests.json"))[: batch.report["requests"]]
+    cut = next(i for i, e in enumerate(journal.entries) if e["kind"] == "batch" and e["id"] == journal.batch_ids()[n])
+    real, kept = editor_module.compute_targets, []
+
+    def once(*a, **k):  # the same z for both ways: it depends on the weights and requests only
+        if not kept:
+            kept.append(real(*a, **k))
+        return kept[0]
+
+    ways = {}
+    editor_module.compute_targets = once
+    try:
+        for replace in (False, True):
+            model, tokenizer = load()
+            settings = {k: v for k, v in header["config"].items() if k != "rehearse_replace"}  # c2addfb's name of the option
+            editor = Editor(model, tokenizer, EditConfig.from_dict({**settings, "replace_holds": replace}),
+                            layout=Layout.from_dict(header["layout"]), corpus=CorpusSpec(**header["corpus"]),
+                            cache=cache or StatsCache(), show_progress=False)
+            editor.templates = header["templates"]
+            replay = Journal.open(state)
+            replay.index["entries"] = replay.entries[:cut]  # everything before batch N, reverts included
+            editor.apply_journal(replay)
+            earlier = standing_requests(editor.batches)
+            editor.edit(own)
+            rehearsed = editor.batches[-1].rehearsed
+            others = [r for r in earlier if r not in rehearsed]
+            ways[replace] = {
+                "rehearsed": len(rehearsed), "rehearsed holding": sum(edit_holds(model, tokenizer, rehearsed, editor.layout)),
+                "rehearsed margin": margins(model, tokenizer, rehearsed), "own efficacy": editor.history[-1].efficacy,
+                "own margin": margins(model, tokenizer, own),
+                "other earlier holding": sum(edit_holds(model, tokenizer, others, editor.layout)) / max(1, len(others)),
+                "rehearsed_requests": rehearsed}
+    finally:
+        editor_module.compute_targets = real
+    plain, replaced = ways[False], ways[True]
+    paired = {k: replaced[k] - plain[k] for k in ("rehearsed margin", "own margin")}
+    return {"state": state, "batch": n, "own": len(own), "same rehearsal": plain["rehearsed_requests"] == replaced["rehearsed_requests"],
+            "ways": {name: {k: (v.mean().item() if isinstance(v, torch.Tensor) else v) for k, v in w.items() if k != "rehearsed_requests"}
+                     for name, w in (("C_p holds the earlier writes", plain), ("--replace-holds", replaced))},
+            "paired": {k: {"mean": d.mean().item() if len(d) else None, "se": (d.std() / len(d) ** 0.5).item() if len(d) > 1 else None,
+                           "larger": int((d > 0).sum()), "of": len(d)} for k, d in paired.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("state")
+    parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
+    parser.add_argument("--json", action="store_true", help="print only JSON")
+    args = parser.parse_args()
+    result = measure(args.state, args.n)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    ways = list(result["ways"].values())
+    print(f"{args.state}, batch {args.n}: {ways[0]['rehearsed']} re-writes, {result['own']} own requests")
+    print("| way | re-writes holding | their margin (nats) | own efficacy | own margin | other earlier edits holding |")
+    print("|---|---|---|---|---|---|")
+    for name, w in result["ways"].items():
+        print(f"| {name} | {w['rehearsed holding']} of {w['rehearsed']} | {w['rehearsed margin']:.2f} | {100 * w['own efficacy']:.1f} | "
+              f"{w['own margin']:.2f} | {100 * w['other earlier holding']:.1f} |")
+    for k, d in result["paired"].items():
+        if d["mean"] is not None:
+            print(f"{k}, --replace-holds minus C_p's holds: {d['mean']:+.3f} ± {d['se'] or 0:.3f} nats, larger for {d['larger']} of {d['of']}")
+
+
+if __name__ == "__main__":
+    main()
