@@ -6,8 +6,10 @@ of another record of the same relation (a change of an edit already made). Two w
 model, restored in between: the authors' C_p, which keeps holding the first edits' keys where they
 say the first new object, and `replace_holds`, which takes those columns out before batch 2.
 
-Reported per way: the re-edits' efficacy (the second object preferred over the first), the share
-preferring it over the true object, the left-alone edits still holding, and batch 2's seconds.
+Reported per way: the re-edits' efficacy (the second object preferred over the first) and their
+mean margin (NLL of the first object minus NLL of the second, in nats: how far past the line
+they are), the share preferring it over the true object, the left-alone edits still holding, and
+batch 2's seconds.
 
     python benchmarks/re_edit.py [--n 100] [--l2 10] [--json]
 """
@@ -26,6 +28,7 @@ from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset
 from alphaedit.models import load_model
 from alphaedit.rehearsal import edit_holds
+from alphaedit.teacher_forcing import continuation_nll
 from alphaedit.stats import CorpusSpec, StatsCache
 
 
@@ -69,8 +72,11 @@ def main() -> None:
         start = time.perf_counter()
         report = editor.edit(second)[0]
         seconds = time.perf_counter() - start
+        prompts = [r.text() for r in second]
+        margin = (continuation_nll(model, tokenizer, prompts, [r.target_true for r in second])
+                  - continuation_nll(model, tokenizer, prompts, [r.target_new for r in second])).mean().item()
         over_true = edit_holds(model, tokenizer, [replace(r, target_true=f.target_true) for r, f in zip(second, first)], editor.layout)
-        rows.append({"way": label, "re-edits holding": report.efficacy, "over the true object": sum(over_true) / len(over_true),
+        rows.append({"way": label, "re-edits holding": report.efficacy, "re-edits margin": margin, "over the true object": sum(over_true) / len(over_true),
                      "left alone holding": sum(edit_holds(model, tokenizer, alone, editor.layout)) / len(alone),
                      "first batch efficacy": editor.history[0].efficacy, "seconds": seconds})
     result = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(), "n": args.n,
@@ -79,10 +85,10 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     print(f"SmolLM2-135M, {args.n} facts edited twice and {args.n} once, α {config.l2_alpha:g}")
-    print("| way | first batch's efficacy | re-edits holding (over the first new object) | over the true object | left alone holding | batch 2 s |")
-    print("|---|---|---|---|---|---|")
+    print("| way | first batch's efficacy | re-edits holding (over the first new object) | their margin (nats) | over the true object | left alone holding | batch 2 s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['way']} | {100 * r['first batch efficacy']:.1f} | {100 * r['re-edits holding']:.1f} | "
+        print(f"| {r['way']} | {100 * r['first batch efficacy']:.1f} | {100 * r['re-edits holding']:.1f} | {r['re-edits margin']:.2f} | "
               f"{100 * r['over the true object']:.1f} | {100 * r['left alone holding']:.1f} | {r['seconds']:.1f} |")
 
 
