@@ -125,11 +125,12 @@ declare -A args=(
   # rehearsal whose re-writes replace their hold (--replace-holds; first run with c2addfb's --rehearse-replace, the same
   # rule on this stream, which has no fact twice): C_p held each lapsed edit where it reads the lapsed answer, at
   # (nearly) the key the re-write is written at -- at layer 3 the very same key -- so a re-write was solved against its
-  # own hold, and f stayed near a third. Screened by f / κ at 1,000 and 2,000 edits against the plain rehearsal run's
-  # 0.34 / 0.15 and 0.35 / 0.22
+  # own hold, and f stayed near a third. Screened by f / κ at 1,000 edits against the plain rehearsal run's 0.34 / 0.15:
+  # 0.29 / 0.14, efficacy 97.0 (97.6), on an AMD EPYC at 2.0 s per edit; stopped there (ranked: the hold is small at α 80)
   [cf10k-alphaedit-l2-80-rehearse-replace]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds"
   # rehearsal at α 60, the one point of the α axis not yet screened: f + κ at 1,000 edits reads 0.49 at α 80 and
-  # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80)
+  # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80).
+  # Started 2026-12-07 and stopped in its pre-edit evaluation to give the CPU to the screen above: not measured
   [cf10k-alphaedit-l2-60-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 60 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
