@@ -2,7 +2,8 @@
 
 SmolLM2-135M with its preset: batch 1 edits the first `--n` CounterFact test records and as many
 more that are left alone afterwards; batch 2 edits the first `--n` again, each to the new object
-of another record of the same relation (a change of an edit already made). Two ways on the same
+of another record of the same relation (a change of an edit already made; a record whose relation
+has no other object is left out). Two ways on the same
 model, restored in between: the authors' C_p, which keeps holding the first edits' keys where they
 say the first new object, and `replace_holds`, which takes those columns out before batch 2.
 
@@ -33,16 +34,18 @@ from alphaedit.stats import CorpusSpec, StatsCache
 
 
 def re_edits(records, n: int):
-    """The first n records' requests, and a second request for each: the same subject and prompt,
-    the new object of the nearest later record of the same relation (one that differs from both
-    of its own objects), its true object the first edit's new one."""
-    first = [r.request for r in records[:n]]
-    second = []
+    """Of the first n records, those whose relation has another new object among the records: their
+    requests, and a second request for each, the same subject and prompt with the new object of the
+    nearest later record of the same relation (one that differs from both of its own objects), its
+    true object the first edit's new one. A fact with no such object is left out of both."""
+    first, second = [], []
     for i, record in enumerate(records[:n]):
         own = record.request
-        other = next(r.request.target_new for r in records[i + 1 :] + records[:i]
-                     if r.relation_id == record.relation_id and r.request.target_new not in (own.target_new, own.target_true))
-        second.append(replace(own, target_new=other, target_true=own.target_new))
+        other = next((r.request.target_new for r in records[i + 1 :] + records[:i]
+                      if r.relation_id == record.relation_id and r.request.target_new not in (own.target_new, own.target_true)), None)
+        if other is not None:
+            first.append(own)
+            second.append(replace(own, target_new=other, target_true=own.target_new))
     return first, second
 
 
@@ -79,12 +82,12 @@ def main() -> None:
         rows.append({"way": label, "re-edits holding": report.efficacy, "re-edits margin": margin, "over the true object": sum(over_true) / len(over_true),
                      "left alone holding": sum(edit_holds(model, tokenizer, alone, editor.layout)) / len(alone),
                      "first batch efficacy": editor.history[0].efficacy, "seconds": seconds})
-    result = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(), "n": args.n,
+    result = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(), "n": args.n, "edited twice": len(first),
               "l2": config.l2_alpha, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"SmolLM2-135M, {args.n} facts edited twice and {args.n} once, α {config.l2_alpha:g}")
+    print(f"SmolLM2-135M, {len(first)} facts edited twice and {len(alone)} once, α {config.l2_alpha:g}")
     print("| way | first batch's efficacy | re-edits holding (over the first new object) | their margin (nats) | over the true object | left alone holding | batch 2 s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

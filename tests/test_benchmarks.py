@@ -449,3 +449,24 @@ def test_replace_holds_ab_solves_one_batch_both_ways_on_the_same_state(llama, to
     assert result["same rehearsal"] and plain["rehearsed"] == replaced["rehearsed"] == len(editor.batches[2].rehearsed)
     assert result["paired"]["rehearsed margin"]["of"] == len(editor.batches[2].rehearsed)
     assert result["paired"]["rehearsed margin"]["mean"] > 0
+
+
+def test_re_edit_pairs_each_fact_with_another_object_of_its_relation():
+    """re_edit.py's second edits: the same subject and prompt, the new object of another record of
+    the same relation (never either of the fact's own objects), and the first new object as the one
+    to beat."""
+    from alphaedit.eval.datasets import EvalRecord
+    from alphaedit.requests import EditRequest
+
+    module = _benchmark("re_edit")
+
+    def record(i, subject, new, true, relation):
+        return EvalRecord("counterfact", i, EditRequest("{} is in", subject, new, true), relation_id=relation)
+
+    records = [record(0, "A", "Rome", "Paris", "P1"), record(1, "B", "Oslo", "Lima", "P2"), record(2, "C", "Rome", "Oslo", "P1"),
+               record(3, "D", "Cairo", "Rome", "P1"), record(4, "E", "Lima", "Oslo", "P2")]
+    first, second = module.re_edits(records, 2)
+    # A: C's Rome is A's own new object, so D's Cairo; B: E's Lima is B's true object and P2 has no
+    # other, so B is left out rather than edited to one of its own objects
+    assert first == [records[0].request]
+    assert [(r.subject, r.prompt, r.target_new, r.target_true) for r in second] == [("A", "{} is in", "Cairo", "Rome")]
