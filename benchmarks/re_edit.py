@@ -29,8 +29,8 @@ from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset
 from alphaedit.models import load_model
 from alphaedit.rehearsal import edit_holds
-from alphaedit.teacher_forcing import continuation_nll
 from alphaedit.stats import CorpusSpec, StatsCache
+from alphaedit.teacher_forcing import new_margin
 
 
 def re_edits(records, n: int):
@@ -75,9 +75,8 @@ def main() -> None:
         start = time.perf_counter()
         report = editor.edit(second)[0]
         seconds = time.perf_counter() - start
-        prompts = [r.text() for r in second]
-        margin = (continuation_nll(model, tokenizer, prompts, [r.target_true for r in second])
-                  - continuation_nll(model, tokenizer, prompts, [r.target_new for r in second])).mean().item()
+        margin = new_margin(model, tokenizer, [r.text() for r in second], [r.target_new for r in second],
+                            [r.target_true for r in second]).mean().item()
         over_true = edit_holds(model, tokenizer, [replace(r, target_true=f.target_true) for r, f in zip(second, first)], editor.layout)
         rows.append({"way": label, "re-edits holding": report.efficacy, "re-edits margin": margin, "over the true object": sum(over_true) / len(over_true),
                      "left alone holding": sum(edit_holds(model, tokenizer, alone, editor.layout)) / len(alone),

@@ -28,7 +28,7 @@ from alphaedit.models import load_model
 from alphaedit.rehearsal import edit_holds, standing_requests
 from alphaedit.requests import parse_requests
 from alphaedit.stats import CorpusSpec, StatsCache
-from alphaedit.teacher_forcing import continuation_nll
+from alphaedit.teacher_forcing import new_margin
 
 
 def margins(model, tokenizer, requests) -> torch.Tensor:
@@ -36,9 +36,7 @@ def margins(model, tokenizer, requests) -> torch.Tensor:
     known = [r for r in requests if r.target_true]
     if not known:
         return torch.zeros(0)
-    prompts = [r.text() for r in known]
-    return (continuation_nll(model, tokenizer, prompts, [r.target_true for r in known])
-            - continuation_nll(model, tokenizer, prompts, [r.target_new for r in known]))
+    return new_margin(model, tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known])
 
 
 def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> dict:
@@ -50,6 +48,7 @@ def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> d
     batch = journal.batch(journal.batch_ids()[n])
     own = parse_requests(batch.requests, source=str(batch.path / "requests.json"))[: batch.report["requests"]]
     cut = next(i for i, e in enumerate(journal.entries) if e["kind"] == "batch" and e["id"] == journal.batch_ids()[n])
+    settings = {k: v for k, v in header["config"].items() if k != "rehearse_replace"}  # c2addfb's name of the option
     real, kept = editor_module.compute_targets, []
 
     def once(*a, **k):  # the same z for both ways: it depends on the weights and requests only
@@ -62,7 +61,6 @@ def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> d
     try:
         for replace in (False, True):
             model, tokenizer = load()
-            settings = {k: v for k, v in header["config"].items() if k != "rehearse_replace"}  # c2addfb's name of the option
             editor = Editor(model, tokenizer, EditConfig.from_dict({**settings, "replace_holds": replace}),
                             layout=Layout.from_dict(header["layout"]), corpus=CorpusSpec(**header["corpus"]),
                             cache=cache or StatsCache(), show_progress=False)

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from alphaedit.cli import app
 from alphaedit.editor import Editor
+from alphaedit.requests import EditRequest
 from alphaedit.stats import StatsCache
 from test_editor import REQUESTS, _editor
 from test_methods import assert_edit_refuses, assert_eval_refuses, tiny_edit_command
-from alphaedit.requests import EditRequest
 from test_rehearse import WEAK, _holds
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -26,14 +26,16 @@ DARRIEUX, TOWER, RIVER, SEINE = REQUESTS
 
 
 def _held_by_hand(editor: Editor) -> dict[int, torch.Tensor]:
-    """C_p in float64 from the rule itself, one batch and one row at a time: a row of a standing
-    batch is held unless a later standing batch wrote the same subject and prompt again, as its
-    own request or a re-write (chat forms are off here, so row i is the batch's i-th written request)."""
+    """C_p in float64 from the rule itself, one batch and one row at a time: every row of a standing
+    batch, or with replace_holds those whose subject and prompt no later standing batch wrote again,
+    as its own request or a re-write (chat forms are off here, so row i is the batch's i-th written
+    request)."""
     standing = [b for b in editor.batches if not b.reverted]
     held = {l: torch.zeros(editor.layout.key_size, editor.layout.key_size, dtype=torch.float64) for l in editor.config.layers}
     for i, batch in enumerate(standing):
         for row, request in enumerate(batch.written):
-            if any((r.subject, r.prompt) == (request.subject, request.prompt) for later in standing[i + 1 :] for r in later.written):
+            if editor.config.replace_holds and any((r.subject, r.prompt) == (request.subject, request.prompt)
+                                                   for later in standing[i + 1 :] for r in later.written):
                 continue
             for layer in editor.config.layers:
                 k = batch.keys[layer][row].double()
@@ -88,10 +90,7 @@ def test_a_rewrite_is_solved_without_its_earlier_hold(llama, tokenizer, tmp_path
         torch.testing.assert_close(seen[0][layer], expected, rtol=0, atol=1e-5 * max(1.0, expected.abs().max().item()))
     # and after: every row of the new batch, and of the first batch the requests not written again
     # (without replace, all of them: the rehearsed requests held twice)
-    expected = _held_by_hand(editor) if replace else {
-        l: sum((b.keys[l].double().T @ b.keys[l].double() for b in editor.batches), torch.zeros(1, dtype=torch.float64))
-        for l in editor.config.layers}
-    _assert_cp(editor, expected)
+    _assert_cp(editor, _held_by_hand(editor))
 
 
 def test_a_request_rehearsed_again_is_held_at_its_latest_write_through_reverts_and_replays(llama, tokenizer, tmp_path):
@@ -150,9 +149,7 @@ def test_a_new_edit_of_the_same_fact_is_solved_without_the_old_ones_hold(llama, 
         for layer in editor.config.layers:
             keys = first.keys[layer][rows].double()
             torch.testing.assert_close(seen[0][layer], keys.T @ keys, rtol=0, atol=1e-5 * (keys.T @ keys).abs().max().item())
-        _assert_cp(editor, _held_by_hand(editor) if replace else {
-            l: sum((b.keys[l].double().T @ b.keys[l].double() for b in editor.batches), torch.zeros(1, dtype=torch.float64))
-            for l in editor.config.layers})
+        _assert_cp(editor, _held_by_hand(editor))
         bottom, new = editor.config.layers[0], editor.batches[-1]
         torch.testing.assert_close(new.keys[bottom][0], first.keys[bottom][0], rtol=0, atol=1e-5)
         written[replace] = (new.deltas[bottom].dense() @ new.keys[bottom][0]).norm().item()

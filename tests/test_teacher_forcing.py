@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphaedit.teacher_forcing import continuation_accuracy, continuation_nll, prefers_new
+from alphaedit.teacher_forcing import continuation_accuracy, continuation_nll, new_margin, prefers_new
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,6 +43,17 @@ def test_prefers_new_compares_mean_token_nll(llama, tokenizer):
     nll_true = continuation_nll(model, tokenizer, PROMPTS, list(reversed(CONTINUATIONS)))
     wins = prefers_new(model, tokenizer, PROMPTS, CONTINUATIONS, list(reversed(CONTINUATIONS)))
     assert wins.tolist() == (nll_new < nll_true).tolist()
+
+
+def test_new_margin_is_the_true_objects_nll_minus_the_new_ones(llama, tokenizer):
+    """The margin prefers_new thresholds at 0, against one pair at a time with full logits."""
+    model, _ = llama
+    true = list(reversed(CONTINUATIONS))
+    margin = new_margin(model, tokenizer, PROMPTS, CONTINUATIONS, true)
+    for i, prompt in enumerate(PROMPTS):
+        expected = _reference(model, tokenizer, prompt, true[i])[0] - _reference(model, tokenizer, prompt, CONTINUATIONS[i])[0]
+        assert margin[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert prefers_new(model, tokenizer, PROMPTS, CONTINUATIONS, true).tolist() == (margin > 0).tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

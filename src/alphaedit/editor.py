@@ -602,9 +602,10 @@ class Editor(Persistence):
     def _columns(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[EditRequest]:
         """Of the forms `requests` are trained under (`sourced`), those written as columns: all, or
         with chat_values="trained" the requests' own (the first ones; their chat forms only train δ)."""
-        return [form for _, form in self._written(requests, sourced)]
+        return [form for _, form in self._sourced_columns(requests, sourced)]
 
-    def _written(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[tuple[int, EditRequest]]:
+    def _sourced_columns(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[tuple[int, EditRequest]]:
+        """Of `sourced`, the (request index, form) pairs written as columns, in the order of the keys' rows."""
         return sourced[: len(requests)] if self.config.chat_values == "trained" else sourced
 
     def _held_rows(self, written: Sequence[EditRequest] = ()) -> dict[int, set[int]]:
@@ -622,7 +623,7 @@ class Editor(Persistence):
                 held[batch.report.index] = set(range(len(next(iter(batch.keys.values()))) if batch.keys else 0))
                 continue
             requests = batch.written
-            held[batch.report.index] = {row for row, (source, _) in enumerate(self._written(requests, self._sourced_forms(requests)))
+            held[batch.report.index] = {row for row, (source, _) in enumerate(self._sourced_columns(requests, self._sourced_forms(requests)))
                                         if _fact(requests[source]) not in later}
             later.update(_fact(r) for r in requests)
         return held

@@ -124,5 +124,18 @@ def prefers_new(
     layout: Layout | None = None,
 ) -> torch.Tensor:
     """Per prompt: is the new object more likely than the true one (lower mean token NLL)?"""
+    return new_margin(model, tokenizer, prompts, new, true, layout=layout) > 0
+
+
+def new_margin(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    new: Sequence[str],
+    true: Sequence[str],
+    layout: Layout | None = None,
+) -> torch.Tensor:
+    """Per prompt: mean token NLL of the true object minus that of the new one, in nats: how far
+    past the line prefers_new draws (> 0) an edit is, [len(prompts)] float32."""
     nll = continuation_nll(model, tokenizer, [*prompts, *prompts], [*new, *true], layout=layout)
-    return nll[: len(prompts)] < nll[len(prompts) :]
+    return nll[len(prompts) :] - nll[: len(prompts)]
