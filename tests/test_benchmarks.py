@@ -421,10 +421,11 @@ def test_curve_rows_gives_rehearsals_outlook_at_each_point(tmp_path):
     assert done.returncode == 0 and "| 0.25 / 0.29 |" in done.stdout, done.stderr[-3000:] + done.stdout
 
 
-def test_replace_holds_ab_solves_one_batch_both_ways_on_the_same_state(llama, tokenizer, tmp_path):
-    """A rehearsing journal of three batches; batch 2 edited again from the state before it, with and
-    without the re-writes' earlier holds: the same rehearsal both ways, and with α small beside the
-    tiny model's keys the re-writes are written further without the hold on their own keys."""
+def test_batch_ab_solves_one_batch_two_ways_on_the_same_state(llama, tokenizer, tmp_path):
+    """A rehearsing journal of three batches; batch 2 edited again from the state before it, with the
+    journal's config and with a change: the same rehearsal both ways, and with α small beside the
+    tiny model's keys the re-writes are written further without the hold on their own keys
+    (replace_holds) and, weighed more in the solve, further still (rewrite_weight)."""
     import copy
 
     from alphaedit.config import EditConfig
@@ -432,7 +433,7 @@ def test_replace_holds_ab_solves_one_batch_both_ways_on_the_same_state(llama, to
     from alphaedit.requests import EditRequest
     from alphaedit.stats import CorpusSpec, StatsCache
 
-    module = _benchmark("replace_holds_ab")
+    module = _benchmark("batch_ab")
     model, layout = llama
     config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, l2_alpha=1e-4, nullspace_threshold=0.5,
                         rehearse=1, rehearse_cap=4, context_template_length=6)
@@ -444,11 +445,18 @@ def test_replace_holds_ab_solves_one_batch_both_ways_on_the_same_state(llama, to
         editor.edit([EditRequest(*f) for f in batch])
     editor.save_state(tmp_path / "state")
     assert editor.batches[2].rehearsed, "the tiny model's edits should lapse by the third batch"
-    result = module.measure(str(tmp_path / "state"), 2, load=lambda: (copy.deepcopy(model), tokenizer), cache=StatsCache(tmp_path / "home"))
-    plain, replaced = result["ways"].values()
-    assert result["same rehearsal"] and plain["rehearsed"] == replaced["rehearsed"] == len(editor.batches[2].rehearsed)
-    assert result["paired"]["rehearsed margin"]["of"] == len(editor.batches[2].rehearsed)
-    assert result["paired"]["rehearsed margin"]["mean"] > 0
+
+    def measure(changes, base=None):
+        return module.measure(str(tmp_path / "state"), 2, changes, base, load=lambda: (copy.deepcopy(model), tokenizer),
+                              cache=StatsCache(tmp_path / "home"))
+
+    for changes, base in (({"replace_holds": True}, None), ({"rewrite_weight": 4}, {"replace_holds": True})):
+        result = measure(changes, base)
+        a, b = result["ways"].values()
+        assert result["same rehearsal"] and a["rehearsed"] == b["rehearsed"] == len(editor.batches[2].rehearsed)
+        assert result["paired"]["rehearsed margin"]["of"] == len(editor.batches[2].rehearsed)
+        assert result["paired"]["rehearsed margin"]["mean"] > 0, changes
+    assert module.setting("rewrite_weight=4") == ("rewrite_weight", 4) and module.setting("method=memit") == ("method", "memit")
 
 
 def test_re_edit_pairs_each_fact_with_another_object_of_its_relation():

@@ -127,6 +127,13 @@ class EditConfig:
     # small beside the key (less is lost where α dominates: SmolLM2 at α 80, BENCHMARKS.md), and a
     # request rehearsed m times is held there by m + 1 copies
     replace_holds: bool = False
+    # how much a rehearsal's re-written columns weigh in the solve against the batch's own (not
+    # in the paper; 1: alike). The least squares then fits Σ w_j ‖Δk_j − r_j‖², w_j this weight
+    # for a re-write and 1 for the rest, so a lapsed edit is written further against C_p's hold
+    # and α: at α 80 on SmolLM2 a lone column writes only ‖Pk‖² / (‖Pk‖² + α) ≈ 0.3 of its layer's
+    # share, and about a third of the re-writes did not take even in their own batch
+    # (BENCHMARKS.md, "What sets where rehearsal gives out")
+    rewrite_weight: float = 1.0
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
     # layer i of L takes 1/(L − i) of what is still missing, on the model the layers below changed)
@@ -204,6 +211,11 @@ class EditConfig:
         if self.replace_holds and not get_method(self.method).keeps_preserved(self):
             raise ValueError(f"replace_holds changes which earlier keys C_p holds, and {self.method} does not read them here "
                              "(alphaedit, memit-seq, encore or any method with the projection do): leave it off")
+        if not (self.rewrite_weight > 0 and math.isfinite(self.rewrite_weight)):
+            raise ValueError(f"rewrite_weight must be a finite number > 0 (1: a re-write weighs as the batch's own), got {self.rewrite_weight}")
+        if self.rewrite_weight != 1.0 and not self.rehearse:
+            raise ValueError("rewrite_weight weighs a rehearsal's re-writes in the solve, and rehearse is 0 (nothing is re-written): "
+                             "set rehearse, or leave rewrite_weight at 1")
         if self.earlier_reread < 0:
             raise ValueError(f"earlier_reread must be a number of batches ≥ 0 (0: never, the authors'), got {self.earlier_reread}")
         if self.earlier_reread and not get_method(self.method).keeps_preserved(self):

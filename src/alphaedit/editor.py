@@ -136,6 +136,15 @@ def _with_kept(keys: torch.Tensor, resid: torch.Tensor, kept: torch.Tensor | Non
     return torch.cat([keys, kept.to(keys.dtype)]), torch.cat([resid, asked])
 
 
+def _weighted(keys: torch.Tensor, resid: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [u, d0] and residuals [u, d] with row j scaled by √w_j (weights [u]): a least squares
+    over the scaled columns fits Σ w_j ‖Δk_j − r_j‖² (EditConfig.rewrite_weight)."""
+    if weights is None:
+        return keys, resid
+    root = weights.sqrt()[:, None]
+    return keys * root.to(keys.dtype), resid * root.to(resid.dtype)
+
+
 def _fact(request: EditRequest) -> tuple[str, str]:
     """What a later write replaces (EditConfig.replace_holds): the subject and the prompt."""
     return request.subject, request.prompt
@@ -359,6 +368,7 @@ class Editor(Persistence):
         requests = [*own, *rehearsed]
         sourced = self._sourced_forms(requests)
         forms = self._columns(requests, sourced)  # one column of K and R per form written
+        weights = self._column_weights(requests, sourced, len(own))  # None unless rewrite_weight
         self._warn_past_room(len(forms), len(own), len(rehearsed))
         starts = self._warm_starts(sourced, len(own), len(rehearsed))  # None unless rehearse_warm
         with clock("z"):
@@ -384,10 +394,11 @@ class Editor(Persistence):
                     weights_before[layer] = self._math_weight(layer).to("cpu", copy=True)
                 missing = values.z - current.z_current  # [u, d] what the residual stream still lacks at the z layer
                 if self.config.spread == "joint":
-                    deltas[layer] = self._joint_share(layer, ahead, current, missing, statistics, kept, deltas)
+                    deltas[layer] = self._joint_share(layer, ahead, current, missing, statistics, kept, deltas, weights)
                 else:
                     resid = missing / (len(layers) - i)  # the residual stream's share of this layer
-                    deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer], kept.get(layer))
+                    deltas[layer] = self._solve_layer(layer, keys[layer], current.plain_keys[layer], resid, statistics[layer],
+                                                      kept.get(layer), weights)
                 self._add_to_weight(layer, deltas[layer], sign=1)
             if on_unit is not None:
                 on_unit()
@@ -510,19 +521,20 @@ class Editor(Persistence):
         return _TargetValues(targets, z, reference, dropped)
 
     def _solve_layer(self, layer: int, keys: torch.Tensor, plain_keys: torch.Tensor, resid: torch.Tensor,
-                     statistics: LayerStatistics, kept: torch.Tensor | None = None) -> Update:
-        """Δ of one layer for keys [u, d0] and the residual share [u, d] it must add, and no change
-        at the kept keys [m, d0] (zero columns of R)."""
+                     statistics: LayerStatistics, kept: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> Update:
+        """Δ of one layer for keys [u, d0] and the residual share [u, d] it must add, each column
+        weighed by `weights` [u] (None: alike), and no change at the kept keys [m, d0] (zero
+        columns of R, weight 1)."""
         # what W_out must add for it, judged at the plain prompt, where z_current is read
         # (mapped at the template-averaged key instead, Gemma-3-270M's first 10 CounterFact
         # edits took less: Eff 80 against 100, BENCHMARKS.md)
         resid = mlp_output_change(self.model, self.layout, layer, plain_keys, resid)
-        keys, resid = _with_kept(keys, resid, kept)
+        keys, resid = _with_kept(*_weighted(keys, resid, weights), kept)
         device = self._device(layer)
         return self.method.layer_update(keys.to(device).T, resid.to(device).T, statistics, self.config).to("cpu")
 
     def _joint_share(self, layer: int, ahead: list[int], current: KeyPass, missing: torch.Tensor, statistics: dict[int, LayerStatistics],
-                     kept: dict[int, torch.Tensor], written: dict[int, Update]) -> Update:
+                     kept: dict[int, torch.Tensor], written: dict[int, Update], weights: torch.Tensor | None = None) -> Update:
         """`spread="joint"`: this layer's Δ in one projected solve over the layers still to write
         (`ahead`, this one first) for the whole missing residual [u, d] (methods/projection.py); the
         layers after it are planned again on the model as it will then be. The kept subjects ask
@@ -530,7 +542,7 @@ class Editor(Persistence):
         already `written` changed at their keys (the plan's own assumption: a layer's output
         reaches the z layer unchanged)."""
         undo = -sum(kept[l].float().cpu() @ written[l].dense().T for l in written) if kept and written else None  # [m, d]
-        columns = {l: _with_kept(current.keys[l], missing, kept.get(l), undo) for l in ahead}  # ([u + m, d0], [u + m, d]) each
+        columns = {l: _with_kept(*_weighted(current.keys[l], missing, weights), kept.get(l), undo) for l in ahead}  # ([u + m, d0], [u + m, d]) each
         plan = joint_projected_solve({l: keys.to(self._device(l)).T for l, (keys, _) in columns.items()}, columns[layer][1].T,
                                      {l: statistics[l] for l in ahead}, self.config)
         return plan[layer].to("cpu")
@@ -607,6 +619,15 @@ class Editor(Persistence):
     def _sourced_columns(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]]) -> list[tuple[int, EditRequest]]:
         """Of `sourced`, the (request index, form) pairs written as columns, in the order of the keys' rows."""
         return sourced[: len(requests)] if self.config.chat_values == "trained" else sourced
+
+    def _column_weights(self, requests: Sequence[EditRequest], sourced: list[tuple[int, EditRequest]], own: int) -> torch.Tensor | None:
+        """Per column written (the rows of _sourced_columns), its weight in the solve: rewrite_weight
+        for the forms of a re-written request (those after the batch's `own`), 1 for the rest; None
+        when all weigh alike."""
+        columns = self._sourced_columns(requests, sourced)
+        if self.config.rewrite_weight == 1.0 or all(source < own for source, _ in columns):
+            return None
+        return torch.tensor([self.config.rewrite_weight if source >= own else 1.0 for source, _ in columns])
 
     def _held_rows(self, written: Sequence[EditRequest] = ()) -> dict[int, set[int]]:
         """Per applied batch still standing (by index), the rows of its keys that C_p holds: all of

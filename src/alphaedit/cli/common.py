@@ -75,6 +75,7 @@ EarlierRereadOption = Annotated[Optional[int], typer.Option("--earlier-reread", 
 RehearseOption = Annotated[Optional[int], typer.Option("--rehearse", help="Every N batches, check every earlier edit before the batch and write the lapsed ones again with it, at most as many as the batch has or --rehearse-cap allows (0: never, the authors' code; not in the paper). Later batches undo some earlier edits; the journal holds them all, so they can be restored. Costs a teacher-forced check of every earlier request each time.")]
 RehearseCapOption = Annotated[Optional[int], typer.Option("--rehearse-cap", help="With --rehearse, the most lapsed edits one batch writes again (default: as many as the batch has); the rest wait, oldest first, for the next batch. Each costs a z optimisation.")]
 ReplaceHoldsOption = Annotated[bool, typer.Option("--replace-holds", help="When a batch writes a subject and prompt again (a new edit of the same fact, or a --rehearse re-write), take that fact's earlier writes out of C_p before solving it, so that C_p holds every fact once, at its latest write. Without it the new write is solved against C_p's hold on its own key (the answer it replaces), which lets least squares write only part of it (about half where α is small beside the key). Not in the paper; for the projected solve (alphaedit, memit-seq, encore, --project).")]
+RewriteWeightOption = Annotated[Optional[float], typer.Option("--rewrite-weight", help="With --rehearse, how much each re-written edit's column weighs in the solve against the batch's own (default 1: alike; not in the paper). Above 1 a lapsed edit is written further against α and C_p's hold, so that fewer re-writes lapse again; on SmolLM2 at α 80 about a third of them did not take even in their own batch (BENCHMARKS.md).")]
 RehearseWarmOption = Annotated[bool, typer.Option("--rehearse-warm", help="With --rehearse, start each rehearsed edit's z optimisation from the value it was last written with (kept in the journal) instead of from scratch: a re-write then takes 1–2 z steps instead of 3–5, which saves time where re-writes are many (past 4,000 edits on SmolLM2, an estimated half of their z time; BENCHMARKS.md), not where they are few. Not in the paper; changes what a rehearsed edit is written with (its old value, not the nearest one that works now).")]
 RewordedOption = Annotated[Optional[int], typer.Option("--reworded-prompts", min=0, help="Also train each request's δ on this many copies of its prompt with words around the subject left out (default 0: none, the authors' code; not in the paper), so that the edit holds better when the question is worded differently; the early stop still judges the prompt as asked. Each copy is one more prompt in every z optimisation step (2 copies: about a quarter more time per edit on SmolLM2).")]
 ContextTemplatesOption = Annotated[Optional[str], typer.Option("--context-templates", help="The words the context-template prefixes start from, comma-separated (default: preset; the authors' code: The,Therefore,Because,I,You; an empty string: the prompt alone). Each word becomes a short text the model writes, put before every prompt of the z optimisation, so that δ holds in other contexts; each one is one more prompt per step.")]
@@ -226,10 +227,10 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                  earlier_weight: float | None = None, earlier_reread: int | None = None, rehearse: int | None = None,
                  reworded_prompts: int | None = None, context_template_words: list[str] | None = None,
                  leak_weight: float | None = None, rehearse_cap: int | None = None, rehearse_warm: bool = False,
-                 replace_holds: bool = False) -> EditConfig:
+                 replace_holds: bool = False, rewrite_weight: float | None = None) -> EditConfig:
     """The preset for this model's shape with the options `edit` and `eval` share on top."""
     _check_method_choice(method, project, method_option, l2, mom2_weight, spread, earlier_weight, earlier_reread, rehearse, leak_weight,
-                         rehearse_cap, rehearse_warm, replace_holds)
+                         rehearse_cap, rehearse_warm, replace_holds, rewrite_weight)
     try:
         return config_for_model(lm.config, method, layers=_parse_layers(layers), v_num_grad_steps=steps, v_lr=lr,
                                 projector_rule=projector_rule, nullspace_threshold=threshold, v_prefix_cache=prefix_cache,
@@ -239,7 +240,7 @@ def _edit_config(lm, method: str, layers: str | None, steps: int | None, lr: flo
                                 earlier_weight=earlier_weight, earlier_reread=earlier_reread, rehearse=rehearse,
                                 reworded_prompts=reworded_prompts, context_template_words=context_template_words,
                                 leak_weight=leak_weight, rehearse_cap=rehearse_cap, rehearse_warm=rehearse_warm or None,
-                                replace_holds=replace_holds or None)
+                                replace_holds=replace_holds or None, rewrite_weight=rewrite_weight)
     except ValueError as e:
         _fail(str(e))
 
@@ -259,7 +260,8 @@ def _template_words(text: str | None) -> list[str] | None:
 def _check_method_choice(method: str, project: bool | None, method_option: list[str] | None, l2: float | None,
                          mom2_weight: float | None = None, spread: str | None = None, earlier_weight: float | None = None,
                          earlier_reread: int | None = None, rehearse: int | None = None, leak_weight: float | None = None,
-                         rehearse_cap: int | None = None, rehearse_warm: bool = False, replace_holds: bool = False) -> None:
+                         rehearse_cap: int | None = None, rehearse_warm: bool = False, replace_holds: bool = False,
+                         rewrite_weight: float | None = None) -> None:
     """The method, its options, the projection, α, λ, λ₁ and β fit together; checked without a model, so
     that `eval` refuses them before it loads one or records the run."""
     if l2 is not None and not l2 > 0:
@@ -280,6 +282,11 @@ def _check_method_choice(method: str, project: bool | None, method_option: list[
             _fail(f"--rehearse-cap {rehearse_cap}: give the most lapsed edits a batch writes again, 1 or more (leave it out for as many as the batch has)")
         if not rehearse:
             _fail(f"--rehearse-cap {rehearse_cap} limits rehearsal, which is off: give --rehearse N too")
+    if rewrite_weight is not None:
+        if not (rewrite_weight > 0 and math.isfinite(rewrite_weight)):
+            _fail(f"--rewrite-weight {rewrite_weight}: a re-write's weight in the solve must be a finite number > 0 (1: as the batch's own)")
+        if not rehearse:
+            _fail(f"--rewrite-weight {rewrite_weight} weighs rehearsal's re-writes, and rehearsal is off: give --rehearse N too")
     if rehearse_warm and not rehearse:
         _fail("--rehearse-warm starts rehearsed edits from their earlier values, and rehearsal is off: give --rehearse N too")
     given = {"spread": spread, "earlier_weight": earlier_weight, "earlier_reread": earlier_reread, "replace_holds": replace_holds or None}
@@ -379,6 +386,7 @@ def _method_label(config: EditConfig) -> str:
                                           + (", warm-started" if config.rehearse_warm else ""),
                                           config.rehearse > 0),
                                          ("re-writes replace their hold", config.replace_holds),
+                                         (f"re-writes weighed {config.rewrite_weight:g}", config.rewrite_weight != EditConfig.rewrite_weight),
                                          ("joint spread", config.spread == "joint")) if on]
     return ", ".join([label, *stabilisers])
 

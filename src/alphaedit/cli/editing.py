@@ -21,7 +21,7 @@ from ..journal import Journal, JournalError
 from ..locks import FolderInUse
 from ..requests import RequestError, load_requests
 from .common import (
-    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, ReplaceHoldsOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
+    AnchorOption, ClampOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, ReplaceHoldsOption, RewriteWeightOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption, MaxLengthOption,
     MaxPromptOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TrustOption, _corpus_spec,
     _base_model, _check_chat_values, _dtype_for, _edit_config, _fail, _held_file, _hold, _load, _method_options, _new_editor, _open_journal, _parse_layers, _replay, _seed_for,
@@ -70,6 +70,7 @@ def edit(
     rehearse_cap: RehearseCapOption = None,
     rehearse_warm: RehearseWarmOption = False,
     replace_holds: ReplaceHoldsOption = False,
+    rewrite_weight: RewriteWeightOption = None,
     reworded_prompts: RewordedOption = None,
     context_templates: ContextTemplatesOption = None,
     spread: SpreadOption = None,
@@ -103,7 +104,7 @@ def edit(
                          layout=json.loads(layout) if layout else None, chat=chat, chat_values=chat_values,
                          # on/off flags: only switching one on can contradict the state
                          stop_most_probable=stop_most_probable or None, anchor_values=anchor_values or None, rehearse_warm=rehearse_warm or None,
-                         replace_holds=replace_holds or None)
+                         replace_holds=replace_holds or None, rewrite_weight=rewrite_weight)
             _check_continuation(state, journal.header, options)
             if hold is not None:
                 _fail(f"--hold {hold}: {state} began already, and what a state holds is fixed when it begins (its first batch "
@@ -121,7 +122,7 @@ def edit(
                                   project, method_option, stop_most_probable, anchor_values, l2, mom2_weight=mom2_weight, spread=spread, earlier_weight=earlier_weight,
                                   earlier_reread=earlier_reread, rehearse=rehearse, reworded_prompts=reworded_prompts,
                                   context_template_words=template_words, leak_weight=leak_weight, rehearse_cap=rehearse_cap,
-                                  rehearse_warm=rehearse_warm, replace_holds=replace_holds)
+                                  rehearse_warm=rehearse_warm, replace_holds=replace_holds, rewrite_weight=rewrite_weight)
             return _with_chat(config, chat, chat_values)
 
         editor, spec = _state_editor(state, journal, model, dtype, device, trust_remote_code, new_config, layout,
@@ -235,6 +236,7 @@ _CONTINUATION = {
     "rehearse_cap": ("--rehearse-cap", lambda c, corpus: c.rehearse_cap),
     "rehearse_warm": ("--rehearse-warm", lambda c, corpus: c.rehearse_warm),
     "replace_holds": ("--replace-holds", lambda c, corpus: c.replace_holds),
+    "rewrite_weight": ("--rewrite-weight", lambda c, corpus: c.rewrite_weight),
     "reworded_prompts": ("--reworded-prompts", lambda c, corpus: c.reworded_prompts),
     "context_templates": ("--context-templates", lambda c, corpus: c.context_template_words),
     "projector_rule": ("--projector-rule", lambda c, corpus: c.projector_rule),

@@ -20,7 +20,7 @@ from ..progress import progress_bar
 from ..journal import Journal
 from ..requests import RequestError
 from .common import (
-    AnchorOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, ReplaceHoldsOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
+    AnchorOption, ChatValuesOption, ClampOption, CorpusOption, DeviceOption, DtypeOption, EarlierRereadOption, RehearseOption, RehearseCapOption, RehearseWarmOption, ReplaceHoldsOption, RewriteWeightOption, RewordedOption, ContextTemplatesOption, EarlierWeightOption, LeakWeightOption, JsonOption, L2Option, LayersOption, LayoutOption, LrOption,
     MaxLengthOption, MethodOptionOption, Mom2WeightOption, ModelOption, MostProbableOption, PrefixCacheOption, ProjectOption, RuleOption,
     SamplingOption, SeedOption, SpreadOption, StepsOption, StopNllOption, StopRuleOption, ThresholdOption, TokensOption, TrustOption,
     _check_chat_values, _check_method_choice, _claimed, _corpus_spec, _edit_config, _fail, _held_file, _hold, _load, _method_label, _new_editor, _parse_layers, _replay, _template_words, app, console, out,
@@ -112,6 +112,7 @@ def evaluate(
     rehearse_cap: RehearseCapOption = None,
     rehearse_warm: RehearseWarmOption = False,
     replace_holds: ReplaceHoldsOption = False,
+    rewrite_weight: RewriteWeightOption = None,
     reworded_prompts: RewordedOption = None,
     context_templates: ContextTemplatesOption = None,
     spread: SpreadOption = None,
@@ -259,7 +260,7 @@ def _check_eval_options(a: dict) -> list[str] | None:
     _template_words(a["context_templates"])  # (a resumed run's args hold every option: the recorded ones over today's defaults)
     _check_method_choice(a["method"], a["project"], a["method_option"], a["l2"], a["mom2_weight"], a["spread"], a["earlier_weight"],
                          a["earlier_reread"], a["rehearse"], a["leak_weight"], a["rehearse_cap"], a["rehearse_warm"],
-                         a["replace_holds"])
+                         a["replace_holds"], a["rewrite_weight"])
     if a["curve_of"] not in CURVE_OF:
         _fail(f"--curve-of {a['curve_of']}: choose {' or '.join(CURVE_OF)}")
     if _curve_chosen(a) and not a["every"]:
@@ -337,7 +338,7 @@ def _eval_editor(a: dict, lm, tokenizer):
                           earlier_weight=a["earlier_weight"], earlier_reread=a["earlier_reread"], rehearse=a["rehearse"],
                           reworded_prompts=a["reworded_prompts"], context_template_words=_template_words(a["context_templates"]),
                           leak_weight=a["leak_weight"], rehearse_cap=a["rehearse_cap"], rehearse_warm=a["rehearse_warm"],
-                          replace_holds=a["replace_holds"])
+                          replace_holds=a["replace_holds"], rewrite_weight=a["rewrite_weight"])
     config.chat = a["chat"]  # the records carry questions only with --chat
     config.chat_values = a["chat_values"]
     return _new_editor(lm, tokenizer, config, a["layout"], _corpus_spec(a["corpus"], a["tokens"], a["max_length"], a["seed"], a["sampling"]),
@@ -393,7 +394,7 @@ def _run_meta(a: dict, records: list, editor, lm) -> dict:
             "layers": c.layers, "selection": "first N" if a["select_seed"] is None else f"seed {a['select_seed']}",
             "generation_every": a["generation_every"], "corpus": a["corpus"], "tokens": a["tokens"], "projector_rank": editor.projector_rank,
             "preset": c.preset, "preset_reason": describe_preset(lm.config), "z_steps_cap": c.v_num_grad_steps, "v_lr": c.v_lr,
-            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "l2_alpha": c.l2_alpha, "mom2_update_weight": c.mom2_update_weight, "earlier_weight": c.earlier_weight, "leak_weight": c.leak_weight, "earlier_reread": c.earlier_reread, "rehearse": c.rehearse, "rehearse_cap": c.rehearse_cap, "rehearse_warm": c.rehearse_warm, "replace_holds": c.replace_holds, "reworded_prompts": c.reworded_prompts, "context_template_words": c.context_template_words, "spread": c.spread, "chat": a["chat"], "chat_values": c.chat_values,
+            "stop_rule": c.early_stop_rule, "clamp": c.clamp_norm_factor, "l2_alpha": c.l2_alpha, "mom2_update_weight": c.mom2_update_weight, "earlier_weight": c.earlier_weight, "leak_weight": c.leak_weight, "earlier_reread": c.earlier_reread, "rehearse": c.rehearse, "rehearse_cap": c.rehearse_cap, "rehearse_warm": c.rehearse_warm, "replace_holds": c.replace_holds, "rewrite_weight": c.rewrite_weight, "reworded_prompts": c.reworded_prompts, "context_template_words": c.context_template_words, "spread": c.spread, "chat": a["chat"], "chat_values": c.chat_values,
             "keep_same_relation": a["keep_same_relation"], "keep_conversations": a["keep_conversations"], "chat_eval": a["chat_eval"], "chat_judge": a["chat_judge"],
             "stop_threshold": c.early_stop_nll if c.early_stop_rule == "nll" else c.early_stop_loss,
             "mean_z_steps": sum(r.z_steps * r.requests for r in history) / max(1, sum(r.requests for r in history))}

@@ -1,15 +1,18 @@
-"""One batch solved both ways: with the re-written facts' earlier holds in C_p, and without them
-(`--replace-holds`), on the same state, the same requests and the same z values.
+"""One batch solved two ways on the same state, the same requests and the same z values: with the
+journal's edit config (A) and with some of its fields changed (B, `--set`), e.g. the re-writes'
+earlier holds taken out of C_p (`--set replace_holds=true`) or the re-writes weighed more in the
+solve (`--set rewrite_weight=3`).
 
 Replays the first N batches of STATE (a journal made with --rehearse), then edits batch N's own
-requests again twice on fresh copies of the unedited model: the rehearsal check finds the same
-lapsed edits both times and the z optimisation gives the same values (it reads no C_p, so it runs
-once and is reused), so the two updates differ only in the C_p their solves read. Reported per way:
-how many re-writes hold right after the batch, their margin (NLL of the true object minus NLL of
-the new one, in nats; > 0 holds), the batch's own efficacy and margin, and the share of the other
-earlier edits still holding; then the paired difference of the margins.
+requests again both ways on fresh copies of the unedited model: the rehearsal check finds the same
+lapsed edits both times and the z optimisation gives the same values (it reads neither C_p nor the
+solve's settings, so it runs once and is reused), so the two updates differ only in their solves.
+`--base` changes a field for both ways. Reported per way: how many re-writes hold right after the
+batch, their margin (NLL of the true object minus NLL of the new one, in nats; > 0 holds), the
+batch's own efficacy and margin, and the share of the other earlier edits still holding; then the
+paired difference of the margins (B minus A).
 
-    python benchmarks/replace_holds_ab.py STATE N [--json]
+    python benchmarks/batch_ab.py STATE N --set FIELD=VALUE [--set ...] [--base FIELD=VALUE ...] [--json]
 """
 
 from __future__ import annotations
@@ -39,8 +42,20 @@ def margins(model, tokenizer, requests) -> torch.Tensor:
     return new_margin(model, tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known])
 
 
-def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> dict:
-    """`load()`: a fresh unedited model and its tokenizer (default: the journal's model, loaded);
+def setting(text: str) -> tuple[str, object]:
+    """FIELD=VALUE, the value read as JSON where it parses (true, 3, 0.5, [3, 4]) and as text otherwise."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (an EditConfig field), got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def measure(state: str, n: int, changes: dict, base: dict | None = None, load=None, cache: StatsCache | None = None) -> dict:
+    """Batch N of `state` with the journal's config (+ `base`) and with `changes` on top.
+    `load()`: a fresh unedited model and its tokenizer (default: the journal's model, loaded);
     `cache`: the statistics cache (default: $ALPHAEDIT_HOME's)."""
     journal = Journal.open(state)
     header = journal.header
@@ -48,7 +63,10 @@ def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> d
     batch = journal.batch(journal.batch_ids()[n])
     own = parse_requests(batch.requests, source=str(batch.path / "requests.json"))[: batch.report["requests"]]
     cut = next(i for i, e in enumerate(journal.entries) if e["kind"] == "batch" and e["id"] == journal.batch_ids()[n])
-    settings = {k: v for k, v in header["config"].items() if k != "rehearse_replace"}  # c2addfb's name of the option
+    settings = dict(header["config"])
+    if "rehearse_replace" in settings:  # c2addfb's name of replace_holds
+        settings["replace_holds"] = settings.pop("rehearse_replace")
+    settings.update(base or {})
     real, kept = editor_module.compute_targets, []
 
     def once(*a, **k):  # the same z for both ways: it depends on the weights and requests only
@@ -59,9 +77,9 @@ def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> d
     ways = {}
     editor_module.compute_targets = once
     try:
-        for replace in (False, True):
+        for way, config in (("A", settings), ("B", {**settings, **changes})):
             model, tokenizer = load()
-            editor = Editor(model, tokenizer, EditConfig.from_dict({**settings, "replace_holds": replace}),
+            editor = Editor(model, tokenizer, EditConfig.from_dict(config),
                             layout=Layout.from_dict(header["layout"]), corpus=CorpusSpec(**header["corpus"]),
                             cache=cache or StatsCache(), show_progress=False)
             editor.templates = header["templates"]
@@ -72,7 +90,7 @@ def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> d
             editor.edit(own)
             rehearsed = editor.batches[-1].rehearsed
             others = [r for r in earlier if r not in rehearsed]
-            ways[replace] = {
+            ways[way] = {
                 "rehearsed": len(rehearsed), "rehearsed holding": sum(edit_holds(model, tokenizer, rehearsed, editor.layout)),
                 "rehearsed margin": margins(model, tokenizer, rehearsed), "own efficacy": editor.history[-1].efficacy,
                 "own margin": margins(model, tokenizer, own),
@@ -80,11 +98,13 @@ def measure(state: str, n: int, load=None, cache: StatsCache | None = None) -> d
                 "rehearsed_requests": rehearsed}
     finally:
         editor_module.compute_targets = real
-    plain, replaced = ways[False], ways[True]
-    paired = {k: replaced[k] - plain[k] for k in ("rehearsed margin", "own margin")}
-    return {"state": state, "batch": n, "own": len(own), "same rehearsal": plain["rehearsed_requests"] == replaced["rehearsed_requests"],
+    a, b = ways["A"], ways["B"]
+    paired = {k: b[k] - a[k] for k in ("rehearsed margin", "own margin")}
+    label = ", ".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
+    return {"state": state, "batch": n, "own": len(own), "base": base or {}, "changes": changes,
+            "same rehearsal": a["rehearsed_requests"] == b["rehearsed_requests"],
             "ways": {name: {k: (v.mean().item() if isinstance(v, torch.Tensor) else v) for k, v in w.items() if k != "rehearsed_requests"}
-                     for name, w in (("C_p holds the earlier writes", plain), ("--replace-holds", replaced))},
+                     for name, w in (("the journal's config", a), (label, b))},
             "paired": {k: {"mean": d.mean().item() if len(d) else None, "se": (d.std() / len(d) ** 0.5).item() if len(d) > 1 else None,
                            "larger": int((d > 0).sum()), "of": len(d)} for k, d in paired.items()}}
 
@@ -93,14 +113,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("state")
     parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
+    parser.add_argument("--set", dest="changes", type=setting, action="append", required=True, metavar="FIELD=VALUE",
+                        help="an EditConfig field of way B (repeatable)")
+    parser.add_argument("--base", type=setting, action="append", default=[], metavar="FIELD=VALUE",
+                        help="an EditConfig field of both ways (repeatable)")
     parser.add_argument("--json", action="store_true", help="print only JSON")
     args = parser.parse_args()
-    result = measure(args.state, args.n)
+    result = measure(args.state, args.n, dict(args.changes), dict(args.base))
     if args.json:
         print(json.dumps(result, indent=1))
         return
     ways = list(result["ways"].values())
-    print(f"{args.state}, batch {args.n}: {ways[0]['rehearsed']} re-writes, {result['own']} own requests")
+    print(f"{args.state}, batch {args.n}: {ways[0]['rehearsed']} re-writes, {result['own']} own requests"
+          + (f"; both ways {result['base']}" if result["base"] else ""))
     print("| way | re-writes holding | their margin (nats) | own efficacy | own margin | other earlier edits holding |")
     print("|---|---|---|---|---|---|")
     for name, w in result["ways"].items():
@@ -108,7 +133,7 @@ def main() -> None:
               f"{w['own margin']:.2f} | {100 * w['other earlier holding']:.1f} |")
     for k, d in result["paired"].items():
         if d["mean"] is not None:
-            print(f"{k}, --replace-holds minus C_p's holds: {d['mean']:+.3f} ± {d['se'] or 0:.3f} nats, larger for {d['larger']} of {d['of']}")
+            print(f"{k}, B minus A: {d['mean']:+.3f} ± {d['se'] or 0:.3f} nats, larger for {d['larger']} of {d['of']}")
 
 
 if __name__ == "__main__":
