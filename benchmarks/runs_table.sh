@@ -128,6 +128,13 @@ declare -A args=(
   # own hold, and f stayed near a third. Screened by f / κ at 1,000 edits against the plain rehearsal run's 0.34 / 0.15:
   # 0.29 / 0.14, efficacy 97.0 (97.6), on an AMD EPYC at 2.0 s per edit; stopped there (ranked: the hold is small at α 80)
   [cf10k-alphaedit-l2-80-rehearse-replace]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds"
+  # the same with the re-writes weighed 10 (or 3) times the batch's own in the solve (--rewrite-weight): about a third
+  # of the re-writes did not take even in their own batch, and f, the share lapsed again, is half of what bounds
+  # rehearsal. Forked from the run above at 1,000 edits (its folder copied, rehearse_replace renamed replace_holds and
+  # rewrite_weight set in its run.json and journal header; resumed with these names) and screened to 2,000 edits,
+  # by f / κ against the plain rehearsal run's 0.35 / 0.22 there
+  [cf10k-alphaedit-l2-80-rehearse-replace-rw10-from1000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds --rewrite-weight 10"
+  [cf10k-alphaedit-l2-80-rehearse-replace-rw3-from1000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds --rewrite-weight 3"
   # rehearsal at α 60, the one point of the α axis not yet screened: f + κ at 1,000 edits reads 0.49 at α 80 and
   # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80).
   # Started 2026-12-07 and stopped in its pre-edit evaluation to give the CPU to the screen above: not measured
