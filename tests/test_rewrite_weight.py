@@ -58,25 +58,48 @@ def test_each_layer_solves_the_weighted_least_squares(llama, tokenizer, tmp_path
         assert (solve["weights"] is None) == (weight == 1.0)
 
 
-def test_a_heavier_rewrite_is_written_further(llama, tokenizer, tmp_path, monkeypatch):
-    """The same state and the same z values, the re-writes at weight 1 and at 8: what the re-written
-    columns get of the residual they ask for at the first edited layer rises."""
+def _first_asks(editor, monkeypatch, spread: str) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Spy: per layer solved, (layer, its keys [u, d0], what it is asked to add [u, d]): the layer's
+    share under the sequential spread, the whole missing residual under the joint one."""
+    seen = []
+    if spread == "sequential":
+        real = editor._solve_layer
+
+        def spy(layer, keys, plain_keys, resid, *args):
+            seen.append((layer, keys.double().clone(), resid.double().clone()))
+            return real(layer, keys, plain_keys, resid, *args)
+
+        monkeypatch.setattr(editor, "_solve_layer", spy)
+    else:
+        real = editor._joint_share
+
+        def spy(layer, ahead, current, missing, *args):
+            seen.append((layer, current.keys[layer].double().clone(), missing.double().clone()))
+            return real(layer, ahead, current, missing, *args)
+
+        monkeypatch.setattr(editor, "_joint_share", spy)
+    return seen
+
+
+@pytest.mark.parametrize("spread", ["sequential", "joint"])
+def test_a_heavier_rewrite_is_written_further(llama, tokenizer, tmp_path, monkeypatch, spread):
+    """The same state and the same z values, the re-writes at weight 1 and at 8: of what each
+    re-written column asks of the first edited layer, the share that layer writes rises (under the
+    joint spread too, whose solve plans the whole block)."""
     model, layout = llama
     written = {}
     for weight in (1.0, 8.0):
         editor = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, rehearse=1, rehearse_cap=4, rewrite_weight=weight,
-                         chat=False, **WEAK)
+                         chat=False, spread=spread, **WEAK)
         editor.edit([DARRIEUX, TOWER])  # no re-writes yet: the same first batch both times
-        seen = _solves(editor, monkeypatch)
+        seen = _first_asks(editor, monkeypatch, spread)
         editor.edit([SEINE])
-        bottom = seen[0]  # the first edited layer: its keys and asked share do not depend on the weight
-        delta = editor.batches[-1].deltas[bottom["layer"]].dense().double()
-        got = bottom["keys"] @ delta.T  # [u, d] what W_out now adds at each column
-        asked = bottom["resid"]
+        layer, keys, asked = seen[0]  # the first edited layer: its keys and what it is asked do not depend on the weight
+        got = keys @ editor.batches[-1].deltas[layer].dense().double().T  # [u, d] what W_out now adds at each column
         written[weight] = ((got * asked).sum(1) / (asked * asked).sum(1)).tolist()  # the share of each column's ask written
         assert len(written[weight]) == 1 + len(editor.batches[-1].rehearsed) > 1
     for plain, heavier in zip(written[1.0][1:], written[8.0][1:]):  # the re-writes, after the batch's own column
-        assert heavier > plain
+        assert heavier > plain, written
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -110,3 +133,4 @@ def test_rewrite_weight_from_the_command_line(tiny_model_folder, tmp_path):
     again = CliRunner().invoke(app, [*common, "--state", str(state), "--rewrite-weight", "2", "--allow-repeat"], env=env)
     assert again.exit_code == 2 and "--rewrite-weight 3" in again.output, again.output
     assert _method_label(EditConfig(method="alphaedit", rehearse=1, rewrite_weight=3)) == "alphaedit, rehearsal every 1, re-writes weighed 3"
+

@@ -24,7 +24,8 @@ The lapsed requests are written as more columns of the batch, their z optimised 
 own, from δ = 0 or (EditConfig.rehearse_warm) from the value each was last written with. C_p
 still holds each of them where it was written before, at the answer that lapsed; with
 EditConfig.replace_holds those columns leave C_p before the batch is solved (Editor._held_rows),
-so that a re-write is not solved against a hold on its own key.
+so that a re-write is not solved against a hold on its own key, and with EditConfig.rewrite_weight
+the re-written columns weigh more than the batch's own in the solve (Editor._column_weights).
 """
 
 from __future__ import annotations
