@@ -132,7 +132,8 @@ declare -A args=(
   # of the re-writes did not take even in their own batch, and f, the share lapsed again, is half of what bounds
   # rehearsal. Forked from the run above at 1,000 edits (its folder copied, rehearse_replace renamed replace_holds and
   # rewrite_weight set in its run.json and journal header; resumed with these names) and screened to 2,000 edits,
-  # by f / κ against the plain rehearsal run's 0.35 / 0.22 there
+  # by f / κ against the plain rehearsal run's 0.35 / 0.22 there. Measured 2026-12-07: w 10 stopped at 1,700 edits
+  # (f 0.09, κ 0.42, 88 re-writes a batch), w 3 at 2,000 (f / κ 0.14 / 0.33, efficacy 95.6, W₇ spectral 2.8-fold)
   [cf10k-alphaedit-l2-80-rehearse-replace-rw10-from1000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds --rewrite-weight 10"
   [cf10k-alphaedit-l2-80-rehearse-replace-rw3-from1000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds --rewrite-weight 3"
   # rehearsal at α 60, the one point of the α axis not yet screened: f + κ at 1,000 edits reads 0.49 at α 80 and

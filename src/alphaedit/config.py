@@ -131,8 +131,9 @@ class EditConfig:
     # in the paper; 1: alike). The least squares then fits Σ w_j ‖Δk_j − r_j‖², w_j this weight
     # for a re-write and 1 for the rest, so a lapsed edit is written further against C_p's hold
     # and α: at α 80 on SmolLM2 a lone column writes only ‖Pk‖² / (‖Pk‖² + α) ≈ 0.3 of its layer's
-    # share, and about a third of the re-writes did not take even in their own batch
-    # (BENCHMARKS.md, "What sets where rehearsal gives out")
+    # share, and about a third of the re-writes did not take even in their own batch. Measured
+    # (BENCHMARKS.md, "What sets where rehearsal gives out"): the re-writes then take, and as many
+    # other edits lapse in their place (f down, κ up), with W_out's spectral norm growing faster
     rewrite_weight: float = 1.0
     solve_dtype: str = "float32"  # "float64" for extra stability
     # how a batch's residual is shared among the edited layers: "sequential" (the authors' loop:
