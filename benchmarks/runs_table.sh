@@ -138,7 +138,9 @@ declare -A args=(
   [cf10k-alphaedit-l2-80-rehearse-replace-rw3-from1000]="--dataset $cf_stream $lifelong --method alphaedit --l2 80 --rehearse 1 --replace-holds --rewrite-weight 3"
   # rehearsal at α 60, the one point of the α axis not yet screened: f + κ at 1,000 edits reads 0.49 at α 80 and
   # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80).
-  # Started 2026-12-07 and stopped in its pre-edit evaluation to give the CPU to the screen above: not measured
+  # Started 2026-12-07 and stopped in its pre-edit evaluation to give the CPU to the screen above; started again
+  # from scratch 06:37 UTC that day with code of d0d38e2 (the pre-edit evaluation recomputed: the scoring code had
+  # changed since the cached one), left running at that session's end: not measured yet
   [cf10k-alphaedit-l2-60-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 60 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
