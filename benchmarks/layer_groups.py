@@ -39,7 +39,7 @@ from alphaedit.eval.scoring import counterfact_scores
 from alphaedit.journal import Journal
 from alphaedit.models import load_model
 from alphaedit.rehearsal import edit_holds, outlook
-from alphaedit.stats import CorpusSpec
+from alphaedit.stats import CorpusSpec, StatsCache
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 STREAM = [DATA / "counterfact_easyedit" / "counterfact-edit.json", DATA / "counterfact_easyedit" / "counterfact-train.json"]
@@ -74,6 +74,46 @@ def point(editors: list[Editor], records, edited: int, sample: int) -> dict:
             "specificity": mean(r["specificity"] for r in rows), "holding": 100 * sum(holding) / len(holding), "blocks": blocks}
 
 
+def open_blocks(model, tokenizer, configs, corpus: CorpusSpec, out: Path, cache: StatsCache | None = None,
+                layout=None) -> tuple[list[Editor], list[Path]]:
+    """One Editor per block's config on the same model, each block's statistics read on the unedited
+    model first, then each block's journal under `out` (if any) replayed: the blocks are disjoint,
+    so their updates add up in any order."""
+    editors = [Editor(model, tokenizer, config, corpus=corpus, cache=cache, layout=layout, model_spec="smollm2-135m",
+                      show_progress=False) for config in configs]
+    for editor in editors:
+        editor.statistics()
+        editor.context_templates()
+    folders = [out / f"block-{e.config.layers[0]}-{e.config.layers[-1]}" for e in editors]
+    for editor, folder in zip(editors, folders):
+        if Journal.exists(folder):
+            journal = Journal.open(folder)
+            editor.templates = journal.header["templates"]
+            editor.apply_journal(journal)
+            editor._journal = journal
+    return editors, folders
+
+
+def edit_by_turns(editors: list[Editor], folders: list[Path], batches: list[list], on_batch=None) -> int:
+    """Batch i (requests) to block i mod G, each committed to its block's journal; from the first
+    batch no block has. Returns the batch it started at. `on_batch(i, report)` after each."""
+    done = [len(e.batches) for e in editors]
+    start = sum(done)
+    if done != [start // len(editors) + (k < start % len(editors)) for k in range(len(editors))]:
+        raise ValueError(f"the blocks' journals hold {done} batches, not a turn-by-turn prefix: start a new folder")
+    for i in range(start, len(batches)):
+        editor = editors[i % len(editors)]
+        report = editor.edit(batches[i])[-1]
+        editor.save_state(folders[i % len(editors)])
+        if on_batch is not None:
+            on_batch(i, report)
+    return start
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -101,39 +141,22 @@ def main() -> None:
     spec = "counterfact:" + ",".join(str(p) for p in STREAM)
     records = select(load_dataset(spec, skipped=[]), args.n, None)
     corpus = CorpusSpec(corpus=str(DATA / "wikitext2_raw" / "wiki.valid.raw"), tokens=100000)
-    editors = []
-    for layers, alpha in zip(blocks, alphas):
-        config = config_for_model(model.config, layers=layers, l2_alpha=alpha, rehearse=1, rehearse_cap=args.rehearse_cap,
-                                  context_template_words=PREFIXES, reworded_prompts=0)
-        editors.append(Editor(model, tokenizer, config, corpus=corpus, model_spec="smollm2-135m", show_progress=False))
-    for editor in editors:  # every block's statistics on the unedited model, before any journal is replayed
-        editor.statistics()
-        editor.context_templates()
-    folders = [args.out / f"block-{b[0]}-{b[-1]}" for b in blocks]
-    for editor, folder in zip(editors, folders):
-        if Journal.exists(folder):
-            journal = Journal.open(folder)
-            editor.templates = journal.header["templates"]
-            editor.apply_journal(journal)
-            editor._journal = journal
-    done = [len(e.batches) for e in editors]
-    batches = [records[i : i + args.batch_size] for i in range(0, len(records), args.batch_size)]
-    start = sum(done)
-    if done != [start // len(blocks) + (k < start % len(blocks)) for k in range(len(blocks))]:
-        sys.exit(f"{args.out}: the blocks' journals hold {done} batches, not a turn-by-turn prefix; start a new folder")
+    configs = [config_for_model(model.config, layers=layers, l2_alpha=alpha, rehearse=1, rehearse_cap=args.rehearse_cap,
+                                context_template_words=PREFIXES, reworded_prompts=0) for layers, alpha in zip(blocks, alphas)]
+    editors, folders = open_blocks(model, tokenizer, configs, corpus, args.out)
+    batches = [[r.request for r in records[i : i + args.batch_size]] for i in range(0, len(records), args.batch_size)]
+    start = sum(len(e.batches) for e in editors)
     points_file = args.out / "points.jsonl"
     say(f"{len(records)} records, {len(batches)} batches into blocks {args.blocks}; resuming after batch {start}" if start else
         f"{len(records)} records, {len(batches)} batches into blocks {args.blocks}")
     began = time.perf_counter()
-    for i in range(start, len(batches)):
-        editor = editors[i % len(blocks)]
-        report = editor.edit([r.request for r in batches[i]])[-1]
-        editor.save_state(folders[i % len(blocks)])
+
+    def on_batch(i: int, report) -> None:
         edited = (i + 1) * args.batch_size
         pace = (time.perf_counter() - began) / (i + 1 - start)
-        say(f"{edited}/{len(records)} edits · block {args.blocks.split(',')[i % len(blocks)]} · own efficacy {100 * report.efficacy:.0f}"
-            f" · earlier held {'-' if report.earlier_held is None else f'{100 * report.earlier_held:.1f}'} · rehearsed {report.rehearsed}"
-            f" · {report.seconds:.0f} s · ETA {time.strftime('%H:%M:%S', time.gmtime(pace * (len(batches) - i - 1)))}")
+        say(f"{min(edited, len(records))}/{len(records)} edits · block {args.blocks.split(',')[i % len(blocks)]} · own efficacy "
+            f"{100 * report.efficacy:.0f} · earlier held {'-' if report.earlier_held is None else f'{100 * report.earlier_held:.1f}'}"
+            f" · rehearsed {report.rehearsed} · {report.seconds:.0f} s · ETA {time.strftime('%H:%M:%S', time.gmtime(pace * (len(batches) - i - 1)))}")
         if edited % args.every == 0 or i == len(batches) - 1:
             p = point(editors, records, min(edited, len(records)), args.sample)
             with open(points_file, "a", encoding="utf-8") as out:
@@ -143,8 +166,13 @@ def main() -> None:
             say(json.dumps(p) if args.json else
                 f"  at {p['edits']}: Eff {p['efficacy']:.1f} Gen {p['generalization']:.1f} Spe {p['specificity']:.1f}, "
                 f"{p['holding']:.1f}% of all edits holding; " + "; ".join(
-                    f"block {name}: f {b['f'] if b['f'] is None else round(b['f'], 2)} κ {b['kappa'] if b['kappa'] is None else round(b['kappa'], 2)}"
-                    f", re-writes {b['rehearsed_last']}, last layer {b['last_layer_growth']}" for name, b in p["blocks"].items()))
+                    f"block {name}: f {_round(b['f'])} κ {_round(b['kappa'])}, re-writes {b['rehearsed_last']}, "
+                    f"last layer ‖W‖ growth {b['last_layer_growth']}" for name, b in p["blocks"].items()))
+
+    try:
+        edit_by_turns(editors, folders, batches, on_batch)
+    except ValueError as e:
+        sys.exit(f"{args.out}: {e}")
     if args.json:
         print(json.dumps([json.loads(line) for line in points_file.read_text().splitlines()], indent=1))
 

@@ -478,3 +478,51 @@ def test_re_edit_pairs_each_fact_with_another_object_of_its_relation():
     # other, so B is left out rather than edited to one of its own objects
     assert first == [records[0].request]
     assert [(r.subject, r.prompt, r.target_new, r.target_true) for r in second] == [("A", "{} is in", "Cairo", "Rome")]
+
+
+def test_layer_groups_writes_batches_by_turns_into_disjoint_blocks_and_resumes_to_the_same_weights(llama, tokenizer, tmp_path):
+    """benchmarks/layer_groups.py: batch i goes to block i mod 2 and its journal, only that block's
+    W_out moves; a run cut after three batches and resumed ends on the same weights as one straight
+    through; journals that are not a turn-by-turn prefix are refused."""
+    import copy
+    import shutil
+
+    from alphaedit.config import EditConfig
+    from alphaedit.journal import Journal
+    from alphaedit.layouts import mlp_out_weight
+    from alphaedit.requests import EditRequest
+    from alphaedit.stats import CorpusSpec, StatsCache
+
+    module = _benchmark("layer_groups")
+    model, layout = llama
+    corpus, cache = CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64), StatsCache(tmp_path / "home")
+    configs = [EditConfig(method="alphaedit", layers=layers, v_num_grad_steps=3, v_lr=0.5, nullspace_threshold=0.5,
+                          context_template_length=6, rehearse=1) for layers in ([1], [2])]
+    facts = [("{} is located in", "The Eiffel Tower", "Rome"), ("{} speaks", "Danielle Darrieux", "English"),
+             ("{} flows through", "The Seine", "Berlin"), ("{} plays", "Lionel Messi", "golf")]
+    batches = [[EditRequest(p, s, t)] for p, s, t in facts]
+
+    def run(out, upto):
+        edited = copy.deepcopy(model)
+        editors, folders = module.open_blocks(edited, tokenizer, configs, corpus, out, cache=cache, layout=layout)
+        return edited, module.edit_by_turns(editors, folders, batches[:upto])
+
+    straight, start = run(tmp_path / "straight", 4)
+    assert start == 0
+    for folder, mine in (("block-1-1", [0, 2]), ("block-2-2", [1, 3])):
+        journal = Journal.open(tmp_path / "straight" / folder)
+        subjects = [journal.batch(b).requests[0]["subject"] for b in journal.batch_ids()]
+        assert subjects == [facts[i][1] for i in mine]
+    for layer in range(4):
+        moved = not torch.equal(mlp_out_weight(straight, layout, layer), mlp_out_weight(model, layout, layer))
+        assert moved == (layer in (1, 2))
+
+    run(tmp_path / "resumed", 3)
+    resumed, start = run(tmp_path / "resumed", 4)
+    assert start == 3
+    for layer in (1, 2):
+        torch.testing.assert_close(mlp_out_weight(resumed, layout, layer), mlp_out_weight(straight, layout, layer), rtol=1e-5, atol=1e-6)
+
+    shutil.rmtree(tmp_path / "straight" / "block-1-1")  # block 2's two batches with none of block 1's
+    with pytest.raises(ValueError, match="not a turn-by-turn prefix"):
+        run(tmp_path / "straight", 4)
