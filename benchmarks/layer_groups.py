@@ -15,7 +15,10 @@ Every `--every` edits: Eff / Gen / Spe over up to `--sample` of the records edit
 spaced, as `alphaedit eval --curve-of edited --curve-sample` picks them), the share of all edits
 still holding, and per block f / κ (rehearsal.outlook) and the spectral growth of its last layer.
 Not in the paper and not in the library: a screen, its points comparable with the curve points of
-`benchmarks/runs_table.sh`'s runs (the same stream, protocol prefixes and statistics).
+`benchmarks/runs_table.sh`'s runs (the same stream, protocol prefixes and statistics). Measured on
+SmolLM2 (BENCHMARKS.md, "What sets where rehearsal gives out"): the two rooms are not independent;
+the lower block's f + κ with 1,000 edits of its own is the one block's with 1,000, and the
+neighbours lose 2–3 times as fast as under one block, though either block's edits alone keep them.
 
     python benchmarks/layer_groups.py OUT --blocks 3-7,8-12 --n 2000 [--l2 80,40] [--rehearse-cap 0] [--json]
 
