@@ -38,6 +38,8 @@ from pathlib import Path
 from alphaedit.config import config_for_model
 from alphaedit.editor import Editor
 from alphaedit.eval.datasets import load_dataset, select
+from alphaedit.eval.evaluator import summarise
+from alphaedit.eval.protocol import Schedule
 from alphaedit.eval.scoring import counterfact_scores
 from alphaedit.journal import Journal
 from alphaedit.models import load_model
@@ -54,15 +56,10 @@ def block(text: str) -> list[int]:
     return list(range(int(first), int(last or first) + 1))
 
 
-def mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return 100 * sum(values) / len(values) if values else None
-
-
 def point(editors: list[Editor], records, edited: int, sample: int) -> dict:
     model, tokenizer = editors[0].model, editors[0].tokenizer
-    chosen = [records[k * edited // sample] for k in range(sample)] if edited > sample else records[:edited]
-    rows = counterfact_scores(model, tokenizer, chosen)
+    picked = Schedule(batches=0, curve_of="edited", curve_sample=sample).curve_records(edited, len(records))  # only its choice of records is used
+    scores = summarise(counterfact_scores(model, tokenizer, [records[i] for i in picked]))
     requests = [r.request for r in records[:edited]]
     holding = edit_holds(model, tokenizer, requests, editors[0].layout)
     blocks = {}
@@ -73,8 +70,8 @@ def point(editors: list[Editor], records, edited: int, sample: int) -> dict:
         blocks[f"{editor.config.layers[0]}-{editor.config.layers[-1]}"] = {
             "f": seen.f if seen else None, "kappa": seen.kappa if seen else None,
             "rehearsed_last": last.rehearsed if last else None, "last_layer_growth": growth}
-    return {"edits": edited, "efficacy": mean(r["efficacy"] for r in rows), "generalization": mean(r["generalization"] for r in rows),
-            "specificity": mean(r["specificity"] for r in rows), "holding": 100 * sum(holding) / len(holding), "blocks": blocks}
+    return {"edits": edited, **{k: scores[k] for k in ("efficacy", "generalization", "specificity")},
+            "holding": 100 * sum(holding) / len(holding), "blocks": blocks}
 
 
 def open_blocks(model, tokenizer, configs, corpus: CorpusSpec, out: Path, cache: StatsCache | None = None,
@@ -93,7 +90,6 @@ def open_blocks(model, tokenizer, configs, corpus: CorpusSpec, out: Path, cache:
             journal = Journal.open(folder)
             editor.templates = journal.header["templates"]
             editor.apply_journal(journal)
-            editor._journal = journal
     return editors, folders
 
 
