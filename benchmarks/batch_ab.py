@@ -53,10 +53,13 @@ def setting(text: str) -> tuple[str, object]:
         return name, value
 
 
-def measure(state: str, n: int, changes: dict, base: dict | None = None, load=None, cache: StatsCache | None = None) -> dict:
+def measure(state: str, n: int, changes: dict, base: dict | None = None, load=None, cache: StatsCache | None = None,
+            prepare_b=None, label: str | None = None) -> dict:
     """Batch N of `state` with the journal's config (+ `base`) and with `changes` on top.
     `load()`: a fresh unedited model and its tokenizer (default: the journal's model, loaded);
-    `cache`: the statistics cache (default: $ALPHAEDIT_HOME's)."""
+    `cache`: the statistics cache (default: $ALPHAEDIT_HOME's); `prepare_b(editor)`: a change to
+    way B's editor after the replay, before the batch (a screen of something no config field
+    says, e.g. benchmarks/margin_hold_ab.py's re-weighted C_p), named `label`."""
     journal = Journal.open(state)
     header = journal.header
     load = load or (lambda: load_model(header["model"]))
@@ -87,6 +90,8 @@ def measure(state: str, n: int, changes: dict, base: dict | None = None, load=No
             replay.index["entries"] = replay.entries[:cut]  # everything before batch N, reverts included
             editor.apply_journal(replay)
             earlier = standing_requests(editor.batches)
+            if way == "B" and prepare_b is not None:
+                prepare_b(editor)
             editor.edit(own)
             rehearsed = editor.batches[-1].rehearsed
             others = [r for r in earlier if r not in rehearsed]
@@ -100,7 +105,7 @@ def measure(state: str, n: int, changes: dict, base: dict | None = None, load=No
         editor_module.compute_targets = real
     a, b = ways["A"], ways["B"]
     paired = {k: b[k] - a[k] for k in ("rehearsed margin", "own margin")}
-    label = ", ".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
+    label = label or ", ".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
     return {"state": state, "batch": n, "own": len(own), "base": base or {}, "changes": changes,
             "same rehearsal": a["rehearsed_requests"] == b["rehearsed_requests"],
             "ways": {name: {k: (v.mean().item() if isinstance(v, torch.Tensor) else v) for k, v in w.items() if k != "rehearsed_requests"}

@@ -459,6 +459,69 @@ def test_batch_ab_solves_one_batch_two_ways_on_the_same_state(llama, tokenizer, 
     assert module.setting("rewrite_weight=4") == ("rewrite_weight", 4) and module.setting("method=memit") == ("method", "memit")
 
 
+def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, tokenizer, tmp_path, monkeypatch):
+    """C_p after the re-weighing is Σ w kkᵀ over every applied batch's key rows, w set by the row's
+    fact's margin now (comfortable: `weight`, holding by little: `boost`, else 1), computed here
+    row by row in float64; weights of 1 leave C_p as the replay built it; and batch_ab runs way B
+    on the re-weighed editor, with the same rehearsal both ways."""
+    import copy
+
+    from alphaedit.config import EditConfig
+    from alphaedit.editor import Editor
+    from alphaedit.journal import Journal
+    from alphaedit.layouts import Layout
+    from alphaedit.rehearsal import standing_requests
+    from alphaedit.requests import EditRequest
+    from alphaedit.stats import CorpusSpec, StatsCache
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # margin_hold_ab imports batch_ab as its script does
+    module = _benchmark("margin_hold_ab")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, l2_alpha=1e-4, nullspace_threshold=0.5,
+                        rehearse=1, rehearse_cap=4, context_template_length=6)
+    editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
+                    cache=StatsCache(tmp_path / "home"), show_progress=False)
+    facts = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+             ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
+    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
+        editor.edit([EditRequest(*f) for f in batch])
+    editor.save_state(tmp_path / "state")
+    state = Journal.open(tmp_path / "state")
+
+    def replayed():
+        again = Editor(copy.deepcopy(model), tokenizer, EditConfig.from_dict(state.header["config"]), layout=Layout.from_dict(state.header["layout"]),
+                       corpus=CorpusSpec(**state.header["corpus"]), cache=StatsCache(tmp_path / "home"), show_progress=False)
+        again.templates = state.header["templates"]
+        again.apply_journal(Journal.open(tmp_path / "state"))
+        return again
+
+    plain = replayed()
+    built = {l: c.clone() for l, c in plain.preserved.items()}
+    module.reweigh_by_margin(plain, over=0.0, weight=1.0, under=1e9, boost=1.0)
+    for layer in config.layers:
+        torch.testing.assert_close(plain.preserved[layer], built[layer])
+
+    weighed = replayed()
+    standing = [r for r in standing_requests(weighed.batches) if r.target_true]
+    margin = dict(zip([(r.subject, r.prompt) for r in standing], module.margins(weighed.model, tokenizer, standing).tolist()))
+    over = sorted(margin.values())[len(margin) // 2]  # about half the facts comfortable
+    seen = module.reweigh_by_margin(weighed, over=over, weight=0.25, under=over, boost=3.0)
+    assert seen["earlier"] == len(standing) and 0 < seen["over"] < len(standing)
+    for layer in config.layers:
+        expected = torch.zeros_like(built[layer], dtype=torch.float64)
+        for applied in weighed.batches:
+            for request, key in zip(applied.written, applied.keys[layer].double()):
+                m = margin[(request.subject, request.prompt)]
+                expected += (0.25 if m > over else 3.0 if 0 < m < over else 1.0) * torch.outer(key, key)
+        torch.testing.assert_close(weighed.preserved[layer].double(), expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(weighed.preserved[layer], built[layer])
+
+    calls = []
+    result = module.measure(str(tmp_path / "state"), 2, {}, load=lambda: (copy.deepcopy(model), tokenizer), cache=StatsCache(tmp_path / "home"),
+                            prepare_b=lambda e: calls.append(module.reweigh_by_margin(e, over, 0.25)), label="re-weighed")
+    assert len(calls) == 1 and result["same rehearsal"] and list(result["ways"]) == ["the journal's config", "re-weighed"]
+
+
 def test_re_edit_pairs_each_fact_with_another_object_of_its_relation():
     """re_edit.py's second edits: the same subject and prompt, the new object of another record of
     the same relation (never either of the fact's own objects), and the first new object as the one
