@@ -131,6 +131,11 @@ def main() -> None:
     ways = list(result["ways"].values())
     print(f"{args.state}, batch {args.n}: {ways[0]['rehearsed']} re-writes, {result['own']} own requests"
           + (f"; both ways {result['base']}" if result["base"] else ""))
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    """measure()'s two ways as a Markdown table, then the paired differences of the margins."""
     print("| way | re-writes holding | their margin (nats) | own efficacy | own margin | other earlier edits holding |")
     print("|---|---|---|---|---|---|")
     for name, w in result["ways"].items():

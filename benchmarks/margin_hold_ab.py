@@ -24,7 +24,7 @@ import torch
 
 from alphaedit.editor import Editor
 from alphaedit.rehearsal import standing_requests
-from batch_ab import margins, measure
+from batch_ab import margins, measure, print_table
 
 
 def fact(request) -> tuple[str, str]:
@@ -78,15 +78,7 @@ def main() -> None:
     print(f"{args.state}, batch {args.n}: {seen['earlier']} earlier edits standing, {seen['over']} over {args.over:g} nats "
           f"and {seen['under']} under {args.under:g} (median margin {seen['median margin']:.2f}); C_p trace B / A: "
           + ", ".join(f"{l}: {r:.2f}" for l, r in seen["C_p trace ratio"].items()))
-    print("| way | re-writes holding | their margin (nats) | own efficacy | own margin | other earlier edits holding |")
-    print("|---|---|---|---|---|---|")
-    for name, w in result["ways"].items():
-        print(f"| {name} | {w['rehearsed holding']} of {w['rehearsed']} | {w['rehearsed margin']:.2f} | {100 * w['own efficacy']:.1f} | "
-              f"{w['own margin']:.2f} | {100 * w['other earlier holding']:.1f} |")
-    for k, d in result["paired"].items():
-        if d["mean"] is not None:
-            print(f"{k}, B minus A: {d['mean']:+.3f} ± {d['se'] or 0:.3f} nats, larger for {d['larger']} of {d['of']}")
-
+    print_table(result)
 
 if __name__ == "__main__":
     main()

@@ -421,11 +421,9 @@ def test_curve_rows_gives_rehearsals_outlook_at_each_point(tmp_path):
     assert done.returncode == 0 and "| 0.25 / 0.29 |" in done.stdout, done.stderr[-3000:] + done.stdout
 
 
-def test_batch_ab_solves_one_batch_two_ways_on_the_same_state(llama, tokenizer, tmp_path):
-    """A rehearsing journal of three batches; batch 2 edited again from the state before it, with the
-    journal's config and with a change: the same rehearsal both ways, and with α small beside the
-    tiny model's keys the re-writes are written further without the hold on their own keys
-    (replace_holds) and, weighed more in the solve, further still (rewrite_weight)."""
+def _rehearsing_journal(model, layout, tokenizer, tmp_path):
+    """Four facts with true objects edited in three batches (2, 1, 1) into tmp_path/state by a
+    rehearsing editor whose small α lets the tiny model's edits lapse; returns the editor."""
     import copy
 
     from alphaedit.config import EditConfig
@@ -433,8 +431,6 @@ def test_batch_ab_solves_one_batch_two_ways_on_the_same_state(llama, tokenizer, 
     from alphaedit.requests import EditRequest
     from alphaedit.stats import CorpusSpec, StatsCache
 
-    module = _benchmark("batch_ab")
-    model, layout = llama
     config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, l2_alpha=1e-4, nullspace_threshold=0.5,
                         rehearse=1, rehearse_cap=4, context_template_length=6)
     editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
@@ -444,6 +440,21 @@ def test_batch_ab_solves_one_batch_two_ways_on_the_same_state(llama, tokenizer, 
     for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
         editor.edit([EditRequest(*f) for f in batch])
     editor.save_state(tmp_path / "state")
+    return editor
+
+
+def test_batch_ab_solves_one_batch_two_ways_on_the_same_state(llama, tokenizer, tmp_path):
+    """A rehearsing journal of three batches; batch 2 edited again from the state before it, with the
+    journal's config and with a change: the same rehearsal both ways, and with α small beside the
+    tiny model's keys the re-writes are written further without the hold on their own keys
+    (replace_holds) and, weighed more in the solve, further still (rewrite_weight)."""
+    import copy
+
+    from alphaedit.stats import StatsCache
+
+    module = _benchmark("batch_ab")
+    model, layout = llama
+    editor = _rehearsing_journal(model, layout, tokenizer, tmp_path)
     assert editor.batches[2].rehearsed, "the tiny model's edits should lapse by the third batch"
 
     def measure(changes, base=None):
@@ -471,21 +482,12 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
     from alphaedit.journal import Journal
     from alphaedit.layouts import Layout
     from alphaedit.rehearsal import standing_requests
-    from alphaedit.requests import EditRequest
     from alphaedit.stats import CorpusSpec, StatsCache
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # margin_hold_ab imports batch_ab as its script does
     module = _benchmark("margin_hold_ab")
     model, layout = llama
-    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, l2_alpha=1e-4, nullspace_threshold=0.5,
-                        rehearse=1, rehearse_cap=4, context_template_length=6)
-    editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
-                    cache=StatsCache(tmp_path / "home"), show_progress=False)
-    facts = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
-             ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
-    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
-        editor.edit([EditRequest(*f) for f in batch])
-    editor.save_state(tmp_path / "state")
+    layers = _rehearsing_journal(model, layout, tokenizer, tmp_path).config.layers
     state = Journal.open(tmp_path / "state")
 
     def replayed():
@@ -498,7 +500,7 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
     plain = replayed()
     built = {l: c.clone() for l, c in plain.preserved.items()}
     module.reweigh_by_margin(plain, over=0.0, weight=1.0, under=1e9, boost=1.0)
-    for layer in config.layers:
+    for layer in layers:
         torch.testing.assert_close(plain.preserved[layer], built[layer])
 
     weighed = replayed()
@@ -507,7 +509,7 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
     over = sorted(margin.values())[len(margin) // 2]  # about half the facts comfortable
     seen = module.reweigh_by_margin(weighed, over=over, weight=0.25, under=over, boost=3.0)
     assert seen["earlier"] == len(standing) and 0 < seen["over"] < len(standing)
-    for layer in config.layers:
+    for layer in layers:
         expected = torch.zeros_like(built[layer], dtype=torch.float64)
         for applied in weighed.batches:
             for request, key in zip(applied.written, applied.keys[layer].double()):
