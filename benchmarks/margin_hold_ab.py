@@ -7,8 +7,9 @@ minus NLL of the new one, teacher_forcing.new_margin): the keys of an edit whose
 `--over` nats weigh `--weight` (a comfortable edit lets the batch use more of the room), those
 of an edit holding by less than `--under` nats (near the line) weigh `--boost`, all others 1 (a
 lapsed edit's too: the batch writes it again, and a heavier hold on its lapsed answer would
-hold the re-write back). The rest is benchmarks/batch_ab.py: batches 0..N-1 of STATE replayed, batch N edited
-both ways with the same rehearsal and the same z values, so that only the solve differs.
+hold the re-write back). The rest is benchmarks/batch_ab.py: batches 0..N-1 of STATE replayed,
+batch N edited both ways with the same rehearsal and the same z values, so that only the solve
+differs.
 
     python benchmarks/margin_hold_ab.py STATE N --over 3 --weight 0.25 [--under 1 --boost 4] [--json]
 
@@ -33,10 +34,14 @@ def fact(request) -> tuple[str, str]:
 
 def reweigh_by_margin(editor: Editor, over: float, weight: float, under: float = float("-inf"), boost: float = 1.0) -> dict:
     """C_p = the held texts' moments + Σ over the applied batches' key rows of w kkᵀ, w = `weight`
-    for a fact whose margin is over `over` nats now, `boost` for one holding by less than `under`, else 1 (each
-    row's (w − 1) kkᵀ added to the C_p the replay built); returns the margins' summary."""
+    for a fact whose margin is over `over` nats now, `boost` for one holding by less than `under`,
+    else 1 (each row's (w − 1) kkᵀ added to the C_p the replay built); returns the margins' summary."""
+    if editor.config.replace_holds or editor.config.earlier_reread:
+        # their C_p is not the sum of every applied batch's key rows, which the (w − 1) kkᵀ assume
+        raise ValueError("margin_hold_ab re-weighs the C_p of a journal made without --replace-holds and --earlier-reread")
     standing = [r for r in standing_requests(editor.batches) if r.target_true]
     margin = dict(zip(map(fact, standing), margins(editor.model, editor.tokenizer, standing).tolist()))
+
     def extra_of(request) -> float:
         m = margin.get(fact(request), 0.0)
         return weight - 1.0 if m > over else boost - 1.0 if 0 < m < under else 0.0
@@ -50,7 +55,8 @@ def reweigh_by_margin(editor: Editor, over: float, weight: float, under: float =
             keys = keys.to(editor.preserved[layer].device).float()
             editor.preserved[layer].add_(keys.T @ (keys * extra.to(keys.device)[:, None]))
     values = torch.tensor(list(margin.values()))
-    return {"earlier": len(values), "over": int((values > over).sum()), "under": int(((values > 0) & (values < under)).sum()), "median margin": values.median().item(),
+    return {"earlier": len(values), "over": int((values > over).sum()), "under": int(((values > 0) & (values < under)).sum()),
+            "median margin": values.median().item(),
             "C_p trace ratio": {l: (editor.preserved[l].trace() / before[l].trace()).item() for l in editor.config.layers}}
 
 

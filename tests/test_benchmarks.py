@@ -474,8 +474,10 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
     """C_p after the re-weighing is Σ w kkᵀ over every applied batch's key rows, w set by the row's
     fact's margin now (comfortable: `weight`, holding by little: `boost`, else 1), computed here
     row by row in float64; weights of 1 leave C_p as the replay built it; and batch_ab runs way B
-    on the re-weighed editor, with the same rehearsal both ways."""
+    on the re-weighed editor, with the same rehearsal both ways; a journal whose C_p is not every
+    row's sum (--replace-holds, --earlier-reread) is refused."""
     import copy
+    import dataclasses
 
     from alphaedit.config import EditConfig
     from alphaedit.editor import Editor
@@ -499,6 +501,10 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
 
     plain = replayed()
     built = {l: c.clone() for l, c in plain.preserved.items()}
+    replacing = replayed()
+    replacing.config = dataclasses.replace(replacing.config, replace_holds=True)  # its C_p is not every row's sum
+    with pytest.raises(ValueError, match="replace-holds"):
+        module.reweigh_by_margin(replacing, over=0.0, weight=0.5)
     module.reweigh_by_margin(plain, over=0.0, weight=1.0, under=1e9, boost=1.0)
     for layer in layers:
         torch.testing.assert_close(plain.preserved[layer], built[layer])
