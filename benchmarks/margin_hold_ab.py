@@ -46,7 +46,7 @@ def reweigh_by_margin(editor: Editor, over: float, weight: float, under: float =
         m = margin.get(fact(request), 0.0)
         return weight - 1.0 if m > over else boost - 1.0 if 0 < m < under else 0.0
 
-    before = {layer: c.clone() for layer, c in editor.preserved.items()}
+    trace_before = {layer: c.trace() for layer, c in editor.preserved.items()}
     for applied in editor.batches:
         if applied.reverted:
             continue
@@ -57,7 +57,7 @@ def reweigh_by_margin(editor: Editor, over: float, weight: float, under: float =
     values = torch.tensor(list(margin.values()))
     return {"earlier": len(values), "over": int((values > over).sum()), "under": int(((values > 0) & (values < under)).sum()),
             "median margin": values.median().item(),
-            "C_p trace ratio": {l: (editor.preserved[l].trace() / before[l].trace()).item() for l in editor.config.layers}}
+            "C_p trace ratio": {l: (editor.preserved[l].trace() / trace_before[l]).item() for l in editor.config.layers}}
 
 
 def main() -> None:
@@ -85,6 +85,7 @@ def main() -> None:
           f"and {seen['under']} under {args.under:g} (median margin {seen['median margin']:.2f}); C_p trace B / A: "
           + ", ".join(f"{l}: {r:.2f}" for l, r in seen["C_p trace ratio"].items()))
     print_table(result)
+
 
 if __name__ == "__main__":
     main()

@@ -479,25 +479,17 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
     import copy
     import dataclasses
 
-    from alphaedit.config import EditConfig
     from alphaedit.editor import Editor
-    from alphaedit.journal import Journal
-    from alphaedit.layouts import Layout
     from alphaedit.rehearsal import standing_requests
-    from alphaedit.stats import CorpusSpec, StatsCache
+    from alphaedit.stats import StatsCache
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # margin_hold_ab imports batch_ab as its script does
     module = _benchmark("margin_hold_ab")
     model, layout = llama
     layers = _rehearsing_journal(model, layout, tokenizer, tmp_path).config.layers
-    state = Journal.open(tmp_path / "state")
 
     def replayed():
-        again = Editor(copy.deepcopy(model), tokenizer, EditConfig.from_dict(state.header["config"]), layout=Layout.from_dict(state.header["layout"]),
-                       corpus=CorpusSpec(**state.header["corpus"]), cache=StatsCache(tmp_path / "home"), show_progress=False)
-        again.templates = state.header["templates"]
-        again.apply_journal(Journal.open(tmp_path / "state"))
-        return again
+        return Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
 
     plain = replayed()
     built = {l: c.clone() for l, c in plain.preserved.items()}
