@@ -140,8 +140,13 @@ declare -A args=(
   # 0.75 at α 160; whether between α 40 and 80 it grows slower (κ 0.15 → 0.22 from 1,000 to 2,000 at α 80).
   # Started 2026-12-07 and stopped in its pre-edit evaluation to give the CPU to the screen above; started again
   # from scratch 06:37 UTC that day with code of d0d38e2 (the pre-edit evaluation recomputed: the scoring code had
-  # changed since the cached one), left running at that session's end: not measured yet
+  # changed since the cached one); measured to 2,200 edits and stopped there (it tracks α 80, BENCHMARKS.md)
   [cf10k-alphaedit-l2-60-rehearse]="--dataset $cf_stream $lifelong --method alphaedit --l2 60 --rehearse 1"
+  # a wider model: Gemma-3-270M's keys are 2,048 wide against SmolLM2's 1,536 and its null spaces keep
+  # 1,269–1,842 directions per edited layer (SmolLM2's last edited layer 1,072). Does more room slow κ, the
+  # earlier edits each written column knocks out? α 50 is SmolLM2's α 80 by strength: an edit key's ‖P k‖²
+  # averages 19.5 over Gemma's layers 2–6 against 28.5 over SmolLM2's 3–7 (200 stream records, 2026-12-07)
+  [cf10k-gemma-alphaedit-l2-50-rehearse]="--model gemma3-270m --dataset $cf_stream $lifelong --method alphaedit --l2 50 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
