@@ -522,6 +522,118 @@ def test_margin_hold_reweighs_each_earlier_keys_row_by_its_facts_margin(llama, t
     assert len(calls) == 1 and result["same rehearsal"] and list(result["ways"]) == ["the journal's config", "re-weighed"]
 
 
+def test_rank_one_held_solve_against_a_dense_least_squares_reference_and_the_full_hold_closed_form(monkeypatch):
+    """The conjugate-gradient solve of rank_one_hold_ab equals, in float64: a least-squares solve
+    written out entry by entry over Δ = X Qᵀ (Q an orthonormal basis of P's range); with the holds
+    as a full basis of outputs for every held key, the closed form Δ = R Kᵀ P (P (KKᵀ + C_p) P + αI)⁻¹;
+    and a heavy rank-1 hold leaves û_iᵀ Δ k_i near 0 while Δ k_i itself moves."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # rank_one_hold_ab imports batch_ab as its script does
+    module = _benchmark("rank_one_hold_ab")
+    g = torch.Generator().manual_seed(0)
+    d, d0, u, n, alpha, w = 5, 8, 3, 4, 0.3, 2.0
+    K, R = torch.randn(d0, u, generator=g, dtype=torch.float64), torch.randn(d, u, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(d0, 6, generator=g, dtype=torch.float64))[0]  # [d0, 6]
+    P = Q @ Q.T
+    Kh = torch.randn(d0, n, generator=g, dtype=torch.float64)
+    Uh = torch.randn(d, n, generator=g, dtype=torch.float64)
+    Uh = Uh / Uh.norm(dim=0)
+    delta, steps = module.rank_one_held_solve(K, R, P, alpha, Kh, Uh, w, tol=1e-10)
+    rows, targets = [], []  # each term of the objective, one row per scalar, over vec(X) of X [d, 6]
+    QK, Qk = Q.T @ K, Q.T @ Kh
+    for j in range(u):
+        for a in range(d):
+            row = torch.zeros(d, 6, dtype=torch.float64)
+            row[a] = QK[:, j]
+            rows.append(row.flatten()), targets.append(R[a, j])
+    for index in range(d * 6):
+        row = torch.zeros(d * 6, dtype=torch.float64)
+        row[index] = alpha ** 0.5
+        rows.append(row), targets.append(torch.tensor(0.0, dtype=torch.float64))
+    for i in range(n):
+        rows.append(w ** 0.5 * torch.outer(Uh[:, i], Qk[:, i]).flatten()), targets.append(torch.tensor(0.0, dtype=torch.float64))
+    X = torch.linalg.lstsq(torch.stack(rows), torch.stack(targets)[:, None]).solution.view(d, 6)
+    torch.testing.assert_close(delta, X @ Q.T, rtol=1e-8, atol=1e-10)
+    assert steps <= n + 2  # the holds are n rank-1 terms beside the preconditioner's equation
+
+    full_keys = Kh.repeat_interleave(d, dim=1)  # every key held along every output direction
+    full_dirs = torch.eye(d, dtype=torch.float64).repeat(1, n)
+    delta, _ = module.rank_one_held_solve(K, R, P, alpha, full_keys, full_dirs, 1.0, tol=1e-10)
+    closed = R @ K.T @ P @ torch.linalg.inv(P @ (K @ K.T + Kh @ Kh.T) @ P + alpha * torch.eye(d0, dtype=torch.float64))
+    torch.testing.assert_close(delta, closed, rtol=1e-8, atol=1e-10)
+
+    heavy, _ = module.rank_one_held_solve(K, R, P, alpha, Kh, Uh, 1e4, tol=1e-10)
+    reads = (Uh * (heavy @ Kh)).sum(0)
+    assert reads.abs().max() < 1e-3 * (heavy @ Kh).norm(dim=0).min()
+
+
+def test_margin_directions_give_each_facts_margin_and_its_first_order_change_with_the_mlp_output(llama, tokenizer, monkeypatch):
+    """margin_directions' margins are teacher_forcing.new_margin's, and u predicts by a central
+    difference how the margin moves when ε v is added to W_out's output at the subject's last token."""
+    from alphaedit.hooks import trace
+    from alphaedit.prompts import PLAIN_TEMPLATE, encode, fill
+    from alphaedit.requests import EditRequest
+    from alphaedit.teacher_forcing import new_margin
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = _benchmark("rank_one_hold_ab")
+    model, layout = llama
+    requests = [EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+                EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris"), EditRequest("{} plays", "Lionel Messi", "golf", "football")]
+    margin, grads = module.margin_directions(model, tokenizer, layout, requests, [1, 2], facts_per_pass=2)
+    expected = new_margin(model, tokenizer, [r.text() for r in requests], [r.target_new for r in requests], [r.target_true for r in requests])
+    torch.testing.assert_close(margin, expected, rtol=1e-4, atol=1e-5)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    for i, request in enumerate(requests):
+        _, lookup = encode(tokenizer, fill(PLAIN_TEMPLATE, request))
+        for layer in (1, 2):
+            moved = []
+            for eps in (1e-3, -1e-3):
+                def push(t, eps=eps):
+                    t = t.clone()
+                    t[:, lookup] += eps * v
+                    return t
+                with trace(model, edit_outputs={layout.mlp_out_path(layer): push}):
+                    moved.append(new_margin(model, tokenizer, [request.text()], [request.target_new], [request.target_true]))
+            slope = (moved[0] - moved[1]).item() / 2e-3
+            assert abs(slope - float(grads[layer][i].float() @ v)) < 1e-2 * (1 + abs(slope)), (i, layer)
+
+
+def test_rank_one_hold_ab_runs_way_b_with_the_holds_and_refuses_what_it_cannot_hold(llama, tokenizer, tmp_path, monkeypatch):
+    """On a rehearsing journal: way B solves every layer by conjugate gradients with one hold per
+    key row of an edit still standing (a lapsed one gets none), with the same rehearsal both ways;
+    a journal with --replace-holds is refused."""
+    import copy
+    import dataclasses
+
+    from alphaedit.editor import Editor
+    from alphaedit.rehearsal import standing_requests
+    from alphaedit.stats import StatsCache
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # rank_one_hold_ab imports batch_ab as its script does
+    module = _benchmark("rank_one_hold_ab")
+    margins = _benchmark("batch_ab").margins
+    model, layout = llama
+    layers = _rehearsing_journal(model, layout, tokenizer, tmp_path).config.layers
+    replacing = Editor.load_state(tmp_path / "state", copy.deepcopy(model), tokenizer, cache=StatsCache(tmp_path / "home"), show_progress=False)
+    replacing.config = dataclasses.replace(replacing.config, replace_holds=True)
+    with pytest.raises(ValueError, match="replace-holds"):
+        module.hold_along_margins(replacing, 1.0, [])
+    log, seen, expected = [], {}, {}
+
+    def prepare(editor):
+        standing = [r for r in standing_requests(editor.batches) if r.target_true]
+        margin = dict(zip([module.fact(r) for r in standing], margins(editor.model, tokenizer, standing).tolist()))
+        rows = [r for b in editor.batches if not b.reverted for r in b.written]
+        expected.update(rows=len(rows), held=sum(margin[module.fact(r)] > 0 for r in rows), lapsed=sum(m <= 0 for m in margin.values()))
+        seen.update(module.hold_along_margins(editor, 1.0, log))
+        assert {l: h[0].shape[1] for l, h in editor.method.holds.items()} == {l: expected["held"] for l in layers}
+
+    result = module.measure(str(tmp_path / "state"), 2, {}, load=lambda: (copy.deepcopy(model), tokenizer), cache=StatsCache(tmp_path / "home"),
+                            prepare_b=prepare, label="rank-1")
+    assert result["same rehearsal"] and [s["layer"] for s in log] == layers
+    assert (seen["of rows"], seen["held rows"], seen["lapsed before"]) == (expected["rows"], expected["held"], expected["lapsed"])
+
+
 def test_re_edit_pairs_each_fact_with_another_object_of_its_relation():
     """re_edit.py's second edits: the same subject and prompt, the new object of another record of
     the same relation (never either of the fact's own objects), and the first new object as the one
