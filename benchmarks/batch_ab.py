@@ -54,12 +54,13 @@ def setting(text: str) -> tuple[str, object]:
 
 
 def measure(state: str, n: int, changes: dict, base: dict | None = None, load=None, cache: StatsCache | None = None,
-            prepare_b=None, label: str | None = None) -> dict:
+            prepare_b=None, label: str | None = None, score=None) -> dict:
     """Batch N of `state` with the journal's config (+ `base`) and with `changes` on top.
     `load()`: a fresh unedited model and its tokenizer (default: the journal's model, loaded);
     `cache`: the statistics cache (default: $ALPHAEDIT_HOME's); `prepare_b(editor)`: a change to
     way B's editor after the replay, before the batch (a screen of something no config field
-    says, e.g. benchmarks/margin_hold_ab.py's re-weighted C_p), named `label`."""
+    says, e.g. benchmarks/margin_hold_ab.py's re-weighted C_p), named `label`; `score(editor, own,
+    earlier)`: more measures of each way after its batch, a dict of numbers merged into its results."""
     journal = Journal.open(state)
     header = journal.header
     load = load or (lambda: load_model(header["model"]))
@@ -100,7 +101,7 @@ def measure(state: str, n: int, changes: dict, base: dict | None = None, load=No
                 "rehearsed margin": margins(model, tokenizer, rehearsed), "own efficacy": editor.history[-1].efficacy,
                 "own margin": margins(model, tokenizer, own),
                 "other earlier holding": sum(edit_holds(model, tokenizer, others, editor.layout)) / max(1, len(others)),
-                "rehearsed_requests": rehearsed}
+                "rehearsed_requests": rehearsed, **(score(editor, own, earlier) if score is not None else {})}
     finally:
         editor_module.compute_targets = real
     a, b = ways["A"], ways["B"]

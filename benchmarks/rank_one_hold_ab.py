@@ -28,18 +28,26 @@ in C_p (first write and re-writes) is held along the same û_i. The rest is
 benchmarks/batch_ab.py: batches 0..N-1 of STATE replayed, batch N edited both ways with the same
 rehearsal and the same z, so that only the solve differs.
 
-    python benchmarks/rank_one_hold_ab.py STATE N [--weight 1] [--json]
+    python benchmarks/rank_one_hold_ab.py STATE N [--weight 1] [--dataset SPEC [--sample 300]] [--json]
+
+With `--dataset` (the run's, e.g. counterfact:FILE,FILE), each way is also scored after its batch
+as the evaluation scores a run: efficacy, paraphrase generalisation and neighbourhood specificity
+of the batch's own records and of a fixed sample of the earlier ones (a hold along one direction
+leaves the others free to move, which a paraphrase or a neighbour may read).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 
 import torch
 
 from alphaedit.editor import Editor
+from alphaedit.eval.datasets import load_dataset
+from alphaedit.eval.scoring import counterfact_scores
 from alphaedit.hooks import trace
 from alphaedit.layouts import output_logits
 from alphaedit.prompts import PLAIN_TEMPLATE, batch_rows, encode, fill, target_ids
@@ -176,11 +184,33 @@ def hold_along_margins(editor: Editor, weight: float, log: list) -> dict:
             "median |u|": {l: grads[l].norm(dim=1).median().item() for l in editor.config.layers}}
 
 
+def record_scores(dataset: str, sample: int):
+    """batch_ab.measure's `score`: Eff / Gen / Spe (CounterFact, in %) of the batch's own records and of
+    `sample` of the earlier edits still standing (the same ones both ways), found in `dataset` by fact."""
+    by_fact = {fact(r.request): r for r in load_dataset(dataset)}
+
+    def score(editor: Editor, own, earlier) -> dict:
+        found = [by_fact[fact(r)] for r in earlier if fact(r) in by_fact]
+        chosen = sorted(random.Random(0).sample(range(len(found)), min(sample, len(found))))
+        result = {}
+        for name, records in (("own", [by_fact[fact(r)] for r in own if fact(r) in by_fact]), ("earlier", [found[i] for i in chosen])):
+            scores = counterfact_scores(editor.model, editor.tokenizer, records)
+            for metric, key in (("Eff", "efficacy"), ("Gen", "generalization"), ("Spe", "specificity")):
+                values = [s[key] for s in scores if s.get(key) is not None]
+                result[f"{name} {metric}"] = 100 * sum(values) / max(1, len(values))
+            result[f"{name} scored"] = len(records)
+        return result
+
+    return score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("state")
     parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
     parser.add_argument("--weight", type=float, default=1.0, help="w, the weight of each rank-1 hold")
+    parser.add_argument("--dataset", help="the run's dataset (counterfact:FILE[,FILE]): also score Eff/Gen/Spe of the batch's records and earlier ones")
+    parser.add_argument("--sample", type=int, default=300, help="how many of the earlier edits to score with --dataset")
     parser.add_argument("--json", action="store_true", help="print only JSON")
     args = parser.parse_args()
     seen: dict = {}
@@ -189,7 +219,8 @@ def main() -> None:
     def prepare(editor: Editor) -> None:
         seen.update(hold_along_margins(editor, args.weight, log))
 
-    result = measure(args.state, args.n, {}, prepare_b=prepare, label=f"rank-1 holds along each margin, w {args.weight:g}")
+    result = measure(args.state, args.n, {}, prepare_b=prepare, label=f"rank-1 holds along each margin, w {args.weight:g}",
+                     score=record_scores(args.dataset, args.sample) if args.dataset else None)
     result["holds"], result["solves"] = seen, log
     if args.json:
         print(json.dumps(result, indent=1))
@@ -198,6 +229,10 @@ def main() -> None:
           f"{seen['held rows']} of {seen['of rows']} key rows held; CG steps per layer: "
           + ", ".join(f"{s['layer']}: {s['steps']} ({s['seconds']} s)" for s in log))
     print_table(result)
+    if args.dataset:
+        print("| way | own Eff | own Gen | own Spe | earlier Eff | earlier Gen | earlier Spe |\n|---|---|---|---|---|---|---|")
+        for name, w in result["ways"].items():
+            print(f"| {name} | " + " | ".join(f"{w[f'{who} {m}']:.1f}" for who in ("own", "earlier") for m in ("Eff", "Gen", "Spe")) + " |")
 
 
 if __name__ == "__main__":

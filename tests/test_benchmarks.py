@@ -628,10 +628,19 @@ def test_rank_one_hold_ab_runs_way_b_with_the_holds_and_refuses_what_it_cannot_h
         seen.update(module.hold_along_margins(editor, 1.0, log))
         assert {l: h[0].shape[1] for l, h in editor.method.holds.items()} == {l: expected["held"] for l in layers}
 
+    facts = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+             ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
+    records = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": new}, "target_true": {"str": true}},
+                "paraphrase_prompts": [f"Indeed, {p.format(s)}"], "neighborhood_prompts": [p.format("Someone else")]}
+               for i, (p, s, new, true) in enumerate(facts)]
+    (tmp_path / "cf.json").write_text(json.dumps(records))
     result = module.measure(str(tmp_path / "state"), 2, {}, load=lambda: (copy.deepcopy(model), tokenizer), cache=StatsCache(tmp_path / "home"),
-                            prepare_b=prepare, label="rank-1")
+                            prepare_b=prepare, label="rank-1", score=module.record_scores(f"counterfact:{tmp_path / 'cf.json'}", sample=2))
     assert result["same rehearsal"] and [s["layer"] for s in log] == layers
     assert (seen["of rows"], seen["held rows"], seen["lapsed before"]) == (expected["rows"], expected["held"], expected["lapsed"])
+    for way in result["ways"].values():  # the batch's one record, two of the three earlier ones
+        assert (way["own scored"], way["earlier scored"]) == (1, 2)
+        assert way["own Eff"] == 100 * way["own efficacy"] and 0 <= way["earlier Gen"] <= 100
 
 
 def test_re_edit_pairs_each_fact_with_another_object_of_its_relation():
