@@ -28,7 +28,7 @@ in C_p (first write and re-writes) is held along the same û_i. The rest is
 benchmarks/batch_ab.py: batches 0..N-1 of STATE replayed, batch N edited both ways with the same
 rehearsal and the same z, so that only the solve differs.
 
-    python benchmarks/rank_one_hold_ab.py STATE N [--weight 1] [--dataset SPEC [--sample 300]] [--json]
+    python benchmarks/rank_one_hold_ab.py STATE N [--weight 1] [--full-weight 0] [--dataset SPEC [--sample 300]] [--json]
 
 With `--dataset` (the run's, e.g. counterfact:FILE,FILE), each way is also scored after its batch
 as the evaluation scores a run: efficacy, paraphrase generalisation and neighbourhood specificity
@@ -98,13 +98,17 @@ def margin_directions(model, tokenizer, layout, requests, layers, facts_per_pass
 
 
 def rank_one_held_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, alpha: float, held_keys: torch.Tensor,
-                        held_dirs: torch.Tensor, weight: float = 1.0, tol: float = 1e-7, max_steps: int = 5000) -> tuple[torch.Tensor, int]:
-    """Δ [d, d0] minimising ‖ΔK − R‖² + α‖Δ‖² + w Σ_i (û_iᵀ Δ k_i)² over Δ = ΔP, by preconditioned
-    conjugate gradients (float64). K [d0, u], R [d, u], P [d0, d0], held_keys [d0, N] (the k_i),
-    held_dirs [d, N] (the û_i). Returns Δ and the steps taken."""
+                        held_dirs: torch.Tensor, weight: float = 1.0, full: torch.Tensor | None = None,
+                        tol: float = 1e-7, max_steps: int = 5000) -> tuple[torch.Tensor, int]:
+    """Δ [d, d0] minimising ‖ΔK − R‖² + α‖Δ‖² + w Σ_i (û_iᵀ Δ k_i)² [+ tr(Δ F Δᵀ)] over Δ = ΔP, by
+    preconditioned conjugate gradients (float64). K [d0, u], R [d, u], P [d0, d0], held_keys [d0, N]
+    (the k_i), held_dirs [d, N] (the û_i), `full` F [d0, d0] a hold on every output direction (β C_p).
+    Returns Δ and the steps taken."""
     K, R, P = K.double(), R.double(), P.double()
     Kh, Uh = held_keys.double(), held_dirs.double()
     KK = K @ K.T  # [d0, d0]
+    if full is not None:
+        KK = KK + full.double()  # ‖ΔK‖² and tr(ΔFΔᵀ) enter the normal equations alike
     eye = torch.eye(P.shape[0], dtype=torch.float64)
     precondition = torch.linalg.inv(P @ KK @ P + alpha * eye)  # commutes with P: keeps Δ = ΔP
 
@@ -141,8 +145,8 @@ class RankOneHeld:
     """Way B's method: the projected solve with rank-1 holds in place of β C_p; all else the
     editor's method. `holds[layer]` = (keys [d0, N], unit directions [d, N])."""
 
-    def __init__(self, method, statistics: dict[int, LayerStatistics], holds: dict, weight: float, log: list):
-        self.method, self.holds, self.weight, self.log = method, holds, weight, log
+    def __init__(self, method, statistics: dict[int, LayerStatistics], holds: dict, weight: float, log: list, full_weight: float = 0.0):
+        self.method, self.holds, self.weight, self.log, self.full_weight = method, holds, weight, log, full_weight
         self.layer_of = {id(s): layer for layer, s in statistics.items()}
 
     def __getattr__(self, name):
@@ -152,14 +156,16 @@ class RankOneHeld:
         layer = self.layer_of[id(stats)]
         held_keys, held_dirs = self.holds[layer]
         start = time.perf_counter()
-        delta, steps = rank_one_held_solve(keys.cpu(), resid.cpu(), stats.projector.cpu(), config.l2_alpha, held_keys, held_dirs, self.weight)
+        full = self.full_weight * stats.preserved.cpu() if self.full_weight else None
+        delta, steps = rank_one_held_solve(keys.cpu(), resid.cpu(), stats.projector.cpu(), config.l2_alpha, held_keys, held_dirs, self.weight, full)
         self.log.append({"layer": layer, "steps": steps, "seconds": round(time.perf_counter() - start, 1)})
         # a dense Δ as factors: left Δ [d, d0], right I [d0, d0]
         return LowRankDelta(delta.float(), torch.eye(delta.shape[1]))
 
 
-def hold_along_margins(editor: Editor, weight: float, log: list) -> dict:
-    """Swap the editor's solve for the rank-1-held one, holds read on the model as it is now."""
+def hold_along_margins(editor: Editor, weight: float, log: list, full_weight: float = 0.0) -> dict:
+    """Swap the editor's solve for the rank-1-held one, holds read on the model as it is now
+    (`full_weight` β keeps β C_p, the run's hold on every output direction, beside them)."""
     if editor.config.replace_holds or editor.config.earlier_reread or editor.held:
         raise ValueError("rank_one_hold_ab holds the key rows of the applied batches: a journal made without "
                          "--replace-holds, --earlier-reread and held texts")
@@ -179,7 +185,7 @@ def hold_along_margins(editor: Editor, weight: float, log: list) -> dict:
         keep = torch.tensor(held)
         u = grads[layer][torch.tensor([j if j is not None else 0 for j in which])][keep]
         holds[layer] = (keys[keep].T.contiguous(), (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).T.contiguous())
-    editor.method = RankOneHeld(editor.method, editor.statistics(), holds, weight, log)
+    editor.method = RankOneHeld(editor.method, editor.statistics(), holds, weight, log, full_weight)
     return {"earlier": len(standing), "lapsed before": int((margin <= 0).sum()), "held rows": int(sum(held)), "of rows": len(rows),
             "median |u|": {l: grads[l].norm(dim=1).median().item() for l in editor.config.layers}}
 
@@ -209,6 +215,7 @@ def main() -> None:
     parser.add_argument("state")
     parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
     parser.add_argument("--weight", type=float, default=1.0, help="w, the weight of each rank-1 hold")
+    parser.add_argument("--full-weight", type=float, default=0.0, help="β: keep β C_p (every output direction held) beside the rank-1 holds")
     parser.add_argument("--dataset", help="the run's dataset (counterfact:FILE[,FILE]): also score Eff/Gen/Spe of the batch's records and earlier ones")
     parser.add_argument("--sample", type=int, default=300, help="how many of the earlier edits to score with --dataset")
     parser.add_argument("--json", action="store_true", help="print only JSON")
@@ -217,9 +224,10 @@ def main() -> None:
     log: list = []
 
     def prepare(editor: Editor) -> None:
-        seen.update(hold_along_margins(editor, args.weight, log))
+        seen.update(hold_along_margins(editor, args.weight, log, args.full_weight))
 
-    result = measure(args.state, args.n, {}, prepare_b=prepare, label=f"rank-1 holds along each margin, w {args.weight:g}",
+    result = measure(args.state, args.n, {}, prepare_b=prepare, label=f"rank-1 holds along each margin, w {args.weight:g}"
+                     + (f", with {args.full_weight:g} C_p" if args.full_weight else ""),
                      score=record_scores(args.dataset, args.sample) if args.dataset else None)
     result["holds"], result["solves"] = seen, log
     if args.json:

@@ -526,7 +526,8 @@ def test_rank_one_held_solve_against_a_dense_least_squares_reference_and_the_ful
     """The conjugate-gradient solve of rank_one_hold_ab equals, in float64: a least-squares solve
     written out entry by entry over Δ = X Qᵀ (Q an orthonormal basis of P's range); with the holds
     as a full basis of outputs for every held key, the closed form Δ = R Kᵀ P (P (KKᵀ + C_p) P + αI)⁻¹;
-    and a heavy rank-1 hold leaves û_iᵀ Δ k_i near 0 while Δ k_i itself moves."""
+    and so does `full` = C_p with no rank-1 hold; a heavy rank-1 hold leaves û_iᵀ Δ k_i near 0
+    while Δ k_i itself moves."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # rank_one_hold_ab imports batch_ab as its script does
     module = _benchmark("rank_one_hold_ab")
     g = torch.Generator().manual_seed(0)
@@ -560,6 +561,8 @@ def test_rank_one_held_solve_against_a_dense_least_squares_reference_and_the_ful
     delta, _ = module.rank_one_held_solve(K, R, P, alpha, full_keys, full_dirs, 1.0, tol=1e-10)
     closed = R @ K.T @ P @ torch.linalg.inv(P @ (K @ K.T + Kh @ Kh.T) @ P + alpha * torch.eye(d0, dtype=torch.float64))
     torch.testing.assert_close(delta, closed, rtol=1e-8, atol=1e-10)
+    as_full, _ = module.rank_one_held_solve(K, R, P, alpha, Kh[:, :0], Uh[:, :0], 1.0, full=Kh @ Kh.T, tol=1e-10)  # C_p itself
+    torch.testing.assert_close(as_full, closed, rtol=1e-8, atol=1e-10)
 
     heavy, _ = module.rank_one_held_solve(K, R, P, alpha, Kh, Uh, 1e4, tol=1e-10)
     reads = (Uh * (heavy @ Kh)).sum(0)
