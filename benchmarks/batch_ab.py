@@ -42,6 +42,20 @@ def margins(model, tokenizer, requests) -> torch.Tensor:
     return new_margin(model, tokenizer, [r.text() for r in known], [r.target_new for r in known], [r.target_true for r in known])
 
 
+def fact(request) -> tuple[str, str]:
+    """What names an edit across batches and re-writes: its subject and prompt."""
+    return request.subject, request.prompt
+
+
+def screen_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every screen built on measure() takes: STATE, N and --json."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("state", help="a journal made with --rehearse (an eval run's state/)")
+    parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
+    parser.add_argument("--json", action="store_true", help="print only JSON")
+    return parser
+
+
 def setting(text: str) -> tuple[str, object]:
     """FIELD=VALUE, the value read as JSON where it parses (true, 3, 0.5, [3, 4]) and as text otherwise."""
     name, sep, value = text.partition("=")
@@ -116,14 +130,11 @@ def measure(state: str, n: int, changes: dict, base: dict | None = None, load=No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("state")
-    parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
+    parser = screen_parser(__doc__)
     parser.add_argument("--set", dest="changes", type=setting, action="append", required=True, metavar="FIELD=VALUE",
                         help="an EditConfig field of way B (repeatable)")
     parser.add_argument("--base", type=setting, action="append", default=[], metavar="FIELD=VALUE",
                         help="an EditConfig field of both ways (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print only JSON")
     args = parser.parse_args()
     result = measure(args.state, args.n, dict(args.changes), dict(args.base))
     if args.json:

@@ -18,18 +18,13 @@ Every copy of a fact's keys in C_p (its first write and any re-writes) takes the
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from alphaedit.editor import Editor
 from alphaedit.rehearsal import standing_requests
-from batch_ab import margins, measure, print_table
-
-
-def fact(request) -> tuple[str, str]:
-    return request.subject, request.prompt
+from batch_ab import fact, margins, measure, print_table, screen_parser
 
 
 def reweigh_by_margin(editor: Editor, over: float, weight: float, under: float = float("-inf"), boost: float = 1.0) -> dict:
@@ -61,14 +56,11 @@ def reweigh_by_margin(editor: Editor, over: float, weight: float, under: float =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("state")
-    parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
+    parser = screen_parser(__doc__)
     parser.add_argument("--over", type=float, default=3.0, help="nats: an earlier edit past this margin is comfortable")
     parser.add_argument("--weight", type=float, default=0.25, help="the weight of a comfortable edit's keys in C_p")
     parser.add_argument("--under", type=float, default=float("-inf"), help="nats: an earlier edit under this margin is at risk")
     parser.add_argument("--boost", type=float, default=1.0, help="the weight of an at-risk edit's keys in C_p")
-    parser.add_argument("--json", action="store_true", help="print only JSON")
     args = parser.parse_args()
     seen: dict = {}
 

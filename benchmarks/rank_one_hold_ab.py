@@ -38,7 +38,6 @@ leaves the others free to move, which a paraphrase or a neighbour may read).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -53,11 +52,7 @@ from alphaedit.layouts import output_logits
 from alphaedit.prompts import PLAIN_TEMPLATE, batch_rows, encode, fill, target_ids
 from alphaedit.rehearsal import standing_requests
 from alphaedit.updates import LayerStatistics, LowRankDelta
-from batch_ab import measure, print_table
-
-
-def fact(request) -> tuple[str, str]:
-    return request.subject, request.prompt
+from batch_ab import fact, measure, print_table, screen_parser
 
 
 def margin_directions(model, tokenizer, layout, requests, layers, facts_per_pass: int = 16) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -211,14 +206,11 @@ def record_scores(dataset: str, sample: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("state")
-    parser.add_argument("n", type=int, help="replay batches 0..N-1, then edit batch N's own requests both ways")
+    parser = screen_parser(__doc__)
     parser.add_argument("--weight", type=float, default=1.0, help="w, the weight of each rank-1 hold")
     parser.add_argument("--full-weight", type=float, default=0.0, help="β: keep β C_p (every output direction held) beside the rank-1 holds")
     parser.add_argument("--dataset", help="the run's dataset (counterfact:FILE[,FILE]): also score Eff/Gen/Spe of the batch's records and earlier ones")
     parser.add_argument("--sample", type=int, default=300, help="how many of the earlier edits to score with --dataset")
-    parser.add_argument("--json", action="store_true", help="print only JSON")
     args = parser.parse_args()
     seen: dict = {}
     log: list = []
