@@ -148,7 +148,13 @@ declare -A args=(
   # averages 19.5 over Gemma's layers 2–6 against 28.5 over SmolLM2's 3–7 (200 stream records, 2026-12-07).
   # 3,000 edits, not 10,000: the pre-edit evaluation scores every record of the run (~50 minutes for 10,000 on
   # Gemma), and f / κ at 1,000–3,000 edits are what compare with SmolLM2's runs
+  # Stopped after its first batch (2026-12-07): it wrote 55 of 100 where SmolLM2 at α 60–80 writes 85–88,
+  # though the solve's own write on each key (diag Kᵀ(P K Kᵀ + α I)⁻¹ P K) is alike, 0.24–0.35 against
+  # 0.25–0.27: Gemma's edits need more of the residual than the key space's size says
   [cf3000-gemma-alphaedit-l2-50-rehearse]="--model gemma3-270m --dataset $cf_stream ${lifelong/--n 10000/--n 3000} --method alphaedit --l2 50 --rehearse 1"
+  # so Gemma at its preset's α (the paper's 10) with rehearsal: batches written about as fully as SmolLM2's α 80
+  # writes its own, the regime whose f / κ the comparison needs (the pre-edit evaluation is the α 50 run's, cached)
+  [cf3000-gemma-alphaedit-rehearse]="--model gemma3-270m --dataset $cf_stream ${lifelong/--n 10000/--n 3000} --method alphaedit --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'
