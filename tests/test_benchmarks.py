@@ -421,6 +421,11 @@ def test_curve_rows_gives_rehearsals_outlook_at_each_point(tmp_path):
     assert done.returncode == 0 and "| 0.25 / 0.29 |" in done.stdout, done.stderr[-3000:] + done.stdout
 
 
+# (prompt, subject, new object, true object): the facts _rehearsing_journal edits
+REHEARSED_FACTS = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+                   ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
+
+
 def _rehearsing_journal(model, layout, tokenizer, tmp_path):
     """Four facts with true objects edited in three batches (2, 1, 1) into tmp_path/state by a
     rehearsing editor whose small α lets the tiny model's edits lapse; returns the editor."""
@@ -435,9 +440,7 @@ def _rehearsing_journal(model, layout, tokenizer, tmp_path):
                         rehearse=1, rehearse_cap=4, context_template_length=6)
     editor = Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
                     cache=StatsCache(tmp_path / "home"), show_progress=False)
-    facts = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
-             ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
-    for batch in ([facts[0], facts[1]], [facts[2]], [facts[3]]):
+    for batch in ([REHEARSED_FACTS[0], REHEARSED_FACTS[1]], [REHEARSED_FACTS[2]], [REHEARSED_FACTS[3]]):
         editor.edit([EditRequest(*f) for f in batch])
     editor.save_state(tmp_path / "state")
     return editor
@@ -631,11 +634,9 @@ def test_rank_one_hold_ab_runs_way_b_with_the_holds_and_refuses_what_it_cannot_h
         seen.update(module.hold_along_margins(editor, 1.0, log))
         assert {l: h[0].shape[1] for l, h in editor.method.holds.items()} == {l: expected["held"] for l in layers}
 
-    facts = [("The mother tongue of {} is", "Danielle Darrieux", "English", "French"), ("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
-             ("{} flows through", "The Seine", "Berlin", "Paris"), ("{} plays", "Lionel Messi", "golf", "football")]
     records = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": new}, "target_true": {"str": true}},
                 "paraphrase_prompts": [f"Indeed, {p.format(s)}"], "neighborhood_prompts": [p.format("Someone else")]}
-               for i, (p, s, new, true) in enumerate(facts)]
+               for i, (p, s, new, true) in enumerate(REHEARSED_FACTS)]
     (tmp_path / "cf.json").write_text(json.dumps(records))
     result = module.measure(str(tmp_path / "state"), 2, {}, load=lambda: (copy.deepcopy(model), tokenizer), cache=StatsCache(tmp_path / "home"),
                             prepare_b=prepare, label="rank-1", score=module.record_scores(f"counterfact:{tmp_path / 'cf.json'}", sample=2))
