@@ -5,8 +5,8 @@ the growth of the first and last edited W_out, and, for a run with rehearsal, ho
 earlier edits held before a batch, how many were written again, and how many of the re-writes held
 to the next check (pooled over the checks of the batches since the previous point, each about the
 re-writes of the rehearsing batch before it), and rehearsal's outlook at the point, f / κ pooled
-over the latest 150 re-writes or more (alphaedit.rehearsal.outlook); journals of older code count
-neither.
+over the latest 150 re-writes or more (alphaedit.rehearsal.outlook), κ split into the batches' own
+misses and the earlier edits knocked out; journals of older code count neither.
 
     python benchmarks/curve_rows.py RUN [--json] [--pool N]
 
@@ -52,7 +52,8 @@ def _mean(pairs: list[tuple[float, float]]) -> float | None:
 def _applied(reports: list[dict]) -> list[SimpleNamespace]:
     """Report dicts as the applied batches rehearsal.outlook reads (the counts 0 or None where a
     journal of older code has none)."""
-    fields = {"requests": 0, "rehearsed": 0, "earlier_held": None, "earlier_lapsed": None, "rewrites_counted": 0, "rewrites_lapsed": 0}
+    fields = {"requests": 0, "rehearsed": 0, "efficacy": None, "earlier_held": None, "earlier_lapsed": None,
+              "rewrites_counted": 0, "rewrites_lapsed": 0}
     return [SimpleNamespace(report=SimpleNamespace(**{k: r.get(k, d) for k, d in fields.items()}), reverted=False) for r in reports]
 
 
@@ -86,6 +87,7 @@ def rows(run: Path, pool: int = OUTLOOK_REWRITES) -> list[dict]:
         row["rewrites_held"] = 100 * (1 - sum(r.get("rewrites_lapsed", 0) for r in since) / counted) if counted else None
         seen = outlook(_applied([r for e, r in reports if e <= edits]), at_least=pool)
         row["f"], row["kappa"] = (seen.f, seen.kappa) if seen else (None, None)
+        row["kappa_own"] = seen.own_missed if seen else None  # of κ: the own misses; the rest knocked out
         out.append(row)
         previous = edits
     return out
@@ -95,12 +97,19 @@ def _cell(value, digits: int = 1) -> str:
     return "" if value is None else f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
+def _outlook_cell(row: dict) -> str:
+    if row["f"] is None:
+        return ""
+    split = f" ({row['kappa_own']:.2f} + {row['kappa'] - row['kappa_own']:.2f})" if row["kappa_own"] is not None else ""
+    return f"{row['f']:.2f} / {row['kappa']:.2f}{split}"
+
+
 def table(found: list[dict]) -> str:
     last = next((r["last_layer"] for r in found if r["last_layer"]), "?")
     first = next((r["first_layer"] for r in found if r["first_layer"]), "?")
     head = ["edits", "Eff", "Gen", "Spe", "gen. success", "batches' own Eff", "z steps", "general F1 label / generated",
             f"‖W{last}‖/‖W{last}⁰‖ F / spectral", f"‖W{first}‖/‖W{first}⁰‖", "earlier held", "rehearsed (mean / most)", "re-writes held",
-            "f / κ"]
+            "f / κ (own misses + knocked out)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in found:
         general = f"{_cell(r['general_label'])} / {_cell(r['general_generated'])}" if r["general_label"] is not None else ""
@@ -109,7 +118,7 @@ def table(found: list[dict]) -> str:
         cells = [_cell(r["edits"]), _cell(r["efficacy"]), _cell(r["generalization"]), _cell(r["specificity"]),
                  _cell(r["generative_success"]), _cell(r["batch_efficacy"]), _cell(r["z_steps"]), general, growth,
                  _cell(r["first_frobenius"], 3), _cell(r["earlier_held"]), rehearsed, _cell(r["rewrites_held"]),
-                 f"{r['f']:.2f} / {r['kappa']:.2f}" if r["f"] is not None else ""]
+                 _outlook_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -415,10 +415,11 @@ def test_curve_rows_gives_rehearsals_outlook_at_each_point(tmp_path):
     assert start["f"] is None and first["f"] is None  # one check: no pair of checks yet
     # 5 of 20 re-writes lapsed again; 40 - 5 - (20 - 20) = 35 newly lapsed over the 120 columns between the checks
     assert second["f"] == pytest.approx(0.25) and second["kappa"] == pytest.approx(35 / 120)
+    assert second["kappa_own"] == pytest.approx(10 / 120)  # of them, the 10 of its own batch 1 did not write (efficacy 0.9)
     assert curve_rows.rows(tmp_path, pool=21)[2]["f"] is None  # too few re-writes to tell
     done = subprocess.run([sys.executable, str(BENCHMARKS / "curve_rows.py"), str(tmp_path), "--pool", "20"], capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0 and "| 0.25 / 0.29 |" in done.stdout, done.stderr[-3000:] + done.stdout
+    assert done.returncode == 0 and "| 0.25 / 0.29 (0.08 + 0.21) |" in done.stdout, done.stderr[-3000:] + done.stdout
 
 
 # (prompt, subject, new object, true object): the facts _rehearsing_journal edits

@@ -394,9 +394,9 @@ def test_only_the_last_rehearsing_batchs_rewrites_that_still_stand_are_counted()
 
 
 def test_the_outlook_pools_f_and_kappa_over_the_latest_checks(monkeypatch):
-    def batch(requests, rehearsed, lapsed=None, counted=0, again=0, reverted=False):
+    def batch(requests, rehearsed, lapsed=None, counted=0, again=0, reverted=False, efficacy=0.9):
         report = SimpleNamespace(requests=requests, rehearsed=rehearsed, earlier_held=None if lapsed is None else 0.9,
-                                 earlier_lapsed=lapsed, rewrites_counted=counted, rewrites_lapsed=again)
+                                 earlier_lapsed=lapsed, rewrites_counted=counted, rewrites_lapsed=again, efficacy=efficacy)
         return SimpleNamespace(report=report, reverted=reverted)
 
     monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 50)
@@ -409,6 +409,16 @@ def test_the_outlook_pools_f_and_kappa_over_the_latest_checks(monkeypatch):
     assert seen.rewrites == 70 and seen.f == pytest.approx(26 / 70) and seen.kappa == pytest.approx(74 / 270)
     assert seen.new_per_check == 100 and seen.settles_at == pytest.approx(100 * seen.kappa / (1 - seen.f - seen.kappa))
     assert not seen.gives_out
+    # of the 74, each batch's own 10 misses (efficacy 0.9 of 100): 20 over the 270 columns, 54 knocked out
+    assert seen.own_missed == pytest.approx(20 / 270) and seen.knocked_out == pytest.approx(54 / 270)
+    # a batch that writes worse: its misses are more of κ; a pair's misses count only up to what newly
+    # lapsed there (one that recovered by the next check is not lapsed); an unknown efficacy (zsRE) says nothing
+    worse = [*history[:2], batch(100, 40, lapsed=45, counted=30, again=10, efficacy=0.5), history[3]]
+    assert rehearsal_module.outlook(worse).own_missed == pytest.approx((10 + 39) / 270)
+    assert rehearsal_module.outlook([*history[:2], batch(100, 40, lapsed=45, counted=30, again=10, efficacy=0.0), history[3]]).own_missed \
+        == pytest.approx((10 + 39) / 270)
+    unknown = rehearsal_module.outlook([*history[:2], batch(100, 40, lapsed=45, counted=30, again=10, efficacy=None), history[3]])
+    assert unknown.kappa == seen.kappa and unknown.own_missed is None and unknown.knocked_out is None
     # the latest pair alone once it counts enough
     monkeypatch.setattr(rehearsal_module, "OUTLOOK_REWRITES", 40)
     assert rehearsal_module.outlook(history).kappa == pytest.approx(39 / 140)
@@ -449,6 +459,7 @@ def test_a_rehearsal_that_gives_out_is_told_once(llama, tokenizer, tmp_path, mon
     assert len(said) == 1, said
     assert f"of the last {seen.rewrites} re-written edits {100 * seen.f:.0f}% lapsed again" in said[0]
     assert f"leaves {seen.kappa:.2f} edits newly lapsed" in said[0] and "the cap of 4 re-writes a batch" in said[0]
+    assert f"({seen.own_missed:.2f} its own that did not take, {seen.knocked_out:.2f} earlier ones knocked out)" in said[0]
     # without rehearsal there is nothing to say
     plain = _editor((copy.deepcopy(model), layout), tokenizer, tmp_path, **WEAK)
     with warnings.catch_warnings(record=True) as caught:

@@ -440,10 +440,11 @@ class Editor(Persistence):
                        f"{limit}: the rest wait unwritten and efficacy on earlier edits falls")
         else:
             outcome = f"they settle near {settles:.0f} a batch, under {limit}, at the price of more re-writing every batch"
+        split = (f"{seen.own_missed:.2f} its own that did not take, {seen.knocked_out:.2f} earlier ones knocked out"
+                 if seen.own_missed is not None else "its own, if it did not take, included")
         warnings.warn(f"rehearsal is giving out: of the last {seen.rewrites} re-written edits {100 * seen.f:.0f}% lapsed again by the "
-                      f"next check, and each request written leaves {seen.kappa:.2f} edits newly lapsed (its own, if it did not take, "
-                      f"included); so the lapsed edits grow: {outcome}. The edited layers are running out of room for more edits",
-                      stacklevel=4)
+                      f"next check, and each request written leaves {seen.kappa:.2f} edits newly lapsed ({split}); so the lapsed "
+                      f"edits grow: {outcome}. The edited layers are running out of room for more edits", stacklevel=4)
 
     def _warn_past_room(self, columns: int, own: int, rehearsed: int) -> None:
         """Say (once) when a batch writes more columns than the smallest null space leaves directions.

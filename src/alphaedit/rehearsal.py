@@ -12,7 +12,9 @@ whose edit no longer holds and write them again as extra columns of the next bat
     f        = of the requests the last rehearsing batch wrote again (still standing), the share
                lapsed again at this check
     κ        = the edits newly lapsed per request written since the check before (new or
-               re-written; the batches' own edits that did not take count as lapsed)
+               re-written; the batches' own edits that did not take count as lapsed), the sum of
+               two parts with different causes: the own misses (a batch that writes poorly) and
+               the earlier edits knocked out (a batch that disturbs what is stored)
 
 f and κ say whether rehearsal keeps up (outlook): with `new` requests of their own written between
 two checks, the B re-writes of a rehearsing batch settle where B = f·B + κ·(new + B), that is
@@ -155,6 +157,15 @@ class Outlook:
     kappa: float  # edits newly lapsed per request written between two checks (the batches' own misses included)
     rewrites: int  # the re-writes f is over
     new_per_check: float  # the batches' own requests between two checks, on average (the batch size × rehearse N)
+    # of κ, the batches' own requests that did not take, per request written (None where a batch's
+    # efficacy is unknown, as on zsRE, whose requests have no true object); the rest is knocked_out
+    own_missed: float | None = None
+
+    @property
+    def knocked_out(self) -> float | None:
+        """Of κ, the earlier edits (held at the first check, or written back there) that lapsed by
+        the next, per request written: what the batches between disturbed rather than failed to write."""
+        return None if self.own_missed is None else self.kappa - self.own_missed
 
     @property
     def gives_out(self) -> bool:
@@ -174,23 +185,35 @@ def outlook(batches: Sequence[AppliedBatch], at_least: int | None = None) -> Out
     counts). Between a check and the next, κ's newly lapsed are those lapsed at the next check that
     were neither re-written and lapsed again nor left lapsed at the first (its lapsed beyond what it
     wrote back, taken to stay lapsed: a slight underestimate where some were replaced or recovered
-    since), over the requests the batches between wrote. A pair with a reverted batch from its first
-    check to its second is skipped: the second check's counts were taken with that batch applied."""
+    since), over the requests the batches between wrote. Of them, own_missed counts the batches' own
+    requests that failed their efficacy test (requests × (1 − efficacy): exact where every request
+    has a true object, as in CounterFact), the rest are earlier edits knocked out. A pair with a
+    reverted batch from its first check to its second is skipped: the second check's counts were
+    taken with that batch applied."""
     reports = [b.report for b in batches]
     reverted = [b.reverted for b in batches]
     checks = [i for i, r in enumerate(reports) if r.earlier_held is not None and r.earlier_lapsed is not None]
     counted = lapsed_again = newly = written = new = pairs = 0
+    missed: int | None = 0  # of newly, the batches' own requests that did not take (None once an efficacy is unknown)
     for before, at in reversed(list(zip(checks, checks[1:]))):
         if any(reverted[before : at + 1]):
             continue
-        first, then = reports[before], reports[at]
+        first, then, between = reports[before], reports[at], reports[before:at]
         counted += then.rewrites_counted
         lapsed_again += then.rewrites_lapsed
         left = first.earlier_lapsed - first.rehearsed  # lapsed at the first check and not written back
-        newly += max(0, then.earlier_lapsed - then.rewrites_lapsed - left)
-        written += sum(r.requests + r.rehearsed for r in reports[before:at])
-        new += sum(r.requests for r in reports[before:at])
+        fresh = max(0, then.earlier_lapsed - then.rewrites_lapsed - left)
+        newly += fresh
+        written += sum(r.requests + r.rehearsed for r in between)
+        new += sum(r.requests for r in between)
+        # a batch's efficacy is the check's test (edit_holds) on the weights the next check reads when
+        # it follows at once (rehearse 1): its misses are exactly the own edits lapsed there
+        if missed is not None and all(r.efficacy is not None for r in between):
+            missed += min(fresh, sum(round(r.requests * (1 - r.efficacy)) for r in between))
+        else:
+            missed = None
         pairs += 1
         if counted >= (OUTLOOK_REWRITES if at_least is None else at_least):
-            return Outlook(lapsed_again / counted, newly / written, counted, new / pairs)
+            return Outlook(lapsed_again / counted, newly / written, counted, new / pairs,
+                           None if missed is None else missed / written)
     return None
