@@ -9,7 +9,13 @@ earlier keys' directions from the null space outright, one direction per edited 
 also gives the rank of all edited keys beside the null space's rank, the room such a projector
 would use up.
 
-    python benchmarks/key_interference.py STATE_DIR [--every K] [--json]
+And per layer, how much the edits share one direction: of all edited keys scaled to unit length,
+the share of their energy along the strongest direction (σ₁² / Σσ²; 1/d for keys spread evenly
+over d dimensions, 1 for keys all alike) and the mean cosine between two of them; and of the
+summed update ΣΔ, the share of its energy in its top singular direction (edits that all push
+one way grow W's spectral norm far faster than its Frobenius norm).
+
+    python benchmarks/key_interference.py STATE_DIR [--every K] [--batches N] [--json]
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from alphaedit.journal import Journal
 from alphaedit.updates import update_from_tensors
 
 
-def interference(state: str, every: int = 1) -> dict:
+def interference(state: str, every: int = 1, first: int | None = None) -> dict:
+    """The journal's applied batches (only the `first` N if given), as the module says."""
     journal = Journal.open(state)
     layers = journal.header["config"]["layers"]
-    applied = journal.applied_batch_ids()
+    applied = journal.applied_batch_ids()[:first]
     batches = []  # per batch: {layer: (Δ dense [d, d0], keys [u, d0])}
     for batch_id in applied:
         tensors = journal.batch(batch_id).tensors()
@@ -48,17 +55,31 @@ def interference(state: str, every: int = 1) -> dict:
         for l in layers:
             later[l] += batches[index][l][0]
     keys_rank = {str(l): int(torch.linalg.matrix_rank(torch.cat([b[l][1] for b in batches]))) for l in layers}
+    shared = {str(l): shared_direction(torch.cat([b[l][1] for b in batches]), later[l]) for l in layers}
     return {"state": state, "layers": layers, "batches": len(batches), "edits": sum(len(b[layers[0]][1]) for b in batches),
-            "null_space_rank": journal.header.get("projector_rank"), "keys_rank": keys_rank, "rows": rows[::-1]}
+            "null_space_rank": journal.header.get("projector_rank"), "keys_rank": keys_rank, "shared": shared, "rows": rows[::-1]}
+
+
+def shared_direction(keys: torch.Tensor, summed: torch.Tensor) -> dict:
+    """keys [n, d0] every key written, summed [d, d0] ΣΔ: the module's three shares."""
+    unit = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    energy = torch.linalg.svdvals(unit) ** 2  # Σ = ‖unit‖²_F = n
+    cosines = unit @ unit.T
+    n = len(unit)
+    mean_cosine = float((cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1))) if n > 1 else None
+    update = torch.linalg.svdvals(summed) ** 2
+    return {"key_top_share": float(energy[0] / energy.sum()), "key_mean_cosine": mean_cosine,
+            "update_top_share": float(update[0] / update.sum()) if update.sum() > 0 else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("state", help="a journal folder (an edit's --state, or an eval run's state/)")
     parser.add_argument("--every", type=int, default=1, help="report every K-th batch (and the last)")
+    parser.add_argument("--batches", type=int, help="only the first N applied batches (a point of a longer run)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = interference(args.state, args.every)
+    result = interference(args.state, args.every, args.batches)
     if args.json:
         print(json.dumps(result))
         return
@@ -72,6 +93,14 @@ def main() -> None:
     null = result["null_space_rank"] or {}
     print("rank of all edited keys / null-space rank: "
           + ", ".join(f"layer {l}: {result['keys_rank'][str(l)]} / {null.get(str(l), '?')}" for l in layers))
+    print("one shared direction: the unit keys' energy along the strongest / their mean cosine / ΣΔ's top singular share")
+    print(" | ".join(["layer", *[str(l) for l in layers]]))
+    for name in ("key_top_share", "key_mean_cosine", "update_top_share"):
+        print(" | ".join([name, *[_share(result["shared"][str(l)][name]) for l in layers]]))
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

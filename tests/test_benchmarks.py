@@ -102,6 +102,21 @@ def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, 
             expected = float((later @ keys.T).norm()) if k < 2 else 0.0
             assert row[str(layer)]["later"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
     assert result["rows"][0]["1"]["later"] > 0 and result["keys_rank"] == {"1": 4, "2": 4}
+    for layer in (1, 2):  # the shared direction, from the editor's keys and updates written out plainly
+        keys = torch.cat([b.keys[layer].double() for b in batches])
+        unit = [k / k.norm() for k in keys]
+        pairs = [float(a @ b) for i, a in enumerate(unit) for j, b in enumerate(unit) if i != j]
+        top = max(float(sum(float(u @ v) ** 2 for u in unit)) for v in torch.linalg.svd(torch.stack(unit))[2])  # max over directions v
+        summed = sum(b.deltas[layer].dense().double() for b in batches)
+        sigma = torch.linalg.svdvals(summed)
+        shared = result["shared"][str(layer)]
+        assert shared["key_mean_cosine"] == pytest.approx(sum(pairs) / len(pairs), rel=1e-9)
+        assert shared["key_top_share"] == pytest.approx(top / len(unit), rel=1e-9) and 1 / keys.shape[1] <= shared["key_top_share"] <= 1
+        assert shared["update_top_share"] == pytest.approx(float(sigma[0] ** 2 / (summed ** 2).sum()), rel=1e-9)
+    # the first two batches alone: what a run had written at an earlier point
+    early = module.interference(str(tmp_path / "state"), first=2)
+    assert early["edits"] == 3 and early["batches"] == 2 and [r["edits_after"] for r in early["rows"]] == [1, 0]
+    assert early["rows"][0]["1"]["own"] == pytest.approx(result["rows"][0]["1"]["own"], rel=1e-9)
 
 
 def test_key_drift_reads_how_far_later_batches_moved_an_earlier_batchs_keys(llama, tokenizer, tmp_path):
