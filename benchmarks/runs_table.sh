@@ -155,6 +155,11 @@ declare -A args=(
   # so Gemma at its preset's α (the paper's 10) with rehearsal: batches written about as fully as SmolLM2's α 80
   # writes its own, the regime whose f / κ the comparison needs (the pre-edit evaluation is the α 50 run's, cached)
   [cf3000-gemma-alphaedit-rehearse]="--model gemma3-270m --dataset $cf_stream ${lifelong/--n 10000/--n 3000} --method alphaedit --rehearse 1"
+  # At 1,000 edits the run above knocks out 0.21 earlier edits per column (SmolLM2 0.03-0.04) while its keys drift
+  # twice as fast, its first layer's summed update 69% one direction (BENCHMARKS.md, "A wider model"). Is it the
+  # drift? The last preset layer alone has none (nothing below it is edited): if κ's knock-outs fall to SmolLM2's,
+  # the lower layers' updates are what knocks Gemma's edits out (not run yet; 1,000-2,000 edits would tell)
+  [cf3000-gemma-alphaedit-l6-rehearse]="--model gemma3-270m --dataset $cf_stream ${lifelong/--n 10000/--n 3000} --method alphaedit --layers 6 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
   # the projection's null space is only approximate on SmolLM2 (it holds 27–52% of the preserved keys'

@@ -163,8 +163,9 @@ class Outlook:
 
     @property
     def knocked_out(self) -> float | None:
-        """Of κ, the earlier edits (held at the first check, or written back there) that lapsed by
-        the next, per request written: what the batches between disturbed rather than failed to write."""
+        """Of κ, the earlier edits that held at the first check and lapsed by the next, per request
+        written: what the batches between disturbed rather than failed to write (re-writes that lapse
+        again are f's)."""
         return None if self.own_missed is None else self.kappa - self.own_missed
 
     @property
