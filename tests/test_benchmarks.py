@@ -119,7 +119,7 @@ def test_key_interference_reads_what_later_batches_wrote_on_earlier_keys(llama, 
     assert early["rows"][0]["1"]["own"] == pytest.approx(result["rows"][0]["1"]["own"], rel=1e-9)
 
 
-def test_key_drift_reads_how_far_later_batches_moved_an_earlier_batchs_keys(llama, tokenizer, tmp_path):
+def test_key_drift_reads_how_far_later_batches_moved_an_earlier_batchs_keys(llama, tokenizer, tmp_path, monkeypatch):
     """From a journal of three AlphaEdit batches: right after the probe batch its keys are the
     stored ones; after all three the drift equals the keys read on the editor's own edited model
     against the stored ones; the first edited layer never drifts."""
@@ -143,6 +143,27 @@ def test_key_drift_reads_how_far_later_batches_moved_an_earlier_batchs_keys(llam
     assert last["1"] == pytest.approx(0.0, abs=1e-7)  # nothing below layer 1 was edited
     with pytest.raises(SystemExit, match="--after must lie in 1..3"):
         module.drift(str(tmp_path / "state"), probe=0, after=[4], model=model, tokenizer=tokenizer)
+    # two probe batches pooled, split by whether each edit holds: per request, from the editor's own model
+    from alphaedit.rehearsal import edit_holds
+
+    pooled = module.drift(str(tmp_path / "state"), probe=[0, 1], after=[3], model=copy.deepcopy(model), tokenizer=tokenizer, holds=True)
+    requests = editor.batches[0].requests + editor.batches[1].requests
+    holds = torch.tensor(edit_holds(editor.model, tokenizer, requests, layout))
+    now = compute_keys(editor.model, layout, tokenizer, requests, editor.context_templates(), [1, 2]).keys
+    stored = torch.cat([editor.batches[0].keys[2], editor.batches[1].keys[2]]).double()
+    moved = (now[2].double() - stored).norm(dim=1) / stored.norm(dim=1)
+    (row,) = pooled["rows"]
+    assert pooled["probe_requests"] == 3 and row["edits_after_probe"] == 1 and (row["held"], row["lapsed"]) == (int(holds.sum()), int((~holds).sum()))
+    assert row["2"] == pytest.approx(float(moved.mean()), rel=1e-4)
+    for name, chosen in (("held", holds), ("lapsed", ~holds)):
+        assert row[f"2.{name}"] == (pytest.approx(float(moved[chosen].mean()), rel=1e-4) if chosen.any() else None)
+    # the tiny model's edits all lapse by then; with a check that finds the middle one holding, the split is by request
+    monkeypatch.setattr(module, "edit_holds", lambda model, tokenizer, requests, layout: [False, True, False])
+    (split,) = module.drift(str(tmp_path / "state"), probe=[0, 1], after=[3], model=copy.deepcopy(model), tokenizer=tokenizer, holds=True)["rows"]
+    assert (split["held"], split["lapsed"]) == (1, 2) and split["2.held"] == pytest.approx(float(moved[1]), rel=1e-4)
+    assert split["2.lapsed"] == pytest.approx(float(moved[[0, 2]].mean()), rel=1e-4) and split["1.held"] == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(SystemExit, match="--after must lie in 2..3"):
+        module.drift(str(tmp_path / "state"), probe=[0, 1], after=[1], model=model, tokenizer=tokenizer)
 
 
 def test_rehearsal_z_times_the_lapsed_edits_z_from_zero_from_the_journal_and_from_a_working_value(llama, tokenizer, tmp_path):
