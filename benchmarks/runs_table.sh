@@ -158,7 +158,8 @@ declare -A args=(
   # At 1,000 edits the run above knocks out 0.21 earlier edits per column (SmolLM2 0.03-0.04) while its keys drift
   # twice as fast, its first layer's summed update 69% one direction (BENCHMARKS.md, "A wider model"). Is it the
   # drift? The last preset layer alone has none (nothing below it is edited): if κ's knock-outs fall to SmolLM2's,
-  # the lower layers' updates are what knocks Gemma's edits out (not run yet; 1,000-2,000 edits would tell)
+  # the lower layers' updates are what knocks Gemma's edits out. Started 2026-12-07 18:03 UTC and stopped after two
+  # batches: alone, layer 6 wrote 53 and 37 of 100 (one W_out behind Gemma's norm cannot carry an edit's residual)
   [cf3000-gemma-alphaedit-l6-rehearse]="--model gemma3-270m --dataset $cf_stream ${lifelong/--n 10000/--n 3000} --method alphaedit --layers 6 --rehearse 1"
   [cf10k-alphaedit-l7]="--dataset $cf_stream $lifelong --method alphaedit --layers 7"
   # BetaEdit's leak penalty (--leak-weight, code of 452f4c6 or later) at its λ₁ 3000 and the paper's α 10:
