@@ -87,7 +87,7 @@ def rows(run: Path, pool: int = OUTLOOK_REWRITES) -> list[dict]:
         row["rewrites_held"] = 100 * (1 - sum(r.get("rewrites_lapsed", 0) for r in since) / counted) if counted else None
         seen = outlook(_applied([r for e, r in reports if e <= edits]), at_least=pool)
         row["f"], row["kappa"] = (seen.f, seen.kappa) if seen else (None, None)
-        row["kappa_own"] = seen.own_missed if seen else None  # of κ: the own misses; the rest knocked out
+        row["kappa_own"], row["kappa_knocked_out"] = (seen.own_missed, seen.knocked_out) if seen else (None, None)
         out.append(row)
         previous = edits
     return out
@@ -100,7 +100,7 @@ def _cell(value, digits: int = 1) -> str:
 def _outlook_cell(row: dict) -> str:
     if row["f"] is None:
         return ""
-    split = f" ({row['kappa_own']:.2f} + {row['kappa'] - row['kappa_own']:.2f})" if row["kappa_own"] is not None else ""
+    split = f" ({row['kappa_own']:.2f} + {row['kappa_knocked_out']:.2f})" if row["kappa_own"] is not None else ""
     return f"{row['f']:.2f} / {row['kappa']:.2f}{split}"
 
 

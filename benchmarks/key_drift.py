@@ -43,9 +43,9 @@ def drift(state: str, probe: int | list[int] = 0, after: list[int] | None = None
     journal = Journal.open(state)
     header = journal.header
     layers, applied = header["config"]["layers"], journal.applied_batch_ids()
-    probes = [probe] if isinstance(probe, int) else sorted(probe)
+    probes = [probe] if isinstance(probe, int) else sorted(set(probe))
     after = sorted(after or [len(applied)])
-    if not probes or not 0 <= probes[0] <= probes[-1] < len(applied):
+    if not probes or probes[0] < 0 or probes[-1] >= len(applied):
         raise SystemExit(f"{state}: --probe {probe}: the journal has {len(applied)} applied batches (0..{len(applied) - 1})")
     if after[0] <= probes[-1] or after[-1] > len(applied):
         raise SystemExit(f"{state}: --after must lie in {probes[-1] + 1}..{len(applied)} (the probe batch is applied by {probes[-1] + 1})")

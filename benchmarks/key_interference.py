@@ -54,8 +54,9 @@ def interference(state: str, every: int = 1, first: int | None = None) -> dict:
             rows.append(row)
         for l in layers:
             later[l] += batches[index][l][0]
-    keys_rank = {str(l): int(torch.linalg.matrix_rank(torch.cat([b[l][1] for b in batches]))) for l in layers}
-    shared = {str(l): shared_direction(torch.cat([b[l][1] for b in batches]), later[l]) for l in layers}
+    written = {l: torch.cat([b[l][1] for b in batches]) for l in layers}  # every key written [n, d0]
+    keys_rank = {str(l): int(torch.linalg.matrix_rank(written[l])) for l in layers}
+    shared = {str(l): shared_direction(written[l], later[l]) for l in layers}  # later[l] is now ΣΔ of every batch
     return {"state": state, "layers": layers, "batches": len(batches), "edits": sum(len(b[layers[0]][1]) for b in batches),
             "null_space_rank": journal.header.get("projector_rank"), "keys_rank": keys_rank, "shared": shared, "rows": rows[::-1]}
 
