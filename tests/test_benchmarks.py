@@ -751,3 +751,49 @@ def test_layer_groups_writes_batches_by_turns_into_disjoint_blocks_and_resumes_t
     shutil.rmtree(tmp_path / "straight" / "block-1-1")  # block 2's two batches with none of block 1's
     with pytest.raises(ValueError, match="not a turn-by-turn prefix"):
         run(tmp_path / "straight", 4)
+
+
+def test_one_shot_writes_stored_values_as_the_editors_own_one_batch_edit(llama, tokenizer, tmp_path):
+    """Values optimised a chunk at a time and written in one batch give the update the editor's
+    own one-batch edit of the same requests gives (a request's z reads only its own rows); a
+    second z phase keeps the chunks on disk; values of other requests are refused."""
+    import copy
+
+    from alphaedit.config import EditConfig
+    from alphaedit.editor import Editor
+    from alphaedit.layouts import mlp_out_weight
+    from alphaedit.requests import EditRequest
+    from alphaedit.stats import CorpusSpec, StatsCache
+
+    module = _benchmark("one_shot")
+    model, layout = llama
+    config = EditConfig(method="alphaedit", layers=[1, 2], v_num_grad_steps=4, v_lr=0.5, nullspace_threshold=0.5, context_template_length=6)
+
+    def editor():
+        return Editor(copy.deepcopy(model), tokenizer, config, layout=layout, corpus=CorpusSpec(str(WIKITEXT), tokens=2000, max_length=64),
+                      cache=StatsCache(tmp_path / "home"), show_progress=False)
+
+    facts = [("{} is located in", "The Eiffel Tower", "Rome"), ("{} speaks", "Danielle Darrieux", "English"),
+             ("{} flows through", "The Seine", "Berlin"), ("{} plays", "Lionel Messi", "golf"), ("{} was born in", "Marie Curie", "Lyon")]
+    requests = [EditRequest(p, s, t) for p, s, t in facts]
+    run = tmp_path / "run"
+    (run / "z").mkdir(parents=True)
+    module.save_values(run, editor(), requests, chunk=2, quiet=True)
+    files = sorted((run / "z").iterdir())
+    assert [f.name for f in files] == ["000000-000002.safetensors", "000002-000004.safetensors", "000004-000005.safetensors"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    module.save_values(run, editor(), requests, chunk=2, quiet=True)  # resumed with nothing left: nothing rewritten
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    whole, at_once = editor(), editor()
+    whole.templates = at_once.templates = json.loads((run / "templates.json").read_text())
+    whole.edit(requests)
+    report = module.write_at_once(at_once, requests, module.stored_values(run, requests))
+    assert report.requests == 5 and len(at_once.batches) == 1
+    for layer in config.layers:
+        base = whole._base_weights[layer].double()
+        a, b = (mlp_out_weight(e.model, layout, layer).detach().double() for e in (whole, at_once))
+        assert float((a - base).norm()) > 0
+        assert float((a - b).norm() / (a - base).norm()) < 1e-4
+    with pytest.raises(SystemExit, match="other requests"):
+        module.stored_values(run, requests[::-1])
