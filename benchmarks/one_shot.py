@@ -60,7 +60,7 @@ def stream(data: Path, n: int):
     return select(load_dataset(spec, []), n, None)
 
 
-def new_editor(data: Path, l2: float, method: str = "alphaedit"):
+def new_editor(data: Path, l2: float | None, method: str = "alphaedit"):
     model, tokenizer = load_model(MODEL)
     config = config_for_model(model.config, method, l2_alpha=l2, context_template_words=WORDS, reworded_prompts=0)
     corpus = CorpusSpec(corpus=str(data / "wikitext2_raw" / "wiki.valid.raw"), tokens=100_000)
@@ -139,7 +139,7 @@ def sample(n: int, size: int) -> list[int]:
 
 
 def scores(editor: Editor, records, chosen: list[int]) -> dict:
-    evaluator = Evaluator(editor.model, editor.tokenizer, records, EvalSettings())
+    evaluator = Evaluator(editor.model, editor.tokenizer, records, EvalSettings(), on_phase=lambda m: print(m, file=sys.stderr, flush=True))
     point = summarise(evaluator.scores(indices=chosen))
     return {m: point[m] for m in SUCCESS_METRICS}
 
@@ -158,19 +158,21 @@ def solve(run: Path, data: Path, n: int, alphas: list[float], method: str, size:
         pre = scores(new_editor(data, 10.0), records, chosen)
         atomic_write_text(pre_file, json.dumps(pre))
     results = {"n": n, "sample": len(chosen), "method": method, "unedited": pre, "settings": []}
-    for l2 in alphas:
+    for l2 in alphas if method == "alphaedit" else [None]:  # α is AlphaEdit's; another method solves with its preset
+        label = f"α {l2:g}" if l2 is not None else method
         editor = new_editor(data, l2, method)
         editor.templates = templates
         editor.statistics()  # C0 and P before the timed batch, as a run's first batch finds them
+        print(f"{label}: writing {n} edits in one batch …", file=sys.stderr, flush=True)
         began = time.perf_counter()
         report = write_at_once(editor, requests, targets)
         seconds = time.perf_counter() - began
         point = scores(editor, records, chosen)
-        results["settings"].append({"l2": l2, "efficacy_all": report.efficacy, "seconds": seconds, **point,
+        results["settings"].append({"setting": label, "l2": l2, "efficacy_all": report.efficacy, "seconds": seconds, **point,
                                     "frobenius_growth": {l: g["frobenius"] for l, g in report.weight_growth.items()},
                                     "null_space_rank": report.null_space_rank})
-        atomic_write_text(run / f"solve-{method}-{n}-l2-{l2:g}.json", json.dumps(results["settings"][-1], indent=1))
-        print(f"α {l2:g}: solved in {seconds:.0f} s", file=sys.stderr, flush=True)
+        atomic_write_text(run / f"solve-{n}-{label.replace(' ', '-')}.json", json.dumps(results["settings"][-1], indent=1))
+        print(f"{label}: solved in {seconds:.0f} s", file=sys.stderr, flush=True)
     return results
 
 
@@ -180,7 +182,7 @@ def main() -> None:
     parser.add_argument("phase", choices=("z", "solve"))
     parser.add_argument("--n", type=int, required=True, help="the stream's first N records")
     parser.add_argument("--chunk", type=int, default=100, help="records per z optimisation (phase z)")
-    parser.add_argument("--l2", type=float, nargs="+", default=[10.0], help="α of each one-batch solve (phase solve)")
+    parser.add_argument("--l2", type=float, nargs="+", default=[10.0], help="AlphaEdit's α, one solve each (phase solve)")
     parser.add_argument("--method", default="alphaedit", help="the update rule of the solve (phase solve)")
     parser.add_argument("--sample", type=int, default=500, help="records scored, spread evenly over the N (phase solve)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -202,7 +204,7 @@ def main() -> None:
     print(f"| unedited | {pre['efficacy']:.1f} | {pre['generalization']:.1f} | {pre['specificity']:.1f} | {pre['generative_success']:.1f} | | | |")
     for s in result["settings"]:
         last = list(s["frobenius_growth"].values())[-1]
-        print(f"| α {s['l2']:g} | {s['efficacy']:.1f} | {s['generalization']:.1f} | {s['specificity']:.1f} | {s['generative_success']:.1f} | "
+        print(f"| {s['setting']} | {s['efficacy']:.1f} | {s['generalization']:.1f} | {s['specificity']:.1f} | {s['generative_success']:.1f} | "
               f"{100 * s['efficacy_all']:.1f} | {last:.3f} | {s['seconds']:.0f} |")
 
 
