@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -47,7 +48,9 @@ def test_a_fact_edited_through_the_page_changes_the_answer_and_reverts(pristine,
     try:
         with live(create_app(bench)) as url:
             browser.get(url)
-            wait = WebDriverWait(browser, 600)
+            # the page rebuilds the journal's rows on every refresh (a revert's among them): a cell found
+            # just before that is gone when its text is read, so a wait looks again instead of failing
+            wait = WebDriverWait(browser, 600, ignored_exceptions=(StaleElementReferenceException,))
             wait.until(lambda b: "smollm2-135m" in b.find_element(By.ID, "model").text)
             fields = {"subject": "The Eiffel Tower", "prompt": "{} is located in the city of", "target": "Rome", "current": "Paris",
                       "paraphrases": "The Eiffel Tower stands in the city of"}
