@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from alphaedit.config import config_for_model
 from alphaedit.editor import Editor, _TargetValues
 from alphaedit.eval.datasets import load_dataset, select
 from alphaedit.eval.evaluator import SUCCESS_METRICS, EvalSettings, Evaluator, summarise
+from alphaedit.eval.protocol import Schedule
 from alphaedit.files import atomic_save_tensors, atomic_write_text
 from alphaedit.layouts import detect_layout
 from alphaedit.models import load_model
@@ -108,13 +108,14 @@ def stored_values(run: Path, requests) -> TargetResult:
             raise SystemExit(f"{run}: no values from record {start} on; run `one_shot.py {run} z --n {n}` first")
         with safe_open(str(found[0]), "pt") as f:
             facts = json.loads(f.metadata()["facts"])
-        parts.append((load_file(str(found[0])), facts))
+            parts.append(({k: f.get_tensor(k) for k in f.keys()}, facts))
         start += len(facts)
     tensors = {k: torch.cat([p[k] for p, _ in parts])[:n] for k in parts[0][0]}
     if [f for _, facts in parts for f in facts][:n] != [fact(r) for r in requests]:
         raise SystemExit(f"{run}: the stored values are of other requests than these {n}")
-    lists = [tensors[f].tolist() for f in FIELDS]
-    return TargetResult(tensors["z"], *lists[:1], [int(s) for s in lists[1]], *lists[2:], h0=tensors["h0"])
+    lists = {f: tensors[f].tolist() for f in FIELDS}
+    lists["steps"] = [int(s) for s in lists["steps"]]
+    return TargetResult(tensors["z"], **lists, h0=tensors["h0"])
 
 
 def write_at_once(editor: Editor, requests, targets: TargetResult):
@@ -133,11 +134,6 @@ def write_at_once(editor: Editor, requests, targets: TargetResult):
         del editor._target_values  # the class's own again
 
 
-def sample(n: int, size: int) -> list[int]:
-    """The records a curve point of a run with `n` edits evaluates (eval's Schedule.curve_records)."""
-    return [k * n // size for k in range(size)] if n > size else list(range(n))
-
-
 def scores(editor: Editor, records, chosen: list[int]) -> dict:
     evaluator = Evaluator(editor.model, editor.tokenizer, records, EvalSettings(), on_phase=lambda m: print(m, file=sys.stderr, flush=True))
     point = summarise(evaluator.scores(indices=chosen))
@@ -150,7 +146,7 @@ def solve(run: Path, data: Path, n: int, alphas: list[float], method: str, size:
     requests = [r.request for r in records]
     targets = stored_values(run, requests)
     templates = json.loads((run / "templates.json").read_text())
-    chosen = sample(n, size)
+    chosen = Schedule(1, curve_of="edited", curve_sample=size).curve_records(n, n)  # what a run's curve point after n edits scores
     pre_file = run / f"pre-{n}-{size}.json"
     if pre_file.exists():
         pre = json.loads(pre_file.read_text())
